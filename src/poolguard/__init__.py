@@ -1,0 +1,51 @@
+"""poolguard: keep a SQLAlchemy service alive when its connection pool is in trouble.
+
+``poolguard.wrap(engine)`` puts an admission gate in front of the engine's
+pool: bounded waits with honest errors, and stats of what the pool is doing.
+"""
+
+from __future__ import annotations
+
+from .config import Config
+from .context import RequestContext, current_request, request
+from .engine import get_guard, unwrap, wrap
+from .errors import PoolguardError, PoolTimeout
+from .guard import Guard
+from .pool import (
+    GuardedAsyncAdaptedQueuePool,
+    GuardedNullPool,
+    GuardedPoolMixin,
+    GuardedQueuePool,
+    GuardedSingletonThreadPool,
+    GuardedStaticPool,
+    guarded_class,
+)
+from .stats import PoolStats
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    # set-up
+    "wrap",
+    "unwrap",
+    "get_guard",
+    "Config",
+    "Guard",
+    # requests
+    "request",
+    "current_request",
+    "RequestContext",
+    # reading
+    "PoolStats",
+    # errors
+    "PoolguardError",
+    "PoolTimeout",
+    # pool classes
+    "GuardedPoolMixin",
+    "GuardedQueuePool",
+    "GuardedAsyncAdaptedQueuePool",
+    "GuardedNullPool",
+    "GuardedStaticPool",
+    "GuardedSingletonThreadPool",
+    "guarded_class",
+]

@@ -1,0 +1,132 @@
+"""Per-request settings carried in a :mod:`contextvars` variable.
+
+``poolguard.request(...)`` marks a unit of work (an HTTP request, a job). The
+guard reads it only when it needs it, so code that never uses it pays nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from contextvars import ContextVar, Token
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
+
+from .config import _seconds
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+    from types import TracebackType
+
+__all__ = ["RequestContext", "current_request", "request"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class RequestContext:
+    """What the guard knows about the current request.
+
+    Attributes:
+        deadline: ``time.monotonic()`` value after which the request has no
+            time left, or ``None`` for no deadline.
+    """
+
+    __slots__ = ("deadline",)
+
+    def __init__(self, deadline: float | None) -> None:
+        self.deadline = deadline
+
+    def remaining(self, now: float | None = None) -> float | None:
+        """Seconds left before the deadline (never negative), or ``None``."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - (time.monotonic() if now is None else now))
+
+    def __repr__(self) -> str:
+        return f"RequestContext(remaining={self.remaining()!r})"
+
+
+_current: ContextVar[RequestContext | None] = ContextVar("poolguard_request", default=None)
+
+
+def current_request() -> RequestContext | None:
+    """The innermost active :func:`request`, or ``None`` outside any."""
+    return _current.get()
+
+
+class request:  # noqa: N801 - used like a function: `with poolguard.request(...)`
+    """Scope a unit of work: ``with``/``async with`` block or decorator.
+
+    Args:
+        timeout: Seconds this unit of work may take from entering the scope.
+            A checkout inside waits at most what is left of it (and never more
+            than the guard's own ``acquire_timeout``). A nested scope can only
+            shorten the budget of the scope around it, never extend it.
+
+    As a decorator it opens a fresh scope on every call, for sync and async
+    functions alike.
+    """
+
+    __slots__ = ("_timeout", "_tokens")
+
+    def __init__(self, *, timeout: float | None = None) -> None:
+        self._timeout = None if timeout is None else _seconds("timeout", timeout)
+        self._tokens: list[Token[RequestContext | None]] = []
+
+    def _open(self) -> RequestContext:
+        outer = _current.get()
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        if outer is not None and outer.deadline is not None:
+            deadline = outer.deadline if deadline is None else min(deadline, outer.deadline)
+        ctx = RequestContext(deadline)
+        self._tokens.append(_current.set(ctx))
+        return ctx
+
+    def _close(self) -> None:
+        _current.reset(self._tokens.pop())
+
+    def __enter__(self) -> RequestContext:
+        return self._open()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._close()
+
+    async def __aenter__(self) -> RequestContext:
+        return self._open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._close()
+
+    @overload
+    def __call__(self, fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]: ...
+    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
+        timeout = self._timeout
+        if inspect.iscoroutinefunction(fn):
+            afn = cast("Callable[P, Awaitable[Any]]", fn)
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                with request(timeout=timeout):
+                    return await afn(*args, **kwargs)
+
+            return async_wrapper
+
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+            with request(timeout=timeout):
+                return fn(*args, **kwargs)
+
+        return wrapper

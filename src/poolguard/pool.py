@@ -1,0 +1,192 @@
+"""Guarded pool classes: SQLAlchemy's pools with the admission gate in front.
+
+Every checkout path (Core, ORM, ``raw_connection()``, ``pool.connect()``)
+goes through :meth:`Pool.connect`, and every record handed out comes back
+through :meth:`Pool._do_return_conn` (close, invalidate, detach, garbage
+collection). The mix-in takes a permit in the first, marks the record with
+it, and gives it back in the second (or at once, if the checkout fails). It
+keeps :meth:`recreate` carrying the guard, so that ``engine.dispose()``
+keeps it. It adds no ``__init__``, so the guarded
+classes take exactly the arguments of the classes they extend and work as
+``create_engine(url, poolclass=...)``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from sqlalchemy.pool import (
+    AsyncAdaptedQueuePool,
+    NullPool,
+    Pool,
+    QueuePool,
+    SingletonThreadPool,
+    StaticPool,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from sqlalchemy.pool.base import ConnectionPoolEntry, PoolProxiedConnection
+
+    from .gate import Gate
+    from .guard import Guard
+
+__all__ = [
+    "GuardedAsyncAdaptedQueuePool",
+    "GuardedNullPool",
+    "GuardedPoolMixin",
+    "GuardedQueuePool",
+    "GuardedSingletonThreadPool",
+    "GuardedStaticPool",
+    "guarded_class",
+]
+
+# Key of the permit mark in a checked-out record's __dict__: the Gate that
+# granted it. Present exactly while the record is out under a permit.
+_PERMIT = "_poolguard_permit"
+
+_P = TypeVar("_P", bound="GuardedPoolMixin")
+
+
+class GuardedPoolMixin(Pool):
+    """Puts a pool behind a :class:`poolguard.Guard`'s gate.
+
+    Combine it before a :class:`sqlalchemy.pool.Pool` subclass; see
+    :func:`guarded_class`.
+    """
+
+    _poolguard: Guard | None = None
+    _poolguard_gate: Gate | None = None
+    _poolguard_plain: type[Pool] = Pool
+    # The plain class's methods, bound once per class: calling them is
+    # cheaper than building a super() object on every checkout.
+    _poolguard_connect: Callable[[Pool], PoolProxiedConnection]
+    _poolguard_return: Callable[[Pool, ConnectionPoolEntry], None]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        plain = cls._poolguard_plain
+        cls._poolguard_connect = staticmethod(plain.connect)
+        cls._poolguard_return = staticmethod(plain._do_return_conn)
+
+    def connect(self) -> PoolProxiedConnection:
+        gate = self._poolguard_gate
+        if gate is None:
+            gate = self._poolguard_default().gate
+        try:
+            gate.take()
+        except IndexError:
+            self._poolguard.acquire_slow(self)  # type: ignore[union-attr]
+        gate.count_acquired()
+        try:
+            conn = self._poolguard_connect(self)
+        except BaseException:
+            # A record taken by the failed checkout went back unmarked, so
+            # this is the one release of the permit.
+            gate.release()
+            raise
+        # The mark goes on only now: a record SQLAlchemy returns during a
+        # failed checkout must not release a permit that is released above.
+        slot = conn._connection_record.__dict__
+        if _PERMIT in slot:
+            # The record is already out under a permit: a nested checkout of
+            # the thread's connection (SingletonThreadPool), or StaticPool
+            # handing its one record to a second caller. One record, one permit.
+            gate.release()
+        else:
+            slot[_PERMIT] = gate
+        return conn
+
+    def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+        try:
+            self._poolguard_return(self, record)
+        finally:
+            gate: Gate | None = record.__dict__.pop(_PERMIT, None)
+            if gate is not None:
+                gate.release()
+            else:
+                gate = self._poolguard_gate
+                if gate is not None and gate.adopted:
+                    # Checked out before wrap(): give back its adopted permit.
+                    gate.release_adopted()
+
+    def recreate(self: _P) -> _P:
+        pool = cast("_P", super().recreate())
+        guard = self._poolguard
+        if guard is not None:
+            guard._attach(pool)
+        return pool
+
+    def _poolguard_default(self) -> Guard:
+        # Built with poolclass=Guarded...: configure from the environment.
+        from .config import Config
+        from .guard import Guard
+
+        guard = Guard(Config.from_env(), default_name=self._orig_logging_name or "pool")
+        guard._attach(self)
+        return guard
+
+
+class GuardedQueuePool(GuardedPoolMixin, QueuePool):
+    """:class:`sqlalchemy.pool.QueuePool` behind a poolguard gate."""
+
+    _poolguard_plain = QueuePool
+
+
+class GuardedAsyncAdaptedQueuePool(GuardedPoolMixin, AsyncAdaptedQueuePool):
+    """:class:`sqlalchemy.pool.AsyncAdaptedQueuePool` behind a poolguard gate."""
+
+    _poolguard_plain = AsyncAdaptedQueuePool
+
+
+class GuardedNullPool(GuardedPoolMixin, NullPool):
+    """:class:`sqlalchemy.pool.NullPool` behind a poolguard gate."""
+
+    _poolguard_plain = NullPool
+
+
+class GuardedStaticPool(GuardedPoolMixin, StaticPool):
+    """:class:`sqlalchemy.pool.StaticPool` behind a poolguard gate."""
+
+    _poolguard_plain = StaticPool
+
+
+class GuardedSingletonThreadPool(GuardedPoolMixin, SingletonThreadPool):
+    """:class:`sqlalchemy.pool.SingletonThreadPool` behind a poolguard gate."""
+
+    _poolguard_plain = SingletonThreadPool
+
+
+_GUARDED: dict[type[Pool], type[GuardedPoolMixin]] = {
+    cls._poolguard_plain: cls
+    for cls in (
+        GuardedQueuePool,
+        GuardedAsyncAdaptedQueuePool,
+        GuardedNullPool,
+        GuardedStaticPool,
+        GuardedSingletonThreadPool,
+    )
+}
+_GUARDED_LOCK = threading.Lock()
+
+
+def guarded_class(pool_class: type[Pool]) -> type[GuardedPoolMixin]:
+    """Return the guarded subclass of ``pool_class`` (made once for custom pools)."""
+    if issubclass(pool_class, GuardedPoolMixin):
+        return pool_class
+    with _GUARDED_LOCK:
+        cls = _GUARDED.get(pool_class)
+        if cls is None:
+            attrs: dict[str, Any] = {
+                "_poolguard_plain": pool_class,
+                "__module__": __name__,
+                "__doc__": f"{pool_class.__qualname__} behind a poolguard gate.",
+            }
+            cls = cast(
+                "type[GuardedPoolMixin]",
+                type(f"Guarded{pool_class.__name__}", (GuardedPoolMixin, pool_class), attrs),
+            )
+            _GUARDED[pool_class] = cls
+        return cls
