@@ -94,19 +94,21 @@ class Gate:
         self.closed = False
         self.take: Callable[[], object]
         self._give: Callable[[object], None]
+        self._tokens: deque[object] | None = None
+        self._released = itertools.count()
+        #: Count one permit given back; :meth:`release` does it.
+        self.count_released: Callable[[], int] = self._released.__next__
         if capacity is None:
-            # No limit: taking always succeeds and giving back discards.
-            self.take = itertools.repeat(None).__next__
+            # No limit: taking always succeeds (and only counts), giving back
+            # discards. The count is the number of permits granted.
+            self._granted = itertools.count()
+            self.take = self._granted.__next__
             self._give = _discard
         else:
-            tokens: deque[object] = deque([None] * max(0, capacity - adopted))
-            self.take = tokens.pop
-            self._give = tokens.append
-        self._acquired = itertools.count()
-        self._released = itertools.count()
-        #: Count one granted permit (the pool calls it once per checkout).
-        self.count_acquired: Callable[[], int] = self._acquired.__next__
-        self._count_released: Callable[[], int] = self._released.__next__
+            # Free permits are tokens; permits granted are derived on read.
+            self._tokens = deque([None] * max(0, capacity - adopted))
+            self.take = self._tokens.pop
+            self._give = self._tokens.append
         # Waiting counters, updated under the lock (slow path only).
         self.waits = 0
         self.wait_total = 0.0
@@ -118,13 +120,20 @@ class Gate:
     @property
     def acquired(self) -> int:
         """Permits granted so far."""
-        return _count_value(self._acquired)
+        released = _count_value(self._released)
+        if self._tokens is None:
+            return _count_value(self._granted)
+        assert self.capacity is not None
+        return released + self.capacity - len(self._tokens) - self.adopted
 
     @property
     def in_use(self) -> int:
         """Permits held right now (granted and not given back, adopted included)."""
-        released = _count_value(self._released)  # first, so the result is never low
-        return _count_value(self._acquired) - released + self.adopted
+        if self._tokens is None:
+            released = _count_value(self._released)  # first, so the result is never low
+            return _count_value(self._granted) - released + self.adopted
+        assert self.capacity is not None
+        return self.capacity - len(self._tokens)
 
     @property
     def waiting(self) -> int:
@@ -135,7 +144,8 @@ class Gate:
 
     def release(self) -> None:
         """Give back one granted permit (to the first waiter, if any)."""
-        self._count_released()
+        # GuardedPoolMixin._do_return_conn inlines these three lines.
+        self.count_released()
         self._give(None)
         if self.waiters:
             self._wake()

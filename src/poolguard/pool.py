@@ -79,7 +79,6 @@ class GuardedPoolMixin(Pool):
             gate.take()
         except IndexError:
             self._poolguard.acquire_slow(self)  # type: ignore[union-attr]
-        gate.count_acquired()
         try:
             conn = self._poolguard_connect(self)
         except BaseException:
@@ -105,7 +104,11 @@ class GuardedPoolMixin(Pool):
         finally:
             gate: Gate | None = record.__dict__.pop(_PERMIT, None)
             if gate is not None:
-                gate.release()
+                # Gate.release(), inlined: this runs on every checkin.
+                gate.count_released()
+                gate._give(None)
+                if gate.waiters:
+                    gate._wake()
             else:
                 gate = self._poolguard_gate
                 if gate is not None and gate.adopted:

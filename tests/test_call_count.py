@@ -1,0 +1,75 @@
+"""Pin the Python call count that the guard adds to one checkout/checkin cycle.
+
+Wall-clock time is noisy on a shared machine; the number of calls is not. If a
+change adds work to the hot path, this test fails and the change has to update
+the pinned number on purpose (and run the benchmark in benchmarks/).
+"""
+
+from __future__ import annotations
+
+import cProfile
+import pstats
+from typing import TYPE_CHECKING
+
+import pytest
+import sqlalchemy as sa
+
+import poolguard
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
+
+    from sqlalchemy.engine import Engine
+
+# Calls the guard adds per cycle, as cProfile counts them: the Python calls
+# GuardedPoolMixin.connect and GuardedPoolMixin._do_return_conn, and the C
+# calls deque.pop (take a permit), deque.append (give it back) and dict.pop
+# (the record's permit mark). The itertools.count tick of a release is a slot
+# call that cProfile does not see.
+GUARD_EXTRA_CALLS = 5
+
+
+def _calls(cycle: Callable[[], None]) -> int:
+    for _ in range(3):  # warm: connection opened, caches filled
+        cycle()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    cycle()
+    profiler.disable()
+    return pstats.Stats(profiler).total_calls  # type: ignore[attr-defined, no-any-return]
+
+
+@pytest.fixture
+def engines(tmp_path: Path) -> Iterator[tuple[Engine, Engine]]:
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    plain = sa.create_engine(url)
+    guarded = poolguard.wrap(sa.create_engine(url))
+    yield plain, guarded
+    plain.dispose()
+    guarded.dispose()
+
+
+def test_engine_connect_close_adds_pinned_calls(engines: tuple[Engine, Engine]) -> None:
+    plain, guarded = engines
+    extra = _calls(lambda: guarded.connect().close()) - _calls(lambda: plain.connect().close())
+    assert extra == GUARD_EXTRA_CALLS
+
+
+def test_pool_connect_close_adds_pinned_calls(engines: tuple[Engine, Engine]) -> None:
+    plain, guarded = engines
+    extra = _calls(lambda: guarded.pool.connect().close()) - _calls(
+        lambda: plain.pool.connect().close()
+    )
+    assert extra == GUARD_EXTRA_CALLS
+
+
+def test_waiting_path_is_not_taken_when_permits_are_free(engines: tuple[Engine, Engine]) -> None:
+    _, guarded = engines
+    guard = poolguard.get_guard(guarded)
+    for _ in range(20):
+        guarded.connect().close()
+    stats = guard.stats()
+    assert stats.acquisitions == 20
+    assert stats.waits == 0
+    assert stats.permits == 0
