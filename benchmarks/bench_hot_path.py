@@ -1,11 +1,12 @@
 """Hot-path benchmark: plain SQLAlchemy against poolguard, side by side in one run.
 
-    python benchmarks/bench_hot_path.py [--rounds 30] [--iterations 2000] [--json]
+    python benchmarks/bench_hot_path.py [--processes 3] [--rounds 20] [--iterations 2000] [--json]
 
 Cases: engine.connect()/close(), pool.connect()/close(), and connect +
 SELECT 1 + close, on a SQLite file. The two sides alternate round by round
 and the reported ratio is the median of the per-round ratios guarded/plain
-(poolguard.hotpath explains why that is robust on a noisy machine).
+(poolguard.hotpath explains why that is robust on a noisy machine), pooled
+over several fresh processes.
 
 Why not pyperf or pytest-benchmark: both time one benchmark after the other,
 so a slow minute on a shared two-core machine lands on one side only, and a
@@ -29,14 +30,19 @@ from poolguard import hotpath
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=20, help="rounds per process")
+    parser.add_argument("--iterations", type=int, default=2000, help="cycles per round")
+    parser.add_argument("--processes", type=int, default=3, help="fresh interpreters")
     parser.add_argument("--case", action="append", choices=list(hotpath.CASES))
     parser.add_argument("--url", help="database URL (default: a temporary SQLite file)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     results = hotpath.run(
-        rounds=args.rounds, iterations=args.iterations, cases=args.case, url=args.url
+        rounds=args.rounds,
+        iterations=args.iterations,
+        processes=args.processes,
+        cases=args.case,
+        url=args.url,
     )
     meta = {
         "python": platform.python_version(),
@@ -47,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"meta": meta, "results": [dataclasses.asdict(r) for r in results]},
                          indent=2))
     else:
-        print(f"python {meta['python']}, sqlalchemy {meta['sqlalchemy']}, "
-              f"{args.rounds} rounds x {args.iterations} cycles")
+        print(f"python {meta['python']}, sqlalchemy {meta['sqlalchemy']}: "
+              f"{args.processes} processes x {args.rounds} rounds x {args.iterations} cycles")
         print(hotpath.format_table(results))
     return 0
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 # Calls the guard adds per cycle, as cProfile counts them: the Python calls
 # GuardedPoolMixin.connect and GuardedPoolMixin._do_return_conn, and the C
 # calls deque.pop (take a permit), deque.append (give it back) and dict.pop
-# (the record's permit mark). The itertools.count tick of a release is a slot
+# (the record leaves Gate.out). The itertools.count tick of a release is a slot
 # call that cProfile does not see.
 GUARD_EXTRA_CALLS = 5
 

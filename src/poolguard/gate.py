@@ -90,6 +90,8 @@ class Gate:
         self._clock = clock
         self.capacity = capacity
         self.waiters: deque[_Waiter] = deque()
+        #: Connection records out under a permit of this gate.
+        self.out: dict[object, object] = {}
         self.adopted = adopted
         self.closed = False
         self.take: Callable[[], object]
@@ -238,6 +240,7 @@ class Gate:
             self.closed = True
             self.take = itertools.repeat(None).__next__
             self._give = _discard
+            self.out.clear()
             while self.waiters:
                 waiter = self.waiters.popleft()
                 waiter.granted = True

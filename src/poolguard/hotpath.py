@@ -3,15 +3,20 @@
 Both engines point at the same SQLite file. The two sides run in alternating
 rounds (the order flips every round), so that machine noise (another process,
 CPU frequency, a GC pause) falls on both alike; the result per case is the
-median over rounds of the per-round ratio guarded/plain.
+median over rounds of the per-round ratio guarded/plain, pooled over several
+fresh processes.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gc
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -101,56 +106,96 @@ def _engines(url: str | None, **wrap_options: Any) -> Iterator[tuple[Engine, Eng
             guarded.dispose()
 
 
-def run(
+Samples = dict[str, dict[str, list[float]]]
+_SIDES = ("plain", "guarded")
+_SERIES = ("plain_wall", "guarded_wall", "plain_cpu", "guarded_cpu")
+
+
+def sample(
     *,
-    rounds: int = 30,
-    iterations: int = 2000,
+    rounds: int,
+    iterations: int,
     cases: list[str] | None = None,
     url: str | None = None,
     **wrap_options: Any,
-) -> list[CaseResult]:
-    """Run the cases and return one :class:`CaseResult` each."""
-    results = []
+) -> Samples:
+    """Run alternating rounds in this process; per case, per-round seconds of each side."""
+    samples: Samples = {}
     with _engines(url, **wrap_options) as (plain, guarded):
         for name in cases or list(CASES):
             make = CASES[name]
             sides = {"plain": make(plain), "guarded": make(guarded)}
             for cycle in sides.values():  # warm up: connections made, code paths hot
                 _time(cycle, iterations // 4 + 1)
-            wall: dict[str, list[float]] = {"plain": [], "guarded": []}
-            cpu: dict[str, list[float]] = {"plain": [], "guarded": []}
-            ratios = []
+            series: dict[str, list[float]] = {key: [] for key in _SERIES}
             gc_was_enabled = gc.isenabled()
             gc.disable()
             try:
                 for i in range(rounds):
-                    order = ("plain", "guarded") if i % 2 == 0 else ("guarded", "plain")
-                    for side in order:
-                        w, c = _time(sides[side], iterations)
-                        wall[side].append(w)
-                        cpu[side].append(c)
-                    ratios.append(wall["guarded"][-1] / wall["plain"][-1])
+                    for side in _SIDES if i % 2 == 0 else _SIDES[::-1]:
+                        wall, cpu = _time(sides[side], iterations)
+                        series[f"{side}_wall"].append(wall / iterations)
+                        series[f"{side}_cpu"].append(cpu / iterations)
                     gc.collect()
             finally:
                 if gc_was_enabled:
                     gc.enable()
-            quart = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-            per_us = 1e6 / iterations
-            results.append(
-                CaseResult(
-                    case=name,
-                    plain_us=statistics.median(wall["plain"]) * per_us,
-                    guarded_us=statistics.median(wall["guarded"]) * per_us,
-                    ratio=statistics.median(ratios),
-                    ratio_p25=quart[0],
-                    ratio_p75=quart[2],
-                    plain_cpu_us=statistics.median(cpu["plain"]) * per_us,
-                    guarded_cpu_us=statistics.median(cpu["guarded"]) * per_us,
-                    rounds=rounds,
-                    iterations=iterations,
-                )
+            samples[name] = series
+    return samples
+
+
+def summarize(samples: list[Samples], iterations: int) -> list[CaseResult]:
+    """Merge the samples of one or more processes into one result per case."""
+    results = []
+    for name in samples[0]:
+        merged = {key: [x for s in samples for x in s[name][key]] for key in _SERIES}
+        ratios = [g / p for g, p in zip(merged["guarded_wall"], merged["plain_wall"], strict=True)]
+        quart = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        results.append(
+            CaseResult(
+                case=name,
+                plain_us=statistics.median(merged["plain_wall"]) * 1e6,
+                guarded_us=statistics.median(merged["guarded_wall"]) * 1e6,
+                ratio=statistics.median(ratios),
+                ratio_p25=quart[0],
+                ratio_p75=quart[2],
+                plain_cpu_us=statistics.median(merged["plain_cpu"]) * 1e6,
+                guarded_cpu_us=statistics.median(merged["guarded_cpu"]) * 1e6,
+                rounds=len(ratios),
+                iterations=iterations,
             )
+        )
     return results
+
+
+def run(
+    *,
+    rounds: int = 20,
+    iterations: int = 2000,
+    processes: int = 3,
+    cases: list[str] | None = None,
+    url: str | None = None,
+) -> list[CaseResult]:
+    """Run the cases in ``processes`` fresh interpreters, one after another.
+
+    One process can favour one side for its whole life (memory layout, which
+    engine got the warmer cache lines); several fresh processes average that
+    out, as pyperf's worker processes do.
+    """
+    if processes <= 1:
+        return summarize([sample(rounds=rounds, iterations=iterations, cases=cases, url=url)],
+                         iterations)
+    args = [sys.executable, "-m", "poolguard.hotpath", "--rounds", str(rounds),
+            "--iterations", str(iterations)]
+    for case in cases or []:
+        args += ["--case", case]
+    if url:
+        args += ["--url", url]
+    collected = []
+    for _ in range(processes):
+        done = subprocess.run(args, capture_output=True, text=True, check=True)  # noqa: S603
+        collected.append(json.loads(done.stdout))
+    return summarize(collected, iterations)
 
 
 def format_table(results: list[CaseResult]) -> str:
@@ -166,3 +211,19 @@ def format_table(results: list[CaseResult]) -> str:
         for r in results
     ]
     return "\n".join([head, "-" * len(head), *rows])
+
+
+def _worker(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, required=True)
+    parser.add_argument("--iterations", type=int, required=True)
+    parser.add_argument("--case", action="append")
+    parser.add_argument("--url")
+    args = parser.parse_args(argv)
+    samples = sample(rounds=args.rounds, iterations=args.iterations, cases=args.case,
+                     url=args.url)
+    sys.stdout.write(json.dumps(samples))
+
+
+if __name__ == "__main__":
+    _worker()

@@ -3,8 +3,9 @@
 Every checkout path (Core, ORM, ``raw_connection()``, ``pool.connect()``)
 goes through :meth:`Pool.connect`, and every record handed out comes back
 through :meth:`Pool._do_return_conn` (close, invalidate, detach, garbage
-collection). The mix-in takes a permit in the first, marks the record with
-it, and gives it back in the second (or at once, if the checkout fails). It
+collection). The mix-in takes a permit in the first, registers the record in
+the gate's ``out`` map, and gives the permit back in the second when it finds
+the record there (or at once, if the checkout fails). It
 keeps :meth:`recreate` carrying the guard, so that ``engine.dispose()``
 keeps it. It adds no ``__init__``, so the guarded
 classes take exactly the arguments of the classes they extend and work as
@@ -43,10 +44,6 @@ __all__ = [
     "guarded_class",
 ]
 
-# Key of the permit mark in a checked-out record's __dict__: the Gate that
-# granted it. Present exactly while the record is out under a permit.
-_PERMIT = "_poolguard_permit"
-
 _P = TypeVar("_P", bound="GuardedPoolMixin")
 
 
@@ -82,36 +79,36 @@ class GuardedPoolMixin(Pool):
         try:
             conn = self._poolguard_connect(self)
         except BaseException:
-            # A record taken by the failed checkout went back unmarked, so
-            # this is the one release of the permit.
+            # A record taken by the failed checkout went back unregistered,
+            # so this is the one release of the permit.
             gate.release()
             raise
-        # The mark goes on only now: a record SQLAlchemy returns during a
-        # failed checkout must not release a permit that is released above.
-        slot = conn._connection_record.__dict__
-        if _PERMIT in slot:
+        # Registered only now: a record SQLAlchemy returns during a failed
+        # checkout must not release a permit that is released above.
+        record = conn._connection_record
+        out = gate.out
+        if record in out:
             # The record is already out under a permit: a nested checkout of
             # the thread's connection (SingletonThreadPool), or StaticPool
             # handing its one record to a second caller. One record, one permit.
             gate.release()
         else:
-            slot[_PERMIT] = gate
+            out[record] = True
         return conn
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         try:
             self._poolguard_return(self, record)
         finally:
-            gate: Gate | None = record.__dict__.pop(_PERMIT, None)
+            gate = self._poolguard_gate
             if gate is not None:
-                # Gate.release(), inlined: this runs on every checkin.
-                gate.count_released()
-                gate._give(None)
-                if gate.waiters:
-                    gate._wake()
-            else:
-                gate = self._poolguard_gate
-                if gate is not None and gate.adopted:
+                if gate.out.pop(record, False):
+                    # Gate.release(), inlined: this runs on every checkin.
+                    gate.count_released()
+                    gate._give(None)
+                    if gate.waiters:
+                        gate._wake()
+                elif gate.adopted:
                     # Checked out before wrap(): give back its adopted permit.
                     gate.release_adopted()
 
