@@ -36,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", action="append", choices=list(hotpath.CASES))
     parser.add_argument("--url", help="database URL (default: a temporary SQLite file)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--otel",
+        action="store_true",
+        help="guarded side reports to an OpenTelemetry SDK MeterProvider, collected every round",
+    )
     args = parser.parse_args(argv)
     results = hotpath.run(
         rounds=args.rounds,
@@ -43,18 +48,21 @@ def main(argv: list[str] | None = None) -> int:
         processes=args.processes,
         cases=args.case,
         url=args.url,
+        otel=args.otel,
     )
     meta = {
         "python": platform.python_version(),
         "sqlalchemy": sqlalchemy.__version__,
         "machine": platform.machine(),
+        "otel": args.otel,
     }
     if args.json:
         print(json.dumps({"meta": meta, "results": [dataclasses.asdict(r) for r in results]},
                          indent=2))
     else:
         print(f"python {meta['python']}, sqlalchemy {meta['sqlalchemy']}: "
-              f"{args.processes} processes x {args.rounds} rounds x {args.iterations} cycles")
+              f"{args.processes} processes x {args.rounds} rounds x {args.iterations} cycles"
+              f"{', OpenTelemetry SDK on' if args.otel else ''}")
         print(hotpath.format_table(results))
     return 0
 

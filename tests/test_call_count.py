@@ -22,12 +22,19 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import Engine
 
-# Calls the guard adds per cycle, as cProfile counts them: the Python calls
-# GuardedPoolMixin.connect and GuardedPoolMixin._do_return_conn, and the C
-# calls deque.pop (take a permit), deque.append (give it back) and dict.pop
-# (the record leaves Gate.out). The itertools.count tick of a release is a slot
-# call that cProfile does not see.
-GUARD_EXTRA_CALLS = 5
+# Calls the guard adds to a checkout/checkin cycle, as cProfile counts them:
+# the Python calls GuardedPoolMixin.connect and ._do_return_conn, and the C
+# calls deque.pop (take a permit), deque.append (give it back), dict.pop (the
+# record leaves Gate.out), ContextVar.get (the request), get_ident (the
+# holder's thread), two perf_counter (use time) and bisect_left (its
+# histogram bucket). The itertools.count tick of a release is a slot call
+# that cProfile does not see.
+GUARD_EXTRA_CALLS = 10
+
+# Calls it adds to one statement: QueryTimer's wrapper and _done, two
+# perf_counter, one dict.get for the holder and one for the statement's stats
+# row, and bisect_left for the duration's bucket.
+STATEMENT_EXTRA_CALLS = 7
 
 
 def _calls(cycle: Callable[[], None]) -> int:
@@ -62,6 +69,21 @@ def test_pool_connect_close_adds_pinned_calls(engines: tuple[Engine, Engine]) ->
         lambda: plain.pool.connect().close()
     )
     assert extra == GUARD_EXTRA_CALLS
+
+
+def test_statement_adds_pinned_calls(engines: tuple[Engine, Engine]) -> None:
+    plain, guarded = engines
+    stmt = sa.text("SELECT 1")
+
+    def run(engine: Engine) -> Callable[[], None]:
+        def cycle() -> None:
+            with engine.connect() as conn:
+                conn.execute(stmt).scalar()
+
+        return cycle
+
+    extra = _calls(run(guarded)) - _calls(run(plain))
+    assert extra == GUARD_EXTRA_CALLS + STATEMENT_EXTRA_CALLS
 
 
 def test_waiting_path_is_not_taken_when_permits_are_free(engines: tuple[Engine, Engine]) -> None:

@@ -30,12 +30,15 @@ class RequestContext:
     Attributes:
         deadline: ``time.monotonic()`` value after which the request has no
             time left, or ``None`` for no deadline.
+        tag: a short, low-cardinality name of the unit of work (an endpoint,
+            a job type), shown in holders reports and query events.
     """
 
-    __slots__ = ("deadline",)
+    __slots__ = ("deadline", "tag")
 
-    def __init__(self, deadline: float | None) -> None:
+    def __init__(self, deadline: float | None, tag: str | None = None) -> None:
         self.deadline = deadline
+        self.tag = tag
 
     def remaining(self, now: float | None = None) -> float | None:
         """Seconds left before the deadline (never negative), or ``None``."""
@@ -44,7 +47,7 @@ class RequestContext:
         return max(0.0, self.deadline - (time.monotonic() if now is None else now))
 
     def __repr__(self) -> str:
-        return f"RequestContext(remaining={self.remaining()!r})"
+        return f"RequestContext(tag={self.tag!r}, remaining={self.remaining()!r})"
 
 
 _current: ContextVar[RequestContext | None] = ContextVar("poolguard_request", default=None)
@@ -63,15 +66,22 @@ class request:  # noqa: N801 - used like a function: `with poolguard.request(...
             A checkout inside waits at most what is left of it (and never more
             than the guard's own ``acquire_timeout``). A nested scope can only
             shorten the budget of the scope around it, never extend it.
+        tag: Name of the unit of work (``"login"``, ``"GET /orders"``); a
+            nested scope without a tag keeps the outer one's.
 
     As a decorator it opens a fresh scope on every call, for sync and async
     functions alike.
     """
 
-    __slots__ = ("_timeout", "_tokens")
+    __slots__ = ("_tag", "_timeout", "_tokens")
 
-    def __init__(self, *, timeout: float | None = None) -> None:
+    def __init__(self, *, timeout: float | None = None, tag: str | None = None) -> None:
         self._timeout = None if timeout is None else _seconds("timeout", timeout)
+        if tag is not None and (not isinstance(tag, str) or not tag):
+            raise ValueError(
+                f"poolguard.request tag={tag!r} is invalid: expected a non-empty string"
+            )
+        self._tag = tag
         self._tokens: list[Token[RequestContext | None]] = []
 
     def _open(self) -> RequestContext:
@@ -79,7 +89,8 @@ class request:  # noqa: N801 - used like a function: `with poolguard.request(...
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
         if outer is not None and outer.deadline is not None:
             deadline = outer.deadline if deadline is None else min(deadline, outer.deadline)
-        ctx = RequestContext(deadline)
+        tag = self._tag if self._tag is not None or outer is None else outer.tag
+        ctx = RequestContext(deadline, tag)
         self._tokens.append(_current.set(ctx))
         return ctx
 
@@ -113,20 +124,20 @@ class request:  # noqa: N801 - used like a function: `with poolguard.request(...
     @overload
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]: ...
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
-        timeout = self._timeout
+        timeout, tag = self._timeout, self._tag
         if inspect.iscoroutinefunction(fn):
             afn = cast("Callable[P, Awaitable[Any]]", fn)
 
             @functools.wraps(fn)
             async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                with request(timeout=timeout):
+                with request(timeout=timeout, tag=tag):
                     return await afn(*args, **kwargs)
 
             return async_wrapper
 
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-            with request(timeout=timeout):
+            with request(timeout=timeout, tag=tag):
                 return fn(*args, **kwargs)
 
         return wrapper

@@ -52,12 +52,14 @@ def wrap(engine: E, config: Config | None = None, **options: Any) -> E:
         guard = pool._poolguard
         if guard is not None:
             guard.configure(cfg)
+            guard._attach_engine(sync_engine)
             return engine
     guard = Guard(cfg, default_name=_default_name(sync_engine))
     # Swap the class in place: idle connections, overflow counts, listeners
     # and everything already checked out stay exactly where they are.
     pool.__class__ = guarded_class(type(pool))
     guard._attach(pool)  # type: ignore[arg-type]  # its class was just swapped
+    guard._attach_engine(sync_engine)
     return engine
 
 

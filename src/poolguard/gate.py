@@ -26,6 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable  # noqa: TC003 - used at run time for _discard
+from typing import Any
 
 from ._compat import await_only
 
@@ -51,6 +52,15 @@ class _Waiter:
         self.future: asyncio.Future[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
+    def arm(self, asyncio_mode: bool) -> None:
+        """Set up what the wait blocks on (asyncio mode: RuntimeError without a running loop)."""
+        if asyncio_mode:
+            self.loop = asyncio.get_running_loop()
+            self.future = self.loop.create_future()
+        else:
+            self.event = threading.Lock()
+            self.event.acquire()
+
     def wake(self) -> None:
         if self.event is not None:
             self.event.release()
@@ -71,7 +81,8 @@ class Gate:
     Args:
         capacity: Number of permits, or ``None`` for no limit.
         adopted: Permits already held by connections checked out before the
-            gate existed; they come back through :meth:`release_adopted`.
+            gate existed; they come back through :meth:`release` like the
+            others, but were never counted as acquired.
         clock: Monotonic clock in seconds (injectable for tests).
 
     ``take()`` takes a free permit or raises :class:`IndexError`;
@@ -90,8 +101,13 @@ class Gate:
         self._clock = clock
         self.capacity = capacity
         self.waiters: deque[_Waiter] = deque()
-        #: Connection records out under a permit of this gate.
-        self.out: dict[object, object] = {}
+        #: Connection records out under a permit of this gate, to their holds.
+        self.out: dict[object, Any] = {}
+        #: perf_counter() time from which the next checkout calls the guard's
+        #: after_checkout() (set by the guard: its next scan, or -inf).
+        self.slow_at = 0.0
+        #: The guard's recorder, for the checkin path (set by the guard).
+        self.recorder: Any = None
         self.adopted = adopted
         self.closed = False
         self.take: Callable[[], object]
@@ -152,16 +168,6 @@ class Gate:
         if self.waiters:
             self._wake()
 
-    def release_adopted(self) -> None:
-        """Give back a permit of a connection checked out before the gate existed."""
-        with self._lock:
-            if self.adopted <= 0:
-                return
-            self.adopted -= 1
-        self._give(None)
-        if self.waiters:
-            self._wake()
-
     def _wake(self) -> None:
         with self._lock:
             while self.waiters:
@@ -198,20 +204,25 @@ class Gate:
                 self.waiters.pop()
                 self.timeouts += 1
                 return False
-            if asyncio_mode:
-                waiter.loop = asyncio.get_running_loop()
-                waiter.future = waiter.loop.create_future()
-            else:
-                waiter.event = threading.Lock()
-                waiter.event.acquire()
-        start = self._clock()
+            try:
+                waiter.arm(asyncio_mode)
+            except BaseException:
+                self.waiters.pop()  # ours, as above: a queued waiter nobody waits on leaks
+                raise
         try:
+            start = self._clock()
             if waiter.event is not None:
                 waiter.event.acquire(timeout=timeout)
             else:
+                assert waiter.loop is not None
                 assert waiter.future is not None
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await_only(asyncio.wait_for(waiter.future, timeout))
+                # Not asyncio.wait_for(): before Python 3.12 it swallows a
+                # cancellation that comes once the future is resolved (gh-86296).
+                timer = waiter.loop.call_later(timeout, _resolve, waiter.future)
+                try:
+                    await_only(waiter.future)
+                finally:
+                    timer.cancel()
         except BaseException:
             # Interrupted (a signal, a cancelled task): leave nothing behind.
             with self._lock:

@@ -1,28 +1,51 @@
-"""The :class:`Guard`: one per guarded engine, shared by the pools it recreates."""
+"""The :class:`Guard`: one per guarded engine, shared by the pools it recreates.
+
+It owns the gate, the recorder (stats storage), the event log and the
+diagnostics, and it is where the hot path hands off anything that is not
+cheap: the slow path of a checkout, a slow statement, the once-a-second scan
+for leaks and alerts.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import logging
 import threading
 import time
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.pool import NullPool, Pool, QueuePool, SingletonThreadPool, StaticPool
 
+from .alerts import Alert, AlertEvent
 from .context import _current
 from .errors import PoolTimeout
 from .gate import Gate
-from .stats import PoolStats
+from .holders import Holder, HolderGroup, describe_groups, group_holders, holders
+from .log import EventLog
+from .recorder import REQUEST, SITE, T0, TASK, WAIT, WARNED, Hold, Recorder, new_hold
+from .sites import current_site
+from .stats import PoolStats, QueryStats
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from sqlalchemy.engine import Engine
+
     from .config import Config
+    from .fingerprint import Fingerprint
     from .pool import GuardedPoolMixin
+    from .queries import QueryTimer
 
 __all__ = ["Guard"]
 
 _EVENTS = ("connect", "close", "close_detached", "invalidate")
+_SCAN_INTERVAL = 1.0
+#: A holders report is reused for this long: a storm of timeouts builds one.
+_REPORT_TTL = 1.0
+_EXHAUSTED_LOG_INTERVAL = 10.0
 
 
 def _capacity(pool: Pool) -> int | None:
@@ -36,8 +59,23 @@ def _capacity(pool: Pool) -> int | None:
     return None
 
 
+def _checked_out_records(pool: Pool) -> list[object]:
+    """The records of ``pool`` checked out now (found through the GC: one-off, at wrap)."""
+    if not isinstance(pool, QueuePool) or pool.checkedout() <= 0:
+        return []
+    from sqlalchemy.pool.base import _ConnectionRecord
+
+    return [
+        obj
+        for obj in gc.get_objects()
+        if isinstance(obj, _ConnectionRecord)
+        and obj._ConnectionRecord__pool is pool  # type: ignore[attr-defined]
+        and obj.fairy_ref is not None
+    ]
+
+
 class Guard:
-    """Gate, options and stats of one guarded engine.
+    """Gate, options, stats and diagnostics of one guarded engine.
 
     Get it with :func:`poolguard.get_guard`; :func:`poolguard.wrap` makes it.
     """
@@ -47,12 +85,32 @@ class Guard:
         self.config = config
         self.name = config.name or default_name
         self.gate = Gate(None)
+        self.recorder = Recorder()
+        self.log = EventLog(self.name)
+        self.log.refresh()
         self._pool: GuardedPoolMixin | None = None
+        self._engine: Engine | None = None
+        self._queries: QueryTimer | None = None
         self._listeners: list[tuple[str, Callable[..., None]]] = []
         self._lock = threading.Lock()
         self._opened = 0
         self._closed = 0
         self._invalidated = 0
+        self.leak_warnings = 0
+        self.exhaustion_events = 0
+        #: Checkouts refused before waiting, by (reason, priority).
+        self.rejections: dict[tuple[str, str], int] = {}
+        self._explained: set[str] = set()
+        self._alert_callbacks: list[Callable[[AlertEvent], None]] = []
+        self._alerts: list[Alert] = []
+        self._interval_wait_max = 0.0
+        self._report: tuple[float, list[HolderGroup]] | None = None
+        self._exhausted_logged_at = -_EXHAUSTED_LOG_INTERVAL
+        self._scan_lock = threading.Lock()
+        self._next_scan = 0.0
+        self._async = False
+        self.exporter: Any = None
+        self._setup()
 
     # -- set-up ---------------------------------------------------------------
 
@@ -60,6 +118,36 @@ class Guard:
         """Apply new options; the gate, its permits and the counters stay."""
         self.config = config
         self.name = config.name or self._default_name
+        self.log.pool_name = self.name
+        self.log.refresh()
+        self._setup()
+
+    def _setup(self) -> None:
+        cfg = self.config
+        alerts = []
+        if cfg.alert_utilization is not None:
+            alerts.append(Alert("utilization", cfg.alert_utilization, cfg.alert_for))
+        if cfg.alert_wait_time is not None:
+            alerts.append(Alert("wait_time", cfg.alert_wait_time, cfg.alert_for))
+        self._alerts = alerts
+        self._update_slow_at()
+
+    def _update_slow_at(self) -> None:
+        extras = self.config.capture_call_sites or self._async
+        self.gate.slow_at = float("-inf") if extras else self._next_scan
+
+    @property
+    def db_system(self) -> str:
+        """``db.system.name`` of the engine's database (``postgresql``, ``mariadb``, ...)."""
+        engine = self._engine
+        if engine is None:
+            return "other_sql"
+        dialect = engine.dialect
+        if dialect.name == "mysql" and getattr(dialect, "is_mariadb", False):
+            return "mariadb"
+        return {"postgresql": "postgresql", "mysql": "mysql", "sqlite": "sqlite",
+                "mssql": "microsoft.sql_server", "oracle": "oracle.db"}.get(dialect.name,
+                                                                            dialect.name)
 
     @property
     def pool(self) -> Pool:
@@ -75,12 +163,58 @@ class Guard:
         self._pool = pool
         if first:
             # Connections already checked out (wrap() of a busy engine) hold
-            # capacity without a ticket: count them as adopted permits.
-            adopted = pool.checkedout() if isinstance(pool, QueuePool) else 0
-            self.gate = Gate(_capacity(pool), adopted=max(0, adopted))
+            # capacity without a permit: adopt them, so that their return
+            # gives the permit back like any other.
+            adopted = _checked_out_records(pool)
+            self.gate = Gate(_capacity(pool), adopted=len(adopted))
+            self.gate.recorder = self.recorder
+            now = perf_counter()
+            for record in adopted:
+                self.gate.out[record] = new_hold(now, 0.0, 0, None)
             self._listen(pool)
-        pool._poolguard_gate = self.gate
         # A recreated pool copied the listeners with the rest of the dispatch.
+        pool._poolguard_gate = self.gate
+        self._async = bool(pool._is_asyncio)
+        self._time_creator(pool)
+        self._update_slow_at()
+
+    def _attach_engine(self, engine: Engine) -> None:
+        """Time the engine's statements (once per engine)."""
+        if self._engine is engine:
+            return
+        from .queries import QueryTimer
+
+        if self._queries is not None:
+            self._queries.remove()
+        self._engine = engine
+        self._queries = QueryTimer(self, engine.dialect)
+        if self.config.metrics and self.exporter is None:
+            from .otel import Exporter
+
+            self.exporter = Exporter(self)
+
+    def _time_creator(self, pool: Pool) -> None:
+        # Connection set-up time (db.client.connection.create_time): wrap the
+        # function every record calls to open its DBAPI connection.
+        inner = pool._invoke_creator
+        if getattr(inner, "_poolguard_timed", False):
+            return
+        recorder = self.recorder
+
+        def timed(record: Any) -> Any:
+            start = perf_counter()
+            try:
+                return inner(record)
+            finally:
+                elapsed = perf_counter() - start
+                recorder.create.add(elapsed)
+                buf = recorder.export_create
+                if buf is not None:
+                    buf.append(elapsed)
+
+        timed._poolguard_timed = True  # type: ignore[attr-defined]
+        timed._poolguard_inner = inner  # type: ignore[attr-defined]
+        pool._invoke_creator = timed  # type: ignore[assignment]
 
     def _listen(self, pool: Pool) -> None:
         def on_connect(dbapi_conn: Any, record: Any) -> None:
@@ -112,9 +246,28 @@ class Guard:
             for name, fn in self._listeners:
                 if event.contains(pool, name, fn):
                     event.remove(pool, name, fn)
+            inner = getattr(pool._invoke_creator, "_poolguard_inner", None)
+            if inner is not None:
+                pool._invoke_creator = inner
         self._listeners.clear()
+        if self._queries is not None:
+            self._queries.remove()
+            self._queries = None
+        if self.exporter is not None:
+            self.exporter.close()
+            self.exporter = None
+        self._engine = None
         self.gate.close()
         self._pool = None
+
+    def on_alert(self, callback: Callable[[AlertEvent], None]) -> Callable[[AlertEvent], None]:
+        """Call ``callback(AlertEvent)`` when an alert fires or clears (usable as a decorator).
+
+        Callbacks run on the thread that noticed the change, once per change;
+        an exception in one is logged and does not affect the others.
+        """
+        self._alert_callbacks.append(callback)
+        return callback
 
     # -- the slow path of a checkout -----------------------------------------
 
@@ -128,8 +281,11 @@ class Guard:
             return pool.timeout()
         return 30.0
 
-    def acquire_slow(self, pool: Pool) -> None:
-        """Wait for a permit, bounded by the acquire timeout and the request's deadline."""
+    def acquire_slow(self, pool: Pool) -> float:
+        """Wait for a permit, bounded by the acquire timeout and the request's deadline.
+
+        Returns the seconds waited; raises :class:`PoolTimeout`.
+        """
         timeout = self.acquire_timeout()
         by_deadline = False
         request = _current.get()
@@ -138,17 +294,29 @@ class Guard:
             if left < timeout:
                 timeout = max(0.0, left)
                 by_deadline = True
-        if not self.gate.acquire(timeout, asyncio_mode=bool(pool._is_asyncio)):
+        start = perf_counter()
+        self.maybe_scan(start)
+        granted = self.gate.acquire(timeout, asyncio_mode=bool(pool._is_asyncio))
+        waited = perf_counter() - start
+        self._interval_wait_max = max(self._interval_wait_max, waited)
+        if not granted:
             raise self._timeout_error(timeout, by_deadline)
+        self.recorder.wait.add(waited)
+        buf = self.recorder.export_wait
+        if buf is not None:
+            buf.append(waited)
+        return waited
 
     def _timeout_error(self, timeout: float, by_deadline: bool) -> PoolTimeout:
         gate = self.gate
         in_use, capacity, waiting = gate.in_use, gate.capacity, gate.waiting
         limit = "the request's deadline" if by_deadline else "acquire_timeout"
+        groups = self.exhausted("timeout")
+        held = f"; held by: {describe_groups(groups)}" if groups else ""
         message = (
             f"pool {self.name!r}: no connection within {timeout:.3f}s (limited by {limit}); "
             f"{in_use}/{capacity if capacity is not None else 'unbounded'} in use, "
-            f"{waiting} waiting"
+            f"{waiting} waiting{held}"
         )
         return PoolTimeout(
             message,
@@ -158,6 +326,235 @@ class Guard:
             capacity=capacity,
             waiting=waiting,
         )
+
+    # -- per checkout and checkin, off the fast path -------------------------
+
+    def after_checkout(self, hold: Hold, now: float) -> None:
+        """Extras of a checkout: asyncio task, call site, the periodic scan."""
+        if self._async:
+            import asyncio
+
+            try:
+                hold[TASK] = asyncio.current_task()
+            except RuntimeError:
+                hold[TASK] = None
+        if self.config.capture_call_sites:
+            hold[SITE] = current_site(3)
+        self.maybe_scan(now)
+
+    def after_checkin(self, hold: Hold, held: float) -> None:
+        """A connection that was reported as held too long came back."""
+        self.log.emit(
+            logging.INFO,
+            "connection.returned_after_warning",
+            held_ms=round(held * 1000, 1),
+            site=hold[SITE],
+        )
+
+    # -- the once-a-second scan ----------------------------------------------
+
+    def maybe_scan(self, now: float) -> None:
+        """Run :meth:`scan` if a second has passed since the last one."""
+        if now >= self._next_scan and self._scan_lock.acquire(blocking=False):
+            try:
+                if now >= self._next_scan:
+                    self._next_scan = now + _SCAN_INTERVAL
+                    self._update_slow_at()
+                    self.scan(now)
+            finally:
+                self._scan_lock.release()
+
+    def scan(self, now: float | None = None) -> None:
+        """Check for connections held too long and evaluate the alerts."""
+        now = perf_counter() if now is None else now
+        threshold = self.config.leak_threshold
+        if threshold is not None:
+            holds: list[Hold] = list(self.gate.out.values())
+            for hold in holds:
+                if not hold[WARNED] and now - hold[T0] >= threshold:
+                    self._warn_leak(hold, now)
+        self.recorder.trim()
+        self.log.refresh()
+        self._check_alerts(now)
+
+    def _warn_leak(self, hold: Hold, now: float) -> None:
+        hold[WARNED] = True
+        with self._lock:
+            self.leak_warnings += 1
+        (item,) = holders([hold], now)
+        self.log.emit(
+            logging.WARNING,
+            "connection.held_too_long",
+            held_ms=round(item.age * 1000, 1),
+            threshold_ms=round((self.config.leak_threshold or 0) * 1000, 1),
+            tag=item.tag,
+            fingerprint=item.fingerprint,
+            statement=item.statement,
+            running=item.running,
+            idle_in_transaction=item.idle_in_transaction,
+            site=item.site,
+            site_kind="checkout" if hold[SITE] else "now",
+        )
+
+    def _check_alerts(self, now: float) -> None:
+        capacity = self.gate.capacity
+        wait_max, self._interval_wait_max = self._interval_wait_max, 0.0
+        for alert in self._alerts:
+            if alert.name == "utilization":
+                if not capacity:
+                    continue
+                value = self.gate.in_use / capacity
+            else:
+                value = wait_max
+            changed = alert.update(value, now)
+            if changed is None:
+                continue
+            ev = AlertEvent(
+                pool=self.name,
+                name=alert.name,
+                firing=changed,
+                value=value,
+                threshold=alert.threshold,
+                since=now,
+            )
+            self.log.emit(
+                logging.WARNING if changed else logging.INFO,
+                f"alert.{alert.name}",
+                state="firing" if changed else "cleared",
+                value=round(value, 4),
+                threshold=alert.threshold,
+                in_use=self.gate.in_use,
+                capacity=capacity,
+                waiting=self.gate.waiting,
+            )
+            if changed and alert.name == "utilization":
+                self.exhausted("utilization")
+            for callback in list(self._alert_callbacks):
+                try:
+                    callback(ev)
+                except Exception:  # noqa: PERF203 - one failing callback must not stop the rest
+                    logging.getLogger("poolguard").exception("alert callback %r failed", callback)
+
+    # -- diagnostics ----------------------------------------------------------
+
+    def holders(self) -> list[Holder]:
+        """Every connection checked out now: age, statement, tag, site."""
+        holds: list[Hold] = list(self.gate.out.values())
+        return holders(holds, perf_counter())
+
+    def holders_report(self, *, fresh: bool = False) -> list[HolderGroup]:
+        """Holders grouped by statement and site, biggest group first.
+
+        Reused for up to a second unless ``fresh``: a storm of timeouts
+        builds it once.
+        """
+        now = perf_counter()
+        cached = self._report
+        if not fresh and cached is not None and now - cached[0] < _REPORT_TTL:
+            return cached[1]
+        groups = group_holders(self.holders())
+        self._report = (now, groups)
+        return groups
+
+    def exhausted(self, reason: str) -> list[HolderGroup]:
+        """Build the holders report and log ``pool.exhausted`` (at most every 10 s)."""
+        groups = self.holders_report()
+        now = perf_counter()
+        if now - self._exhausted_logged_at >= _EXHAUSTED_LOG_INTERVAL:
+            self._exhausted_logged_at = now
+            with self._lock:
+                self.exhaustion_events += 1
+            gate = self.gate
+            self.log.emit(
+                logging.WARNING,
+                "pool.exhausted",
+                reason=reason,
+                in_use=gate.in_use,
+                capacity=gate.capacity,
+                waiting=gate.waiting,
+                top_holders=[
+                    {
+                        "count": g.count,
+                        "fingerprint": g.fingerprint,
+                        "statement": g.statement,
+                        "site": g.site,
+                        "oldest_s": round(g.oldest, 3),
+                        "youngest_s": round(g.youngest, 3),
+                        "running": g.running,
+                        "idle_in_transaction": g.idle_in_transaction,
+                        "tags": list(g.tags),
+                    }
+                    for g in groups[:5]
+                ],
+                summary=describe_groups(groups),
+            )
+        return groups
+
+    # -- statements ------------------------------------------------------------
+
+    def query_fields(
+        self,
+        fp: Fingerprint,
+        duration: float,
+        rows: int,
+        hold: Hold | None,
+        parameters: Any,
+    ) -> dict[str, Any]:
+        """The fields of a query event (never parameter values unless opted in)."""
+        request = hold[REQUEST] if hold is not None else _current.get()
+        fields: dict[str, Any] = {
+            "fingerprint": fp.id,
+            "statement": fp.text,
+            "summary": fp.summary,
+            "duration_ms": round(duration * 1000, 3),
+            "rows": rows if rows >= 0 else None,
+            "wait_ms": round(hold[WAIT] * 1000, 3) if hold is not None else None,
+            "tag": request.tag if request is not None else None,
+        }
+        if self.config.log_parameters:
+            fields["parameters"] = repr(parameters)[:1000]
+        return fields
+
+    def on_slow_query(
+        self,
+        fp: Fingerprint,
+        duration: float,
+        rows: int,
+        hold: Hold | None,
+        statement: str,
+        parameters: Any,
+        cursor: Any,
+    ) -> None:
+        """Log ``query.slow`` with where it came from; EXPLAIN it once if asked."""
+        fields = self.query_fields(fp, duration, rows, hold, parameters)
+        fields["threshold_ms"] = round((self.config.slow_query_threshold or 0) * 1000, 3)
+        fields["site"] = current_site(3)
+        self.log.emit(logging.WARNING, "query.slow", **fields)
+        if self.config.explain_slow_queries and fp.id not in self._explained:
+            self._explained.add(fp.id)
+            from .explain import explain
+
+            explain(self, cursor, fp, statement, parameters)
+
+    def top_queries(self, n: int = 10, *, by: str = "total_time") -> list[QueryStats]:
+        """The ``n`` statement shapes with the most ``by`` (a :class:`QueryStats` field)."""
+        rows = [QueryStats.of(stat) for stat in list(self.recorder.queries.values())]
+        if rows and not hasattr(rows[0], by):
+            fields = ", ".join(f.name for f in dataclasses.fields(QueryStats))
+            raise ValueError(f"top_queries by={by!r} is invalid: expected one of {fields}")
+        rows.sort(key=lambda r: getattr(r, by), reverse=True)
+        return rows[:n]
+
+    def log_top_queries(self, n: int = 10, *, by: str = "total_time") -> list[QueryStats]:
+        """Log ``queries.top`` with :meth:`top_queries` and return them."""
+        top = self.top_queries(n, by=by)
+        self.log.emit(
+            logging.INFO,
+            "queries.top",
+            by=by,
+            queries=[dataclasses.asdict(q) for q in top],
+        )
+        return top
 
     # -- reading --------------------------------------------------------------
 
@@ -193,6 +590,7 @@ class Guard:
             timeouts = gate.timeouts
         with self._lock:
             opened, closed, invalidated = self._opened, self._closed, self._invalidated
+            leaks = self.leak_warnings
         return PoolStats(
             name=self.name,
             pool_class=type(pool).__name__ if pool is not None else "",
@@ -211,8 +609,15 @@ class Guard:
             connections_opened=opened,
             connections_closed=closed,
             connections_invalidated=invalidated,
+            leak_warnings=leaks,
+            use_time=self.recorder.use.snapshot(),
+            wait_time=self.recorder.wait.snapshot(
+                extra_zeros=max(0, acquisitions - self.recorder.wait.count)
+            ),
+            create_time=self.recorder.create.snapshot(),
         )
 
     def __repr__(self) -> str:
         gate = self.gate
         return f"<Guard {self.name!r} permits={gate.in_use}/{gate.capacity} waiting={gate.waiting}>"
+

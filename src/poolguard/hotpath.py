@@ -84,6 +84,9 @@ class CaseResult:
     guarded_cpu_us: float
     rounds: int
     iterations: int
+    #: CPU of OpenTelemetry collection (``--otel``) per guarded cycle, in us:
+    #: the export work the request path does not pay.
+    export_cpu_us: float = 0.0
 
 
 def _time(cycle: Callable[[], None], iterations: int) -> tuple[float, float]:
@@ -106,9 +109,27 @@ def _engines(url: str | None, **wrap_options: Any) -> Iterator[tuple[Engine, Eng
             guarded.dispose()
 
 
+def _collector(otel: bool) -> tuple[Callable[[], float], dict[str, Any]]:
+    """A function that runs one OpenTelemetry collection and returns its CPU seconds."""
+    if not otel:
+        return (lambda: 0.0), {}
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+
+    def collect() -> float:
+        cpu0 = time.process_time()
+        reader.get_metrics_data()
+        return time.process_time() - cpu0
+
+    return collect, {"meter_provider": provider}
+
+
 Samples = dict[str, dict[str, list[float]]]
 _SIDES = ("plain", "guarded")
-_SERIES = ("plain_wall", "guarded_wall", "plain_cpu", "guarded_cpu")
+_SERIES = ("plain_wall", "guarded_wall", "plain_cpu", "guarded_cpu", "export_cpu")
 
 
 def sample(
@@ -117,16 +138,23 @@ def sample(
     iterations: int,
     cases: list[str] | None = None,
     url: str | None = None,
-    **wrap_options: Any,
+    otel: bool = False,
 ) -> Samples:
-    """Run alternating rounds in this process; per case, per-round seconds of each side."""
+    """Run alternating rounds in this process; per case, per-round seconds of each side.
+
+    With ``otel``, the guarded engine reports to an OpenTelemetry SDK
+    ``MeterProvider`` whose reader collects after every round, outside the
+    timed part; the CPU of each collection is kept as ``export_cpu``.
+    """
     samples: Samples = {}
+    collect, wrap_options = _collector(otel)
     with _engines(url, **wrap_options) as (plain, guarded):
         for name in cases or list(CASES):
             make = CASES[name]
             sides = {"plain": make(plain), "guarded": make(guarded)}
             for cycle in sides.values():  # warm up: connections made, code paths hot
                 _time(cycle, iterations // 4 + 1)
+            collect()  # the first collection switches sample keeping on
             series: dict[str, list[float]] = {key: [] for key in _SERIES}
             gc_was_enabled = gc.isenabled()
             gc.disable()
@@ -136,6 +164,7 @@ def sample(
                         wall, cpu = _time(sides[side], iterations)
                         series[f"{side}_wall"].append(wall / iterations)
                         series[f"{side}_cpu"].append(cpu / iterations)
+                    series["export_cpu"].append(collect() / iterations)
                     gc.collect()
             finally:
                 if gc_was_enabled:
@@ -163,6 +192,7 @@ def summarize(samples: list[Samples], iterations: int) -> list[CaseResult]:
                 guarded_cpu_us=statistics.median(merged["guarded_cpu"]) * 1e6,
                 rounds=len(ratios),
                 iterations=iterations,
+                export_cpu_us=statistics.median(merged["export_cpu"]) * 1e6,
             )
         )
     return results
@@ -175,6 +205,7 @@ def run(
     processes: int = 3,
     cases: list[str] | None = None,
     url: str | None = None,
+    otel: bool = False,
 ) -> list[CaseResult]:
     """Run the cases in ``processes`` fresh interpreters, one after another.
 
@@ -183,14 +214,18 @@ def run(
     out, as pyperf's worker processes do.
     """
     if processes <= 1:
-        return summarize([sample(rounds=rounds, iterations=iterations, cases=cases, url=url)],
-                         iterations)
+        return summarize(
+            [sample(rounds=rounds, iterations=iterations, cases=cases, url=url, otel=otel)],
+            iterations,
+        )
     args = [sys.executable, "-m", "poolguard.hotpath", "--rounds", str(rounds),
             "--iterations", str(iterations)]
     for case in cases or []:
         args += ["--case", case]
     if url:
         args += ["--url", url]
+    if otel:
+        args.append("--otel")
     collected = []
     for _ in range(processes):
         done = subprocess.run(args, capture_output=True, text=True, check=True)  # noqa: S603
@@ -202,12 +237,12 @@ def format_table(results: list[CaseResult]) -> str:
     """The results as an aligned text table."""
     head = (
         f"{'case':<24} {'plain us':>9} {'guarded us':>11} {'ratio':>6} "
-        f"{'(p25-p75)':>13} {'cpu plain':>10} {'cpu guarded':>12}"
+        f"{'(p25-p75)':>13} {'cpu plain':>10} {'cpu guarded':>12} {'+export':>8}"
     )
     rows = [
         f"{r.case:<24} {r.plain_us:>9.2f} {r.guarded_us:>11.2f} {r.ratio:>6.3f} "
         f"{f'{r.ratio_p25:.3f}-{r.ratio_p75:.3f}':>13} {r.plain_cpu_us:>10.2f} "
-        f"{r.guarded_cpu_us:>12.2f}"
+        f"{r.guarded_cpu_us:>12.2f} {r.export_cpu_us:>8.2f}"
         for r in results
     ]
     return "\n".join([head, "-" * len(head), *rows])
@@ -219,9 +254,10 @@ def _worker(argv: list[str] | None = None) -> None:
     parser.add_argument("--iterations", type=int, required=True)
     parser.add_argument("--case", action="append")
     parser.add_argument("--url")
+    parser.add_argument("--otel", action="store_true")
     args = parser.parse_args(argv)
     samples = sample(rounds=args.rounds, iterations=args.iterations, cases=args.case,
-                     url=args.url)
+                     url=args.url, otel=args.otel)
     sys.stdout.write(json.dumps(samples))
 
 

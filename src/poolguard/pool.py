@@ -15,6 +15,9 @@ classes take exactly the arguments of the classes they extend and work as
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
+from threading import get_ident
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy.pool import (
@@ -25,6 +28,10 @@ from sqlalchemy.pool import (
     SingletonThreadPool,
     StaticPool,
 )
+
+from .context import _current
+from .histogram import BOUNDS
+from .recorder import T0, TOP_STAT, WARNED, Hold
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -72,12 +79,17 @@ class GuardedPoolMixin(Pool):
         gate = self._poolguard_gate
         if gate is None:
             gate = self._poolguard_default().gate
+        # Bound before any wait: unwrap() may restore the plain class meanwhile.
+        connect = self._poolguard_connect
         try:
             gate.take()
+            wait = 0.0
         except IndexError:
-            self._poolguard.acquire_slow(self)  # type: ignore[union-attr]
+            wait = self._poolguard.acquire_slow(self)  # type: ignore[union-attr]
+            if gate.closed:  # unwrapped while we waited: plain checkout
+                return connect(self)
         try:
-            conn = self._poolguard_connect(self)
+            conn = connect(self)
         except BaseException:
             # A record taken by the failed checkout went back unregistered,
             # so this is the one release of the permit.
@@ -92,8 +104,13 @@ class GuardedPoolMixin(Pool):
             # the thread's connection (SingletonThreadPool), or StaticPool
             # handing its one record to a second caller. One record, one permit.
             gate.release()
-        else:
-            out[record] = True
+            return conn
+        now = perf_counter()
+        # recorder.new_hold(), spelled out: one list display, no call.
+        hold = out[record] = [now, wait, get_ident(), _current.get(), None, 0.0, None, -1.0,
+                              None, None, False]
+        if now >= gate.slow_at:
+            self._poolguard.after_checkout(hold, now)  # type: ignore[union-attr]
         return conn
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
@@ -102,15 +119,29 @@ class GuardedPoolMixin(Pool):
         finally:
             gate = self._poolguard_gate
             if gate is not None:
-                if gate.out.pop(record, False):
+                hold: Hold | None = gate.out.pop(record, None)
+                if hold is not None:
                     # Gate.release(), inlined: this runs on every checkin.
                     gate.count_released()
                     gate._give(None)
                     if gate.waiters:
                         gate._wake()
-                elif gate.adopted:
-                    # Checked out before wrap(): give back its adopted permit.
-                    gate.release_adopted()
+                    held = perf_counter() - hold[T0]
+                    recorder = gate.recorder
+                    # Histogram.add(), inlined.
+                    use = recorder.use
+                    use.counts[bisect_left(BOUNDS, held)] += 1
+                    use.sum += held
+                    if held > use.max:
+                        use.max = held
+                    buf = recorder.export_use
+                    if buf is not None:
+                        buf.append(held)
+                    stat = hold[TOP_STAT]
+                    if stat is not None:  # connection-seconds of its main statement
+                        stat.held += held
+                    if hold[WARNED]:
+                        self._poolguard.after_checkin(hold, held)  # type: ignore[union-attr]
 
     def recreate(self: _P) -> _P:
         pool = cast("_P", super().recreate())

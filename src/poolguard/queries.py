@@ -1,0 +1,174 @@
+"""Per-statement timing: the dialect's execute calls, timed.
+
+poolguard wraps ``do_execute``, ``do_executemany`` and
+``do_execute_no_params`` on the engine's dialect object (instance attributes,
+so only this engine is affected and unwrap() restores them). Every statement
+SQLAlchemy sends goes through one of them, and the time measured is the
+driver's execute call: what the database took, plus the network.
+
+Not engine events: a listener on an Engine makes SQLAlchemy build a joined
+event dispatcher for every Connection, which costs more per checkout than
+the whole guard.
+
+Per statement: a clock read on each side, a cached fingerprint lookup and a
+few additions. A log event is built only for a slow statement, or when DEBUG
+is on for poolguard and the sample says so. Parameter values never go into
+an event unless ``log_parameters`` is set, and errors are reported by type,
+never by message (database messages quote values).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from bisect import bisect_left
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+
+from .fingerprint import fingerprint
+from .histogram import BOUNDS
+from .recorder import RUNNING_SINCE, STATEMENT, TOP_STAT, TOP_TIME
+from .sites import current_site
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from sqlalchemy.engine import Dialect
+    from sqlalchemy.engine.interfaces import DBAPICursor
+
+    from .guard import Guard
+    from .recorder import Hold, QueryStat
+
+__all__ = ["QueryTimer"]
+
+_STATEMENTS_MAX = 4096
+
+#: Dialect methods that run statements, and where their context argument is.
+_METHODS = {"do_execute": 1, "do_executemany": 1, "do_execute_no_params": 0}
+
+
+class QueryTimer:
+    """Times the statements of one dialect for one guard; :meth:`remove` undoes it."""
+
+    def __init__(self, guard: Guard, dialect: Dialect) -> None:
+        self.guard = guard
+        self.dialect = dialect
+        # Statement string -> its stats row. SQLAlchemy passes the same string
+        # object for every run of a compiled statement, so this is one lookup
+        # of a string whose hash is cached.
+        self._stats: dict[str, QueryStat] = {}
+        attrs = dialect.__dict__
+        for name, context_at in _METHODS.items():
+            if name in attrs:  # another wrapper (or a test double) is there: leave it
+                continue
+            setattr(dialect, name, self._wrap(getattr(dialect, name), context_at))
+
+    def remove(self) -> None:
+        """Restore the dialect's own methods."""
+        attrs = self.dialect.__dict__
+        for name in _METHODS:
+            fn = attrs.get(name)
+            if fn is not None and getattr(fn, "_poolguard_timer", None) is self:
+                del attrs[name]
+
+    def _stat(self, statement: str) -> QueryStat:
+        stats = self._stats
+        if len(stats) >= _STATEMENTS_MAX:
+            stats.clear()  # statements with inlined literals: start over, stay bounded
+        guard = self.guard
+        stat = stats[statement] = guard.recorder.query(
+            fingerprint(statement), guard.config.top_queries
+        )
+        return stat
+
+    def _wrap(self, inner: Callable[..., Any], context_at: int) -> Callable[..., Any]:
+        # context_at: where the ExecutionContext sits in the arguments after
+        # (cursor, statement); parameters, if any, come first.
+        out = self.guard.gate.out
+        done, failed = self._done, self._failed
+
+        def timed(cursor: DBAPICursor, statement: str, *args: Any) -> Any:
+            try:
+                context = args[context_at]
+                hold = out.get(context.root_connection._dbapi_connection._connection_record)
+            except (IndexError, AttributeError):  # no context, or not pooled
+                hold = None
+            start = perf_counter()
+            if hold is not None:
+                hold[STATEMENT] = statement
+                hold[RUNNING_SINCE] = start
+            try:
+                result = inner(cursor, statement, *args)
+            except BaseException as exc:
+                failed(statement, perf_counter() - start, hold, exc)
+                raise
+            done(cursor, statement, args, perf_counter() - start, hold)
+            return result
+
+        timed._poolguard_timer = self  # type: ignore[attr-defined]
+        return timed
+
+    def _done(
+        self,
+        cursor: DBAPICursor,
+        statement: str,
+        args: tuple[Any, ...],
+        duration: float,
+        hold: Hold | None,
+    ) -> None:
+        stat = self._stats.get(statement) or self._stat(statement)
+        # Histogram.add(), inlined.
+        hist = stat.hist
+        hist.counts[bisect_left(BOUNDS, duration)] += 1
+        hist.sum += duration
+        if duration > hist.max:
+            hist.max = duration
+        rows = cursor.rowcount
+        if rows > 0:
+            stat.rows += rows
+        guard = self.guard
+        ops = guard.recorder.export_ops
+        if ops is not None:
+            ops.append((duration, stat.fp, None))
+        if hold is not None:
+            hold[RUNNING_SINCE] = 0.0
+            if duration > hold[TOP_TIME]:
+                hold[TOP_TIME] = duration
+                hold[TOP_STAT] = stat
+        config = guard.config
+        slow = config.slow_query_threshold
+        if slow is not None and duration >= slow:
+            parameters = args[0] if len(args) > 1 else None
+            guard.on_slow_query(stat.fp, duration, rows, hold, statement, parameters, cursor)
+        elif guard.log.debug:
+            rate = config.query_log_sample_rate
+            if rate >= 1.0 or (rate > 0.0 and random.random() < rate):
+                parameters = args[0] if len(args) > 1 else None
+                guard.log.emit(
+                    logging.DEBUG,
+                    "query",
+                    **guard.query_fields(stat.fp, duration, rows, hold, parameters),
+                )
+
+    def _failed(
+        self, statement: str, duration: float, hold: Hold | None, exc: BaseException
+    ) -> None:
+        guard = self.guard
+        stat = self._stats.get(statement) or self._stat(statement)
+        stat.errors += 1
+        stat.hist.add(duration)
+        error_type = type(exc).__qualname__
+        ops = guard.recorder.export_ops
+        if ops is not None:
+            ops.append((duration, stat.fp, error_type))
+        if hold is not None:
+            hold[RUNNING_SINCE] = 0.0
+        guard.log.emit(
+            logging.INFO,
+            "query.error",
+            fingerprint=stat.fp.id,
+            statement=stat.fp.text,
+            error_type=error_type,
+            duration_ms=round(duration * 1000, 3),
+            site=current_site(3),
+        )
