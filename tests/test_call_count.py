@@ -31,10 +31,10 @@ if TYPE_CHECKING:
 # that cProfile does not see.
 GUARD_EXTRA_CALLS = 10
 
-# Calls it adds to one statement: QueryTimer's wrapper and _done, two
-# perf_counter, one dict.get for the holder and one for the statement's stats
-# row, and bisect_left for the duration's bucket.
-STATEMENT_EXTRA_CALLS = 7
+# Calls it adds to one statement: QueryTimer's wrapper, two perf_counter,
+# one dict.get for the holder and one for the statement's stats row, and
+# bisect_left for the duration's bucket.
+STATEMENT_EXTRA_CALLS = 6
 
 
 def _calls(cycle: Callable[[], None]) -> int:

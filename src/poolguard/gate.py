@@ -37,6 +37,10 @@ __all__ = ["Gate"]
 _discard: Callable[[object], None] = deque[object](maxlen=0).append
 
 
+def _zero() -> int:
+    return 0
+
+
 def _count_value(counter: itertools.count[int]) -> int:
     # itertools.count increments atomically (one C call) and shows its next
     # value only in its repr: "count(42)".
@@ -114,8 +118,10 @@ class Gate:
         self._give: Callable[[object], None]
         self._tokens: deque[object] | None = None
         self._released = itertools.count()
-        #: Count one permit given back; :meth:`release` does it.
-        self.count_released: Callable[[], int] = self._released.__next__
+        #: How many permits the pool's checkin path gave back without
+        #: :meth:`release` (it counts them itself, as the use-time
+        #: histogram's count); set by the guard.
+        self.checkins: Callable[[], int] = _zero
         if capacity is None:
             # No limit: taking always succeeds (and only counts), giving back
             # discards. The count is the number of permits granted.
@@ -136,9 +142,14 @@ class Gate:
     # -- reading --------------------------------------------------------------
 
     @property
+    def released(self) -> int:
+        """Permits given back so far."""
+        return _count_value(self._released) + self.checkins()
+
+    @property
     def acquired(self) -> int:
         """Permits granted so far."""
-        released = _count_value(self._released)
+        released = self.released
         if self._tokens is None:
             return _count_value(self._granted)
         assert self.capacity is not None
@@ -148,7 +159,7 @@ class Gate:
     def in_use(self) -> int:
         """Permits held right now (granted and not given back, adopted included)."""
         if self._tokens is None:
-            released = _count_value(self._released)  # first, so the result is never low
+            released = self.released  # first, so the result is never low
             return _count_value(self._granted) - released + self.adopted
         assert self.capacity is not None
         return self.capacity - len(self._tokens)
@@ -162,8 +173,7 @@ class Gate:
 
     def release(self) -> None:
         """Give back one granted permit (to the first waiter, if any)."""
-        # GuardedPoolMixin._do_return_conn inlines these three lines.
-        self.count_released()
+        next(self._released)
         self._give(None)
         if self.waiters:
             self._wake()

@@ -124,6 +124,8 @@ class Guard:
 
     def _setup(self) -> None:
         cfg = self.config
+        #: Read per statement; a copy of the option, so one attribute hop.
+        self.slow_query_threshold = cfg.slow_query_threshold
         alerts = []
         if cfg.alert_utilization is not None:
             alerts.append(Alert("utilization", cfg.alert_utilization, cfg.alert_for))
@@ -168,6 +170,8 @@ class Guard:
             adopted = _checked_out_records(pool)
             self.gate = Gate(_capacity(pool), adopted=len(adopted))
             self.gate.recorder = self.recorder
+            use = self.recorder.use
+            self.gate.checkins = lambda: use.count
             now = perf_counter()
             for record in adopted:
                 self.gate.out[record] = new_hold(now, 0.0, 0, None)

@@ -121,8 +121,8 @@ class GuardedPoolMixin(Pool):
             if gate is not None:
                 hold: Hold | None = gate.out.pop(record, None)
                 if hold is not None:
-                    # Gate.release(), inlined: this runs on every checkin.
-                    gate.count_released()
+                    # Gate.release(), inlined: this runs on every checkin. The
+                    # use-time histogram below counts the release.
                     gate._give(None)
                     if gate.waiters:
                         gate._wake()

@@ -84,8 +84,11 @@ class QueryTimer:
     def _wrap(self, inner: Callable[..., Any], context_at: int) -> Callable[..., Any]:
         # context_at: where the ExecutionContext sits in the arguments after
         # (cursor, statement); parameters, if any, come first.
-        out = self.guard.gate.out
-        done, failed = self._done, self._failed
+        guard = self.guard
+        out = guard.gate.out
+        recorder = guard.recorder
+        stats = self._stats
+        new_stat, failed, log = self._stat, self._failed, self._log
 
         def timed(cursor: DBAPICursor, statement: str, *args: Any) -> Any:
             try:
@@ -102,53 +105,57 @@ class QueryTimer:
             except BaseException as exc:
                 failed(statement, perf_counter() - start, hold, exc)
                 raise
-            done(cursor, statement, args, perf_counter() - start, hold)
+            duration = perf_counter() - start
+            # All of what follows runs per statement: kept inline, no calls.
+            stat = stats.get(statement) or new_stat(statement)
+            hist = stat.hist
+            hist.counts[bisect_left(BOUNDS, duration)] += 1
+            hist.sum += duration
+            if duration > hist.max:
+                hist.max = duration
+            rows = cursor.rowcount
+            if rows > 0:
+                stat.rows += rows
+            ops = recorder.export_ops
+            if ops is not None:
+                ops.append((duration, stat.fp, None))
+            if hold is not None:
+                hold[RUNNING_SINCE] = 0.0
+                if duration > hold[TOP_TIME]:
+                    hold[TOP_TIME] = duration
+                    hold[TOP_STAT] = stat
+            slow = guard.slow_query_threshold
+            if (slow is not None and duration >= slow) or guard.log.debug:
+                log(cursor, statement, args, duration, rows, stat, hold)
             return result
 
         timed._poolguard_timer = self  # type: ignore[attr-defined]
         return timed
 
-    def _done(
+    def _log(
         self,
         cursor: DBAPICursor,
         statement: str,
         args: tuple[Any, ...],
         duration: float,
+        rows: int,
+        stat: QueryStat,
         hold: Hold | None,
     ) -> None:
-        stat = self._stats.get(statement) or self._stat(statement)
-        # Histogram.add(), inlined.
-        hist = stat.hist
-        hist.counts[bisect_left(BOUNDS, duration)] += 1
-        hist.sum += duration
-        if duration > hist.max:
-            hist.max = duration
-        rows = cursor.rowcount
-        if rows > 0:
-            stat.rows += rows
         guard = self.guard
-        ops = guard.recorder.export_ops
-        if ops is not None:
-            ops.append((duration, stat.fp, None))
-        if hold is not None:
-            hold[RUNNING_SINCE] = 0.0
-            if duration > hold[TOP_TIME]:
-                hold[TOP_TIME] = duration
-                hold[TOP_STAT] = stat
         config = guard.config
+        parameters = args[0] if len(args) > 1 else None
         slow = config.slow_query_threshold
         if slow is not None and duration >= slow:
-            parameters = args[0] if len(args) > 1 else None
             guard.on_slow_query(stat.fp, duration, rows, hold, statement, parameters, cursor)
-        elif guard.log.debug:
-            rate = config.query_log_sample_rate
-            if rate >= 1.0 or (rate > 0.0 and random.random() < rate):
-                parameters = args[0] if len(args) > 1 else None
-                guard.log.emit(
-                    logging.DEBUG,
-                    "query",
-                    **guard.query_fields(stat.fp, duration, rows, hold, parameters),
-                )
+            return
+        rate = config.query_log_sample_rate
+        if rate >= 1.0 or (rate > 0.0 and random.random() < rate):
+            guard.log.emit(
+                logging.DEBUG,
+                "query",
+                **guard.query_fields(stat.fp, duration, rows, hold, parameters),
+            )
 
     def _failed(
         self, statement: str, duration: float, hold: Hold | None, exc: BaseException
