@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pickle
 
+import pytest
 import sqlalchemy.exc
 
 import poolguard
 
 EXPECTED = {
     "wrap", "unwrap", "get_guard", "Config", "Guard", "request", "current_request",
-    "RequestContext", "PoolStats", "PoolguardError", "PoolTimeout", "GuardedPoolMixin",
+    "RequestContext", "PoolStats", "QueryStats", "HistogramSnapshot", "Holder", "HolderGroup",
+    "AlertEvent", "PoolguardError", "PoolTimeout", "GuardedPoolMixin",
     "GuardedQueuePool", "GuardedAsyncAdaptedQueuePool", "GuardedNullPool", "GuardedStaticPool",
     "GuardedSingletonThreadPool", "guarded_class",
 }
@@ -51,6 +53,20 @@ def test_request_nesting_only_shortens_the_budget() -> None:
             assert short.deadline < outer.deadline
         assert poolguard.current_request() is outer
     assert poolguard.current_request() is None
+
+
+def test_request_tag_is_inherited_unless_overridden() -> None:
+    with poolguard.request(tag="login") as outer:
+        assert outer.tag == "login"
+        with poolguard.request(timeout=1) as inner:
+            assert inner.tag == "login"
+        with poolguard.request(tag="audit") as other:
+            assert other.tag == "audit"
+
+
+def test_request_rejects_an_empty_tag() -> None:
+    with pytest.raises(ValueError, match="tag=''"):
+        poolguard.request(tag="")
 
 
 def test_request_as_decorator_opens_a_fresh_scope_per_call() -> None:

@@ -1,16 +1,21 @@
 """poolguard: keep a SQLAlchemy service alive when its connection pool is in trouble.
 
 ``poolguard.wrap(engine)`` puts an admission gate in front of the engine's
-pool: bounded waits with honest errors, and stats of what the pool is doing.
+pool: bounded waits with honest errors, stats and OpenTelemetry metrics of
+what the pool is doing, per-statement timing, and a report of who holds the
+connections when the pool runs dry.
 """
 
 from __future__ import annotations
 
+from .alerts import AlertEvent
 from .config import Config
 from .context import RequestContext, current_request, request
 from .engine import get_guard, unwrap, wrap
 from .errors import PoolguardError, PoolTimeout
 from .guard import Guard
+from .histogram import HistogramSnapshot
+from .holders import Holder, HolderGroup
 from .pool import (
     GuardedAsyncAdaptedQueuePool,
     GuardedNullPool,
@@ -20,7 +25,7 @@ from .pool import (
     GuardedStaticPool,
     guarded_class,
 )
-from .stats import PoolStats
+from .stats import PoolStats, QueryStats
 
 __version__ = "0.1.0.dev0"
 
@@ -37,6 +42,11 @@ __all__ = [
     "RequestContext",
     # reading
     "PoolStats",
+    "QueryStats",
+    "HistogramSnapshot",
+    "Holder",
+    "HolderGroup",
+    "AlertEvent",
     # errors
     "PoolguardError",
     "PoolTimeout",
