@@ -12,7 +12,7 @@ import poolguard
 EXPECTED = {
     "wrap", "unwrap", "get_guard", "Config", "Guard", "request", "current_request",
     "RequestContext", "PoolStats", "QueryStats", "HistogramSnapshot", "Holder", "HolderGroup",
-    "AlertEvent", "PoolguardError", "PoolTimeout", "GuardedPoolMixin",
+    "AlertEvent", "PoolguardError", "Rejected", "LoadShed", "PoolTimeout", "GuardedPoolMixin",
     "GuardedQueuePool", "GuardedAsyncAdaptedQueuePool", "GuardedNullPool", "GuardedStaticPool",
     "GuardedSingletonThreadPool", "guarded_class",
 }

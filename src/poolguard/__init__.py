@@ -12,7 +12,7 @@ from .alerts import AlertEvent
 from .config import Config
 from .context import RequestContext, current_request, request
 from .engine import get_guard, unwrap, wrap
-from .errors import PoolguardError, PoolTimeout
+from .errors import LoadShed, PoolguardError, PoolTimeout, Rejected
 from .guard import Guard
 from .histogram import HistogramSnapshot
 from .holders import Holder, HolderGroup
@@ -50,6 +50,8 @@ __all__ = [
     # errors
     "PoolguardError",
     "PoolTimeout",
+    "Rejected",
+    "LoadShed",
     # pool classes
     "GuardedPoolMixin",
     "GuardedQueuePool",

@@ -13,10 +13,9 @@ import dataclasses
 import difflib
 import math
 import os
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from collections.abc import Mapping
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
 
 __all__ = ["ENV_PREFIX", "Config"]
 
@@ -30,6 +29,9 @@ _UTILISATION = "utilisation"  # float in (0, 1], or None
 _COUNT = "count"  # int >= 1
 _FLAG = "flag"  # bool
 _OBJECT = "object"  # not from the environment
+_RESERVE = "reserve"  # 0, a whole number >= 1, or a share 0 < x < 1
+_WAITERS = "waiters"  # int >= 0, or None
+_TAGS = "tags"  # mapping tag -> count or share, or None; "a=2,b=0.5" in the environment
 
 
 def _opt(default: Any, kind: str) -> Any:
@@ -81,6 +83,24 @@ class Config:
         metrics_legacy_names: Also emit the older ``db.client.connections.*``
             metric names (milliseconds, ``pool.name``/``state`` attributes).
         meter_provider: The ``MeterProvider`` to use instead of the global one.
+        reserved_critical: Connections only ``priority="critical"`` requests
+            may take: a whole number, or a share of the pool (``0.2``).
+        max_waiting_critical: Most ``critical`` requests that may wait at
+            once; the next one is shed (``LoadShed``, reason ``queue_full``).
+            ``None``: no limit.
+        max_waiting_normal: The same for ``normal`` requests.
+        max_waiting_background: The same for ``background`` requests (``0``:
+            background work never waits).
+        codel: Shed queue delay with CoDel: once the shortest acquire wait
+            over ``codel_interval`` exceeds ``codel_target`` (a standing
+            queue), non-critical requests wait at most ``2 x codel_target``
+            (reason ``queue_delay``) and waiters are served newest first.
+        codel_target: CoDel's target wait, seconds (Facebook uses 5 ms).
+        codel_interval: CoDel's interval, seconds (Facebook uses 100 ms).
+        tag_limits: Bulkheads: the most connections one ``request(tag=...)``
+            may hold at once, as a count or a share of the pool, e.g.
+            ``{"reports": 2, "search": 0.25}``; past it the request is shed
+            (reason ``tag_limit``). Environment: ``reports=2,search=0.25``.
     """
 
     name: str | None = _opt(None, _NAME)
@@ -98,6 +118,26 @@ class Config:
     metrics: bool = _opt(True, _FLAG)
     metrics_legacy_names: bool = _opt(False, _FLAG)
     meter_provider: Any = dataclasses.field(default=None, metadata={"kind": _OBJECT})
+    reserved_critical: float = _opt(0, _RESERVE)
+    max_waiting_critical: int | None = _opt(None, _WAITERS)
+    max_waiting_normal: int | None = _opt(None, _WAITERS)
+    max_waiting_background: int | None = _opt(None, _WAITERS)
+    codel: bool = _opt(False, _FLAG)
+    codel_target: float = _opt(0.005, _SECONDS)
+    codel_interval: float = _opt(0.1, _SECONDS)
+    tag_limits: Mapping[str, float] | None = _opt(None, _TAGS)
+
+    @property
+    def policies_on(self) -> bool:
+        """Whether any admission policy (shedding, reserve, CoDel, bulkheads) is set."""
+        return bool(
+            self.reserved_critical
+            or self.codel
+            or self.tag_limits
+            or self.max_waiting_critical is not None
+            or self.max_waiting_normal is not None
+            or self.max_waiting_background is not None
+        )
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -174,7 +214,7 @@ def _seconds(option: str, value: object) -> float:
 def _check(option: str, kind: str, value: Any, default: Any) -> Any:  # noqa: PLR0911, PLR0912
     if kind == _OBJECT:
         return value
-    if value is None and (default is None or kind == _UTILISATION):
+    if value is None and (default is None or kind in (_UTILISATION, _WAITERS, _TAGS)):
         return None
     if kind == _NAME:
         if not isinstance(value, str) or not value.strip():
@@ -203,14 +243,41 @@ def _check(option: str, kind: str, value: Any, default: Any) -> Any:  # noqa: PL
         if not isinstance(value, bool):
             raise _bad(option, value, "True or False")
         return value
+    return _check_policy(option, kind, value)
+
+
+def _check_policy(option: str, kind: str, value: Any) -> Any:
+    if kind == _RESERVE:
+        number = _number(option, value, "0, a whole number of connections, or a share 0 < x < 1")
+        if number < 0 or (number >= 1 and not number.is_integer()):
+            raise _bad(option, value, "0, a whole number of connections, or a share 0 < x < 1")
+        return number
+    if kind == _WAITERS:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _bad(option, value, "a whole number >= 0, or None")
+        return value
+    if kind == _TAGS:
+        from .policies import check_tag_limits
+
+        if not isinstance(value, Mapping):
+            raise _bad(option, value, "a mapping of tag to a count or a share of the pool")
+        try:
+            return MappingProxyType(check_tag_limits(value))
+        except ValueError as exc:
+            shown = dict(value)
+            raise ValueError(f"poolguard option {option}={shown!r} is invalid: {exc}") from None
     raise AssertionError(kind)
 
 
-def _parse(kind: str, raw: str, default: Any) -> Any:
+def _parse(kind: str, raw: str, default: Any) -> Any:  # noqa: PLR0911
     if raw.lower() == "none" and (default is None or kind == _UTILISATION):
         return None
     if kind == _NAME:
         return raw
+    if kind == _TAGS:
+        from .policies import parse_tag_limits
+
+        return parse_tag_limits(raw)
     if kind == _FLAG:
         lowered = raw.lower()
         if lowered in {"1", "true", "yes", "on"}:
@@ -218,7 +285,7 @@ def _parse(kind: str, raw: str, default: Any) -> Any:
         if lowered in {"0", "false", "no", "off"}:
             return False
         raise ValueError("expected true/false, yes/no, on/off or 1/0")
-    if kind == _COUNT:
+    if kind in (_COUNT, _WAITERS):
         try:
             return int(raw)
         except ValueError:

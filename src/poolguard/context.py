@@ -13,6 +13,7 @@ from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
 
 from .config import _seconds
+from .policies import NORMAL, PRIORITIES
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -32,13 +33,18 @@ class RequestContext:
             time left, or ``None`` for no deadline.
         tag: a short, low-cardinality name of the unit of work (an endpoint,
             a job type), shown in holders reports and query events.
+        priority: ``critical``, ``normal`` (the default), ``background`` or
+            ``health``; admission policies serve and shed by it.
     """
 
-    __slots__ = ("deadline", "tag")
+    __slots__ = ("deadline", "priority", "tag")
 
-    def __init__(self, deadline: float | None, tag: str | None = None) -> None:
+    def __init__(
+        self, deadline: float | None, tag: str | None = None, priority: str = NORMAL
+    ) -> None:
         self.deadline = deadline
         self.tag = tag
+        self.priority = priority
 
     def remaining(self, now: float | None = None) -> float | None:
         """Seconds left before the deadline (never negative), or ``None``."""
@@ -47,7 +53,10 @@ class RequestContext:
         return max(0.0, self.deadline - (time.monotonic() if now is None else now))
 
     def __repr__(self) -> str:
-        return f"RequestContext(tag={self.tag!r}, remaining={self.remaining()!r})"
+        return (
+            f"RequestContext(priority={self.priority!r}, tag={self.tag!r}, "
+            f"remaining={self.remaining()!r})"
+        )
 
 
 _current: ContextVar[RequestContext | None] = ContextVar("poolguard_request", default=None)
@@ -68,14 +77,29 @@ class request:  # noqa: N801 - used like a function: `with poolguard.request(...
             shorten the budget of the scope around it, never extend it.
         tag: Name of the unit of work (``"login"``, ``"GET /orders"``); a
             nested scope without a tag keeps the outer one's.
+        priority: ``"critical"``, ``"normal"``, ``"background"`` or
+            ``"health"`` (never waits); a nested scope without one keeps the
+            outer one's, and the default is ``"normal"``.
 
     As a decorator it opens a fresh scope on every call, for sync and async
     functions alike.
     """
 
-    __slots__ = ("_tag", "_timeout", "_tokens")
+    __slots__ = ("_priority", "_tag", "_timeout", "_tokens")
 
-    def __init__(self, *, timeout: float | None = None, tag: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        timeout: float | None = None,
+        tag: str | None = None,
+        priority: str | None = None,
+    ) -> None:
+        if priority is not None and priority not in PRIORITIES:
+            raise ValueError(
+                f"poolguard.request priority={priority!r} is invalid: expected one of "
+                f"{', '.join(PRIORITIES)}"
+            )
+        self._priority = priority
         self._timeout = None if timeout is None else _seconds("timeout", timeout)
         if tag is not None and (not isinstance(tag, str) or not tag):
             raise ValueError(
@@ -90,7 +114,8 @@ class request:  # noqa: N801 - used like a function: `with poolguard.request(...
         if outer is not None and outer.deadline is not None:
             deadline = outer.deadline if deadline is None else min(deadline, outer.deadline)
         tag = self._tag if self._tag is not None or outer is None else outer.tag
-        ctx = RequestContext(deadline, tag)
+        priority = self._priority or (outer.priority if outer is not None else NORMAL)
+        ctx = RequestContext(deadline, tag, priority)
         self._tokens.append(_current.set(ctx))
         return ctx
 
@@ -124,20 +149,20 @@ class request:  # noqa: N801 - used like a function: `with poolguard.request(...
     @overload
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]: ...
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
-        timeout, tag = self._timeout, self._tag
+        timeout, tag, priority = self._timeout, self._tag, self._priority
         if inspect.iscoroutinefunction(fn):
             afn = cast("Callable[P, Awaitable[Any]]", fn)
 
             @functools.wraps(fn)
             async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                with request(timeout=timeout, tag=tag):
+                with request(timeout=timeout, tag=tag, priority=priority):
                     return await afn(*args, **kwargs)
 
             return async_wrapper
 
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-            with request(timeout=timeout, tag=tag):
+            with request(timeout=timeout, tag=tag, priority=priority):
                 return fn(*args, **kwargs)
 
         return wrapper

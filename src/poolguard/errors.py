@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlalchemy.exc
 
-__all__ = ["PoolTimeout", "PoolguardError"]
+__all__ = ["LoadShed", "PoolTimeout", "PoolguardError", "Rejected"]
 
 
 class PoolguardError(Exception):
@@ -44,8 +44,36 @@ class PoolTimeout(PoolguardError, sqlalchemy.exc.TimeoutError):
         return (_rebuild, (type(self), str(self.args[0]), dict(self.__dict__)))
 
 
-def _rebuild(cls: type[PoolTimeout], message: str, attrs: dict[str, object]) -> PoolTimeout:
+class Rejected(PoolguardError, sqlalchemy.exc.TimeoutError):
+    """A checkout turned away at once, without waiting, by a policy.
+
+    Attributes:
+        reason: why (``queue_full``, ``queue_delay``, ``tag_limit``,
+            ``health_busy``; later also ``circuit_open``).
+        priority: the request's priority.
+        retry_after: seconds after which a retry has a fair chance.
+        pool_name: the pool's name.
+    """
+
+    def __init__(
+        self, message: str, *, reason: str, priority: str, retry_after: float, pool_name: str
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.priority = priority
+        self.retry_after = retry_after
+        self.pool_name = pool_name
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), str(self.args[0]), dict(self.__dict__)))
+
+
+class LoadShed(Rejected):
+    """Shed to keep the pool for work that can still succeed (see ``reason``)."""
+
+
+def _rebuild(cls: type[PoolguardError], message: str, attrs: dict[str, object]) -> PoolguardError:
     error = cls.__new__(cls)
-    PoolguardError.__init__(error, message)
+    Exception.__init__(error, message)
     error.__dict__.update(attrs)
     return error

@@ -29,6 +29,7 @@ from collections.abc import Callable  # noqa: TC003 - used at run time for _disc
 from typing import Any
 
 from ._compat import await_only
+from .policies import CRITICAL, HEALTH, NORMAL, Codel, may_take, rank
 
 __all__ = ["Gate"]
 
@@ -47,11 +48,28 @@ def _count_value(counter: itertools.count[int]) -> int:
     return int(repr(counter)[6:-1])
 
 
-class _Waiter:
-    __slots__ = ("event", "future", "granted", "loop")
+class Refused(Exception):
+    """The admission policy turned a caller away without waiting (``reason``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _empty() -> object:
+    # The fast path's take() while a policy is on: every caller goes through
+    # acquire(), where the policy is applied under the lock.
+    raise IndexError
+
+
+class _Waiter:
+    __slots__ = ("event", "future", "granted", "loop", "priority", "since", "tag")
+
+    def __init__(self, priority: str = NORMAL, tag: str | None = None, since: float = 0.0) -> None:
         self.granted = False
+        self.priority = priority
+        self.tag = tag
+        self.since = since
         self.event: threading.Lock | None = None
         self.future: asyncio.Future[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -133,11 +151,52 @@ class Gate:
             self._tokens = deque([None] * max(0, capacity - adopted))
             self.take = self._tokens.pop
             self._give = self._tokens.append
+        self._take_token = self.take
+        # Admission policies (configure_policy); off: the fast path stays lock-free.
+        self.policy_on = False
+        self.reserved = 0
+        self.max_waiting: dict[str, int | None] = {}
+        self.codel: Codel | None = None
+        self.tag_caps: dict[str, int] = {}
+        self.tag_in_use: dict[str, int] = {}
         # Waiting counters, updated under the lock (slow path only).
         self.waits = 0
         self.wait_total = 0.0
         self.wait_max = 0.0
         self.timeouts = 0
+
+    def configure_policy(
+        self,
+        *,
+        reserved: int = 0,
+        max_waiting: dict[str, int | None] | None = None,
+        codel: Codel | None = None,
+        tag_caps: dict[str, int] | None = None,
+    ) -> None:
+        """Turn admission policies on (or all off): see :mod:`poolguard.policies`.
+
+        Policies apply to a gate with a capacity; a gate without a limit
+        never makes anybody wait, so there is nothing to order or shed.
+        """
+        with self._lock:
+            self.reserved = reserved
+            self.max_waiting = dict(max_waiting or {})
+            self.codel = codel
+            self.tag_caps = dict(tag_caps or {})
+            on = bool(
+                reserved or codel or self.tag_caps
+                or any(v is not None for v in self.max_waiting.values())
+            )
+            self.policy_on = on and self._tokens is not None and not self.closed
+            self.take = _empty if self.policy_on else self._take_token
+
+    def untag(self, tag: str | None) -> None:
+        """A connection taken under ``tag`` came back (tag bulkheads)."""
+        if tag is not None and tag in self.tag_caps:
+            with self._lock:
+                n = self.tag_in_use.get(tag, 0)
+                if n > 0:
+                    self.tag_in_use[tag] = n - 1
 
     # -- reading --------------------------------------------------------------
 
@@ -171,15 +230,20 @@ class Gate:
 
     # -- giving back ------------------------------------------------------------
 
-    def release(self) -> None:
+    def release(self, tag: str | None = None) -> None:
         """Give back one granted permit (to the first waiter, if any)."""
         next(self._released)
+        if self.tag_caps:
+            self.untag(tag)
         self._give(None)
         if self.waiters:
             self._wake()
 
     def _wake(self) -> None:
         with self._lock:
+            if self.policy_on:
+                self._wake_by_policy()
+                return
             while self.waiters:
                 try:
                     self.take()
@@ -189,62 +253,165 @@ class Gate:
                 waiter.granted = True
                 waiter.wake()
 
+    def _wake_by_policy(self) -> None:
+        # Under the lock. Best eligible waiter first: by priority, then in
+        # arrival order, or newest first while CoDel finds a standing queue.
+        tokens = self._tokens
+        assert tokens is not None
+        now = self._clock()
+        lifo = self.codel is not None and self.codel.overloaded
+        while self.waiters and tokens:
+            free = len(tokens)
+            best: _Waiter | None = None
+            for waiter in self.waiters:
+                if not may_take(waiter.priority, free, self.reserved):
+                    continue
+                if best is None or rank(waiter.priority) < rank(best.priority) or (
+                    lifo and rank(waiter.priority) == rank(best.priority)
+                ):
+                    best = waiter
+            if best is None:
+                return
+            tokens.pop()
+            self.waiters.remove(best)
+            self._count_tag(best.tag)
+            if self.codel is not None:
+                self.codel.on_grant(now - best.since, now)
+            best.granted = True
+            best.wake()
+        if not self.waiters and self.codel is not None:
+            self.codel.on_empty(now)
+
+    def _count_tag(self, tag: str | None) -> None:
+        if tag is not None and tag in self.tag_caps:
+            self.tag_in_use[tag] = self.tag_in_use.get(tag, 0) + 1
+
+    def _admit_locked(self, priority: str, tag: str | None, now: float) -> bool:
+        """Policy admission without waiting; raises :class:`Refused` to shed."""
+        tokens = self._tokens
+        assert tokens is not None
+        cap = self.tag_caps.get(tag) if tag is not None else None
+        if cap is not None and self.tag_in_use.get(tag, 0) >= cap:  # type: ignore[arg-type]
+            raise Refused("tag_limit")
+        my_rank = rank(priority)
+        queued_ahead = any(rank(w.priority) <= my_rank for w in self.waiters)
+        if not queued_ahead and may_take(priority, len(tokens), self.reserved):
+            tokens.pop()
+            self._count_tag(tag)
+            if self.codel is not None:
+                self.codel.on_grant(0.0, now)
+            return True
+        if priority == HEALTH:
+            raise Refused("health_busy")
+        limit = self.max_waiting.get(priority)
+        if limit is not None and sum(w.priority == priority for w in self.waiters) >= limit:
+            raise Refused("queue_full")
+        return False
+
+
     # -- waiting ----------------------------------------------------------------
 
-    def acquire(self, timeout: float, *, asyncio_mode: bool) -> bool:
+    def acquire(
+        self,
+        timeout: float,
+        *,
+        asyncio_mode: bool,
+        priority: str = NORMAL,
+        tag: str | None = None,
+    ) -> bool:
         """Take a permit, waiting up to ``timeout`` seconds; ``False`` on timeout.
 
         With ``asyncio_mode`` the caller must run inside SQLAlchemy's greenlet
         on the event loop thread: the wait suspends the greenlet and lets the
-        loop run, instead of blocking it.
+        loop run, instead of blocking it. With a policy on, a caller can be
+        turned away at once: :class:`Refused` (with the reason).
         """
-        waiter = _Waiter()
+        waiter = _Waiter(priority, tag)
         with self._lock:
-            # Queue first, then try again: a release between our failed take
-            # and now either left its token for this take or sees us queued.
-            self.waiters.append(waiter)
-            try:
-                self.take()
-            except IndexError:
-                pass
-            else:
-                self.waiters.pop()  # ours: appends happen only under the lock
-                return True
-            if timeout <= 0:
-                self.waiters.pop()
-                self.timeouts += 1
-                return False
+            queued = self._enqueue_locked(waiter, timeout)
+            if queued is None or queued <= 0:
+                if queued is not None:  # no time to wait: a timeout
+                    self.timeouts += 1
+                return queued is None
+            slough = queued < timeout
             try:
                 waiter.arm(asyncio_mode)
             except BaseException:
-                self.waiters.pop()  # ours, as above: a queued waiter nobody waits on leaks
+                self.waiters.remove(waiter)  # a queued waiter nobody waits on leaks
                 raise
         try:
-            start = self._clock()
-            if waiter.event is not None:
-                waiter.event.acquire(timeout=timeout)
-            else:
-                assert waiter.loop is not None
-                assert waiter.future is not None
-                # Not asyncio.wait_for(): before Python 3.12 it swallows a
-                # cancellation that comes once the future is resolved (gh-86296).
-                timer = waiter.loop.call_later(timeout, _resolve, waiter.future)
-                try:
-                    await_only(waiter.future)
-                finally:
-                    timer.cancel()
+            start = self._clock()  # inside: an exception here must unqueue too
+            self._wait(waiter, queued)
         except BaseException:
-            # Interrupted (a signal, a cancelled task): leave nothing behind.
-            with self._lock:
-                granted = waiter.granted
-                if not granted:
-                    self.waiters.remove(waiter)
-            if granted:
-                self._give(None)
-                if self.waiters:
-                    self._wake()
+            self._abandon(waiter)
             raise
-        waited = self._clock() - start
+        if self._finish(waiter, self._clock() - start):
+            return True
+        if slough:
+            raise Refused("queue_delay")
+        return False
+
+    def _enqueue_locked(self, waiter: _Waiter, timeout: float) -> float | None:
+        """Under the lock: ``None`` if a permit was taken at once, else the
+        time the (now queued, unless <= 0) waiter may wait."""
+        if self.policy_on:
+            waiter.since = self._clock()
+            if self._admit_locked(waiter.priority, waiter.tag, waiter.since):
+                return None
+            codel = self.codel
+            if (
+                codel is not None
+                and codel.overloaded
+                and waiter.priority != CRITICAL
+                and codel.slough_timeout < timeout
+            ):
+                # A standing queue: don't wait behind it for long.
+                timeout = codel.slough_timeout
+            if timeout > 0:
+                self.waiters.append(waiter)
+            return timeout
+        # Queue first, then try again: a release between our failed take and
+        # now either left its token for this take or sees us queued.
+        self.waiters.append(waiter)
+        try:
+            self.take()
+        except IndexError:
+            pass
+        else:
+            self.waiters.pop()  # ours: appends happen only under the lock
+            return None
+        if timeout <= 0:
+            self.waiters.pop()
+        return timeout
+
+    def _wait(self, waiter: _Waiter, timeout: float) -> None:
+        if waiter.event is not None:
+            waiter.event.acquire(timeout=timeout)
+            return
+        assert waiter.loop is not None
+        assert waiter.future is not None
+        # Not asyncio.wait_for(): before Python 3.12 it swallows a
+        # cancellation that comes once the future is resolved (gh-86296).
+        timer = waiter.loop.call_later(timeout, _resolve, waiter.future)
+        try:
+            await_only(waiter.future)
+        finally:
+            timer.cancel()
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        # Interrupted (a signal, a cancelled task): leave nothing behind.
+        with self._lock:
+            granted = waiter.granted
+            if not granted:
+                self.waiters.remove(waiter)
+        if granted:
+            if self.tag_caps:
+                self.untag(waiter.tag)
+            self._give(None)
+            if self.waiters:
+                self._wake()
+
+    def _finish(self, waiter: _Waiter, waited: float) -> bool:
         with self._lock:
             self.waits += 1
             self.wait_total += waited
@@ -253,12 +420,15 @@ class Gate:
                 return True
             self.waiters.remove(waiter)
             self.timeouts += 1
+            if not self.waiters and self.codel is not None:
+                self.codel.on_empty(self._clock())
             return False
 
     def close(self) -> None:
         """Stop gating: let every waiter through now and every caller from now on."""
         with self._lock:
             self.closed = True
+            self.policy_on = False
             self.take = itertools.repeat(None).__next__
             self._give = _discard
             self.out.clear()

@@ -21,10 +21,11 @@ from sqlalchemy.pool import NullPool, Pool, QueuePool, SingletonThreadPool, Stat
 
 from .alerts import Alert, AlertEvent
 from .context import _current
-from .errors import PoolTimeout
-from .gate import Gate
+from .errors import LoadShed, PoolTimeout
+from .gate import Gate, Refused
 from .holders import Holder, HolderGroup, describe_groups, group_holders, holders
 from .log import EventLog
+from .policies import BACKGROUND, CRITICAL, NORMAL, Codel, reserve_size, tag_cap
 from .recorder import REQUEST, SITE, T0, TASK, WAIT, WARNED, Hold, Recorder, new_hold
 from .sites import current_site
 from .stats import PoolStats, QueryStats
@@ -132,7 +133,28 @@ class Guard:
         if cfg.alert_wait_time is not None:
             alerts.append(Alert("wait_time", cfg.alert_wait_time, cfg.alert_for))
         self._alerts = alerts
+        self._apply_policies()
         self._update_slow_at()
+
+    def _apply_policies(self) -> None:
+        cfg = self.config
+        gate = self.gate
+        capacity = gate.capacity
+        if not cfg.policies_on or capacity is None:
+            gate.configure_policy()
+            return
+        gate.configure_policy(
+            reserved=reserve_size(cfg.reserved_critical, capacity),
+            max_waiting={
+                CRITICAL: cfg.max_waiting_critical,
+                NORMAL: cfg.max_waiting_normal,
+                BACKGROUND: cfg.max_waiting_background,
+            },
+            codel=Codel(cfg.codel_target, cfg.codel_interval) if cfg.codel else None,
+            tag_caps={
+                tag: tag_cap(limit, capacity) for tag, limit in (cfg.tag_limits or {}).items()
+            },
+        )
 
     def _update_slow_at(self) -> None:
         extras = self.config.capture_call_sites or self._async
@@ -172,6 +194,7 @@ class Guard:
             self.gate.recorder = self.recorder
             use = self.recorder.use
             self.gate.checkins = lambda: use.count
+            self._apply_policies()
             now = perf_counter()
             for record in adopted:
                 self.gate.out[record] = new_hold(now, 0.0, 0, None)
@@ -293,14 +316,22 @@ class Guard:
         timeout = self.acquire_timeout()
         by_deadline = False
         request = _current.get()
-        if request is not None and request.deadline is not None:
-            left = request.deadline - time.monotonic()
-            if left < timeout:
-                timeout = max(0.0, left)
-                by_deadline = True
+        priority, tag = NORMAL, None
+        if request is not None:
+            priority, tag = request.priority, request.tag
+            if request.deadline is not None:
+                left = request.deadline - time.monotonic()
+                if left < timeout:
+                    timeout = max(0.0, left)
+                    by_deadline = True
         start = perf_counter()
         self.maybe_scan(start)
-        granted = self.gate.acquire(timeout, asyncio_mode=bool(pool._is_asyncio))
+        try:
+            granted = self.gate.acquire(
+                timeout, asyncio_mode=bool(pool._is_asyncio), priority=priority, tag=tag
+            )
+        except Refused as refused:
+            raise self._shed(refused.reason, priority) from None
         waited = perf_counter() - start
         self._interval_wait_max = max(self._interval_wait_max, waited)
         if not granted:
@@ -310,6 +341,35 @@ class Guard:
         if buf is not None:
             buf.append(waited)
         return waited
+
+    def retry_after(self) -> float:
+        """Seconds after which a shed request has a fair chance: the queue ahead
+        drained at the pool's mean hold time (0.1 s to 30 s)."""
+        gate = self.gate
+        mean = self.recorder.use.snapshot().mean
+        capacity = gate.capacity or 1
+        return min(30.0, max(0.1, mean * (gate.waiting + 1) / capacity))
+
+    def _shed(self, reason: str, priority: str) -> LoadShed:
+        key = (reason, priority)
+        with self._lock:
+            self.rejections[key] = self.rejections.get(key, 0) + 1
+        gate = self.gate
+        in_use, capacity, waiting = gate.in_use, gate.capacity, gate.waiting
+        retry_after = self.retry_after()
+        if self.log.debug:
+            self.log.emit(
+                logging.DEBUG, "request.shed", reason=reason, priority=priority,
+                in_use=in_use, capacity=capacity, waiting=waiting,
+            )
+        return LoadShed(
+            f"pool {self.name!r}: {priority} request shed ({reason}); "
+            f"{in_use}/{capacity} in use, {waiting} waiting; retry after {retry_after:.1f}s",
+            reason=reason,
+            priority=priority,
+            retry_after=retry_after,
+            pool_name=self.name,
+        )
 
     def _timeout_error(self, timeout: float, by_deadline: bool) -> PoolTimeout:
         gate = self.gate

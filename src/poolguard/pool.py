@@ -31,7 +31,7 @@ from sqlalchemy.pool import (
 
 from .context import _current
 from .histogram import BOUNDS
-from .recorder import T0, TOP_STAT, WARNED, Hold
+from .recorder import REQUEST, T0, TOP_STAT, WARNED, Hold
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -93,7 +93,8 @@ class GuardedPoolMixin(Pool):
         except BaseException:
             # A record taken by the failed checkout went back unregistered,
             # so this is the one release of the permit.
-            gate.release()
+            request = _current.get()
+            gate.release(request.tag if request is not None else None)
             raise
         # Registered only now: a record SQLAlchemy returns during a failed
         # checkout must not release a permit that is released above.
@@ -123,6 +124,9 @@ class GuardedPoolMixin(Pool):
                 if hold is not None:
                     # Gate.release(), inlined: this runs on every checkin. The
                     # use-time histogram below counts the release.
+                    if gate.tag_caps:
+                        request = hold[REQUEST]
+                        gate.untag(request.tag if request is not None else None)
                     gate._give(None)
                     if gate.waiters:
                         gate._wake()

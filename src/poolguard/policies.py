@@ -1,0 +1,140 @@
+"""Admission policies of the gate, as pure functions of state and a clock.
+
+The gate enforces them (gate.py); here is only the arithmetic, so that each
+policy is unit-tested without threads or sleeping:
+
+- priorities and reserved capacity: which caller may take a free permit;
+- bounded waiting per priority (psycopg_pool's ``max_waiting``, per class);
+- CoDel on the acquire queue (Facebook's "Fail at Scale": target 5 ms,
+  interval 100 ms) and, while overloaded, adaptive LIFO;
+- bulkheads: how many connections one request tag may hold.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = [
+    "BACKGROUND",
+    "CRITICAL",
+    "HEALTH",
+    "NORMAL",
+    "PRIORITIES",
+    "Codel",
+    "may_take",
+    "rank",
+    "reserve_size",
+    "tag_cap",
+]
+
+CRITICAL = "critical"
+NORMAL = "normal"
+BACKGROUND = "background"
+#: Health and readiness checks: never wait, never take the critical reserve.
+HEALTH = "health"
+PRIORITIES = (CRITICAL, NORMAL, BACKGROUND, HEALTH)
+_RANK = {CRITICAL: 0, HEALTH: 1, NORMAL: 2, BACKGROUND: 3}
+
+
+def rank(priority: str) -> int:
+    """Serving order: lower first."""
+    return _RANK[priority]
+
+
+def reserve_size(reserved: float, capacity: int) -> int:
+    """Permits kept for critical callers: a count (>= 1) or a share of capacity (< 1)."""
+    if reserved <= 0:
+        return 0
+    count = reserved if reserved >= 1 else math.ceil(reserved * capacity)
+    return min(int(count), capacity)
+
+
+def may_take(priority: str, free: int, reserved: int) -> bool:
+    """Whether a caller of ``priority`` may take one of ``free`` permits now."""
+    if free <= 0:
+        return False
+    if priority == CRITICAL:
+        return True
+    return free > reserved
+
+
+def tag_cap(limit: float, capacity: int) -> int:
+    """Connections one tag may hold: a count (>= 1) or a share of capacity (< 1)."""
+    if limit >= 1:
+        return int(limit)
+    return max(1, math.floor(limit * capacity))
+
+
+def parse_tag_limits(text: str) -> dict[str, float]:
+    """``"reports=2,search=0.25"`` -> ``{"reports": 2.0, "search": 0.25}``."""
+    limits: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        tag, sep, value = part.partition("=")
+        if not sep or not tag.strip():
+            raise ValueError(f"expected tag=limit pairs separated by commas, got {part!r}")
+        limits[tag.strip()] = float(value)
+    return limits
+
+
+def check_tag_limits(limits: Mapping[str, float]) -> dict[str, float]:
+    """Validate a tag -> limit mapping (limits > 0; counts are whole numbers)."""
+    checked = {}
+    for tag, limit in limits.items():
+        if not isinstance(tag, str) or not tag:
+            raise ValueError(f"tag {tag!r} must be a non-empty string")
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+            raise ValueError(f"limit of tag {tag!r} must be a number, got {limit!r}")
+        if not (0 < limit < 1 or (limit >= 1 and float(limit).is_integer())):
+            raise ValueError(
+                f"limit of tag {tag!r} is {limit!r}: expected a share of the pool "
+                "(0 < x < 1) or a whole number of connections (>= 1)"
+            )
+        checked[tag] = float(limit)
+    return checked
+
+
+class Codel:
+    """Controlled delay on the acquire queue.
+
+    The queue is *overloaded* once the shortest wait seen during a whole
+    ``interval`` exceeded ``target``: a standing queue, not a burst. While
+    overloaded, a new waiter may wait at most ``2 * target`` (its caller is
+    likely gone by the time an old request would be served), and the gate
+    serves the newest waiter first (adaptive LIFO). It goes back to normal
+    after an interval whose shortest wait met the target, or when the queue
+    empties.
+    """
+
+    __slots__ = ("_interval_end", "_min_wait", "interval", "overloaded", "target")
+
+    def __init__(self, target: float = 0.005, interval: float = 0.1) -> None:
+        self.target = target
+        self.interval = interval
+        self.overloaded = False
+        self._interval_end: float | None = None
+        self._min_wait = math.inf
+
+    @property
+    def slough_timeout(self) -> float:
+        """Longest wait allowed while overloaded."""
+        return 2 * self.target
+
+    def on_grant(self, waited: float, now: float) -> None:
+        """A waiter got a permit after ``waited`` seconds (0 for no wait)."""
+        if self._interval_end is None:
+            self._interval_end = now + self.interval
+        self._min_wait = min(self._min_wait, waited)
+        if now >= self._interval_end:
+            self.overloaded = self._min_wait > self.target
+            self._min_wait = math.inf
+            self._interval_end = now + self.interval
+
+    def on_empty(self, now: float) -> None:
+        """The queue drained: a standing queue is gone."""
+        self.overloaded = False
+        self._min_wait = math.inf
+        self._interval_end = now + self.interval
