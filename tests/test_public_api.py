@@ -10,7 +10,7 @@ import sqlalchemy.exc
 import poolguard
 
 EXPECTED = {
-    "wrap", "unwrap", "get_guard", "Config", "Guard", "request", "current_request",
+    "wrap", "unwrap", "get_guard", "Config", "Guard", "request", "fallback", "current_request",
     "RequestContext", "PoolStats", "QueryStats", "HistogramSnapshot", "Holder", "HolderGroup",
     "AlertEvent", "PoolguardError", "Rejected", "LoadShed", "PoolTimeout", "GuardedPoolMixin",
     "GuardedQueuePool", "GuardedAsyncAdaptedQueuePool", "GuardedNullPool", "GuardedStaticPool",

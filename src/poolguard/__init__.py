@@ -13,6 +13,7 @@ from .config import Config
 from .context import RequestContext, current_request, request
 from .engine import get_guard, unwrap, wrap
 from .errors import LoadShed, PoolguardError, PoolTimeout, Rejected
+from .fallback import fallback
 from .guard import Guard
 from .histogram import HistogramSnapshot
 from .holders import Holder, HolderGroup
@@ -38,6 +39,7 @@ __all__ = [
     "Guard",
     # requests
     "request",
+    "fallback",
     "current_request",
     "RequestContext",
     # reading
