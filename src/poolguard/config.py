@@ -101,6 +101,10 @@ class Config:
             may hold at once, as a count or a share of the pool, e.g.
             ``{"reports": 2, "search": 0.25}``; past it the request is shed
             (reason ``tag_limit``). Environment: ``reports=2,search=0.25``.
+        adaptive_limit: Let non-critical requests use only as many
+            connections as a Gradient2 limit allows, which shrinks when hold
+            times grow (the database slows down) and grows back when they
+            recover; the rest wait or are shed as configured.
     """
 
     name: str | None = _opt(None, _NAME)
@@ -126,6 +130,7 @@ class Config:
     codel_target: float = _opt(0.005, _SECONDS)
     codel_interval: float = _opt(0.1, _SECONDS)
     tag_limits: Mapping[str, float] | None = _opt(None, _TAGS)
+    adaptive_limit: bool = _opt(False, _FLAG)
 
     @property
     def policies_on(self) -> bool:
@@ -134,6 +139,7 @@ class Config:
             self.reserved_critical
             or self.codel
             or self.tag_limits
+            or self.adaptive_limit
             or self.max_waiting_critical is not None
             or self.max_waiting_normal is not None
             or self.max_waiting_background is not None

@@ -29,7 +29,7 @@ from collections.abc import Callable  # noqa: TC003 - used at run time for _disc
 from typing import Any
 
 from ._compat import await_only
-from .policies import CRITICAL, HEALTH, NORMAL, Codel, may_take, rank
+from .policies import CRITICAL, HEALTH, NORMAL, Codel, Gradient2, may_take, rank
 
 __all__ = ["Gate"]
 
@@ -159,6 +159,8 @@ class Gate:
         self.codel: Codel | None = None
         self.tag_caps: dict[str, int] = {}
         self.tag_in_use: dict[str, int] = {}
+        #: Adaptive limit below capacity for non-critical callers, or None.
+        self.adaptive: Gradient2 | None = None
         # Waiting counters, updated under the lock (slow path only).
         self.waits = 0
         self.wait_total = 0.0
@@ -172,6 +174,7 @@ class Gate:
         max_waiting: dict[str, int | None] | None = None,
         codel: Codel | None = None,
         tag_caps: dict[str, int] | None = None,
+        adaptive: Gradient2 | None = None,
     ) -> None:
         """Turn admission policies on (or all off): see :mod:`poolguard.policies`.
 
@@ -183,12 +186,35 @@ class Gate:
             self.max_waiting = dict(max_waiting or {})
             self.codel = codel
             self.tag_caps = dict(tag_caps or {})
+            self.adaptive = adaptive
             on = bool(
-                reserved or codel or self.tag_caps
+                reserved or codel or self.tag_caps or adaptive
                 or any(v is not None for v in self.max_waiting.values())
             )
             self.policy_on = on and self._tokens is not None and not self.closed
             self.take = _empty if self.policy_on else self._take_token
+
+    def sample_hold(self, held: float) -> None:
+        """Feed a hold time to the adaptive limit (when on)."""
+        adaptive = self.adaptive
+        if adaptive is None:
+            return
+        with self._lock:
+            before = adaptive.limit
+            adaptive.update(held)
+            grew = adaptive.limit > before
+        if grew and self.waiters:
+            self._wake()
+
+    def _eligible(self, priority: str, free: int) -> bool:
+        # Under the lock: reserve, then the adaptive limit (critical is exempt).
+        if not may_take(priority, free, self.reserved):
+            return False
+        adaptive = self.adaptive
+        if adaptive is None or priority == CRITICAL:
+            return True
+        assert self.capacity is not None
+        return self.capacity - free < int(adaptive.limit)
 
     def untag(self, tag: str | None) -> None:
         """A connection taken under ``tag`` came back (tag bulkheads)."""
@@ -264,7 +290,7 @@ class Gate:
             free = len(tokens)
             best: _Waiter | None = None
             for waiter in self.waiters:
-                if not may_take(waiter.priority, free, self.reserved):
+                if not self._eligible(waiter.priority, free):
                     continue
                 if best is None or rank(waiter.priority) < rank(best.priority) or (
                     lifo and rank(waiter.priority) == rank(best.priority)
@@ -295,7 +321,7 @@ class Gate:
             raise Refused("tag_limit")
         my_rank = rank(priority)
         queued_ahead = any(rank(w.priority) <= my_rank for w in self.waiters)
-        if not queued_ahead and may_take(priority, len(tokens), self.reserved):
+        if not queued_ahead and self._eligible(priority, len(tokens)):
             tokens.pop()
             self._count_tag(tag)
             if self.codel is not None:

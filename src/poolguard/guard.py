@@ -25,7 +25,7 @@ from .errors import LoadShed, PoolTimeout
 from .gate import Gate, Refused
 from .holders import Holder, HolderGroup, describe_groups, group_holders, holders
 from .log import EventLog
-from .policies import BACKGROUND, CRITICAL, NORMAL, Codel, reserve_size, tag_cap
+from .policies import BACKGROUND, CRITICAL, NORMAL, Codel, Gradient2, reserve_size, tag_cap
 from .recorder import REQUEST, SITE, T0, TASK, WAIT, WARNED, Hold, Recorder, new_hold
 from .sites import current_site
 from .stats import PoolStats, QueryStats
@@ -154,6 +154,7 @@ class Guard:
             tag_caps={
                 tag: tag_cap(limit, capacity) for tag, limit in (cfg.tag_limits or {}).items()
             },
+            adaptive=Gradient2(capacity) if cfg.adaptive_limit else None,
         )
 
     def _update_slow_at(self) -> None:

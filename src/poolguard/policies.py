@@ -7,7 +7,8 @@ policy is unit-tested without threads or sleeping:
 - bounded waiting per priority (psycopg_pool's ``max_waiting``, per class);
 - CoDel on the acquire queue (Facebook's "Fail at Scale": target 5 ms,
   interval 100 ms) and, while overloaded, adaptive LIFO;
-- bulkheads: how many connections one request tag may hold.
+- bulkheads: how many connections one request tag may hold;
+- an adaptive limit (Gradient2) below the pool's capacity, driven by hold times.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "NORMAL",
     "PRIORITIES",
     "Codel",
+    "Gradient2",
     "may_take",
     "rank",
     "reserve_size",
@@ -138,3 +140,61 @@ class Codel:
         self.overloaded = False
         self._min_wait = math.inf
         self._interval_end = now + self.interval
+
+
+class Gradient2:
+    """An adaptive concurrency limit in the style of Netflix's Gradient2.
+
+    It compares a short-term average of the hold time with a long-term one:
+    when connections are held longer than usual (the database slows down),
+    the limit shrinks; when hold times are back to normal, it grows again by
+    about the square root of the limit per update. The limit never leaves
+    ``[min_limit, max_limit]``. Pure: feed it samples with :meth:`update`.
+    """
+
+    __slots__ = (
+        "_long",
+        "_short",
+        "limit",
+        "long_window",
+        "max_limit",
+        "min_limit",
+        "smoothing",
+        "tolerance",
+    )
+
+    def __init__(
+        self,
+        max_limit: int,
+        *,
+        min_limit: int = 1,
+        tolerance: float = 1.5,
+        smoothing: float = 0.2,
+        long_window: int = 600,
+    ) -> None:
+        self.max_limit = max_limit
+        self.min_limit = min(min_limit, max_limit)
+        self.tolerance = tolerance
+        self.smoothing = smoothing
+        self.long_window = long_window
+        self.limit = float(max_limit)
+        self._long: float | None = None
+        self._short: float | None = None
+
+    def update(self, rtt: float) -> int:
+        """Take one hold-time sample (seconds); return the new limit."""
+        short = rtt if self._short is None else self._short * 0.9 + rtt * 0.1
+        self._short = short
+        if self._long is None:
+            self._long = rtt
+        else:
+            # Exponential average over about long_window samples.
+            self._long += (rtt - self._long) / self.long_window
+            if self._long > short:
+                # Recover quickly once the short term is better than the long.
+                self._long = self._long * 0.9 + short * 0.1
+        gradient = max(0.5, min(1.0, self.tolerance * self._long / short)) if short > 0 else 1.0
+        new_limit = self.limit * gradient + math.sqrt(self.limit)
+        limit = self.limit * (1 - self.smoothing) + new_limit * self.smoothing
+        self.limit = max(float(self.min_limit), min(float(self.max_limit), limit))
+        return int(self.limit)

@@ -141,6 +141,8 @@ class GuardedPoolMixin(Pool):
                     buf = recorder.export_use
                     if buf is not None:
                         buf.append(held)
+                    if gate.adaptive is not None:
+                        gate.sample_hold(held)
                     stat = hold[TOP_STAT]
                     if stat is not None:  # connection-seconds of its main statement
                         stat.held += held
