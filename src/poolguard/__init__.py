@@ -12,7 +12,7 @@ from .alerts import AlertEvent
 from .config import Config
 from .context import RequestContext, current_request, request
 from .engine import get_guard, unwrap, wrap
-from .errors import LoadShed, PoolguardError, PoolTimeout, Rejected
+from .errors import CircuitOpen, LoadShed, PoolguardError, PoolTimeout, Rejected
 from .fallback import fallback
 from .guard import Guard
 from .histogram import HistogramSnapshot
@@ -54,6 +54,7 @@ __all__ = [
     "PoolTimeout",
     "Rejected",
     "LoadShed",
+    "CircuitOpen",
     # pool classes
     "GuardedPoolMixin",
     "GuardedQueuePool",

@@ -31,6 +31,9 @@ _FLAG = "flag"  # bool
 _OBJECT = "object"  # not from the environment
 _RESERVE = "reserve"  # 0, a whole number >= 1, or a share 0 < x < 1
 _WAITERS = "waiters"  # int >= 0, or None
+_RATE = "rate"  # float in (0, 1]
+_INT0 = "int0"  # int >= 0
+_WINDOW = "window"  # "count" or "time"
 _TAGS = "tags"  # mapping tag -> count or share, or None; "a=2,b=0.5" in the environment
 
 
@@ -101,6 +104,28 @@ class Config:
             may hold at once, as a count or a share of the pool, e.g.
             ``{"reports": 2, "search": 0.25}``; past it the request is shed
             (reason ``tag_limit``). Environment: ``reports=2,search=0.25``.
+        breaker: Turn the circuit breaker on (see :mod:`poolguard.breaker`):
+            while open, checkouts raise :class:`poolguard.CircuitOpen` at once
+            and never dial the database.
+        breaker_window: ``"count"`` (the last ``breaker_window_size`` calls)
+            or ``"time"`` (the last ``breaker_window_size`` seconds).
+        breaker_window_size: Calls, or seconds, in the sliding window.
+        breaker_minimum_calls: Calls the window must hold before it can open.
+        breaker_failure_rate: Share of failed calls (0 < x <= 1) that opens it.
+        breaker_slow_call_rate: Share of slow calls (0 < x <= 1) that opens it.
+        breaker_slow_call_duration: Seconds from which a statement is slow.
+        breaker_wait_in_open: Seconds open before letting probes through.
+        breaker_half_open_calls: Probes let through while half-open.
+        breaker_classifier: ``callable(exception) -> bool``, whether an error
+            is a failure; default :func:`poolguard.breaker.default_classifier`
+            (connect failures, disconnects, timeouts yes; integrity and
+            programming errors no).
+        connect_retries: Retries of a failed connection set-up (transient
+            errors only, exponential backoff with jitter, never past the
+            request's deadline); ``0`` turns retries off.
+        retry_budget: Retries allowed per checkout (0.1: at most one retry
+            per ten checkouts, plus a small burst), so that retries never
+            multiply the load during an outage.
         adaptive_limit: Let non-critical requests use only as many
             connections as a Gradient2 limit allows, which shrinks when hold
             times grow (the database slows down) and grows back when they
@@ -131,6 +156,18 @@ class Config:
     codel_interval: float = _opt(0.1, _SECONDS)
     tag_limits: Mapping[str, float] | None = _opt(None, _TAGS)
     adaptive_limit: bool = _opt(False, _FLAG)
+    breaker: bool = _opt(False, _FLAG)
+    breaker_window: str = _opt("count", _WINDOW)
+    breaker_window_size: int = _opt(50, _COUNT)
+    breaker_minimum_calls: int = _opt(10, _COUNT)
+    breaker_failure_rate: float = _opt(0.5, _RATE)
+    breaker_slow_call_rate: float = _opt(1.0, _RATE)
+    breaker_slow_call_duration: float = _opt(5.0, _SECONDS)
+    breaker_wait_in_open: float = _opt(5.0, _SECONDS)
+    breaker_half_open_calls: int = _opt(3, _COUNT)
+    breaker_classifier: Any = dataclasses.field(default=None, metadata={"kind": _OBJECT})
+    connect_retries: int = _opt(2, _INT0)
+    retry_budget: float = _opt(0.1, _FRACTION)
 
     @property
     def policies_on(self) -> bool:
@@ -217,62 +254,102 @@ def _seconds(option: str, value: object) -> float:
     return seconds
 
 
-def _check(option: str, kind: str, value: Any, default: Any) -> Any:  # noqa: PLR0911, PLR0912
+def _check(option: str, kind: str, value: Any, default: Any) -> Any:
     if kind == _OBJECT:
         return value
-    if value is None and (default is None or kind in (_UTILISATION, _WAITERS, _TAGS)):
-        return None
-    if kind == _NAME:
-        if not isinstance(value, str) or not value.strip():
-            raise _bad(option, value, "a non-empty string, or None")
-        return value
-    if kind == _SECONDS:
-        allowed = " or None" if default is None else ""
-        if value is None:
-            raise _bad(option, value, f"a finite number of seconds >= 0{allowed}")
-        return _seconds(option, value)
-    if kind == _FRACTION:
-        number = _number(option, value, "a number from 0 to 1")
-        if not 0 <= number <= 1:
-            raise _bad(option, value, "a number from 0 to 1")
-        return number
-    if kind == _UTILISATION:
-        number = _number(option, value, "a share of the pool above 0 and at most 1, or None")
-        if not 0 < number <= 1:
-            raise _bad(option, value, "a share of the pool above 0 and at most 1, or None")
-        return number
-    if kind == _COUNT:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise _bad(option, value, "a whole number >= 1")
-        return value
-    if kind == _FLAG:
-        if not isinstance(value, bool):
-            raise _bad(option, value, "True or False")
-        return value
-    return _check_policy(option, kind, value)
+    if value is None:
+        if default is None or kind in (_UTILISATION, _WAITERS, _TAGS):
+            return None
+        allowed = _ALLOWED.get(kind, "a value")
+        raise _bad(option, value, allowed)
+    return _CHECKS[kind](option, value)
 
 
-def _check_policy(option: str, kind: str, value: Any) -> Any:
-    if kind == _RESERVE:
-        number = _number(option, value, "0, a whole number of connections, or a share 0 < x < 1")
-        if number < 0 or (number >= 1 and not number.is_integer()):
-            raise _bad(option, value, "0, a whole number of connections, or a share 0 < x < 1")
+def _in_range(allowed: str, low: float, high: float, *, low_open: bool = False) -> Any:
+    def check(option: str, value: Any) -> float:
+        number = _number(option, value, allowed)
+        if number < low or number > high or (low_open and number == low):
+            raise _bad(option, value, allowed)
         return number
-    if kind == _WAITERS:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise _bad(option, value, "a whole number >= 0, or None")
-        return value
-    if kind == _TAGS:
-        from .policies import check_tag_limits
 
-        if not isinstance(value, Mapping):
-            raise _bad(option, value, "a mapping of tag to a count or a share of the pool")
-        try:
-            return MappingProxyType(check_tag_limits(value))
-        except ValueError as exc:
-            shown = dict(value)
-            raise ValueError(f"poolguard option {option}={shown!r} is invalid: {exc}") from None
-    raise AssertionError(kind)
+    return check
+
+
+def _whole(allowed: str, low: int) -> Any:
+    def check(option: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise _bad(option, value, allowed)
+        return value
+
+    return check
+
+
+def _check_name(option: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _bad(option, value, _ALLOWED[_NAME])
+    return value
+
+
+def _check_flag(option: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(option, value, _ALLOWED[_FLAG])
+    return value
+
+
+def _check_reserve(option: str, value: Any) -> float:
+    number = _number(option, value, _ALLOWED[_RESERVE])
+    if number < 0 or (number >= 1 and not number.is_integer()):
+        raise _bad(option, value, _ALLOWED[_RESERVE])
+    return number
+
+
+def _check_window(option: str, value: Any) -> str:
+    if value not in ("count", "time"):
+        raise _bad(option, value, _ALLOWED[_WINDOW])
+    return str(value)
+
+
+def _check_tags(option: str, value: Any) -> Mapping[str, float]:
+    from .policies import check_tag_limits
+
+    if not isinstance(value, Mapping):
+        raise _bad(option, value, _ALLOWED[_TAGS])
+    try:
+        return MappingProxyType(check_tag_limits(value))
+    except ValueError as exc:
+        shown = dict(value)
+        raise ValueError(f"poolguard option {option}={shown!r} is invalid: {exc}") from None
+
+
+_ALLOWED = {
+    _NAME: "a non-empty string, or None",
+    _SECONDS: "a finite number of seconds >= 0",
+    _FRACTION: "a number from 0 to 1",
+    _UTILISATION: "a share of the pool above 0 and at most 1, or None",
+    _RATE: "a share above 0 and at most 1",
+    _COUNT: "a whole number >= 1",
+    _INT0: "a whole number >= 0",
+    _WAITERS: "a whole number >= 0, or None",
+    _FLAG: "True or False",
+    _RESERVE: "0, a whole number of connections, or a share 0 < x < 1",
+    _WINDOW: "'count' or 'time'",
+    _TAGS: "a mapping of tag to a count or a share of the pool",
+}
+
+_CHECKS: dict[str, Any] = {
+    _NAME: _check_name,
+    _SECONDS: _seconds,
+    _FRACTION: _in_range(_ALLOWED[_FRACTION], 0, 1),
+    _UTILISATION: _in_range(_ALLOWED[_UTILISATION], 0, 1, low_open=True),
+    _RATE: _in_range(_ALLOWED[_RATE], 0, 1, low_open=True),
+    _COUNT: _whole(_ALLOWED[_COUNT], 1),
+    _INT0: _whole(_ALLOWED[_INT0], 0),
+    _WAITERS: _whole(_ALLOWED[_WAITERS], 0),
+    _FLAG: _check_flag,
+    _RESERVE: _check_reserve,
+    _WINDOW: _check_window,
+    _TAGS: _check_tags,
+}
 
 
 def _parse(kind: str, raw: str, default: Any) -> Any:  # noqa: PLR0911
@@ -291,7 +368,9 @@ def _parse(kind: str, raw: str, default: Any) -> Any:  # noqa: PLR0911
         if lowered in {"0", "false", "no", "off"}:
             return False
         raise ValueError("expected true/false, yes/no, on/off or 1/0")
-    if kind in (_COUNT, _WAITERS):
+    if kind in (_WINDOW,):
+        return raw
+    if kind in (_COUNT, _WAITERS, _INT0):
         try:
             return int(raw)
         except ValueError:

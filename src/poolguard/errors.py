@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlalchemy.exc
 
-__all__ = ["LoadShed", "PoolTimeout", "PoolguardError", "Rejected"]
+__all__ = ["CircuitOpen", "LoadShed", "PoolTimeout", "PoolguardError", "Rejected"]
 
 
 class PoolguardError(Exception):
@@ -70,6 +70,11 @@ class Rejected(PoolguardError, sqlalchemy.exc.TimeoutError):
 
 class LoadShed(Rejected):
     """Shed to keep the pool for work that can still succeed (see ``reason``)."""
+
+
+class CircuitOpen(Rejected):
+    """The circuit breaker is open: the database is in trouble, so the checkout
+    fails at once without dialing it (``reason`` is ``circuit_open``)."""
 
 
 def _rebuild(cls: type[PoolguardError], message: str, attrs: dict[str, object]) -> PoolguardError:

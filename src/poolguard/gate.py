@@ -130,6 +130,8 @@ class Gate:
         self.slow_at = 0.0
         #: The guard's recorder, for the checkin path (set by the guard).
         self.recorder: Any = None
+        #: The guard's circuit breaker is not closed: checkouts must ask it.
+        self.tripped = False
         self.adopted = adopted
         self.closed = False
         self.take: Callable[[], object]

@@ -20,13 +20,15 @@ from sqlalchemy import event
 from sqlalchemy.pool import NullPool, Pool, QueuePool, SingletonThreadPool, StaticPool
 
 from .alerts import Alert, AlertEvent
+from .breaker import CLOSED, OPEN, BreakerConfig, CircuitBreaker, default_classifier
 from .context import _current
-from .errors import LoadShed, PoolTimeout
+from .errors import CircuitOpen, LoadShed, PoolTimeout
 from .gate import Gate, Refused
 from .holders import Holder, HolderGroup, describe_groups, group_holders, holders
 from .log import EventLog
 from .policies import BACKGROUND, CRITICAL, NORMAL, Codel, Gradient2, reserve_size, tag_cap
 from .recorder import REQUEST, SITE, T0, TASK, WAIT, WARNED, Hold, Recorder, new_hold
+from .retries import RetryBudget, connect_with_retries
 from .sites import current_site
 from .stats import PoolStats, QueryStats
 
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from sqlalchemy.engine import Engine
+    from tenacity import RetryCallState
 
     from .config import Config
     from .fingerprint import Fingerprint
@@ -101,6 +104,11 @@ class Guard:
         self.exhaustion_events = 0
         #: Checkouts refused before waiting, by (reason, priority).
         self.rejections: dict[tuple[str, str], int] = {}
+        #: The circuit breaker (``breaker=True``), else None.
+        self.breaker: CircuitBreaker | None = None
+        self._breaker_lock = threading.Lock()
+        self._classify: Callable[[BaseException], bool] = default_classifier
+        self.retry_budget: RetryBudget | None = None
         self._explained: set[str] = set()
         self._alert_callbacks: list[Callable[[AlertEvent], None]] = []
         self._alerts: list[Alert] = []
@@ -134,7 +142,83 @@ class Guard:
             alerts.append(Alert("wait_time", cfg.alert_wait_time, cfg.alert_for))
         self._alerts = alerts
         self._apply_policies()
+        self._setup_breaker()
         self._update_slow_at()
+
+    def _setup_breaker(self) -> None:
+        cfg = self.config
+        if self.retry_budget is not None:
+            self.retry_budget.ratio = cfg.retry_budget
+        self._classify = cfg.breaker_classifier or default_classifier
+        if not cfg.breaker:
+            self.breaker = None
+            self.gate.tripped = False
+            return
+        settings = BreakerConfig(
+            window=cfg.breaker_window,
+            window_size=cfg.breaker_window_size,
+            minimum_calls=cfg.breaker_minimum_calls,
+            failure_rate=cfg.breaker_failure_rate,
+            slow_call_rate=cfg.breaker_slow_call_rate,
+            slow_call_duration=cfg.breaker_slow_call_duration,
+            wait_in_open=cfg.breaker_wait_in_open,
+            half_open_calls=cfg.breaker_half_open_calls,
+        )
+        if self.breaker is None or self.breaker.config != settings:
+            self.breaker = CircuitBreaker(settings)
+        self.gate.tripped = self.breaker.state != CLOSED
+
+    # -- the circuit breaker ----------------------------------------------------
+
+    def breaker_admit(self, pool: Pool) -> None:
+        """A checkout while the breaker is not closed: a probe, or CircuitOpen."""
+        breaker = self.breaker
+        if breaker is None:
+            return
+        now = perf_counter()
+        with self._breaker_lock:
+            allowed, entered = breaker.allow(now)
+            retry_after = breaker.retry_after(now)
+        if entered is not None:
+            self._breaker_changed(entered)
+        if allowed:
+            return
+        request = _current.get()
+        priority = request.priority if request is not None else NORMAL
+        key = ("circuit_open", priority)
+        with self._lock:
+            self.rejections[key] = self.rejections.get(key, 0) + 1
+        retry_after = max(retry_after, 0.05)
+        raise CircuitOpen(
+            f"pool {self.name!r}: circuit breaker {breaker.state}, the database is failing; "
+            f"not dialing it (retry after {retry_after:.1f}s)",
+            reason="circuit_open",
+            priority=priority,
+            retry_after=retry_after,
+            pool_name=self.name,
+        )
+
+    def breaker_record(self, error: BaseException | None, duration: float) -> None:
+        """Record one call's outcome (``error`` None: success) with the breaker."""
+        breaker = self.breaker
+        if breaker is None:
+            return
+        failed = error is not None and self._classify(error)
+        with self._breaker_lock:
+            entered = breaker.record(failed, duration, perf_counter())
+        if entered is not None:
+            self._breaker_changed(entered)
+
+    def _breaker_changed(self, state: str) -> None:
+        self.gate.tripped = state != CLOSED
+        level = logging.WARNING if state == OPEN else logging.INFO
+        breaker = self.breaker
+        self.log.emit(
+            level,
+            f"breaker.{state}",
+            wait_in_open_s=breaker.config.wait_in_open if breaker else None,
+            in_use=self.gate.in_use,
+        )
 
     def _apply_policies(self) -> None:
         cfg = self.config
@@ -195,6 +279,8 @@ class Guard:
             self.gate.recorder = self.recorder
             use = self.recorder.use
             self.gate.checkins = lambda: use.count
+            gate = self.gate
+            self.retry_budget = RetryBudget(self.config.retry_budget, lambda: gate.acquired)
             self._apply_policies()
             now = perf_counter()
             for record in adopted:
@@ -222,8 +308,9 @@ class Guard:
             self.exporter = Exporter(self)
 
     def _time_creator(self, pool: Pool) -> None:
-        # Connection set-up time (db.client.connection.create_time): wrap the
-        # function every record calls to open its DBAPI connection.
+        # Connection set-up (db.client.connection.create_time), retried within
+        # the budget: wrap the function every record calls to open its DBAPI
+        # connection.
         inner = pool._invoke_creator
         if getattr(inner, "_poolguard_timed", False):
             return
@@ -232,6 +319,12 @@ class Guard:
         def timed(record: Any) -> Any:
             start = perf_counter()
             try:
+                retries = self.config.connect_retries
+                budget = self.retry_budget
+                if retries and budget is not None:
+                    return connect_with_retries(
+                        inner, record, retries=retries, budget=budget, on_retry=self._on_retry
+                    )
                 return inner(record)
             finally:
                 elapsed = perf_counter() - start
@@ -243,6 +336,16 @@ class Guard:
         timed._poolguard_timed = True  # type: ignore[attr-defined]
         timed._poolguard_inner = inner  # type: ignore[attr-defined]
         pool._invoke_creator = timed  # type: ignore[assignment]
+
+    def _on_retry(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome is not None else None
+        self.log.emit(
+            logging.INFO,
+            "connect.retry",
+            attempt=state.attempt_number,
+            error_type=type(error).__qualname__ if error is not None else None,
+            sleep_ms=round((state.upcoming_sleep or 0.0) * 1000, 1),
+        )
 
     def _listen(self, pool: Pool) -> None:
         def on_connect(dbapi_conn: Any, record: Any) -> None:
@@ -336,7 +439,10 @@ class Guard:
         waited = perf_counter() - start
         self._interval_wait_max = max(self._interval_wait_max, waited)
         if not granted:
-            raise self._timeout_error(timeout, by_deadline)
+            error = self._timeout_error(timeout, by_deadline)
+            if self.breaker is not None:
+                self.breaker_record(error, waited)
+            raise error
         self.recorder.wait.add(waited)
         buf = self.recorder.export_wait
         if buf is not None:

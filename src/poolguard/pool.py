@@ -81,6 +81,8 @@ class GuardedPoolMixin(Pool):
             gate = self._poolguard_default().gate
         # Bound before any wait: unwrap() may restore the plain class meanwhile.
         connect = self._poolguard_connect
+        if gate.tripped:  # circuit breaker open or probing: CircuitOpen, or a probe
+            self._poolguard.breaker_admit(self)  # type: ignore[union-attr]
         try:
             gate.take()
             wait = 0.0
@@ -90,11 +92,14 @@ class GuardedPoolMixin(Pool):
                 return connect(self)
         try:
             conn = connect(self)
-        except BaseException:
+        except BaseException as error:
             # A record taken by the failed checkout went back unregistered,
             # so this is the one release of the permit.
             request = _current.get()
             gate.release(request.tag if request is not None else None)
+            guard = self._poolguard
+            if guard is not None and guard.breaker is not None:
+                guard.breaker_record(error, 0.0)
             raise
         # Registered only now: a record SQLAlchemy returns during a failed
         # checkout must not release a permit that is released above.
@@ -112,6 +117,8 @@ class GuardedPoolMixin(Pool):
                               None, None, False]
         if now >= gate.slow_at:
             self._poolguard.after_checkout(hold, now)  # type: ignore[union-attr]
+        if gate.tripped:  # a half-open probe got a working connection
+            self._poolguard.breaker_record(None, 0.0)  # type: ignore[union-attr]
         return conn
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:

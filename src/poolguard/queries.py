@@ -124,6 +124,8 @@ class QueryTimer:
                 if duration > hold[TOP_TIME]:
                     hold[TOP_TIME] = duration
                     hold[TOP_STAT] = stat
+            if guard.breaker is not None:
+                guard.breaker_record(None, duration)
             slow = guard.slow_query_threshold
             if (slow is not None and duration >= slow) or guard.log.debug:
                 log(cursor, statement, args, duration, rows, stat, hold)
@@ -170,6 +172,8 @@ class QueryTimer:
             ops.append((duration, stat.fp, error_type))
         if hold is not None:
             hold[RUNNING_SINCE] = 0.0
+        if guard.breaker is not None:
+            guard.breaker_record(exc, duration)
         guard.log.emit(
             logging.INFO,
             "query.error",
