@@ -12,7 +12,8 @@ import poolguard
 EXPECTED = {
     "wrap", "unwrap", "get_guard", "Config", "Guard", "request", "fallback", "current_request",
     "RequestContext", "PoolStats", "QueryStats", "HistogramSnapshot", "Holder", "HolderGroup",
-    "AlertEvent", "PoolguardError", "Rejected", "LoadShed", "CircuitOpen", "PoolTimeout", "GuardedPoolMixin",
+    "AlertEvent", "PoolguardError", "Rejected", "LoadShed", "CircuitOpen",
+    "StatementTimeout", "DeadlineExceeded", "PoolTimeout", "GuardedPoolMixin",
     "GuardedQueuePool", "GuardedAsyncAdaptedQueuePool", "GuardedNullPool", "GuardedStaticPool",
     "GuardedSingletonThreadPool", "guarded_class",
 }

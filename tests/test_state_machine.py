@@ -103,11 +103,13 @@ class GuardMachine(RuleBasedStateMachine):
     def checkout_when_full(self, kind: str) -> None:
         self._expect_timeout(kind)
 
-    @precondition(lambda self: self._full())
     @rule(kind=kinds)
-    def checkout_when_full_in_request(self, kind: str) -> None:
-        with poolguard.request(timeout=0):
-            self._expect_timeout(kind)
+    def checkout_in_expired_request(self, kind: str) -> None:
+        # A request with no time left gets no connection, full pool or not,
+        # and the refusal happens before the gate: no timeout is counted.
+        with poolguard.request(timeout=0), pytest.raises(poolguard.DeadlineExceeded) as info:
+            self._checkout(kind)
+        assert isinstance(info.value, sqlalchemy.exc.TimeoutError)
 
     # -- returns --------------------------------------------------------------
 

@@ -12,7 +12,15 @@ from .alerts import AlertEvent
 from .config import Config
 from .context import RequestContext, current_request, request
 from .engine import get_guard, unwrap, wrap
-from .errors import CircuitOpen, LoadShed, PoolguardError, PoolTimeout, Rejected
+from .errors import (
+    CircuitOpen,
+    DeadlineExceeded,
+    LoadShed,
+    PoolguardError,
+    PoolTimeout,
+    Rejected,
+    StatementTimeout,
+)
 from .fallback import fallback
 from .guard import Guard
 from .histogram import HistogramSnapshot
@@ -55,6 +63,8 @@ __all__ = [
     "Rejected",
     "LoadShed",
     "CircuitOpen",
+    "StatementTimeout",
+    "DeadlineExceeded",
     # pool classes
     "GuardedPoolMixin",
     "GuardedQueuePool",

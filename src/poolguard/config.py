@@ -34,11 +34,18 @@ _WAITERS = "waiters"  # int >= 0, or None
 _RATE = "rate"  # float in (0, 1]
 _INT0 = "int0"  # int >= 0
 _WINDOW = "window"  # "count" or "time"
+_TAG_SECONDS = "tag_seconds"  # mapping tag -> seconds > 0, or None
 _TAGS = "tags"  # mapping tag -> count or share, or None; "a=2,b=0.5" in the environment
 
 
-def _opt(default: Any, kind: str) -> Any:
-    return dataclasses.field(default=default, metadata={"kind": kind})
+def _opt(default: Any, kind: str, *, nullable: bool = False) -> Any:
+    # nullable: None is allowed (it turns the feature off) though the default is not None.
+    return dataclasses.field(default=default, metadata={"kind": kind, "nullable": nullable})
+
+
+def _default(field: dataclasses.Field[Any]) -> Any:
+    """The default as _check and _parse see it: None where the option may be None."""
+    return None if field.metadata.get("nullable") else field.default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +133,12 @@ class Config:
         retry_budget: Retries allowed per checkout (0.1: at most one retry
             per ten checkouts, plus a small burst), so that retries never
             multiply the load during an outage.
+        statement_timeout: Time limit (seconds) of every statement, enforced
+            by the database (see :mod:`poolguard.timeouts`); ``None``: none.
+        tag_statement_timeouts: Time limits by request tag, e.g.
+            ``{"login": 0.5}``; they win over ``statement_timeout``.
+        deadline_floor: The least time a statement gets when a request's
+            deadline is near (seconds).
         adaptive_limit: Let non-critical requests use only as many
             connections as a Gradient2 limit allows, which shrinks when hold
             times grow (the database slows down) and grows back when they
@@ -134,13 +147,13 @@ class Config:
 
     name: str | None = _opt(None, _NAME)
     acquire_timeout: float | None = _opt(None, _SECONDS)
-    slow_query_threshold: float | None = _opt(1.0, _SECONDS)
+    slow_query_threshold: float | None = _opt(1.0, _SECONDS, nullable=True)
     query_log_sample_rate: float = _opt(1.0, _FRACTION)
     log_parameters: bool = _opt(False, _FLAG)
     leak_threshold: float | None = _opt(None, _SECONDS)
     capture_call_sites: bool = _opt(False, _FLAG)
     alert_utilization: float | None = _opt(0.9, _UTILISATION)
-    alert_wait_time: float | None = _opt(0.5, _SECONDS)
+    alert_wait_time: float | None = _opt(0.5, _SECONDS, nullable=True)
     alert_for: float = _opt(5.0, _SECONDS)
     top_queries: int = _opt(200, _COUNT)
     explain_slow_queries: bool = _opt(False, _FLAG)
@@ -156,6 +169,9 @@ class Config:
     codel_interval: float = _opt(0.1, _SECONDS)
     tag_limits: Mapping[str, float] | None = _opt(None, _TAGS)
     adaptive_limit: bool = _opt(False, _FLAG)
+    statement_timeout: float | None = _opt(None, _SECONDS)
+    tag_statement_timeouts: Mapping[str, float] | None = _opt(None, _TAG_SECONDS)
+    deadline_floor: float = _opt(0.01, _SECONDS)
     breaker: bool = _opt(False, _FLAG)
     breaker_window: str = _opt("count", _WINDOW)
     breaker_window_size: int = _opt(50, _COUNT)
@@ -185,7 +201,7 @@ class Config:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            checked = _check(field.name, field.metadata["kind"], value, field.default)
+            checked = _check(field.name, field.metadata["kind"], value, _default(field))
             if checked is not value:
                 object.__setattr__(self, field.name, checked)
 
@@ -217,7 +233,7 @@ class Config:
             if not raw or kind == _OBJECT:
                 continue
             try:
-                value = _parse(kind, raw, field.default)
+                value = _parse(kind, raw, _default(field))
                 cls(**{field.name: value})
             except ValueError as exc:
                 raise ValueError(f"environment variable {var}={raw!r}: {exc}") from None
@@ -258,7 +274,7 @@ def _check(option: str, kind: str, value: Any, default: Any) -> Any:
     if kind == _OBJECT:
         return value
     if value is None:
-        if default is None or kind in (_UTILISATION, _WAITERS, _TAGS):
+        if default is None or kind in (_UTILISATION, _WAITERS, _TAGS, _TAG_SECONDS):
             return None
         allowed = _ALLOWED.get(kind, "a value")
         raise _bad(option, value, allowed)
@@ -309,6 +325,17 @@ def _check_window(option: str, value: Any) -> str:
     return str(value)
 
 
+def _check_tag_seconds(option: str, value: Any) -> Mapping[str, float]:
+    if not isinstance(value, Mapping):
+        raise _bad(option, value, _ALLOWED[_TAG_SECONDS])
+    checked = {}
+    for tag, seconds in value.items():
+        if not isinstance(tag, str) or not tag:
+            raise _bad(option, dict(value), _ALLOWED[_TAG_SECONDS])
+        checked[tag] = _seconds(f"{option}[{tag!r}]", seconds)
+    return MappingProxyType(checked)
+
+
 def _check_tags(option: str, value: Any) -> Mapping[str, float]:
     from .policies import check_tag_limits
 
@@ -334,6 +361,7 @@ _ALLOWED = {
     _RESERVE: "0, a whole number of connections, or a share 0 < x < 1",
     _WINDOW: "'count' or 'time'",
     _TAGS: "a mapping of tag to a count or a share of the pool",
+    _TAG_SECONDS: "a mapping of tag to seconds >= 0",
 }
 
 _CHECKS: dict[str, Any] = {
@@ -349,6 +377,7 @@ _CHECKS: dict[str, Any] = {
     _RESERVE: _check_reserve,
     _WINDOW: _check_window,
     _TAGS: _check_tags,
+    _TAG_SECONDS: _check_tag_seconds,
 }
 
 
@@ -357,7 +386,7 @@ def _parse(kind: str, raw: str, default: Any) -> Any:  # noqa: PLR0911
         return None
     if kind == _NAME:
         return raw
-    if kind == _TAGS:
+    if kind in (_TAGS, _TAG_SECONDS):
         from .policies import parse_tag_limits
 
         return parse_tag_limits(raw)

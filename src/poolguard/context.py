@@ -35,16 +35,23 @@ class RequestContext:
             a job type), shown in holders reports and query events.
         priority: ``critical``, ``normal`` (the default), ``background`` or
             ``health``; admission policies serve and shed by it.
+        statement_timeout: time limit of each statement in this request, or
+            ``None`` for the tag's or the guard's.
     """
 
-    __slots__ = ("deadline", "priority", "tag")
+    __slots__ = ("deadline", "priority", "statement_timeout", "tag")
 
     def __init__(
-        self, deadline: float | None, tag: str | None = None, priority: str = NORMAL
+        self,
+        deadline: float | None,
+        tag: str | None = None,
+        priority: str = NORMAL,
+        statement_timeout: float | None = None,
     ) -> None:
         self.deadline = deadline
         self.tag = tag
         self.priority = priority
+        self.statement_timeout = statement_timeout
 
     def remaining(self, now: float | None = None) -> float | None:
         """Seconds left before the deadline (never negative), or ``None``."""
@@ -80,12 +87,14 @@ class request:  # noqa: N801 - used like a function: `with poolguard.request(...
         priority: ``"critical"``, ``"normal"``, ``"background"`` or
             ``"health"`` (never waits); a nested scope without one keeps the
             outer one's, and the default is ``"normal"``.
+        statement_timeout: Time limit of each statement, enforced by the
+            database; a nested scope without one keeps the outer one's.
 
     As a decorator it opens a fresh scope on every call, for sync and async
     functions alike.
     """
 
-    __slots__ = ("_priority", "_tag", "_timeout", "_tokens")
+    __slots__ = ("_priority", "_statement_timeout", "_tag", "_timeout", "_tokens")
 
     def __init__(
         self,
@@ -93,7 +102,11 @@ class request:  # noqa: N801 - used like a function: `with poolguard.request(...
         timeout: float | None = None,
         tag: str | None = None,
         priority: str | None = None,
+        statement_timeout: float | None = None,
     ) -> None:
+        self._statement_timeout = (
+            None if statement_timeout is None else _seconds("statement_timeout", statement_timeout)
+        )
         if priority is not None and priority not in PRIORITIES:
             raise ValueError(
                 f"poolguard.request priority={priority!r} is invalid: expected one of "
@@ -115,7 +128,10 @@ class request:  # noqa: N801 - used like a function: `with poolguard.request(...
             deadline = outer.deadline if deadline is None else min(deadline, outer.deadline)
         tag = self._tag if self._tag is not None or outer is None else outer.tag
         priority = self._priority or (outer.priority if outer is not None else NORMAL)
-        ctx = RequestContext(deadline, tag, priority)
+        limit = self._statement_timeout
+        if limit is None and outer is not None:
+            limit = outer.statement_timeout
+        ctx = RequestContext(deadline, tag, priority, limit)
         self._tokens.append(_current.set(ctx))
         return ctx
 
@@ -150,19 +166,24 @@ class request:  # noqa: N801 - used like a function: `with poolguard.request(...
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]: ...
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
         timeout, tag, priority = self._timeout, self._tag, self._priority
+        limit = self._statement_timeout
         if inspect.iscoroutinefunction(fn):
             afn = cast("Callable[P, Awaitable[Any]]", fn)
 
             @functools.wraps(fn)
             async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                with request(timeout=timeout, tag=tag, priority=priority):
+                with request(
+                    timeout=timeout, tag=tag, priority=priority, statement_timeout=limit
+                ):
                     return await afn(*args, **kwargs)
 
             return async_wrapper
 
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-            with request(timeout=timeout, tag=tag, priority=priority):
+            with request(
+                    timeout=timeout, tag=tag, priority=priority, statement_timeout=limit
+                ):
                 return fn(*args, **kwargs)
 
         return wrapper

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import sqlalchemy.exc
 
-__all__ = ["CircuitOpen", "LoadShed", "PoolTimeout", "PoolguardError", "Rejected"]
+__all__ = [
+    "CircuitOpen",
+    "DeadlineExceeded",
+    "LoadShed",
+    "PoolTimeout",
+    "PoolguardError",
+    "Rejected",
+    "StatementTimeout",
+]
 
 
 class PoolguardError(Exception):
@@ -75,6 +83,34 @@ class LoadShed(Rejected):
 class CircuitOpen(Rejected):
     """The circuit breaker is open: the database is in trouble, so the checkout
     fails at once without dialing it (``reason`` is ``circuit_open``)."""
+
+
+class DeadlineExceeded(PoolguardError, sqlalchemy.exc.TimeoutError):
+    """The request's deadline (``poolguard.request(timeout=...)``) has passed.
+
+    Raised before a checkout or a statement that would start after the
+    deadline, and for a statement cut off by the client-side watchdog
+    (whose connection is then discarded).
+    """
+
+
+class StatementTimeout(PoolguardError, sqlalchemy.exc.OperationalError):
+    """The database cancelled a statement at its time limit.
+
+    Still a ``sqlalchemy.exc.OperationalError`` (and ``.orig`` is the
+    driver's error). Bound parameters are never part of it. The connection
+    stays usable once its transaction is rolled back.
+    """
+
+    def __init__(self, statement: str | None, orig: BaseException, limit: float) -> None:
+        sqlalchemy.exc.OperationalError.__init__(self, statement, None, orig)
+        self.limit = limit
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.statement, self.orig, self.limit))
+
+    def __str__(self) -> str:
+        return f"statement cancelled at its {self.limit:.3f}s time limit: {self.statement}"
 
 
 def _rebuild(cls: type[PoolguardError], message: str, attrs: dict[str, object]) -> PoolguardError:

@@ -135,6 +135,8 @@ class Guard:
         cfg = self.config
         #: Read per statement; a copy of the option, so one attribute hop.
         self.slow_query_threshold = cfg.slow_query_threshold
+        #: Some statement time limit is configured guard-wide or per tag.
+        self.limits_on = cfg.statement_timeout is not None or bool(cfg.tag_statement_timeouts)
         alerts = []
         if cfg.alert_utilization is not None:
             alerts.append(Alert("utilization", cfg.alert_utilization, cfg.alert_for))
@@ -301,7 +303,7 @@ class Guard:
         if self._queries is not None:
             self._queries.remove()
         self._engine = engine
-        self._queries = QueryTimer(self, engine.dialect)
+        self._queries = QueryTimer(self, engine)
         if self.config.metrics and self.exporter is None:
             from .otel import Exporter
 
@@ -709,10 +711,11 @@ class Guard:
 
     def top_queries(self, n: int = 10, *, by: str = "total_time") -> list[QueryStats]:
         """The ``n`` statement shapes with the most ``by`` (a :class:`QueryStats` field)."""
+        names = [f.name for f in dataclasses.fields(QueryStats)]
+        if by not in names:  # checked whatever the data: a typo fails on an idle guard too
+            expected = ", ".join(names)
+            raise ValueError(f"top_queries by={by!r} is invalid: expected one of {expected}")
         rows = [QueryStats.of(stat) for stat in list(self.recorder.queries.values())]
-        if rows and not hasattr(rows[0], by):
-            fields = ", ".join(f.name for f in dataclasses.fields(QueryStats))
-            raise ValueError(f"top_queries by={by!r} is invalid: expected one of {fields}")
         rows.sort(key=lambda r: getattr(r, by), reverse=True)
         return rows[:n]
 

@@ -15,6 +15,7 @@ classes take exactly the arguments of the classes they extend and work as
 from __future__ import annotations
 
 import threading
+import time
 from bisect import bisect_left
 from threading import get_ident
 from time import perf_counter
@@ -81,6 +82,9 @@ class GuardedPoolMixin(Pool):
             gate = self._poolguard_default().gate
         # Bound before any wait: unwrap() may restore the plain class meanwhile.
         connect = self._poolguard_connect
+        request = _current.get()
+        if request is not None and request.deadline is not None:
+            _check_deadline(request.deadline, gate)
         if gate.tripped:  # circuit breaker open or probing: CircuitOpen, or a probe
             self._poolguard.breaker_admit(self)  # type: ignore[union-attr]
         try:
@@ -113,7 +117,7 @@ class GuardedPoolMixin(Pool):
             return conn
         now = perf_counter()
         # recorder.new_hold(), spelled out: one list display, no call.
-        hold = out[record] = [now, wait, get_ident(), _current.get(), None, 0.0, None, -1.0,
+        hold = out[record] = [now, wait, get_ident(), request, None, 0.0, None, -1.0,
                               None, None, False]
         if now >= gate.slow_at:
             self._poolguard.after_checkout(hold, now)  # type: ignore[union-attr]
@@ -171,6 +175,18 @@ class GuardedPoolMixin(Pool):
         guard = Guard(Config.from_env(), default_name=self._orig_logging_name or "pool")
         guard._attach(self)
         return guard
+
+
+def _check_deadline(deadline: float, gate: Gate) -> None:
+    """A request already past its deadline gets no connection (not even a dial)."""
+    late = time.monotonic() - deadline
+    if late >= 0:
+        from .errors import DeadlineExceeded
+
+        raise DeadlineExceeded(
+            f"the request's deadline passed {late:.3f}s ago; no connection taken "
+            f"({gate.in_use}/{gate.capacity} in use)"
+        )
 
 
 class GuardedQueuePool(GuardedPoolMixin, QueuePool):

@@ -19,21 +19,28 @@ never by message (database messages quote values).
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
+import threading
+import time
 from bisect import bisect_left
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import event
+
+from .errors import DeadlineExceeded, StatementTimeout
 from .fingerprint import fingerprint
 from .histogram import BOUNDS
-from .recorder import RUNNING_SINCE, STATEMENT, TOP_STAT, TOP_TIME
+from .recorder import REQUEST, RUNNING_SINCE, STATEMENT, TOP_STAT, TOP_TIME
 from .sites import current_site
+from .timeouts import KILL_GRACE, is_timeout_error, kill_socket, limited_statement, watchdog
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from sqlalchemy.engine import Dialect
+    from sqlalchemy.engine import Engine, ExceptionContext
     from sqlalchemy.engine.interfaces import DBAPICursor
 
     from .guard import Guard
@@ -42,6 +49,10 @@ if TYPE_CHECKING:
 __all__ = ["QueryTimer"]
 
 _STATEMENTS_MAX = 4096
+#: Keys in an ExecutionContext's __dict__: the time limit applied, and "the
+#: watchdog cut the connection at the deadline".
+LIMIT = "_poolguard_limit"
+CUT = "_poolguard_cut"
 
 #: Dialect methods that run statements, and where their context argument is.
 _METHODS = {"do_execute": 1, "do_executemany": 1, "do_execute_no_params": 0}
@@ -50,7 +61,8 @@ _METHODS = {"do_execute": 1, "do_executemany": 1, "do_execute_no_params": 0}
 class QueryTimer:
     """Times the statements of one dialect for one guard; :meth:`remove` undoes it."""
 
-    def __init__(self, guard: Guard, dialect: Dialect) -> None:
+    def __init__(self, guard: Guard, engine: Engine) -> None:
+        dialect = engine.dialect
         self.guard = guard
         self.dialect = dialect
         # Statement string -> its stats row. SQLAlchemy passes the same string
@@ -62,9 +74,23 @@ class QueryTimer:
             if name in attrs:  # another wrapper (or a test double) is there: leave it
                 continue
             setattr(dialect, name, self._wrap(getattr(dialect, name), context_at))
+        self.engine = engine
+        self._converting = False
+        self._convert_lock = threading.Lock()
+
+    def _convert_errors(self) -> None:
+        # Registered the first time a limit or deadline applies: a dialect
+        # event costs a little on every statement, so engines that never use
+        # limits never pay it.
+        with self._convert_lock:
+            if not self._converting:
+                event.listen(self.engine, "handle_error", self._convert_error)
+                self._converting = True
 
     def remove(self) -> None:
         """Restore the dialect's own methods."""
+        if event.contains(self.engine, "handle_error", self._convert_error):
+            event.remove(self.engine, "handle_error", self._convert_error)
         attrs = self.dialect.__dict__
         for name in _METHODS:
             fn = attrs.get(name)
@@ -81,7 +107,9 @@ class QueryTimer:
         )
         return stat
 
-    def _wrap(self, inner: Callable[..., Any], context_at: int) -> Callable[..., Any]:
+    def _wrap(  # noqa: PLR0915 - the per-statement path is inlined on purpose
+        self, inner: Callable[..., Any], context_at: int
+    ) -> Callable[..., Any]:
         # context_at: where the ExecutionContext sits in the arguments after
         # (cursor, statement); parameters, if any, come first.
         guard = self.guard
@@ -90,21 +118,35 @@ class QueryTimer:
         stats = self._stats
         new_stat, failed, log = self._stat, self._failed, self._log
 
-        def timed(cursor: DBAPICursor, statement: str, *args: Any) -> Any:
+        limit = self._limit
+
+        def timed(cursor: DBAPICursor, statement: str, *args: Any) -> Any:  # noqa: PLR0912
             try:
                 context = args[context_at]
                 hold = out.get(context.root_connection._dbapi_connection._connection_record)
             except (IndexError, AttributeError):  # no context, or not pooled
-                hold = None
+                context = hold = None
+            send, armed = statement, None
+            if hold is not None:
+                request = hold[REQUEST]
+                if guard.limits_on or (request is not None and (
+                    request.deadline is not None or request.statement_timeout is not None
+                )):
+                    # A time limit or a deadline applies: the slower path.
+                    send, armed = limit(cursor, statement, hold, context)
             start = perf_counter()
             if hold is not None:
                 hold[STATEMENT] = statement
                 hold[RUNNING_SINCE] = start
             try:
-                result = inner(cursor, statement, *args)
+                result = inner(cursor, send, *args)
             except BaseException as exc:
                 failed(statement, perf_counter() - start, hold, exc)
                 raise
+            finally:
+                if armed:
+                    for entry in armed:
+                        watchdog.cancel(entry)
             duration = perf_counter() - start
             # All of what follows runs per statement: kept inline, no calls.
             stat = stats.get(statement) or new_stat(statement)
@@ -133,6 +175,79 @@ class QueryTimer:
 
         timed._poolguard_timer = self  # type: ignore[attr-defined]
         return timed
+
+    def _limit(
+        self, cursor: DBAPICursor, statement: str, hold: Hold, context: Any
+    ) -> tuple[str, list[list[Any]]]:
+        """Apply the statement's time limit and the request's deadline.
+
+        Returns the statement to send (MariaDB carries the limit in it) and
+        the watchdog entries armed for it (cancelled once it returns).
+        Raises DeadlineExceeded when the deadline has already passed.
+        """
+        guard = self.guard
+        if not self._converting:
+            self._convert_errors()
+        request = hold[REQUEST]
+        config = guard.config
+        seconds = None
+        deadline = None
+        if request is not None:
+            seconds = request.statement_timeout
+            if seconds is None and request.tag is not None and config.tag_statement_timeouts:
+                seconds = config.tag_statement_timeouts.get(request.tag)
+            deadline = request.deadline
+        if seconds is None:
+            seconds = config.statement_timeout
+        armed: list[list[Any]] = []
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(
+                    f"pool {guard.name!r}: the request's deadline passed "
+                    f"{-left:.3f}s ago; not sending the statement"
+                )
+            left = max(left, config.deadline_floor)
+            seconds = left if seconds is None else min(seconds, left)
+            dbapi_connection = cursor.connection if hasattr(cursor, "connection") else None
+            if dbapi_connection is not None:
+                armed.append(watchdog.schedule(
+                    perf_counter() + left + KILL_GRACE,
+                    functools.partial(self._cut, dbapi_connection, context),
+                ))
+        if seconds is None:
+            return statement, armed
+        if context is not None:
+            context.__dict__[LIMIT] = seconds
+        system = guard.db_system
+        if system == "sqlite" and hasattr(cursor, "connection"):
+            armed.append(watchdog.schedule(perf_counter() + seconds, cursor.connection.interrupt))
+        return limited_statement(system, statement, seconds, cursor), armed
+
+    @staticmethod
+    def _cut(dbapi_connection: Any, context: Any) -> None:
+        # Runs on the watchdog thread: the server did not answer by the
+        # deadline. Mark the context, so handle_error raises DeadlineExceeded.
+        if context is not None:
+            context.__dict__[CUT] = True
+        kill_socket(dbapi_connection)
+
+    def _convert_error(self, ctx: ExceptionContext) -> BaseException | None:
+        """handle_error: a statement that hit its limit or the deadline."""
+        context = ctx.execution_context
+        if context is None:
+            return None
+        marks = context.__dict__
+        if marks.get(CUT):
+            return DeadlineExceeded(
+                f"pool {self.guard.name!r}: the database did not answer by the request's "
+                "deadline; the connection was cut and is discarded"
+            )
+        limit = marks.get(LIMIT)
+        if limit is not None and is_timeout_error(self.guard.db_system, ctx.original_exception):
+            fp = fingerprint(ctx.statement) if ctx.statement else None
+            return StatementTimeout(fp.text if fp else None, ctx.original_exception, limit)
+        return None
 
     def _log(
         self,
