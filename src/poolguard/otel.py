@@ -18,7 +18,9 @@ semantic conventions (``db.client.connection.*``, ``db.client.operation.duration
 
 from __future__ import annotations
 
+import logging
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics
@@ -48,123 +50,208 @@ def _version() -> str:
         return "0"
 
 
-class Exporter:
-    """Registers one guard's instruments; :meth:`close` stops reporting."""
+_logger = logging.getLogger("poolguard")
 
-    def __init__(self, guard: Guard) -> None:
-        self.guard = guard
-        provider = guard.config.meter_provider or metrics.get_meter_provider()
-        meter = provider.get_meter("poolguard", _version())
-        self._closed = False
+
+def _observe(
+    meter: metrics.Meter,
+    name: str,
+    unit: str,
+    description: str,
+    callback: Callable[[CallbackOptions], Iterable[Observation]],
+    *,
+    monotonic: bool = False,
+) -> None:
+    create = (
+        meter.create_observable_counter if monotonic else meter.create_observable_up_down_counter
+    )
+    create(name, callbacks=[callback], unit=unit, description=description)
+
+
+class _Instruments:
+    """poolguard's instruments on one meter, shared by every guard that reports there.
+
+    A meter keeps the first instrument registered under a name and returns it
+    for later registrations, dropping their callbacks: a second guard (another
+    engine, or the same engine wrapped again) registering its own would report
+    nothing. So each name is registered once, and its callback reads every
+    live :class:`Exporter`.
+    """
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.meter = meter
+        #: Live exporters (replaced, never mutated: callbacks iterate it unlocked).
+        self.exporters: tuple[Exporter, ...] = ()
+        self.legacy: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._seen_acquisitions = 0
-        self._seen_slow = 0
-        legacy = guard.config.metrics_legacy_names
 
-        def gauge(name: str, unit: str, desc: str, fn: Callable[[], Iterable[Observation]]) -> None:
-            meter.create_observable_up_down_counter(
-                name, callbacks=[self._guarded(fn)], unit=unit, description=desc
+        def hist(name: str, description: str) -> Any:
+            return meter.create_histogram(
+                name, unit="s", description=description,
+                explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
             )
 
         # Pool state (db.client.connection.*). The count callback also drains
         # the histogram samples, once per collection.
-        meter.create_observable_up_down_counter(
-            "db.client.connection.count",
-            callbacks=[self._guarded(self._count, drain=True)],
-            unit="{connection}",
-            description="Connections in the state named by db.client.connection.state.",
-        )
-        gauge("db.client.connection.idle.max", "{connection}",
-              "Most idle connections the pool keeps.", self._idle_max)
-        gauge("db.client.connection.idle.min", "{connection}",
-              "Fewest idle connections the pool keeps.", self._idle_min)
-        gauge("db.client.connection.max", "{connection}",
-              "Most connections the pool can have open.", self._max)
-        gauge("db.client.connection.pending_requests", "{request}",
-              "Checkouts waiting for a connection.", self._pending)
-        meter.create_observable_counter(
-            "db.client.connection.timeouts",
-            callbacks=[self._guarded(self._timeouts)],
-            unit="{timeout}",
-            description="Checkouts that timed out waiting for a connection.",
-        )
-        self.create_time = meter.create_histogram(
-            "db.client.connection.create_time", unit="s",
-            description="Time to open a new connection.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )
-        self.wait_time = meter.create_histogram(
-            "db.client.connection.wait_time", unit="s",
-            description="Time a checkout waited for a connection.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )
-        self.use_time = meter.create_histogram(
-            "db.client.connection.use_time", unit="s",
-            description="Time from checkout to checkin of a connection.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )
-        self.operation = meter.create_histogram(
-            "db.client.operation.duration", unit="s",
-            description="Duration of database client operations.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )
+        each = self._each
+        _observe(meter, "db.client.connection.count", "{connection}",
+                 "Connections in the state named by db.client.connection.state.",
+                 each(lambda e: e._count(), drain=True))
+        _observe(meter, "db.client.connection.idle.max", "{connection}",
+                 "Most idle connections the pool keeps.", each(lambda e: e._idle_max()))
+        _observe(meter, "db.client.connection.idle.min", "{connection}",
+                 "Fewest idle connections the pool keeps.", each(lambda e: e._idle_min()))
+        _observe(meter, "db.client.connection.max", "{connection}",
+                 "Most connections the pool can have open.", each(lambda e: e._max()))
+        _observe(meter, "db.client.connection.pending_requests", "{request}",
+                 "Checkouts waiting for a connection.", each(lambda e: e._pending()))
+        _observe(meter, "db.client.connection.timeouts", "{timeout}",
+                 "Checkouts that timed out waiting for a connection.",
+                 each(lambda e: e._timeouts()), monotonic=True)
+        self.create_time = hist("db.client.connection.create_time",
+                                "Time to open a new connection.")
+        self.wait_time = hist("db.client.connection.wait_time",
+                              "Time a checkout waited for a connection.")
+        self.use_time = hist("db.client.connection.use_time",
+                             "Time from checkout to checkin of a connection.")
+        self.operation = hist("db.client.operation.duration",
+                              "Duration of database client operations.")
 
         # poolguard's own.
-        meter.create_observable_counter(
-            "poolguard.rejections", callbacks=[self._guarded(self._rejections)],
-            unit="{request}",
-            description="Checkouts refused before waiting, by reason and priority.",
-        )
-        meter.create_observable_up_down_counter(
-            "poolguard.circuit_breaker.state", callbacks=[self._guarded(self._breaker_state)],
-            unit="{state}",
-            description="1 for the breaker's current state (closed, open, half_open), else 0.",
-        )
-        meter.create_observable_counter(
-            "poolguard.circuit_breaker.transitions",
-            callbacks=[self._guarded(self._breaker_transitions)], unit="{transition}",
-            description="Circuit breaker state changes, by the state entered.",
-        )
-        meter.create_observable_counter(
-            "poolguard.connection.leak_warnings", callbacks=[self._guarded(self._leaks)],
-            unit="{warning}",
-            description="Connections held longer than leak_threshold.",
-        )
-        meter.create_observable_counter(
-            "poolguard.pool.exhausted", callbacks=[self._guarded(self._exhausted)],
-            unit="{event}",
-            description="Times the pool ran dry (timeout or sustained utilization alert).",
-        )
-        meter.create_observable_counter(
-            "poolguard.query.time", callbacks=[self._guarded(self._query_time)], unit="s",
-            description="Total statement time by statement shape (top_queries shapes at most).",
-        )
-        meter.create_observable_counter(
-            "poolguard.query.calls", callbacks=[self._guarded(self._query_calls)],
-            unit="{call}", description="Statements executed by statement shape.",
-        )
+        _observe(meter, "poolguard.rejections", "{request}",
+                 "Checkouts refused before waiting, by reason and priority.",
+                 each(lambda e: e._rejections()), monotonic=True)
+        _observe(meter, "poolguard.circuit_breaker.state", "{state}",
+                 "1 for the breaker's current state (closed, open, half_open), else 0.",
+                 each(lambda e: e._breaker_state()))
+        _observe(meter, "poolguard.circuit_breaker.transitions", "{transition}",
+                 "Circuit breaker state changes, by the state entered.",
+                 each(lambda e: e._breaker_transitions()), monotonic=True)
+        _observe(meter, "poolguard.connection.leak_warnings", "{warning}",
+                 "Connections held longer than leak_threshold.",
+                 each(lambda e: e._leaks()), monotonic=True)
+        _observe(meter, "poolguard.pool.exhausted", "{event}",
+                 "Times the pool ran dry (timeout or sustained utilization alert).",
+                 each(lambda e: e._exhausted()), monotonic=True)
+        _observe(meter, "poolguard.query.time", "s",
+                 "Total statement time by statement shape (top_queries shapes at most).",
+                 each(lambda e: e._query_time()), monotonic=True)
+        _observe(meter, "poolguard.query.calls", "{call}",
+                 "Statements executed by statement shape.",
+                 each(lambda e: e._query_calls()), monotonic=True)
 
-        self._legacy: dict[str, Any] = {}
-        if legacy:
-            self._register_legacy(meter)
+    def _each(
+        self,
+        read: Callable[[Exporter], Iterable[Observation]],
+        *,
+        drain: bool = False,
+        legacy: bool = False,
+    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            observations: list[Observation] = []
+            for exporter in self.exporters:
+                if legacy and not exporter.legacy:
+                    continue
+                try:
+                    if drain:
+                        exporter._drain()
+                    observations.extend(read(exporter))
+                except Exception:  # one failing guard must not hide the others
+                    _logger.exception("metrics of pool %r failed", exporter.guard.name)
+            return observations
+
+        return callback
+
+    def add(self, exporter: Exporter) -> None:
+        with self._lock:
+            if exporter.legacy and not self.legacy:
+                self._register_legacy()
+            self.exporters = (*self.exporters, exporter)
+
+    def remove(self, exporter: Exporter) -> None:
+        with self._lock:
+            self.exporters = tuple(e for e in self.exporters if e is not exporter)
+
+    def _register_legacy(self) -> None:
+        meter, each = self.meter, self._each
+
+        def one(pick: Callable[[Exporter], int | None]) -> Callable[[Exporter], list[Observation]]:
+            def read(exporter: Exporter) -> list[Observation]:
+                value = pick(exporter)
+                return [] if value is None else [Observation(value, exporter._legacy_base())]
+
+            return read
+
+        _observe(meter, "db.client.connections.usage", "{connection}",
+                 "Deprecated name of db.client.connection.count.",
+                 each(lambda e: e._legacy_usage(), legacy=True))
+        _observe(meter, "db.client.connections.idle.max", "{connection}",
+                 "Deprecated name of db.client.connection.idle.max.",
+                 each(one(lambda e: e._pool_numbers()[3]), legacy=True))
+        _observe(meter, "db.client.connections.idle.min", "{connection}",
+                 "Deprecated name of db.client.connection.idle.min.",
+                 each(one(lambda e: e._pool_numbers()[4]), legacy=True))
+        _observe(meter, "db.client.connections.max", "{connection}",
+                 "Deprecated name of db.client.connection.max.",
+                 each(one(lambda e: e._pool_numbers()[2]), legacy=True))
+        _observe(meter, "db.client.connections.pending_requests", "{request}",
+                 "Deprecated name of db.client.connection.pending_requests.",
+                 each(one(lambda e: e.guard.gate.waiting), legacy=True))
+        _observe(meter, "db.client.connections.timeouts", "{timeout}",
+                 "Deprecated name of db.client.connection.timeouts.",
+                 each(one(lambda e: e.guard.gate.timeouts), legacy=True), monotonic=True)
+        for name in ("create_time", "wait_time", "use_time"):
+            self.legacy[name] = meter.create_histogram(
+                f"db.client.connections.{name}", unit="ms",
+                description=f"Deprecated name of db.client.connection.{name} (in ms).",
+                explicit_bucket_boundaries_advisory=_LEGACY_MS_BUCKETS,
+            )
+
+
+#: Instruments by the MeterProvider given to wrap(); the global provider's apart.
+_BY_PROVIDER: weakref.WeakKeyDictionary[Any, _Instruments] = weakref.WeakKeyDictionary()
+_GLOBAL: list[_Instruments] = []
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _instruments(provider: Any) -> _Instruments:
+    """The shared instruments of ``provider`` (``None``: the API's global provider)."""
+    if provider is metrics.get_meter_provider():
+        provider = None
+    with _REGISTRY_LOCK:
+        if provider is None:
+            found = _GLOBAL[0] if _GLOBAL else None
+        else:
+            found = _BY_PROVIDER.get(provider)
+        if found is None:
+            source = metrics.get_meter_provider() if provider is None else provider
+            found = _Instruments(source.get_meter("poolguard", _version()))
+            if provider is None:
+                # Built on the API's proxy if no SDK is set yet: the proxy
+                # hands these same instruments over once one is.
+                _GLOBAL.append(found)
+            else:
+                _BY_PROVIDER[provider] = found
+        return found
+
+
+class Exporter:
+    """Reports one guard's stats through the shared instruments; :meth:`close` stops it."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+        self.legacy = guard.config.metrics_legacy_names
+        self._lock = threading.Lock()
+        #: Checkouts without a wait already reported (as 0.0 wait_time values).
+        self._fast_seen = 0
+        self.instruments = _instruments(guard.config.meter_provider)
+        self.instruments.add(self)
 
     # -- plumbing -------------------------------------------------------------
 
     def close(self) -> None:
-        """Report nothing from now on (instruments cannot be unregistered)."""
-        self._closed = True
-
-    def _guarded(
-        self, fn: Callable[[], Iterable[Observation]], drain: bool = False
-    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
-        def callback(options: CallbackOptions) -> Iterable[Observation]:
-            if self._closed:
-                return []
-            if drain:
-                self._drain()
-            return list(fn())
-
-        return callback
+        """Report nothing from now on."""
+        self.instruments.remove(self)
 
     def _base(self) -> dict[str, str]:
         return {POOL: self.guard.name}
@@ -176,26 +263,25 @@ class Exporter:
             if recorder.export_use is None:
                 # First collection: from now on the hot path keeps samples.
                 recorder.start_export()
-                self._seen_acquisitions = guard.gate.acquired
-                self._seen_slow = recorder.wait.count
+                self._fast_seen = self._fast_checkouts()
                 return
             use, wait, create, ops = recorder.drain()
-            acquisitions = guard.gate.acquired
-            slow = recorder.wait.count
             # Checkouts that found a free permit waited 0 s: not buffered one
             # by one, but counted here from the totals.
-            zeros = max(0, (acquisitions - self._seen_acquisitions) - (slow - self._seen_slow))
-            self._seen_acquisitions, self._seen_slow = acquisitions, slow
+            fast = self._fast_checkouts()
+            zeros = max(0, fast - self._fast_seen)
+            self._fast_seen += zeros
         base = self._base()
         system = guard.db_system
+        instruments = self.instruments
         for value in use:
-            self.use_time.record(value, base)
+            instruments.use_time.record(value, base)
         for value in wait:
-            self.wait_time.record(value, base)
+            instruments.wait_time.record(value, base)
         for _ in range(zeros):
-            self.wait_time.record(0.0, base)
+            instruments.wait_time.record(0.0, base)
         for value in create:
-            self.create_time.record(value, base)
+            instruments.create_time.record(value, base)
         for duration, fp, error in ops:
             attrs = {"db.system.name": system, POOL: guard.name}
             if fp.operation:
@@ -204,18 +290,34 @@ class Exporter:
                 attrs["db.collection.name"] = fp.collection
             if error is not None:
                 attrs["error.type"] = error
-            self.operation.record(duration, attrs)
-        if self._legacy:
+            instruments.operation.record(duration, attrs)
+        if self.legacy:
             self._record_legacy(use, wait, zeros, create)
+
+    def _fast_checkouts(self) -> int:
+        """Successful checkouts so far that did not wait, or fewer while some are in flight.
+
+        Checkouts = checkins + connections out now; minus those that waited.
+        Read in this order, a checkout or checkin in flight can only make it
+        low (caught up at the next collection), never high: a checkin leaves
+        ``gate.out`` before ``use`` counts it, a waited checkout is counted
+        in ``wait`` before it enters ``gate.out``, and a checkout granted a
+        permit but not yet recorded is in neither. (Permits granted would
+        count that last one as a checkout that did not wait.)
+        """
+        recorder = self.guard.recorder
+        done = recorder.use.count
+        out = len(self.guard.gate.out)
+        return done + out - recorder.wait.count
 
     def _record_legacy(
         self, use: list[float], wait: list[float], zeros: int, create: list[float]
     ) -> None:
-        base = {"pool.name": self.guard.name}
+        base = self._legacy_base()
         for name, values, extra_zeros in (
             ("use_time", use, 0), ("wait_time", wait, zeros), ("create_time", create, 0)
         ):
-            instrument = self._legacy[name]
+            instrument = self.instruments.legacy[name]
             for value in values:
                 instrument.record(value * 1000, base)
             for _ in range(extra_zeros):
@@ -295,46 +397,11 @@ class Exporter:
 
     # -- older names ----------------------------------------------------------
 
-    def _register_legacy(self, meter: metrics.Meter) -> None:
-        def legacy_base() -> dict[str, str]:
-            return {"pool.name": self.guard.name}
+    def _legacy_base(self) -> dict[str, str]:
+        return {"pool.name": self.guard.name}
 
-        def usage(options: CallbackOptions) -> Iterable[Observation]:
-            if self._closed:
-                return []
-            used, idle, _, _, _ = self._pool_numbers()
-            return [Observation(used, {**legacy_base(), "state": "used"}),
-                    Observation(idle, {**legacy_base(), "state": "idle"})]
-
-        def one(pick: Callable[[], int | None]) -> Callable[[CallbackOptions], list[Observation]]:
-            def callback(options: CallbackOptions) -> list[Observation]:
-                value = None if self._closed else pick()
-                return [] if value is None else [Observation(value, legacy_base())]
-
-            return callback
-
-        meter.create_observable_up_down_counter(
-            "db.client.connections.usage", callbacks=[usage], unit="{connection}",
-            description="Deprecated name of db.client.connection.count.")
-        meter.create_observable_up_down_counter(
-            "db.client.connections.idle.max", callbacks=[one(lambda: self._pool_numbers()[3])],
-            unit="{connection}", description="Deprecated name of db.client.connection.idle.max.")
-        meter.create_observable_up_down_counter(
-            "db.client.connections.idle.min", callbacks=[one(lambda: self._pool_numbers()[4])],
-            unit="{connection}", description="Deprecated name of db.client.connection.idle.min.")
-        meter.create_observable_up_down_counter(
-            "db.client.connections.max", callbacks=[one(lambda: self._pool_numbers()[2])],
-            unit="{connection}", description="Deprecated name of db.client.connection.max.")
-        meter.create_observable_up_down_counter(
-            "db.client.connections.pending_requests",
-            callbacks=[one(lambda: self.guard.gate.waiting)], unit="{request}",
-            description="Deprecated name of db.client.connection.pending_requests.")
-        meter.create_observable_counter(
-            "db.client.connections.timeouts", callbacks=[one(lambda: self.guard.gate.timeouts)],
-            unit="{timeout}", description="Deprecated name of db.client.connection.timeouts.")
-        for name in ("create_time", "wait_time", "use_time"):
-            self._legacy[name] = meter.create_histogram(
-                f"db.client.connections.{name}", unit="ms",
-                description=f"Deprecated name of db.client.connection.{name} (in ms).",
-                explicit_bucket_boundaries_advisory=_LEGACY_MS_BUCKETS,
-            )
+    def _legacy_usage(self) -> Iterable[Observation]:
+        used, idle, _, _, _ = self._pool_numbers()
+        base = self._legacy_base()
+        yield Observation(used, {**base, "state": "used"})
+        yield Observation(idle, {**base, "state": "idle"})
