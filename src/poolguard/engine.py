@@ -6,25 +6,28 @@ import os
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .config import Config
 from .guard import Guard
 from .pool import GuardedPoolMixin, guarded_class
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
     from sqlalchemy.pool import Pool
 
 __all__ = ["get_guard", "unwrap", "wrap"]
 
-E = TypeVar("E", Engine, AsyncEngine)
+# String bounds: importing sqlalchemy.ext.asyncio needs greenlet, which
+# SQLAlchemy 2.1 installs only with its asyncio extra.
+E = TypeVar("E", "Engine", "AsyncEngine")
 
 
 def _sync(engine: Engine | AsyncEngine) -> Engine:
-    if isinstance(engine, AsyncEngine):
-        return engine.sync_engine
     if isinstance(engine, Engine):
         return engine
+    sync_engine = getattr(engine, "sync_engine", None)  # an AsyncEngine
+    if isinstance(sync_engine, Engine):
+        return sync_engine
     raise TypeError(
         f"poolguard expects a sqlalchemy Engine or AsyncEngine, got {type(engine).__name__}"
     )

@@ -20,10 +20,20 @@ __all__ = ["Fingerprint", "fingerprint", "normalize"]
 
 _CACHE_MAX = 4096
 
-_COMMENT = re.compile(r"--[^\n]*|/\*.*?\*/", re.S)
-# Quoted strings: standard '...' with '' escapes (and backslash escapes, as
-# MySQL allows), dollar-quoted $tag$...$tag$, and E'...'/N'...'/X'...' prefixes.
-_STRING = re.compile(r"(?:\b[eEnNxXbB])?'(?:[^'\\]|\\.|'')*'|\$(\w*)\$.*?\$\1\$", re.S)
+# Comments, and quoted strings: '...' with '' escapes, dollar-quoted
+# $tag$...$tag$, and E'...'/N'...'/X'...'/B'...' prefixes. One left-to-right
+# pass finds both, so that '--' inside a string or a quote inside a comment is
+# read for what it is. Whether a backslash escapes the next character depends
+# on the database (MySQL: always; PostgreSQL and standard SQL: only in E'...'),
+# so there is one lexer for each reading, and whatever either takes for a
+# literal or a comment goes (see _strip): no reading can leave a literal behind.
+_COMMENT = r"(--[^\n]*|/\*.*?\*/)"
+_ESCAPED = r"'(?:[^'\\]|\\.|'')*'"
+_DOLLAR = r"\$(\w*)\$.*?\$\2\$"
+_LEXERS = (
+    re.compile(rf"{_COMMENT}|(?:\b[eEnNxXbB])?{_ESCAPED}|{_DOLLAR}", re.S),
+    re.compile(rf"{_COMMENT}|\b[eE]{_ESCAPED}|(?:\b[nNxXbB])?'(?:[^']|'')*'|{_DOLLAR}", re.S),
+)
 _NUMBER = re.compile(
     r"(?<![\w$.?])[-+]?(?:0[xX][0-9a-fA-F]+|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+)\b"
 )
@@ -62,10 +72,29 @@ class Fingerprint(NamedTuple):
         return f"{self.operation} {self.collection}".strip() or self.text[:40]
 
 
+def _strip(text: str) -> str:
+    """``text`` with strings replaced by ``?`` and comments by a space (both readings)."""
+    spans = sorted(
+        (m.start(), m.end(), m.group(1) is None) for lexer in _LEXERS for m in lexer.finditer(text)
+    )
+    out: list[str] = []
+    pos = i = 0
+    while i < len(spans):
+        start, end, literal = spans[i]
+        i += 1
+        while i < len(spans) and spans[i][0] < end:  # overlapping readings: take both
+            end = max(end, spans[i][1])
+            literal = literal or spans[i][2]
+            i += 1
+        out += (text[pos:start], "?" if literal else " ")
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def normalize(statement: str) -> str:
     """The statement with literals, parameters and list lengths replaced by ``?``."""
-    text = _COMMENT.sub(" ", statement)
-    text = _STRING.sub("?", text)
+    text = _strip(statement)
     text = _NUMBER.sub("?", text)
     text = _PARAM.sub("?", text)
     text = _LIST.sub(r"\1 (?...)", text)
@@ -89,7 +118,7 @@ def fingerprint(statement: str) -> Fingerprint:
         id=hashlib.blake2b(text.encode(), digest_size=8).hexdigest(),
         text=text[:300],
         operation=op.group(1).upper() if op else "",
-        collection=coll.group(1).replace('"', "").replace("`", "").strip("[]") if coll else "",
+        collection=re.sub(r'["`\[\]]', "", coll.group(1)) if coll else "",
     )
     with _cache_lock:
         if len(_cache) >= _CACHE_MAX:

@@ -30,6 +30,7 @@ from typing import Any
 
 from ._compat import await_only
 from .policies import CRITICAL, HEALTH, NORMAL, Codel, Gradient2, may_take, rank
+from .recorder import REQUEST
 
 __all__ = ["Gate"]
 
@@ -187,7 +188,16 @@ class Gate:
             self.reserved = reserved
             self.max_waiting = dict(max_waiting or {})
             self.codel = codel
-            self.tag_caps = dict(tag_caps or {})
+            old_caps, self.tag_caps = self.tag_caps, dict(tag_caps or {})
+            # A tag that stays capped keeps its count; one capped anew is
+            # counted from the connections out now (uncapped, nothing counted).
+            counts = {t: n for t, n in self.tag_in_use.items() if t in old_caps}
+            fresh = self.tag_caps.keys() - old_caps.keys()
+            for hold in list(self.out.values()) if fresh else ():
+                request = hold[REQUEST]
+                if request is not None and request.tag in fresh:
+                    counts[request.tag] = counts.get(request.tag, 0) + 1
+            self.tag_in_use = {t: n for t, n in counts.items() if t in self.tag_caps}
             self.adaptive = adaptive
             on = bool(
                 reserved or codel or self.tag_caps or adaptive
@@ -195,6 +205,8 @@ class Gate:
             )
             self.policy_on = on and self._tokens is not None and not self.closed
             self.take = _empty if self.policy_on else self._take_token
+        if self.waiters:  # a relaxed policy may let waiters through now
+            self._wake()
 
     def sample_hold(self, held: float) -> None:
         """Feed a hold time to the adaptive limit (when on)."""
@@ -292,7 +304,7 @@ class Gate:
             free = len(tokens)
             best: _Waiter | None = None
             for waiter in self.waiters:
-                if not self._eligible(waiter.priority, free):
+                if not self._eligible(waiter.priority, free) or self._tag_full(waiter.tag):
                     continue
                 if best is None or rank(waiter.priority) < rank(best.priority) or (
                     lifo and rank(waiter.priority) == rank(best.priority)
@@ -310,6 +322,11 @@ class Gate:
         if not self.waiters and self.codel is not None:
             self.codel.on_empty(now)
 
+    def _tag_full(self, tag: str | None, queued: int = 0) -> bool:
+        # Under the lock: ``tag`` holds its cap (with ``queued`` of its waiters).
+        cap = self.tag_caps.get(tag) if tag is not None else None
+        return cap is not None and self.tag_in_use.get(tag, 0) + queued >= cap  # type: ignore[arg-type]
+
     def _count_tag(self, tag: str | None) -> None:
         if tag is not None and tag in self.tag_caps:
             self.tag_in_use[tag] = self.tag_in_use.get(tag, 0) + 1
@@ -318,11 +335,13 @@ class Gate:
         """Policy admission without waiting; raises :class:`Refused` to shed."""
         tokens = self._tokens
         assert tokens is not None
-        cap = self.tag_caps.get(tag) if tag is not None else None
-        if cap is not None and self.tag_in_use.get(tag, 0) >= cap:  # type: ignore[arg-type]
+        # The tag's waiters count against its cap: each will hold a connection.
+        if tag in self.tag_caps and self._tag_full(tag, sum(w.tag == tag for w in self.waiters)):
             raise Refused("tag_limit")
         my_rank = rank(priority)
-        queued_ahead = any(rank(w.priority) <= my_rank for w in self.waiters)
+        queued_ahead = any(
+            rank(w.priority) <= my_rank and not self._tag_full(w.tag) for w in self.waiters
+        )
         if not queued_ahead and self._eligible(priority, len(tokens)):
             tokens.pop()
             self._count_tag(tag)
@@ -408,8 +427,10 @@ class Gate:
         else:
             self.waiters.pop()  # ours: appends happen only under the lock
             return None
-        if timeout <= 0:
+        if timeout <= 0 or waiter.priority == HEALTH:
             self.waiters.pop()
+            if waiter.priority == HEALTH:  # the health lane never waits, policy or not
+                raise Refused("health_busy")
         return timeout
 
     def _wait(self, waiter: _Waiter, timeout: float) -> None:

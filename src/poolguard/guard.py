@@ -119,6 +119,7 @@ class Guard:
         self._next_scan = 0.0
         self._async = False
         self.exporter: Any = None
+        self._exporter_settings: tuple[Any, ...] = ()
         self._setup()
 
     # -- set-up ---------------------------------------------------------------
@@ -295,19 +296,29 @@ class Guard:
         self._update_slow_at()
 
     def _attach_engine(self, engine: Engine) -> None:
-        """Time the engine's statements (once per engine)."""
-        if self._engine is engine:
-            return
-        from .queries import QueryTimer
+        """Time the engine's statements (once per engine); metrics as configured."""
+        if self._engine is not engine:
+            from .queries import QueryTimer
 
-        if self._queries is not None:
-            self._queries.remove()
-        self._engine = engine
-        self._queries = QueryTimer(self, engine)
-        if self.config.metrics and self.exporter is None:
+            if self._queries is not None:
+                self._queries.remove()
+            self._engine = engine
+            self._queries = QueryTimer(self, engine)
+        self._setup_exporter()
+
+    def _setup_exporter(self) -> None:
+        # A second wrap() may change metrics, metrics_legacy_names or
+        # meter_provider: start over with the new ones.
+        cfg = self.config
+        wanted = (cfg.metrics, cfg.metrics_legacy_names, cfg.meter_provider)
+        if self.exporter is not None and self._exporter_settings != wanted:
+            self.exporter.close()
+            self.exporter = None
+        if cfg.metrics and self.exporter is None:
             from .otel import Exporter
 
             self.exporter = Exporter(self)
+        self._exporter_settings = wanted
 
     def _time_creator(self, pool: Pool) -> None:
         # Connection set-up (db.client.connection.create_time), retried within
@@ -630,13 +641,14 @@ class Guard:
         return groups
 
     def exhausted(self, reason: str) -> list[HolderGroup]:
-        """Build the holders report and log ``pool.exhausted`` (at most every 10 s)."""
+        """Count the pool running dry, build the holders report, and log
+        ``pool.exhausted`` (at most every 10 s)."""
+        with self._lock:
+            self.exhaustion_events += 1
         groups = self.holders_report()
         now = perf_counter()
         if now - self._exhausted_logged_at >= _EXHAUSTED_LOG_INTERVAL:
             self._exhausted_logged_at = now
-            with self._lock:
-                self.exhaustion_events += 1
             gate = self.gate
             self.log.emit(
                 logging.WARNING,
@@ -786,7 +798,12 @@ class Guard:
             leak_warnings=leaks,
             use_time=self.recorder.use.snapshot(),
             wait_time=self.recorder.wait.snapshot(
-                extra_zeros=max(0, acquisitions - self.recorder.wait.count)
+                # Checkouts that never waited: returned ones plus those out
+                # now, less those that waited (the exporter counts alike).
+                extra_zeros=max(
+                    0,
+                    self.recorder.use.count + len(gate.out) - self.recorder.wait.count,
+                )
             ),
             create_time=self.recorder.create.snapshot(),
         )

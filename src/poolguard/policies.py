@@ -78,7 +78,12 @@ def parse_tag_limits(text: str) -> dict[str, float]:
         tag, sep, value = part.partition("=")
         if not sep or not tag.strip():
             raise ValueError(f"expected tag=limit pairs separated by commas, got {part!r}")
-        limits[tag.strip()] = float(value)
+        try:
+            limits[tag.strip()] = float(value)
+        except ValueError:
+            raise ValueError(
+                f"limit of tag {tag.strip()!r} must be a number, got {value.strip()!r}"
+            ) from None
     return limits
 
 

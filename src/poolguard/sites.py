@@ -22,30 +22,46 @@ if TYPE_CHECKING:
 __all__ = ["current_site", "frame_site", "task_site", "thread_site"]
 
 
-def _prefixes() -> tuple[str, ...]:
-    import greenlet  # type: ignore[import-untyped, unused-ignore]
-    import sqlalchemy
+#: Packages whose frames are never the application's: SQLAlchemy, poolguard,
+#: greenlet, the DB drivers and what they run on.
+_LIBRARIES = (
+    "sqlalchemy", "greenlet", "psycopg", "psycopg2", "psycopg_pool", "pymysql", "MySQLdb",
+    "asyncpg", "aiosqlite", "aiomysql", "asyncmy", "oracledb", "pyodbc", "structlog",
+    "opentelemetry", "tenacity",
+)
+_SITE_DIRS = ("site-packages", "dist-packages")
 
-    dirs = {
-        os.path.dirname(os.path.abspath(__file__)),
-        os.path.dirname(os.path.abspath(sqlalchemy.__file__)),
-        os.path.dirname(os.path.abspath(greenlet.__file__)),
-    }
-    for key in ("stdlib", "platstdlib"):
-        path = sysconfig.get_paths().get(key)
+
+def _prefixes() -> tuple[str, ...]:
+    dirs = {os.path.dirname(os.path.abspath(__file__))}
+    for name in _LIBRARIES:
+        module = sys.modules.get(name)
+        path = getattr(module, "__file__", None)
         if path:
-            dirs.add(os.path.abspath(path))
+            dirs.add(os.path.dirname(os.path.abspath(path)))
     return tuple(d + os.sep for d in dirs)
 
 
-_INTERNAL: tuple[str, ...] | None = None
+def _stdlib() -> tuple[str, ...]:
+    paths = {sysconfig.get_paths().get(key) for key in ("stdlib", "platstdlib")}
+    return tuple(os.path.abspath(p) + os.sep for p in paths if p)
+
+
+_INTERNAL: tuple[str, ...] = ()
+_LOADED = -1
+_STDLIB = _stdlib()
 
 
 def _internal(filename: str) -> bool:
-    global _INTERNAL  # noqa: PLW0603 - computed once, on first use
-    if _INTERNAL is None:
-        _INTERNAL = _prefixes()
-    return filename.startswith(_INTERNAL) or filename.startswith("<")
+    global _INTERNAL, _LOADED
+    loaded = sum(name in sys.modules for name in _LIBRARIES)
+    if loaded != _LOADED:
+        _INTERNAL, _LOADED = _prefixes(), loaded
+    if filename.startswith(_INTERNAL) or filename.startswith("<"):
+        return True
+    # The standard library, but not packages installed into the base
+    # interpreter's site-packages (under the stdlib directory in some layouts).
+    return filename.startswith(_STDLIB) and not any(d in filename for d in _SITE_DIRS)
 
 
 def _describe(frame: FrameType) -> str:
@@ -66,12 +82,33 @@ def frame_site(frame: FrameType | None) -> str | None:
 
 
 def current_site(skip: int = 1) -> str | None:
-    """The application frame that called into SQLAlchemy on this thread."""
+    """The application frame that called into SQLAlchemy on this thread.
+
+    Under asyncio, SQLAlchemy runs pool and execute code in a greenlet whose
+    frames end where the greenlet started; the application awaits in the
+    parent greenlet, suspended where it switched, so the search goes on there.
+    """
     try:
         frame = sys._getframe(skip)
     except ValueError:
         return None
-    return frame_site(frame)
+    return frame_site(frame) or _parent_greenlet_site()
+
+
+def _parent_greenlet_site() -> str | None:
+    try:
+        from greenlet import getcurrent  # type: ignore[import-untyped, unused-ignore]
+    except ImportError:
+        return None
+    parent = getcurrent().parent
+    for _ in range(8):  # bounded: greenlets nest a level or two deep
+        if parent is None:
+            return None
+        site = frame_site(parent.gr_frame)
+        if site is not None:
+            return site
+        parent = parent.parent
+    return None
 
 
 def thread_site(thread_id: int) -> str | None:

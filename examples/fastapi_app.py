@@ -1,0 +1,170 @@
+"""A FastAPI service that degrades instead of failing when its pool fills up.
+
+One guarded engine with the README's load-shedding policies, and a route
+mapping that gives each endpoint a priority, a tag and a deadline::
+
+    pip install poolguard fastapi uvicorn      # the ASGI middleware needs no extra
+    python examples/fastapi_app.py                      # SQLite file in a temp dir, port 8000
+    python examples/fastapi_app.py --url postgresql+psycopg://postgres@127.0.0.1/test
+
+Then fill the pool with slow reports and watch the rest of the service::
+
+    for i in $(seq 20); do curl -s localhost:8000/reports >/dev/null & done; sleep 0.5
+    curl -si localhost:8000/reports              # 503 + Retry-After, at once (bulkhead)
+    curl -si -X POST 'localhost:8000/login?user=alice'   # 200: reserved capacity
+    curl -s localhost:8000/catalog               # from cache if the pool sheds it
+    curl -s localhost:8000/healthz               # at once, with the pool's numbers
+
+``/reports`` holds its connection ``--report-seconds`` (``pg_sleep`` on
+PostgreSQL; on SQLite a Python-side sleep while the session holds it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from fastapi import FastAPI, HTTPException
+from sqlalchemy.orm import Session
+
+import poolguard
+from poolguard.integrations.asgi import install
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+#: Priority, tag and deadline per route; the first match wins.
+ROUTES: dict[str, dict[str, Any]] = {
+    "POST /login": {"priority": "critical", "tag": "login", "timeout": 0.8},
+    "GET /reports/*": {"priority": "background", "tag": "reports"},
+    "GET /catalog": {"priority": "normal", "tag": "catalog", "timeout": 0.5},
+    "/healthz": {"priority": "health"},
+}
+#: Everything else: normal priority, two seconds.
+DEFAULT_ROUTE: dict[str, Any] = {"timeout": 2.0}
+
+metadata = sa.MetaData()
+accounts = sa.Table(
+    "example_accounts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(50), nullable=False, unique=True),
+)
+products = sa.Table(
+    "example_products",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(50), nullable=False),
+)
+
+
+def make_engine(url: str, pool_size: int) -> sa.Engine:
+    """A guarded engine with the README's load-shedding policies, and its tables."""
+    engine = poolguard.wrap(
+        sa.create_engine(url, pool_size=pool_size, max_overflow=0),
+        name="example-db",
+        acquire_timeout=2,
+        reserved_critical=2,  # connections only critical work (logins) may take
+        tag_limits={"reports": 0.5},  # reports hold at most half the pool
+        max_waiting_background=0,  # background work never queues
+        codel=True,  # shed queue delay; newest first while overloaded
+    )
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        if conn.execute(sa.select(sa.func.count()).select_from(accounts)).scalar_one() == 0:
+            conn.execute(sa.insert(accounts), [{"name": n} for n in ("alice", "bob")])
+            conn.execute(sa.insert(products), [{"name": f"product {i}"} for i in range(5)])
+    return engine
+
+
+def create_app(
+    url: str | None = None, *, pool_size: int = 10, report_seconds: float = 2.0
+) -> FastAPI:
+    """The service; ``url`` defaults to a SQLite file in a temporary directory."""
+    if url is None:
+        url = f"sqlite:///{Path(tempfile.mkdtemp()) / 'example.sqlite3'}"
+    engine = make_engine(url, pool_size)
+    guard = poolguard.get_guard(engine)
+    catalog_cache: list[str] = []
+
+    app = FastAPI(title="poolguard example")
+    install(app, routes=ROUTES, default=DEFAULT_ROUTE)
+
+    @app.post("/login")
+    def login(user: str = "alice") -> dict[str, Any]:
+        with Session(engine) as session:
+            found = session.execute(
+                sa.select(accounts.c.id).where(accounts.c.name == user)
+            ).scalar_one_or_none()
+        if found is None:
+            raise HTTPException(status_code=401, detail="unknown user")
+        return {"user": user, "ok": True}
+
+    @app.get("/reports")
+    def report() -> dict[str, Any]:
+        with Session(engine) as session:
+            count = session.execute(sa.select(sa.func.count()).select_from(products)).scalar()
+            if engine.dialect.name == "postgresql":
+                session.execute(sa.text("SELECT pg_sleep(:s)"), {"s": report_seconds})
+            else:
+                time.sleep(report_seconds)  # the session keeps its connection meanwhile
+        return {"products": count}
+
+    def catalog_from_cache() -> dict[str, Any]:
+        return {"source": "cache", "products": catalog_cache}
+
+    @app.get("/catalog")
+    @poolguard.fallback(factory=catalog_from_cache)
+    def catalog() -> dict[str, Any]:
+        with Session(engine) as session:
+            names = list(session.execute(sa.select(products.c.name)).scalars())
+        catalog_cache[:] = names
+        return {"source": "db", "products": names}
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        stats = guard.stats()
+        with poolguard.fallback() as probe, engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))  # health priority: never waits
+        return {
+            "status": "ok",
+            "db": "busy" if probe.triggered else "ok",
+            "in_use": stats.in_use,
+            "capacity": stats.capacity,
+            "waiting": stats.waiting,
+        }
+
+    return app
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="database URL (default: a SQLite file in a temp dir)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--pool-size", type=int, default=10)
+    parser.add_argument(
+        "--report-seconds",
+        type=float,
+        default=2.0,
+        help="how long /reports holds its connection (default 2)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve the example with uvicorn until interrupted."""
+    import uvicorn
+
+    args = parse_args(argv)
+    app = create_app(args.url, pool_size=args.pool_size, report_seconds=args.report_seconds)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()
