@@ -21,7 +21,6 @@ PostgreSQL; on SQLite a Python-side sleep while the session holds it).
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -32,53 +31,11 @@ from flask import Flask, request
 from sqlalchemy.orm import Session
 
 import poolguard
+from _example_db import DEFAULT_ROUTE, ROUTES, accounts, make_engine, parse_args, products
 from poolguard.integrations.wsgi import install
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-
-#: Priority, tag and deadline per route; the first match wins.
-ROUTES: dict[str, dict[str, Any]] = {
-    "POST /login": {"priority": "critical", "tag": "login", "timeout": 0.8},
-    "GET /reports/*": {"priority": "background", "tag": "reports"},
-    "GET /catalog": {"priority": "normal", "tag": "catalog", "timeout": 0.5},
-    "/healthz": {"priority": "health"},
-}
-#: Everything else: normal priority, two seconds.
-DEFAULT_ROUTE: dict[str, Any] = {"timeout": 2.0}
-
-metadata = sa.MetaData()
-accounts = sa.Table(
-    "example_accounts",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("name", sa.String(50), nullable=False, unique=True),
-)
-products = sa.Table(
-    "example_products",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("name", sa.String(50), nullable=False),
-)
-
-
-def make_engine(url: str, pool_size: int) -> sa.Engine:
-    """A guarded engine with the README's load-shedding policies, and its tables."""
-    engine = poolguard.wrap(
-        sa.create_engine(url, pool_size=pool_size, max_overflow=0),
-        name="example-db",
-        acquire_timeout=2,
-        reserved_critical=2,  # connections only critical work (logins) may take
-        tag_limits={"reports": 0.5},  # reports hold at most half the pool
-        max_waiting_background=0,  # background work never queues
-        codel=True,  # shed queue delay; newest first while overloaded
-    )
-    metadata.create_all(engine)
-    with engine.begin() as conn:
-        if conn.execute(sa.select(sa.func.count()).select_from(accounts)).scalar_one() == 0:
-            conn.execute(sa.insert(accounts), [{"name": n} for n in ("alice", "bob")])
-            conn.execute(sa.insert(products), [{"name": f"product {i}"} for i in range(5)])
-    return engine
 
 
 def create_app(
@@ -142,25 +99,9 @@ def create_app(
     return app
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Command-line options."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", help="database URL (default: a SQLite file in a temp dir)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    parser.add_argument("--pool-size", type=int, default=10)
-    parser.add_argument(
-        "--report-seconds",
-        type=float,
-        default=2.0,
-        help="how long /reports holds its connection (default 2)",
-    )
-    return parser.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Serve the example with Werkzeug's threaded server until interrupted."""
-    args = parse_args(argv)
+    args = parse_args(__doc__.split("\n\n")[0], argv)
     app = create_app(args.url, pool_size=args.pool_size, report_seconds=args.report_seconds)
     app.run(host=args.host, port=args.port, threaded=True)
 
