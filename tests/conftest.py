@@ -35,6 +35,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
 REQUIRE_DATABASES_ENV = "POOLGUARD_REQUIRE_DATABASES"
@@ -289,3 +290,20 @@ def async_db_url(request: pytest.FixtureRequest) -> str:
     """An asyncio database URL, once per backend: aiosqlite, asyncpg."""
     url: str = request.getfixturevalue(f"{request.param}_url")
     return url
+
+
+@pytest.fixture
+def structlog_unconfigured() -> Iterator[None]:
+    """structlog not configured, so poolguard's events go to the stdlib logger
+    ``poolguard`` (caplog sees them); the previous set-up is restored after."""
+    import structlog
+
+    was_configured = structlog.is_configured()
+    saved = structlog.get_config()
+    saved["processors"] = list(saved["processors"])
+    structlog.reset_defaults()
+    yield
+    if was_configured:
+        structlog.configure(**saved)
+    else:
+        structlog.reset_defaults()

@@ -19,13 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import sqlalchemy as sa
-import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import poolguard
 from poolguard import AlertEvent
 from poolguard.alerts import Alert
+
+#: Events go to the stdlib logger: structlog not configured (see conftest).
+pytestmark = pytest.mark.usefixtures("structlog_unconfigured")
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -174,18 +176,6 @@ def test_events_strictly_alternate_fire_and_clear(
 # -- through the guard ----------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _structlog_unconfigured() -> Iterator[None]:
-    """Events go to the stdlib logger: structlog not configured (its set-up restored after)."""
-    was_configured = structlog.is_configured()
-    saved = structlog.get_config()
-    saved["processors"] = list(saved["processors"])
-    structlog.reset_defaults()
-    yield
-    if was_configured:
-        structlog.configure(**saved)
-    else:
-        structlog.reset_defaults()
 
 
 @pytest.fixture

@@ -21,13 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import sqlalchemy as sa
-import structlog
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
 
 import poolguard
 from poolguard.fingerprint import fingerprint
 from poolguard.holders import Holder, describe_groups, group_holders
+
+#: Events go to the stdlib logger: structlog not configured (see conftest).
+pytestmark = pytest.mark.usefixtures("structlog_unconfigured")
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -43,18 +45,6 @@ HERE = os.path.relpath(__file__)  # how poolguard shows this file in a site
 # -- helpers ------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _structlog_unconfigured() -> Iterator[None]:
-    """Events go to the stdlib logger: structlog not configured (its set-up restored after)."""
-    was_configured = structlog.is_configured()
-    saved = structlog.get_config()
-    saved["processors"] = list(saved["processors"])
-    structlog.reset_defaults()
-    yield
-    if was_configured:
-        structlog.configure(**saved)
-    else:
-        structlog.reset_defaults()
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import sqlalchemy as sa
-import structlog
 
 import poolguard
 from poolguard.fingerprint import fingerprint
@@ -31,7 +30,7 @@ if TYPE_CHECKING:
 
     from poolguard import Guard
 
-pytestmark = pytest.mark.postgresql
+pytestmark = [pytest.mark.postgresql, pytest.mark.usefixtures("structlog_unconfigured")]
 
 POOL_SIZE = 4
 ACQUIRE_TIMEOUT = 0.5
@@ -58,18 +57,6 @@ def _culprit_site() -> str:
     return f"{os.path.relpath(__file__)}:{start + offset} in verify_session_token_unoptimized"
 
 
-@pytest.fixture(autouse=True)
-def _structlog_unconfigured() -> Iterator[None]:
-    """Events go to the stdlib logger: structlog not configured (its set-up restored after)."""
-    was_configured = structlog.is_configured()
-    saved = structlog.get_config()
-    saved["processors"] = list(saved["processors"])
-    structlog.reset_defaults()
-    yield
-    if was_configured:
-        structlog.configure(**saved)
-    else:
-        structlog.reset_defaults()
 
 
 @pytest.fixture

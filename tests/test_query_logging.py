@@ -22,6 +22,9 @@ import structlog
 import poolguard
 from poolguard.fingerprint import fingerprint
 
+#: Events go to the stdlib logger: structlog not configured (see conftest).
+pytestmark = pytest.mark.usefixtures("structlog_unconfigured")
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
@@ -33,18 +36,6 @@ if TYPE_CHECKING:
 # -- fixtures and helpers ----------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _structlog_unconfigured() -> Iterator[None]:
-    """Every test starts with structlog not configured; its set-up is restored after."""
-    was_configured = structlog.is_configured()
-    saved = structlog.get_config()
-    saved["processors"] = list(saved["processors"])
-    structlog.reset_defaults()
-    yield
-    if was_configured:
-        structlog.configure(**saved)
-    else:
-        structlog.reset_defaults()
 
 
 @pytest.fixture
