@@ -133,6 +133,12 @@ class CircuitBreaker:
             return True, entered
         return True, entered
 
+    def forfeit(self) -> None:
+        """A probe let through never reached the database (shed at the gate):
+        its outcome will never come, so let another caller probe instead."""
+        if self.state == HALF_OPEN and self._probes_left < self.config.half_open_calls:
+            self._probes_left += 1
+
     def record(self, failed: bool, duration: float, now: float) -> str | None:
         """Record one call's outcome; return the state entered, if any."""
         slow = duration >= self.config.slow_call_duration

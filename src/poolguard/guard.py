@@ -448,6 +448,12 @@ class Guard:
                 timeout, asyncio_mode=bool(pool._is_asyncio), priority=priority, tag=tag
             )
         except Refused as refused:
+            breaker = self.breaker
+            if breaker is not None and self.gate.tripped:
+                # A half-open probe shed before it reached the database would
+                # otherwise hold its probe slot forever.
+                with self._breaker_lock:
+                    breaker.forfeit()
             raise self._shed(refused.reason, priority) from None
         waited = perf_counter() - start
         self._interval_wait_max = max(self._interval_wait_max, waited)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 
+from .context import _current
 from .errors import DeadlineExceeded, StatementTimeout
 from .fingerprint import fingerprint
 from .histogram import BOUNDS
@@ -74,6 +75,8 @@ class QueryTimer:
             if name in attrs:  # another wrapper (or a test double) is there: leave it
                 continue
             setattr(dialect, name, self._wrap(getattr(dialect, name), context_at))
+        if "do_ping" not in attrs:
+            setattr(dialect, "do_ping", self._wrap_ping(dialect.do_ping))  # noqa: B010
         self.engine = engine
         self._converting = False
         self._convert_lock = threading.Lock()
@@ -92,7 +95,7 @@ class QueryTimer:
         if event.contains(self.engine, "handle_error", self._convert_error):
             event.remove(self.engine, "handle_error", self._convert_error)
         attrs = self.dialect.__dict__
-        for name in _METHODS:
+        for name in (*_METHODS, "do_ping"):
             fn = attrs.get(name)
             if fn is not None and getattr(fn, "_poolguard_timer", None) is self:
                 del attrs[name]
@@ -175,6 +178,39 @@ class QueryTimer:
 
         timed._poolguard_timer = self  # type: ignore[attr-defined]
         return timed
+
+    def _wrap_ping(self, inner: Callable[[Any], bool]) -> Callable[[Any], bool]:
+        # pool_pre_ping pings inside the checkout, outside any statement: a
+        # request's deadline bounds it with the same client-side watchdog, or
+        # a server that accepts and never answers would hold the caller forever.
+        guard = self.guard
+
+        def ping(dbapi_connection: Any) -> bool:
+            request = _current.get()
+            if request is None or request.deadline is None:
+                return inner(dbapi_connection)
+            left = request.deadline - time.monotonic()
+            cut: list[bool] = []
+
+            def cut_it() -> None:
+                cut.append(True)
+                kill_socket(dbapi_connection)
+
+            entry = watchdog.schedule(perf_counter() + max(left, 0.0) + KILL_GRACE, cut_it)
+            try:
+                return inner(dbapi_connection)
+            except Exception:
+                if cut:  # the pool discards the connection: the checkout fails
+                    raise DeadlineExceeded(
+                        f"pool {guard.name!r}: the database did not answer the pre-ping by "
+                        "the request's deadline; the connection was cut and is discarded"
+                    ) from None
+                raise
+            finally:
+                watchdog.cancel(entry)
+
+        ping._poolguard_timer = self  # type: ignore[attr-defined]
+        return ping
 
     def _limit(
         self, cursor: DBAPICursor, statement: str, hold: Hold, context: Any

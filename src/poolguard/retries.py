@@ -85,15 +85,24 @@ class _retry_transient(retry_base):  # noqa: N801 - tenacity's naming
         error = outcome.exception()
         if error is None or not default_classifier(error):
             return False
-        # tenacity asks this before its stop condition: spend the budget only
-        # on a retry that will happen.
+        # tenacity asks this before its stop conditions, which spend the
+        # budget (see _stop_without_budget).
         if retry_state.attempt_number >= self.attempts:
             return False
         request = _current.get()
         deadline = request.deadline if request is not None else None
-        if deadline is not None and time.monotonic() >= deadline:
-            return False
-        return self.budget.try_spend()
+        return deadline is None or time.monotonic() < deadline
+
+
+class _stop_without_budget(stop_base):  # noqa: N801 - tenacity's naming
+    # Last of the stop conditions (tenacity asks them in order and stops at
+    # the first that says stop, after computing the sleep): the budget pays
+    # only for a retry that the attempt limit and the deadline let happen.
+    def __init__(self, budget: RetryBudget) -> None:
+        self.budget = budget
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return not self.budget.try_spend()
 
 
 def connect_with_retries(
@@ -106,7 +115,7 @@ def connect_with_retries(
 ) -> Any:
     """Call ``connect(record)``, retrying transient failures as described above."""
     retrying = Retrying(
-        stop=stop_after_attempt(retries + 1) | _stop_at_deadline(),
+        stop=stop_after_attempt(retries + 1) | _stop_at_deadline() | _stop_without_budget(budget),
         wait=wait_exponential(multiplier=0.05, max=1.0) + wait_random(0, 0.05),
         retry=_retry_transient(budget, retries + 1),
         reraise=True,
