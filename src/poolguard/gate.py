@@ -164,6 +164,8 @@ class Gate:
         self.tag_in_use: dict[str, int] = {}
         #: Adaptive limit below capacity for non-critical callers, or None.
         self.adaptive: Gradient2 | None = None
+        #: A checkin must call :meth:`on_checkin` (tag caps or adaptive limit on).
+        self.policy_checkin = False
         # Waiting counters, updated under the lock (slow path only).
         self.waits = 0
         self.wait_total = 0.0
@@ -199,6 +201,7 @@ class Gate:
                     counts[request.tag] = counts.get(request.tag, 0) + 1
             self.tag_in_use = {t: n for t, n in counts.items() if t in self.tag_caps}
             self.adaptive = adaptive
+            self.policy_checkin = bool(self.tag_caps) or adaptive is not None
             on = bool(
                 reserved or codel or self.tag_caps or adaptive
                 or any(v is not None for v in self.max_waiting.values())
@@ -207,6 +210,13 @@ class Gate:
             self.take = _empty if self.policy_on else self._take_token
         if self.waiters:  # a relaxed policy may let waiters through now
             self._wake()
+
+    def on_checkin(self, request: Any, held: float) -> None:
+        """A connection comes back: its tag's slot, the adaptive limit's sample."""
+        if self.tag_caps and request is not None:
+            self.untag(request.tag)
+        if self.adaptive is not None:
+            self.sample_hold(held)
 
     def sample_hold(self, held: float) -> None:
         """Feed a hold time to the adaptive limit (when on)."""
@@ -478,6 +488,7 @@ class Gate:
         with self._lock:
             self.closed = True
             self.policy_on = False
+            self.policy_checkin = False
             self.take = itertools.repeat(None).__next__
             self._give = _discard
             self.out.clear()

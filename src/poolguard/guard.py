@@ -214,6 +214,7 @@ class Guard:
 
     def _breaker_changed(self, state: str) -> None:
         self.gate.tripped = state != CLOSED
+        self._update_slow_at()
         level = logging.WARNING if state == OPEN else logging.INFO
         breaker = self.breaker
         self.log.emit(
@@ -245,7 +246,8 @@ class Guard:
         )
 
     def _update_slow_at(self) -> None:
-        extras = self.config.capture_call_sites or self._async
+        # tripped: a half-open probe's checkout records its outcome there.
+        extras = self.config.capture_call_sites or self._async or self.gate.tripped
         self.gate.slow_at = float("-inf") if extras else self._next_scan
 
     @property
@@ -530,6 +532,8 @@ class Guard:
                 hold[TASK] = None
         if self.config.capture_call_sites:
             hold[SITE] = current_site(3)
+        if self.gate.tripped:  # a half-open probe got a working connection
+            self.breaker_record(None, 0.0)
         self.maybe_scan(now)
 
     def after_checkin(self, hold: Hold, held: float) -> None:

@@ -119,10 +119,8 @@ class GuardedPoolMixin(Pool):
         # recorder.new_hold(), spelled out: one list display, no call.
         hold = out[record] = [now, wait, get_ident(), request, None, 0.0, None, -1.0,
                               None, None, False]
-        if now >= gate.slow_at:
+        if now >= gate.slow_at:  # a scan is due, or per-checkout extras are on
             self._poolguard.after_checkout(hold, now)  # type: ignore[union-attr]
-        if gate.tripped:  # a half-open probe got a working connection
-            self._poolguard.breaker_record(None, 0.0)  # type: ignore[union-attr]
         return conn
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
@@ -133,15 +131,14 @@ class GuardedPoolMixin(Pool):
             if gate is not None:
                 hold: Hold | None = gate.out.pop(record, None)
                 if hold is not None:
+                    held = perf_counter() - hold[T0]
+                    if gate.policy_checkin:  # tag bulkheads, adaptive limit
+                        gate.on_checkin(hold[REQUEST], held)
                     # Gate.release(), inlined: this runs on every checkin. The
                     # use-time histogram below counts the release.
-                    if gate.tag_caps:
-                        request = hold[REQUEST]
-                        gate.untag(request.tag if request is not None else None)
                     gate._give(None)
                     if gate.waiters:
                         gate._wake()
-                    held = perf_counter() - hold[T0]
                     recorder = gate.recorder
                     # Histogram.add(), inlined.
                     use = recorder.use
@@ -152,8 +149,6 @@ class GuardedPoolMixin(Pool):
                     buf = recorder.export_use
                     if buf is not None:
                         buf.append(held)
-                    if gate.adaptive is not None:
-                        gate.sample_hold(held)
                     stat = hold[TOP_STAT]
                     if stat is not None:  # connection-seconds of its main statement
                         stat.held += held
