@@ -474,7 +474,9 @@ class Guard:
         """Seconds after which a shed request has a fair chance: the queue ahead
         drained at the pool's mean hold time (0.1 s to 30 s)."""
         gate = self.gate
-        mean = self.recorder.use.snapshot().mean
+        use = self.recorder.use
+        count = use.count
+        mean = use.sum / count if count else 0.0  # not snapshot(): no quantiles on a shed
         capacity = gate.capacity or 1
         return min(30.0, max(0.1, mean * (gate.waiting + 1) / capacity))
 
