@@ -18,7 +18,10 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 
-__all__ = ["CLOSED", "HALF_OPEN", "OPEN", "BreakerConfig", "CircuitBreaker", "default_classifier"]
+__all__ = [
+    "CLOSED", "HALF_OPEN", "OPEN", "BreakerConfig", "CircuitBreaker", "TagBreaker",
+    "default_classifier",
+]
 
 CLOSED = "closed"
 OPEN = "open"
@@ -175,6 +178,32 @@ class CircuitBreaker:
         else:
             self._window.clear()
         return state
+
+
+class TagBreaker(CircuitBreaker):
+    """The breaker of one request tag (``breaker_per_tag``).
+
+    Its probes' outcomes are their statements, not their checkouts; a probe
+    that runs no statement would leave it half-open for good, so once
+    ``wait_in_open`` passes with probe outcomes missing, it lets the missing
+    number of probes through again.
+    """
+
+    def __init__(self, config: BreakerConfig) -> None:
+        super().__init__(config)
+        self._probing_since = 0.0
+
+    def allow(self, now: float) -> tuple[bool, str | None]:
+        if (self.state == HALF_OPEN and self._probes_left <= 0
+                and now >= self._probing_since + self.config.wait_in_open):
+            self._probing_since = now
+            self._probes_left = max(1, self.config.half_open_calls - self._probe_calls)
+        return super().allow(now)
+
+    def _enter(self, state: str, now: float) -> str:
+        if state == HALF_OPEN:
+            self._probing_since = now
+        return super()._enter(state, now)
 
 
 def default_classifier(error: BaseException) -> bool:

@@ -127,6 +127,11 @@ class Config:
             is a failure; default :func:`poolguard.breaker.default_classifier`
             (connect failures, disconnects, timeouts yes; integrity and
             programming errors no).
+        breaker_per_tag: Give every ``request(tag=...)`` its own breaker with
+            the ``breaker_*`` settings (the first 100 tags; with or without
+            ``breaker``): with ``breaker_slow_call_duration`` and
+            ``breaker_slow_call_rate`` it sheds one slow query shape's tag
+            (:class:`poolguard.CircuitOpen`) while the other tags are served.
         connect_retries: Retries of a failed connection set-up (transient
             errors only, exponential backoff with jitter, never past the
             request's deadline); ``0`` turns retries off.
@@ -182,6 +187,7 @@ class Config:
     breaker_wait_in_open: float = _opt(5.0, _SECONDS)
     breaker_half_open_calls: int = _opt(3, _COUNT)
     breaker_classifier: Any = dataclasses.field(default=None, metadata={"kind": _OBJECT})
+    breaker_per_tag: bool = _opt(False, _FLAG)
     connect_retries: int = _opt(2, _INT0)
     retry_budget: float = _opt(0.1, _FRACTION)
 

@@ -20,8 +20,15 @@ from sqlalchemy import event
 from sqlalchemy.pool import NullPool, Pool, QueuePool, SingletonThreadPool, StaticPool
 
 from .alerts import Alert, AlertEvent
-from .breaker import CLOSED, OPEN, BreakerConfig, CircuitBreaker, default_classifier
-from .context import _current
+from .breaker import (
+    CLOSED,
+    OPEN,
+    BreakerConfig,
+    CircuitBreaker,
+    TagBreaker,
+    default_classifier,
+)
+from .context import RequestContext, _current
 from .errors import CircuitOpen, LoadShed, PoolTimeout
 from .gate import Gate, Refused
 from .holders import Holder, HolderGroup, describe_groups, group_holders, holders
@@ -50,6 +57,8 @@ _SCAN_INTERVAL = 1.0
 #: A holders report is reused for this long: a storm of timeouts builds one.
 _REPORT_TTL = 1.0
 _EXHAUSTED_LOG_INTERVAL = 10.0
+#: Tags with a breaker of their own (``breaker_per_tag``); later tags have none.
+_MAX_TAG_BREAKERS = 100
 
 
 def _capacity(pool: Pool) -> int | None:
@@ -106,6 +115,11 @@ class Guard:
         self.rejections: dict[tuple[str, str], int] = {}
         #: The circuit breaker (``breaker=True``), else None.
         self.breaker: CircuitBreaker | None = None
+        #: The breakers of request tags (``breaker_per_tag=True``), by tag.
+        self.tag_breakers: dict[str, TagBreaker] = {}
+        self._tag_settings: BreakerConfig | None = None
+        #: Some breaker records outcomes (guard-wide or per tag): one check per statement.
+        self.breakers_on = False
         self._breaker_lock = threading.Lock()
         self._classify: Callable[[BaseException], bool] = default_classifier
         self.retry_budget: RetryBudget | None = None
@@ -153,10 +167,6 @@ class Guard:
         if self.retry_budget is not None:
             self.retry_budget.ratio = cfg.retry_budget
         self._classify = cfg.breaker_classifier or default_classifier
-        if not cfg.breaker:
-            self.breaker = None
-            self.gate.tripped = False
-            return
         settings = BreakerConfig(
             window=cfg.breaker_window,
             window_size=cfg.breaker_window_size,
@@ -167,59 +177,125 @@ class Guard:
             wait_in_open=cfg.breaker_wait_in_open,
             half_open_calls=cfg.breaker_half_open_calls,
         )
-        if self.breaker is None or self.breaker.config != settings:
-            self.breaker = CircuitBreaker(settings)
-        self.gate.tripped = self.breaker.state != CLOSED
+        with self._breaker_lock:
+            if not cfg.breaker:
+                self.breaker = None
+            elif self.breaker is None or self.breaker.config != settings:
+                self.breaker = CircuitBreaker(settings)
+            if not cfg.breaker_per_tag or settings != self._tag_settings:
+                self.tag_breakers = {}
+            self._tag_settings = settings if cfg.breaker_per_tag else None
+        self.breakers_on = self.breaker is not None or self._tag_settings is not None
+        self._refresh_tripped()
+
+    def _refresh_tripped(self) -> None:
+        # Checkouts consult breaker_admit while any breaker is not closed.
+        breaker = self.breaker
+        self.gate.tripped = (breaker is not None and breaker.state != CLOSED) or any(
+            b.state != CLOSED for b in list(self.tag_breakers.values())
+        )
+
+    def _tag_breaker(self, request: RequestContext | None) -> TagBreaker | None:
+        """The breaker of the request's tag, made on first use (under _breaker_lock)."""
+        if request is None or request.tag is None or self._tag_settings is None:
+            return None
+        breakers = self.tag_breakers
+        breaker = breakers.get(request.tag)
+        if breaker is None and len(breakers) < _MAX_TAG_BREAKERS:
+            breaker = breakers[request.tag] = TagBreaker(self._tag_settings)
+        return breaker
 
     # -- the circuit breaker ----------------------------------------------------
 
     def breaker_admit(self, pool: Pool) -> None:
-        """A checkout while the breaker is not closed: a probe, or CircuitOpen."""
+        """A checkout while a breaker is not closed: a probe, or CircuitOpen."""
         breaker = self.breaker
-        if breaker is None:
-            return
+        request = _current.get()
         now = perf_counter()
+        allowed, entered, tag_entered = True, None, None
+        retry_after = 0.0
         with self._breaker_lock:
-            allowed, entered = breaker.allow(now)
-            retry_after = breaker.retry_after(now)
+            if breaker is not None:
+                allowed, entered = breaker.allow(now)
+                retry_after = breaker.retry_after(now)
+            tag_breaker = self.tag_breakers.get(request.tag) if (
+                allowed and request is not None and request.tag is not None) else None
+            if tag_breaker is not None and tag_breaker.state != CLOSED:
+                allowed, tag_entered = tag_breaker.allow(now)
+                retry_after = tag_breaker.retry_after(now)
+                if not allowed and breaker is not None:
+                    breaker.forfeit()  # its probe slot is not used after all
+                breaker = tag_breaker
         if entered is not None:
             self._breaker_changed(entered)
-        if allowed:
+        if tag_entered is not None:
+            self._breaker_changed(tag_entered, request.tag if request is not None else None)
+        if allowed or breaker is None:
             return
-        request = _current.get()
         priority = request.priority if request is not None else NORMAL
         key = ("circuit_open", priority)
         with self._lock:
             self.rejections[key] = self.rejections.get(key, 0) + 1
         retry_after = max(retry_after, 0.05)
+        if breaker is self.breaker:
+            message = (f"pool {self.name!r}: circuit breaker {breaker.state}, the database is "
+                       f"failing; not dialing it (retry after {retry_after:.1f}s)")
+        else:
+            tag = request.tag if request is not None else None
+            message = (f"pool {self.name!r}: circuit breaker of tag {tag!r} {breaker.state}, "
+                       f"its statements are slow or failing; not dialing the database "
+                       f"(retry after {retry_after:.1f}s)")
         raise CircuitOpen(
-            f"pool {self.name!r}: circuit breaker {breaker.state}, the database is failing; "
-            f"not dialing it (retry after {retry_after:.1f}s)",
+            message,
             reason="circuit_open",
             priority=priority,
             retry_after=retry_after,
             pool_name=self.name,
         )
 
-    def breaker_record(self, error: BaseException | None, duration: float) -> None:
-        """Record one call's outcome (``error`` None: success) with the breaker."""
+    def breaker_record(
+        self,
+        error: BaseException | None,
+        duration: float,
+        request: RequestContext | None = None,
+    ) -> None:
+        """Record one call's outcome (``error`` None: success) with the breaker,
+        and with the breaker of ``request``'s tag (``breaker_per_tag``)."""
         breaker = self.breaker
-        if breaker is None:
-            return
         failed = error is not None and self._classify(error)
+        now = perf_counter()
+        entered = tag_entered = None
         with self._breaker_lock:
-            entered = breaker.record(failed, duration, perf_counter())
+            if breaker is not None:
+                entered = breaker.record(failed, duration, now)
+            tag_breaker = self._tag_breaker(request)
+            if tag_breaker is not None:
+                tag_entered = tag_breaker.record(failed, duration, now)
         if entered is not None:
             self._breaker_changed(entered)
+        if tag_entered is not None and request is not None:
+            self._breaker_changed(tag_entered, request.tag)
 
-    def _breaker_changed(self, state: str) -> None:
-        self.gate.tripped = state != CLOSED
+    def _breaker_forfeit(self, request: RequestContext | None) -> None:
+        # A probe shed at the gate never reached the database: free its slot.
+        with self._breaker_lock:
+            if self.breaker is not None:
+                self.breaker.forfeit()
+            if request is not None and request.tag is not None:
+                tag_breaker = self.tag_breakers.get(request.tag)
+                if tag_breaker is not None:
+                    tag_breaker.forfeit()
+
+    def _breaker_changed(self, state: str, tag: str | None = None) -> None:
+        self._refresh_tripped()
         self._update_slow_at()
         level = logging.WARNING if state == OPEN else logging.INFO
-        breaker = self.breaker
+        breaker = self.breaker if tag is None else self.tag_breakers.get(tag)
+        fields: dict[str, Any] = {} if tag is None else {"tag": tag}
         self.log.emit(
             level,
             f"breaker.{state}",
+            **fields,
             wait_in_open_s=breaker.config.wait_in_open if breaker else None,
             in_use=self.gate.in_use,
         )
@@ -450,19 +526,17 @@ class Guard:
                 timeout, asyncio_mode=bool(pool._is_asyncio), priority=priority, tag=tag
             )
         except Refused as refused:
-            breaker = self.breaker
-            if breaker is not None and self.gate.tripped:
+            if self.gate.tripped:
                 # A half-open probe shed before it reached the database would
                 # otherwise hold its probe slot forever.
-                with self._breaker_lock:
-                    breaker.forfeit()
+                self._breaker_forfeit(request)
             raise self._shed(refused.reason, priority) from None
         waited = perf_counter() - start
         self._interval_wait_max = max(self._interval_wait_max, waited)
         if not granted:
             error = self._timeout_error(timeout, by_deadline)
-            if self.breaker is not None:
-                self.breaker_record(error, waited)
+            if self.breakers_on:
+                self.breaker_record(error, waited, request)
             raise error
         self.recorder.wait.add(waited)
         buf = self.recorder.export_wait

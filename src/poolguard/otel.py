@@ -122,10 +122,11 @@ class _Instruments:
                  "Checkouts refused before waiting, by reason and priority.",
                  each(lambda e: e._rejections()), monotonic=True)
         _observe(meter, "poolguard.circuit_breaker.state", "{state}",
-                 "1 for the breaker's current state (closed, open, half_open), else 0.",
+                 "1 for the breaker's current state (closed, open, half_open), else 0; "
+                 "a tag's breaker (breaker_per_tag) has poolguard.tag.",
                  each(lambda e: e._breaker_state()))
         _observe(meter, "poolguard.circuit_breaker.transitions", "{transition}",
-                 "Circuit breaker state changes, by the state entered.",
+                 "Circuit breaker state changes, by the state entered (and poolguard.tag).",
                  each(lambda e: e._breaker_transitions()), monotonic=True)
         _observe(meter, "poolguard.connection.leak_warnings", "{warning}",
                  "Connections held longer than leak_threshold.",
@@ -361,21 +362,24 @@ class Exporter:
             yield Observation(n, {**base, "poolguard.reason": reason,
                                   "poolguard.priority": priority})
 
-    def _breaker_state(self) -> Iterable[Observation]:
-        breaker = getattr(self.guard, "breaker", None)
-        if breaker is None:
-            return
+    def _breakers(self) -> Iterable[tuple[Any, dict[str, Any]]]:
+        """The guard-wide breaker (no tag attribute) and those of tags, with attributes."""
         base = self._base()
-        for state in ("closed", "open", "half_open"):
-            yield Observation(int(breaker.state == state), {**base, "poolguard.state": state})
+        breaker = getattr(self.guard, "breaker", None)
+        if breaker is not None:
+            yield breaker, base
+        for tag, tag_breaker in sorted(dict(getattr(self.guard, "tag_breakers", {})).items()):
+            yield tag_breaker, {**base, "poolguard.tag": tag}
+
+    def _breaker_state(self) -> Iterable[Observation]:
+        for breaker, attrs in self._breakers():
+            for state in ("closed", "open", "half_open"):
+                yield Observation(int(breaker.state == state), {**attrs, "poolguard.state": state})
 
     def _breaker_transitions(self) -> Iterable[Observation]:
-        breaker = getattr(self.guard, "breaker", None)
-        if breaker is None:
-            return
-        base = self._base()
-        for state, n in sorted(breaker.transitions.items()):
-            yield Observation(n, {**base, "poolguard.state": state})
+        for breaker, attrs in self._breakers():
+            for state, n in sorted(breaker.transitions.items()):
+                yield Observation(n, {**attrs, "poolguard.state": state})
 
     def _leaks(self) -> Iterable[Observation]:
         yield Observation(self.guard.leak_warnings, self._base())

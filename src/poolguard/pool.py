@@ -102,8 +102,8 @@ class GuardedPoolMixin(Pool):
             request = _current.get()
             gate.release(request.tag if request is not None else None)
             guard = self._poolguard
-            if guard is not None and guard.breaker is not None:
-                guard.breaker_record(error, 0.0)
+            if guard is not None and guard.breakers_on:
+                guard.breaker_record(error, 0.0, request)
             raise
         # Registered only now: a record SQLAlchemy returns during a failed
         # checkout must not release a permit that is released above.

@@ -169,8 +169,10 @@ class QueryTimer:
                 if duration > hold[TOP_TIME]:
                     hold[TOP_TIME] = duration
                     hold[TOP_STAT] = stat
-            if guard.breaker is not None:
-                guard.breaker_record(None, duration)
+            if guard.breakers_on:
+                guard.breaker_record(
+                    None, duration, hold[REQUEST] if hold is not None else _current.get()
+                )
             slow = guard.slow_query_threshold
             if (slow is not None and duration >= slow) or guard.log.debug:
                 log(cursor, statement, args, duration, rows, stat, hold)
@@ -323,8 +325,9 @@ class QueryTimer:
             ops.append((duration, stat.fp, error_type))
         if hold is not None:
             hold[RUNNING_SINCE] = 0.0
-        if guard.breaker is not None:
-            guard.breaker_record(exc, duration)
+        if guard.breakers_on:
+            request = hold[REQUEST] if hold is not None else _current.get()
+            guard.breaker_record(exc, duration, request)
         guard.log.emit(
             logging.INFO,
             "query.error",
