@@ -408,7 +408,8 @@ def test_failing_statement_logs_error_type_without_message(
     assert event["error_type"] == type(orig).__qualname__
     assert event["statement"] == "INSERT INTO err_t (id, email) VALUES (?...)"
     assert event["fingerprint"] == fingerprint(event["statement"]).id
-    assert set(event) == {"event", "pool", "fingerprint", "statement", "error_type",
+    assert event["timed_out"] is False
+    assert set(event) == {"event", "pool", "fingerprint", "statement", "error_type", "timed_out",
                           "duration_ms", "site"}
     assert event["site"] is not None
     assert event["site"].endswith("in _run")

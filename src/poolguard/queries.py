@@ -328,12 +328,29 @@ class QueryTimer:
         if guard.breakers_on:
             request = hold[REQUEST] if hold is not None else _current.get()
             guard.breaker_record(exc, duration, request)
+        timed_out = is_timeout_error(guard.db_system, exc)
+        slow = guard.slow_query_threshold
+        if slow is not None and duration >= slow:
+            # A slow statement that failed (often: cancelled at its time
+            # limit) is still the slow statement on-call is looking for.
+            fields = guard.query_fields(stat.fp, duration, -1, hold, None)
+            guard.log.emit(
+                logging.WARNING,
+                "query.slow",
+                **fields,
+                error_type=error_type,
+                timed_out=timed_out,
+                threshold_ms=round(slow * 1000, 3),
+                site=current_site(3),
+            )
+            return
         guard.log.emit(
             logging.INFO,
             "query.error",
             fingerprint=stat.fp.id,
             statement=stat.fp.text,
             error_type=error_type,
+            timed_out=timed_out,
             duration_ms=round(duration * 1000, 3),
             site=current_site(3),
         )

@@ -50,6 +50,9 @@ def _stdlib() -> tuple[str, ...]:
 _INTERNAL: tuple[str, ...] = ()
 _LOADED = -1
 _STDLIB = _stdlib()
+#: The command line's simulated service (``poolguard demo``) is application
+#: code, though it ships inside the package: its frames are call sites.
+_APPLICATION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cli") + os.sep
 
 
 def _internal(filename: str) -> bool:
@@ -57,6 +60,8 @@ def _internal(filename: str) -> bool:
     loaded = sum(name in sys.modules for name in _LIBRARIES)
     if loaded != _LOADED:
         _INTERNAL, _LOADED = _prefixes(), loaded
+    if filename.startswith(_APPLICATION):
+        return False
     if filename.startswith(_INTERNAL) or filename.startswith("<"):
         return True
     # The standard library, but not packages installed into the base

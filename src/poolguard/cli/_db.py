@@ -1,0 +1,156 @@
+"""Database helpers of the command line: engines, URLs shown without passwords,
+errors in one line, and slow statements on every backend.
+
+SQLite has no ``sleep()``: every engine made here gets a Python one (registered
+on each new connection), so a statement can be slow the same way on SQLite,
+PostgreSQL (``pg_sleep``) and MariaDB/MySQL (``SLEEP``).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.pool import NullPool
+
+__all__ = [
+    "CliError",
+    "UsageError",
+    "create_engine",
+    "describe_error",
+    "parse_url",
+    "ping",
+    "shown",
+    "sleep_sql",
+]
+
+#: Seconds a connection attempt may take before the command gives up on the server.
+CONNECT_TIMEOUT = 5
+
+# Driver -> connect_args that bound a connection attempt (not the statements).
+_CONNECT_ARGS: dict[str, dict[str, Any]] = {
+    "psycopg": {"connect_timeout": CONNECT_TIMEOUT},
+    "psycopg2": {"connect_timeout": CONNECT_TIMEOUT},
+    "pymysql": {"connect_timeout": CONNECT_TIMEOUT},
+    "mysqldb": {"connect_timeout": CONNECT_TIMEOUT},
+}
+# Backend -> the extra the package needs for its driver.
+_EXTRAS = {"postgresql": "postgresql", "mysql": "mysql", "mariadb": "mysql"}
+_MAX_ERROR_CHARS = 300
+
+
+class CliError(Exception):
+    """An error the command line reports in one line on stderr (exit status 1)."""
+
+
+class UsageError(CliError):
+    """A bad argument found after parsing (exit status 2, like argparse's)."""
+
+
+def parse_url(url: str) -> URL:
+    """The URL, or :class:`CliError` if it is not one (never echoing a password)."""
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - any parse failure is "not a URL"
+        raise UsageError(
+            "invalid database URL (expected e.g. "
+            "postgresql+psycopg://user:password@host:5432/dbname)"
+        ) from None
+    return parsed
+
+
+def shown(url: str | URL) -> str:
+    """The URL as it may be printed: password replaced by ``***``."""
+    parsed = url if isinstance(url, URL) else parse_url(url)
+    return parsed.render_as_string(hide_password=True)
+
+
+def describe_error(exc: BaseException, password: str | None = None) -> str:
+    """One line for ``exc``: the driver's error unwrapped, no password in it."""
+    orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else None
+    err: BaseException = orig if isinstance(orig, BaseException) else exc
+    text = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    if password:
+        text = text.replace(password, "***")
+    text = re.sub(r"\s+", " ", text).strip()
+    if len(text) > _MAX_ERROR_CHARS:
+        text = text[: _MAX_ERROR_CHARS - 3] + "..."
+    return text
+
+
+def _sql_sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def create_engine(url: str | URL, **kwargs: Any) -> sa.Engine:
+    """``sqlalchemy.create_engine`` with a bounded connect, and ``sleep()`` on SQLite.
+
+    Raises :class:`CliError` for an invalid URL, an asyncio driver or a driver
+    that is not installed.
+    """
+    parsed = url if isinstance(url, URL) else parse_url(url)
+    try:
+        dialect_cls = parsed.get_dialect()
+    except Exception:  # noqa: BLE001 - NoSuchModuleError and friends
+        raise UsageError(
+            f"unknown database dialect {parsed.drivername!r} in {shown(parsed)}"
+        ) from None
+    if getattr(dialect_cls, "is_async", False):
+        raise UsageError(
+            f"{parsed.drivername} is an asyncio driver; use a synchronous one "
+            "(postgresql+psycopg://, mysql+pymysql://, sqlite:///)"
+        )
+    connect_args = {
+        **_CONNECT_ARGS.get(parsed.get_driver_name(), {}),
+        **kwargs.pop("connect_args", {}),
+    }
+    try:
+        engine = sa.create_engine(parsed, connect_args=connect_args, **kwargs)
+    except ImportError as exc:
+        extra = _EXTRAS.get(parsed.get_backend_name())
+        hint = f"; install it with: pip install 'poolguard[{extra}]'" if extra else ""
+        raise CliError(
+            f"the driver of {parsed.drivername} is not installed ({exc.name or exc}){hint}"
+        ) from None
+    if engine.dialect.name == "sqlite":
+
+        @sa.event.listens_for(engine, "connect")
+        def _add_sleep(dbapi_connection: Any, record: Any) -> None:
+            dbapi_connection.create_function("sleep", 1, _sql_sleep)
+
+    return engine
+
+
+def ping(url: str | URL) -> str:
+    """Connect once and run ``SELECT 1``; return the server's version string.
+
+    Raises :class:`CliError` with a one-line reason when the server cannot be
+    reached (the password never appears in it).
+    """
+    parsed = url if isinstance(url, URL) else parse_url(url)
+    engine = create_engine(parsed, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1")).scalar_one()
+            info = conn.dialect.server_version_info
+    except Exception as exc:  # noqa: BLE001 - reported in one line, whatever it is
+        raise CliError(
+            f"cannot connect to {shown(parsed)}: {describe_error(exc, parsed.password)}"
+        ) from None
+    finally:
+        engine.dispose()
+    version = ".".join(str(part) for part in info) if info else ""
+    return f"{engine.dialect.name} {version}".strip()
+
+
+def sleep_sql(dialect_name: str, seconds: float) -> str:
+    """A SQL expression that takes ``seconds`` on this backend (true once evaluated)."""
+    if dialect_name == "postgresql":
+        return f"pg_sleep({seconds:.4f}) IS NOT NULL"
+    if dialect_name in {"mysql", "mariadb"}:
+        return f"SLEEP({seconds:.4f}) = 0"
+    return f"sleep({seconds:.4f}) >= 0"
