@@ -221,7 +221,7 @@ def test_bench_numbers_are_consistent(bench_run: tuple[str, dict[str, Any]]) -> 
         if backend == "sqlite":
             assert r["server_connections"] is None
         else:
-            assert 1 <= r["server_connections"] <= r["pool_size"]
+            assert 0 < r["server_connections"] <= r["pool_size"]
     rec = report["recommendation"]
     assert rec["recommended_pool_size"] in (2, 4)
     assert rec["knees"] == {"4": rec["recommended_pool_size"]}

@@ -361,7 +361,7 @@ def test_refuse_with_retries_ends_within_the_deadline(
             _select(engine)
     assert time.monotonic() - started < 0.4 + SLACK
     assert request.deadline is not None
-    assert 1 <= len(dials) <= 6
+    assert 0 < len(dials) <= 6
     assert all(t < request.deadline for t in dials)
     _no_leaks(engine)
 
@@ -418,7 +418,7 @@ def test_terminated_backends_cost_at_most_one_error_each(
         if pre_ping:
             assert errors == []
         else:
-            assert 1 <= len(errors) <= killed
+            assert 0 < len(errors) <= killed
         stats = guard.stats()
         assert stats.connections_invalidated >= max(1, len(errors))
         assert stats.connections_opened >= 3 + 1

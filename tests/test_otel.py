@@ -412,7 +412,7 @@ def test_timeouts_and_pool_exhausted(
     assert value(metrics, "db.client.connection.timeouts", pool) == 3
     # At most one pool.exhausted event per 10 s: the first timeout's, maybe more.
     exhausted = value(metrics, "poolguard.pool.exhausted", pool)
-    assert 1 <= exhausted <= 3
+    assert 0 < exhausted <= 3
     assert exhausted == guard.exhaustion_events
     assert value(metrics, "db.client.connection.pending_requests", pool) == 0
     # Timed-out checkouts got no connection: no wait_time sample, no use_time.
