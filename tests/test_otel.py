@@ -13,6 +13,7 @@ how long anything took.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -581,6 +582,31 @@ def test_nothing_buffered_without_collections(
     for name in ("create_time", "wait_time", "use_time"):
         assert points(metrics, f"db.client.connection.{name}", {}) == []
     assert points(metrics, "db.client.operation.duration", {}) == []
+
+
+@pytest.mark.usefixtures("structlog_unconfigured")
+def test_samples_past_the_bound_are_dropped_and_logged(
+    sqlite_url: str,
+    make_engine: Callable[..., Engine],
+    reader: InMemoryMetricReader,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from poolguard import recorder as recorder_module
+
+    monkeypatch.setattr(recorder_module, "EXPORT_BUFFER_MAX", 10)
+    engine = make_engine(sqlite_url)
+    guard = poolguard.get_guard(engine)
+    collect(reader)  # samples are kept from now on; then nobody collects
+    for _ in range(25):
+        engine.connect().close()
+    assert len(guard.recorder.export_use or []) == 25
+    with caplog.at_level(logging.WARNING, logger="poolguard"):
+        guard.scan()
+    assert len(guard.recorder.export_use or []) == 10
+    dropped = [r for r in caplog.records if r.getMessage().startswith("metrics.samples_dropped")]
+    assert len(dropped) == 1
+    assert dropped[0].poolguard["samples"] == 15
 
 
 def test_hot_path_makes_no_sdk_call_per_checkout(

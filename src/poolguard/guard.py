@@ -643,8 +643,11 @@ class Guard:
             for hold in holds:
                 if not hold[WARNED] and now - hold[T0] >= threshold:
                     self._warn_leak(hold, now)
-        self.recorder.trim()
+        dropped = self.recorder.trim()
         self.log.refresh()
+        if dropped:
+            # Collections stopped (a reader shut down): say so, once a second at most.
+            self.log.emit(logging.WARNING, "metrics.samples_dropped", samples=dropped)
         self._check_alerts(now)
 
     def _warn_leak(self, hold: Hold, now: float) -> None:

@@ -61,10 +61,6 @@ class Histogram:
         if value > self.max:
             self.max = value
 
-    def add_zeros(self, n: int) -> None:
-        """Count ``n`` values of 0 at once (an acquisition that never waited)."""
-        self.counts[0] += n
-
     @property
     def count(self) -> int:
         """Number of values counted."""

@@ -89,7 +89,6 @@ class Recorder:
         self.export_create: list[float] | None = None
         #: (duration, fingerprint, error type or None)
         self.export_ops: list[tuple[float, Fingerprint, str | None]] | None = None
-        self.export_dropped = 0
 
     def query(self, fp: Fingerprint, limit: int) -> QueryStat:
         """The stats row of ``fp``, created on first use; past ``limit`` rows, ``(other)``."""
@@ -110,14 +109,19 @@ class Recorder:
         self.export_create = []
         self.export_ops = []
 
-    def trim(self) -> None:
-        """Bound the export buffers when no exporter collects (oldest samples go)."""
+    def trim(self) -> int:
+        """Bound the export buffers when no exporter collects (oldest samples go).
+
+        Returns how many samples were dropped.
+        """
+        dropped = 0
         for name in ("export_use", "export_wait", "export_create", "export_ops"):
             buf = getattr(self, name)
             if buf is not None and len(buf) > EXPORT_BUFFER_MAX:
                 excess = len(buf) - EXPORT_BUFFER_MAX
                 del buf[:excess]
-                self.export_dropped += excess
+                dropped += excess
+        return dropped
 
     def drain(
         self,
