@@ -307,3 +307,41 @@ def structlog_unconfigured() -> Iterator[None]:
         structlog.configure(**saved)
     else:
         structlog.reset_defaults()
+
+
+# --- PgBouncer: the suite's own instance, transaction mode, free loopback port. ---
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_url(_postgresql_server: str) -> Iterator[str]:
+    """A psycopg URL through PgBouncer (transaction mode) to the PostgreSQL test database.
+
+    ``POOLGUARD_TEST_PGBOUNCER_URL`` points at an existing one; otherwise the
+    suite starts its own (``tests/_pgbouncer.py``). Skips, or fails under
+    ``POOLGUARD_REQUIRE_DATABASES=1``, when neither is possible.
+    """
+    from _pgbouncer import PGBOUNCER_ENV, PgBouncer, find_binary
+
+    given = os.environ.get(PGBOUNCER_ENV)
+    if given:
+        error = probe(given)
+        if error is not None:
+            _unavailable(f"PgBouncer at {given} unreachable: {error}")
+        yield given
+        return
+    if find_binary() is None:
+        _unavailable("pgbouncer not found (apt-get install pgbouncer), or set " + PGBOUNCER_ENV)
+    upstream = make_url(_postgresql_server)
+    bouncer = PgBouncer(
+        upstream_host=upstream.host or "127.0.0.1",
+        upstream_port=upstream.port or 5432,
+        user=upstream.username or "postgres",
+    )
+    try:
+        bouncer.start()
+    except RuntimeError as error:
+        _unavailable(f"could not start PgBouncer: {error}")
+    try:
+        yield bouncer.url(upstream.database or "test")
+    finally:
+        bouncer.stop()
