@@ -34,7 +34,19 @@ from .gate import Gate, Refused
 from .holders import Holder, HolderGroup, describe_groups, group_holders, holders
 from .log import EventLog
 from .policies import BACKGROUND, CRITICAL, NORMAL, Codel, Gradient2, reserve_size, tag_cap
-from .recorder import REQUEST, SITE, T0, TASK, WAIT, WARNED, Hold, Recorder, new_hold
+from .recorder import (
+    REQUEST,
+    SHED,
+    SITE,
+    T0,
+    TASK,
+    TIMED_OUT,
+    WAIT,
+    WARNED,
+    Hold,
+    Recorder,
+    new_hold,
+)
 from .retries import RetryBudget, connect_with_retries
 from .sites import current_site
 from .stats import PoolStats, QueryStats
@@ -526,6 +538,8 @@ class Guard:
                 timeout, asyncio_mode=bool(pool._is_asyncio), priority=priority, tag=tag
             )
         except Refused as refused:
+            if refused.reason == "queue_delay":  # it waited, then was shed: still a wait
+                self.recorder.add_wait(perf_counter() - start, SHED)
             if self.gate.tripped:
                 # A half-open probe shed before it reached the database would
                 # otherwise hold its probe slot forever.
@@ -534,14 +548,12 @@ class Guard:
         waited = perf_counter() - start
         self._interval_wait_max = max(self._interval_wait_max, waited)
         if not granted:
+            self.recorder.add_wait(waited, TIMED_OUT)
             error = self._timeout_error(timeout, by_deadline)
             if self.breakers_on:
                 self.breaker_record(error, waited, request)
             raise error
-        self.recorder.wait.add(waited)
-        buf = self.recorder.export_wait
-        if buf is not None:
-            buf.append(waited)
+        self.recorder.add_wait(waited)
         return waited
 
     def retry_after(self) -> float:
