@@ -278,7 +278,8 @@ def test_structlog_without_a_level_filter_gets_no_query_events_by_default(
     with engine.connect() as conn:
         for _ in range(3):
             conn.execute(sa.text("SELECT 3 AS wanted")).all()
-    wanted = [e for e in captured if e["event"] == "query" and e["statement"] == "SELECT ? AS wanted"]
+    wanted = [e for e in captured
+              if e["event"] == "query" and e["statement"] == "SELECT ? AS wanted"]
     assert len(wanted) == 3
     assert {e["level"] for e in wanted} == {"debug"}
 

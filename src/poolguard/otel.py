@@ -116,12 +116,14 @@ class _Instruments:
         _observe(meter, "db.client.connection.pending_requests", "{request}",
                  "Checkouts waiting for a connection.", each(lambda e: e._pending()))
         _observe(meter, "db.client.connection.timeouts", "{timeout}",
-                 "Checkouts that timed out waiting for a connection.",
+                 "Checkouts that got no connection within their timeout (PoolTimeout).",
                  each(lambda e: e._timeouts()), monotonic=True)
         self.create_time = hist("db.client.connection.create_time",
-                                "Time to open a new connection.")
+                                "Time to open a new connection, retries included; "
+                                "failed attempts too.")
         self.wait_time = hist("db.client.connection.wait_time",
-                              "Time a checkout waited for a connection.")
+                              "Time a checkout waited for a connection, whether it got one, "
+                              "timed out or was shed (queue_delay); 0 when one was free.")
         self.use_time = hist("db.client.connection.use_time",
                              "Time from checkout to checkin of a connection.")
         self.operation = hist("db.client.operation.duration",
@@ -129,7 +131,8 @@ class _Instruments:
 
         # poolguard's own.
         _observe(meter, "poolguard.rejections", "{request}",
-                 "Checkouts refused before waiting, by reason and priority.",
+                 "Checkouts refused (LoadShed, CircuitOpen) by reason and priority; "
+                 "queue_delay ones waited first.",
                  each(lambda e: e._rejections()), monotonic=True)
         _observe(meter, "poolguard.circuit_breaker.state", "{state}",
                  "1 for the breaker's current state (closed, open, half_open), else 0; "
@@ -142,13 +145,16 @@ class _Instruments:
                  "Connections held longer than leak_threshold.",
                  each(lambda e: e._leaks()), monotonic=True)
         _observe(meter, "poolguard.pool.exhausted", "{event}",
-                 "Times the pool ran dry (timeout or sustained utilization alert).",
+                 "pool.exhausted events logged: the pool ran dry (a PoolTimeout or the "
+                 "utilization alert firing), at most one per pool every 10 s.",
                  each(lambda e: e._exhausted()), monotonic=True)
         _observe(meter, "poolguard.query.time", "s",
-                 "Total statement time by statement shape (top_queries shapes at most).",
+                 "Total statement time by statement shape, failed statements included "
+                 "(top_queries shapes, the rest as (other)).",
                  each(lambda e: e._query_time()), monotonic=True)
         _observe(meter, "poolguard.query.calls", "{call}",
-                 "Statements executed by statement shape.",
+                 "Statements executed by statement shape, failed ones included "
+                 "(top_queries shapes, the rest as (other)).",
                  each(lambda e: e._query_calls()), monotonic=True)
 
     def _each(
