@@ -15,7 +15,12 @@ how long anything took.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import uuid
@@ -603,6 +608,51 @@ def test_first_collection_reports_samples_since_wrap(
     all_calls = sum(p.value for p in metrics["poolguard.query.calls"].data.data_points)
     duration = metrics["db.client.operation.duration"].data.data_points
     assert sum(p.count for p in duration) == all_calls >= 100
+
+
+#: Run in a fresh interpreter: the global MeterProvider can be set once per process.
+_GLOBAL_SDK_LATER = textwrap.dedent("""
+    import json, sys
+    import sqlalchemy as sa
+    from opentelemetry import metrics
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    import poolguard
+
+    engine = poolguard.wrap(sa.create_engine(sys.argv[1]), name="late-sdk")
+    guard = poolguard.get_guard(engine)
+    engine.connect().close()
+    kept_before = guard.recorder.export_use is not None  # no SDK yet: nothing kept
+    reader = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    guard.scan()  # the periodic scan notices the SDK
+    for _ in range(7):
+        engine.connect().close()
+    data = json.loads(reader.get_metrics_data().to_json())
+    counts = {
+        m["name"]: sum(p["count"] for p in m["data"]["data_points"])
+        for rm in data["resource_metrics"] for sm in rm["scope_metrics"]
+        for m in sm["metrics"] if m["name"].endswith(("wait_time", "use_time"))
+    }
+    print(json.dumps({"kept_before": kept_before, "counts": counts}))
+""")
+
+
+def test_global_sdk_installed_after_wrap_gets_samples_from_the_next_scan(
+    sqlite_url: str,
+) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run(  # noqa: S603 - our own interpreter and script
+        [sys.executable, "-c", _GLOBAL_SDK_LATER, sqlite_url],
+        capture_output=True, text=True, timeout=60, check=False, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["kept_before"] is False
+    # The checkouts after the scan, reported by the SDK's first collection.
+    assert result["counts"] == {
+        "db.client.connection.wait_time": 7, "db.client.connection.use_time": 7,
+    }
 
 
 @pytest.mark.usefixtures("structlog_unconfigured")
