@@ -282,6 +282,7 @@ class Exporter:
         #: Samples handed to each buffer so far, by the histograms' totals at
         #: the last drain: what a full buffer lost is the difference.
         self._given: dict[str, int] = {}
+        self._closed = False
         self.instruments = _instruments(guard.config.meter_provider)
         self.instruments.add(self)
         self.poll()
@@ -291,8 +292,10 @@ class Exporter:
     def close(self) -> None:
         """Report nothing from now on (and keep no samples)."""
         self.instruments.remove(self)
-        if self.guard.exporter in (self, None):
-            self.guard.recorder.stop_export()
+        with self._lock:  # a collection running now must not start keeping again
+            self._closed = True
+            if self.guard.exporter in (self, None):
+                self.guard.recorder.stop_export()
 
     def poll(self) -> None:
         """Start keeping samples once an SDK is behind the provider (cheap; the scan calls it)."""
@@ -303,7 +306,7 @@ class Exporter:
     def _start(self) -> None:
         # Under self._lock. Samples from now on; 0 s waits counted from now on.
         recorder = self.guard.recorder
-        if recorder.export_use is not None:
+        if recorder.export_use is not None or self._closed:
             return
         self._fast_seen = self._fast_checkouts()
         self._given = self._totals()
