@@ -17,7 +17,7 @@ from .histogram import Histogram, HistogramSnapshot
 if TYPE_CHECKING:
     from .context import RequestContext
 
-__all__ = ["Hold", "QueryStat", "Recorder", "new_hold"]
+__all__ = ["GRANTED", "SHED", "TIMED_OUT", "Hold", "QueryStat", "Recorder", "new_hold"]
 
 #: Samples kept for the OpenTelemetry exporter between two collections.
 EXPORT_BUFFER_MAX = 65536
