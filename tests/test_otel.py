@@ -4,8 +4,10 @@ Every test passes its own SDK ``MeterProvider`` to ``poolguard.wrap`` (the
 global provider is never set), runs a known workload against a real database
 and checks each metric's name, instrument type, unit, attributes and value.
 
-Histogram samples are kept only once a collection has happened, so tests
-collect once (the baseline) before their workload. Real time is used only to
+Histogram samples are kept from ``wrap()`` on (an SDK provider is behind it),
+so the first collection reports the warm-up checkout too; tests collect once
+(the baseline) after the warm-up and count their workload on top of it. Real
+time is used only to
 make something happen (hold a connection, let a leak threshold pass); values
 are checked against lower bounds that the workload guarantees, never against
 how long anything took.
@@ -13,7 +15,12 @@ how long anything took.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import uuid
@@ -210,9 +217,25 @@ def table(db_url: str) -> Iterator[str]:
     engine.dispose()
 
 
+#: Checkouts (and connections opened) of warm_up(), reported with the workload's.
+WARM = 1
+
+
 def warm_up(engine: Engine) -> None:
     """Open the first connection, so the dialect's set-up is done before the baseline."""
     engine.connect().close()
+
+
+def counts_since(before: Mapping[str, Metric], after: Mapping[str, Metric], name: str
+                 ) -> dict[frozenset[tuple[str, Any]], int]:
+    """Histogram samples of ``name`` by attributes, recorded between two collections."""
+    def by_attrs(metrics: Mapping[str, Metric]) -> dict[frozenset[tuple[str, Any]], int]:
+        metric = metrics.get(name)
+        points = metric.data.data_points if metric is not None else []
+        return {frozenset(p.attributes.items()): p.count for p in points}
+
+    old = by_attrs(before)
+    return {k: n - old.get(k, 0) for k, n in by_attrs(after).items() if n != old.get(k, 0)}
 
 
 def wait_for(condition: Callable[[], bool]) -> None:
@@ -252,7 +275,8 @@ def test_pool_and_operation_metrics_after_workload(
     guard = poolguard.get_guard(engine)
     dialect = engine.dialect.name
     warm_up(engine)
-    assert points(collect(reader), "db.client.connection.wait_time", {}) == []  # the baseline
+    baseline = collect(reader)  # the first collection: what happened since wrap()
+    assert hist(baseline, "db.client.connection.wait_time", {}).count == WARM
 
     insert = sa.text(f"INSERT INTO {table} (id, name) VALUES (:id, :name)")
     select = sa.text(f"SELECT name FROM {table} WHERE id = :id")
@@ -306,15 +330,15 @@ def test_pool_and_operation_metrics_after_workload(
         assert point.explicit_bounds == DURATION_BUCKETS
         assert sum(point.bucket_counts) == point.count
     wait = hist(metrics, "db.client.connection.wait_time", pool)
-    assert wait.count == checkouts  # none waited: replayed as 0.0 values
+    assert wait.count == WARM + checkouts  # none waited: replayed as 0.0 values
     assert wait.sum == 0.0
-    assert wait.bucket_counts[0] == checkouts
+    assert wait.bucket_counts[0] == WARM + checkouts
     use = hist(metrics, "db.client.connection.use_time", pool)
-    assert use.count == checkouts  # one per checkin
+    assert use.count == WARM + checkouts  # one per checkin
     assert use.sum >= 2 * HOLD
     assert use.max >= HOLD
     create = hist(metrics, "db.client.connection.create_time", pool)
-    assert create.count == 1
+    assert create.count == WARM + 1
     assert create.sum > 0
 
     # db.client.operation.duration: one sample per statement, by operation and table.
@@ -329,9 +353,9 @@ def test_pool_and_operation_metrics_after_workload(
                    "error.type": missing_error}.items()): 1,
         frozenset({**system, "db.operation.name": "SELECT"}.items()): 1,  # SELECT 1: no table
     }
+    assert counts_since(baseline, metrics, "db.client.operation.duration") == expected
+    assert sum(expected.values()) == statements
     duration = metrics["db.client.operation.duration"].data.data_points
-    assert {frozenset(p.attributes.items()): p.count for p in duration} == expected
-    assert sum(p.count for p in duration) == statements
     for point in duration:
         assert point.explicit_bounds == DURATION_BUCKETS
         assert point.sum > 0
@@ -387,11 +411,11 @@ def test_pending_requests_and_wait_time_of_a_waiting_checkout(
     assert value(metrics, "db.client.connection.pending_requests", pool) == 0
     assert value(metrics, "db.client.connection.count", {**pool, STATE: "used"}) == 0
     wait = hist(metrics, "db.client.connection.wait_time", pool)
-    assert wait.count == 2  # the holder's (0.0) and the waiter's
+    assert wait.count == WARM + 2  # the holder's (0.0) and the waiter's
     assert wait.min == 0.0
     assert wait.max >= released_at - queued_at >= HOLD
     assert wait.sum == wait.max
-    assert hist(metrics, "db.client.connection.use_time", pool).count == 2
+    assert hist(metrics, "db.client.connection.use_time", pool).count == WARM + 2
     assert value(metrics, "db.client.connection.timeouts", pool) == 0
 
 
@@ -411,14 +435,13 @@ def test_timeouts_and_pool_exhausted(
     metrics = collect(reader)
 
     assert value(metrics, "db.client.connection.timeouts", pool) == 3
-    # At most one pool.exhausted event per 10 s: the first timeout's, maybe more.
-    exhausted = value(metrics, "poolguard.pool.exhausted", pool)
-    assert 0 < exhausted <= 3
-    assert exhausted == guard.exhaustion_events
+    # One pool.exhausted event per 10 s (the first timeout's): the counter counts events.
+    assert value(metrics, "poolguard.pool.exhausted", pool) == 1
+    assert guard.exhaustion_events == 1
     assert value(metrics, "db.client.connection.pending_requests", pool) == 0
-    # Timed-out checkouts got no connection: no wait_time sample, no use_time.
-    assert hist(metrics, "db.client.connection.wait_time", pool).count == 1
-    assert hist(metrics, "db.client.connection.use_time", pool).count == 1
+    # Every checkout's wait, timed out or not; use_time only of connections handed out.
+    assert hist(metrics, "db.client.connection.wait_time", pool).count == WARM + 1 + 3
+    assert hist(metrics, "db.client.connection.use_time", pool).count == WARM + 1
 
 
 def test_leak_warnings(
@@ -471,7 +494,8 @@ def test_legacy_names(
                            ("pending_requests", 0), ("timeouts", 0)):
         assert value(metrics, f"db.client.connections.{name}", legacy) == expected
         assert value(metrics, f"db.client.connection.{name}", pool) == expected
-    for name, count in (("create_time", 1), ("wait_time", 5), ("use_time", 5)):
+    for name, count in (("create_time", WARM + 1), ("wait_time", WARM + 5),
+                        ("use_time", WARM + 5)):
         ms = hist(metrics, f"db.client.connections.{name}", legacy)
         s = hist(metrics, f"db.client.connection.{name}", pool)
         assert ms.attributes == legacy
@@ -519,7 +543,7 @@ def test_unwrap_stops_reporting(sqlite_url: str, make_engine: Callable[..., Engi
             conn.execute(sa.text("SELECT 1"))
         before = collect(cumulative)
         assert points(collect(delta), "db.client.connection.count", pool)
-        assert hist(before, "db.client.connection.use_time", pool).count == 1
+        assert hist(before, "db.client.connection.use_time", pool).count == WARM + 1
 
         poolguard.unwrap(engine)
         with engine.connect() as conn:
@@ -560,53 +584,118 @@ def test_global_provider_without_sdk_keeps_nothing(tmp_path: Path) -> None:
             engine.dispose()
 
 
-def test_nothing_buffered_without_collections(
+def test_first_collection_reports_samples_since_wrap(
     sqlite_url: str, make_engine: Callable[..., Engine], reader: InMemoryMetricReader
 ) -> None:
+    # The regression: samples were kept only from the first collection on, so
+    # the first scrape after a busy start had no histograms at all.
     engine = make_engine(sqlite_url)
     guard = poolguard.get_guard(engine)
-    assert guard.exporter is not None
     for _ in range(100):
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
-    recorder = guard.recorder
-    assert recorder.export_use is None
-    assert recorder.export_wait is None
-    assert recorder.export_create is None
-    assert recorder.export_ops is None
-    assert recorder.use.count == 100  # poolguard's own stats did count them
-    # The first collection reports the counters, but no histogram sample from before it.
-    metrics = collect(reader)
-    assert value(metrics, "poolguard.query.calls",
-                 {"poolguard.query.fingerprint": fingerprint("SELECT 1").id}) == 100
-    for name in ("create_time", "wait_time", "use_time"):
-        assert points(metrics, f"db.client.connection.{name}", {}) == []
-    assert points(metrics, "db.client.operation.duration", {}) == []
+    assert guard.recorder.use.count == 100
+
+    metrics = collect(reader)  # the first collection
+    pool = {POOL: guard.name}
+    assert hist(metrics, "db.client.connection.wait_time", pool).count == 100
+    assert hist(metrics, "db.client.connection.use_time", pool).count == 100
+    assert hist(metrics, "db.client.connection.create_time", pool).count == 1
+    calls = value(metrics, "poolguard.query.calls",
+                  {"poolguard.query.fingerprint": fingerprint("SELECT 1").id})
+    assert calls == 100
+    # Every statement timed since wrap() (the dialect's own set-up included).
+    all_calls = sum(p.value for p in metrics["poolguard.query.calls"].data.data_points)
+    duration = metrics["db.client.operation.duration"].data.data_points
+    assert sum(p.count for p in duration) == all_calls >= 100
+
+
+#: Run in a fresh interpreter: the global MeterProvider can be set once per process.
+_GLOBAL_SDK_LATER = textwrap.dedent("""
+    import json, sys
+    import sqlalchemy as sa
+    from opentelemetry import metrics
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    import poolguard
+
+    engine = poolguard.wrap(sa.create_engine(sys.argv[1]), name="late-sdk")
+    guard = poolguard.get_guard(engine)
+    engine.connect().close()
+    kept_before = guard.recorder.export_use is not None  # no SDK yet: nothing kept
+    reader = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    guard.scan()  # the periodic scan notices the SDK
+    for _ in range(7):
+        engine.connect().close()
+    data = json.loads(reader.get_metrics_data().to_json())
+    counts = {
+        m["name"]: sum(p["count"] for p in m["data"]["data_points"])
+        for rm in data["resource_metrics"] for sm in rm["scope_metrics"]
+        for m in sm["metrics"] if m["name"].endswith(("wait_time", "use_time"))
+    }
+    print(json.dumps({"kept_before": kept_before, "counts": counts}))
+""")
+
+
+def test_global_sdk_installed_after_wrap_gets_samples_from_the_next_scan(
+    sqlite_url: str,
+) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run(  # noqa: S603 - our own interpreter and script
+        [sys.executable, "-c", _GLOBAL_SDK_LATER, sqlite_url],
+        capture_output=True, text=True, timeout=60, check=False, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["kept_before"] is False
+    # The checkouts after the scan, reported by the SDK's first collection.
+    assert result["counts"] == {
+        "db.client.connection.wait_time": 7, "db.client.connection.use_time": 7,
+    }
 
 
 @pytest.mark.usefixtures("structlog_unconfigured")
-def test_samples_past_the_bound_are_dropped_and_logged(
+def test_export_buffers_are_bounded_without_checkouts_or_collections(
     sqlite_url: str,
     make_engine: Callable[..., Engine],
     reader: InMemoryMetricReader,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The regression: the bound was enforced by the scan, which runs only on
+    # checkouts; one connection held while it ran statements grew the buffer
+    # without limit.
     from poolguard import recorder as recorder_module
 
     monkeypatch.setattr(recorder_module, "EXPORT_BUFFER_MAX", 10)
     engine = make_engine(sqlite_url)
     guard = poolguard.get_guard(engine)
-    collect(reader)  # samples are kept from now on; then nobody collects
-    for _ in range(25):
-        engine.connect().close()
-    assert len(guard.recorder.export_use or []) == 25
-    with caplog.at_level(logging.WARNING, logger="poolguard"):
-        guard.scan()
-    assert len(guard.recorder.export_use or []) == 10
+    warm_up(engine)
+    collect(reader)
+    select = sa.text("SELECT 1 AS bounded")
+    with engine.connect() as conn:
+        for _ in range(25):
+            conn.execute(select)
+        assert len(guard.recorder.export_ops or ()) == 10
+        with caplog.at_level(logging.WARNING, logger="poolguard"):
+            metrics = collect(reader)
+    # The newest 10 are reported; the 15 dropped are logged, once, by count.
+    shape = {"poolguard.query.fingerprint": fingerprint("SELECT 1 AS bounded").id}
+    assert value(metrics, "poolguard.query.calls", shape) == 25
+    select_points = points(metrics, "db.client.operation.duration",
+                           {"db.operation.name": "SELECT"})
+    assert sum(p.count for p in select_points) == 10
     dropped = [r for r in caplog.records if r.getMessage().startswith("metrics.samples_dropped")]
     assert len(dropped) == 1
     assert dropped[0].poolguard["samples"] == 15
+    assert guard.recorder.export_ops is not None
+    assert len(guard.recorder.export_ops) == 0
+    # Nothing dropped since: the next collection logs nothing.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="poolguard"):
+        collect(reader)
+    assert [r for r in caplog.records if "samples_dropped" in r.getMessage()] == []
 
 
 def test_hot_path_makes_no_sdk_call_per_checkout(
@@ -626,8 +715,9 @@ def test_hot_path_makes_no_sdk_call_per_checkout(
     engine = make_engine(sqlite_url)
     pool = {POOL: poolguard.get_guard(engine).name}
     warm_up(engine)
-    collect(reader)
-    assert calls == []
+    collect(reader)  # records the warm-up's samples, on this thread
+    assert calls.count("db.client.connection.use_time") == WARM
+    calls.clear()
 
     for _ in range(50):
         with engine.connect() as conn:
@@ -639,7 +729,7 @@ def test_hot_path_makes_no_sdk_call_per_checkout(
     assert calls.count("db.client.connection.use_time") == 50
     assert calls.count("db.client.operation.duration") == 50
     assert len(calls) == 150
-    assert hist(metrics, "db.client.connection.use_time", pool).count == 50
+    assert hist(metrics, "db.client.connection.use_time", pool).count == WARM + 50
 
 
 # -- several guards, one provider ----------------------------------------------------
@@ -658,7 +748,7 @@ def test_two_engines_on_one_provider_both_report(
     second.connect().close()
     metrics = collect(reader)
 
-    for name, size, checkouts in (("first", 2, 2), ("second", 4, 1)):
+    for name, size, checkouts in (("first", 2, WARM + 2), ("second", 4, WARM + 1)):
         pool = {POOL: name}
         assert value(metrics, "db.client.connection.idle.max", pool) == size
         assert value(metrics, "db.client.connection.max", pool) == size + 1
@@ -704,7 +794,8 @@ def test_wrap_again_after_unwrap_reports_again(
         engine.connect().close()
     metrics = collect(reader)
     assert value(metrics, "db.client.connection.count", {**pool, STATE: "idle"}) == 1
-    assert hist(metrics, "db.client.connection.wait_time", pool).count == 3
+    # The first guard's warm-up (the same cumulative series), then the new guard's three.
+    assert hist(metrics, "db.client.connection.wait_time", pool).count == WARM + 3
 
 
 # -- wait_time counts every checkout once ----------------------------------------------
@@ -746,7 +837,7 @@ def test_wait_time_counts_a_checkout_granted_during_a_collection_once(
     waiter.finish()
     metrics = collect(reader)
     wait = hist(metrics, "db.client.connection.wait_time", pool)
-    assert wait.count == 2  # the holder's checkout and the waiter's, once each
+    assert wait.count == WARM + 2  # the holder's checkout and the waiter's, once each
     assert wait.min == 0.0
     assert wait.max >= HOLD
     assert wait.sum == wait.max

@@ -173,7 +173,8 @@ def test_configured_structlog_receives_events_and_stdlib_gets_none(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="poolguard")
-    engine = make_engine(sqlite_url, slow_query_threshold=None, name="slog-pool")
+    engine = make_engine(sqlite_url, slow_query_threshold=None, name="slog-pool",
+                         query_log_sample_rate=1.0)
     guard = poolguard.get_guard(engine)
 
     captured = _capture_structlog(logging.DEBUG)
@@ -238,6 +239,49 @@ def test_structlog_filtering_above_debug_turns_query_events_off(
             conn.execute(sa.text("SELECT 1")).all()
         guard.log_top_queries()  # an INFO event gets through
     assert [e["event"] for e in captured] == ["queries.top"]
+
+
+def test_structlog_without_a_level_filter_gets_no_query_events_by_default(
+    db_url: str, make_engine: Callable[..., Engine]
+) -> None:
+    # The regression: structlog configured the usual way (no level filter)
+    # got a DEBUG query event for every statement the application ran.
+    engine = make_engine(db_url, slow_query_threshold=0.5)
+    guard = poolguard.get_guard(engine)
+    captured: list[dict[str, Any]] = []
+
+    def keep(logger: Any, method: str, event_dict: Any) -> Any:
+        captured.append(dict(event_dict))
+        raise structlog.DropEvent
+
+    structlog.configure(processors=[structlog.processors.add_log_level, keep])
+    guard.log.refresh()
+    assert guard.log.debug is True  # DEBUG passes: only the option keeps query events off
+    with engine.connect() as conn:
+        for _ in range(20):
+            conn.execute(sa.text("SELECT 1 AS everyday")).all()
+        with pytest.raises(sa.exc.DBAPIError):
+            conn.execute(sa.text("SELECT * FROM no_such_table_here"))
+    poolguard.wrap(engine, slow_query_threshold=0)  # every statement is slow now
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT 2 AS slow")).all()
+    events = [e["event"] for e in captured]
+    assert "query" not in events
+    assert events.count("query.error") == 1  # slow and failing statements still log
+    assert [e["statement"] for e in captured if e["event"] == "query.slow"] == ["SELECT ? AS slow"]
+    # Stats count every statement whatever the logging.
+    (everyday,) = [q for q in guard.top_queries(100) if q.statement == "SELECT ? AS everyday"]
+    assert everyday.calls == 20
+
+    # Turned on, every statement logs query at DEBUG.
+    poolguard.wrap(engine, slow_query_threshold=None, query_log_sample_rate=1.0)
+    with engine.connect() as conn:
+        for _ in range(3):
+            conn.execute(sa.text("SELECT 3 AS wanted")).all()
+    wanted = [e for e in captured
+              if e["event"] == "query" and e["statement"] == "SELECT ? AS wanted"]
+    assert len(wanted) == 3
+    assert {e["level"] for e in wanted} == {"debug"}
 
 
 # -- (c) slow statements -------------------------------------------------------------------

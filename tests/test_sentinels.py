@@ -109,6 +109,7 @@ def _options(reader: InMemoryMetricReader, **extra: Any) -> dict[str, Any]:
         "leak_threshold": 0,
         "alert_utilization": 0.5,
         "alert_for": 0,
+        "query_log_sample_rate": 1.0,  # per-statement query events are off by default
         "meter_provider": MeterProvider(metric_readers=[reader]),
     }
     options.update(extra)
@@ -157,7 +158,7 @@ def _workload(engine: Engine, reader: InMemoryMetricReader, capture: Capture,
     guard = poolguard.get_guard(engine)
     backend = engine.dialect.name
     guard.on_alert(lambda alert: capture.add("alert callback", alert))
-    capture.add("metrics before", reader.get_metrics_data().to_json())  # starts sample keeping
+    capture.add("metrics before", reader.get_metrics_data().to_json())
 
     with engine.begin() as conn:  # temporary: one connection (pool_size=1) sees it throughout
         conn.execute(sa.text(

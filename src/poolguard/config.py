@@ -64,7 +64,10 @@ class Config:
         slow_query_threshold: A statement running at least this many seconds
             logs ``query.slow`` at WARNING. ``None`` turns that off.
         query_log_sample_rate: Share (0 to 1) of the other statements that log
-            ``query`` at DEBUG, when DEBUG is enabled for poolguard.
+            ``query`` at DEBUG, when DEBUG is enabled for poolguard. ``0``
+            (the default) logs none: a per-statement event is something to
+            turn on (``1.0`` for every statement), not a default, since
+            structlog set up without a level filter passes DEBUG on.
         log_parameters: Put bound parameter values in query events. Off by
             default: values can be personal data or secrets.
         leak_threshold: A connection held longer than this many seconds logs
@@ -153,7 +156,7 @@ class Config:
     name: str | None = _opt(None, _NAME)
     acquire_timeout: float | None = _opt(None, _SECONDS)
     slow_query_threshold: float | None = _opt(1.0, _SECONDS, nullable=True)
-    query_log_sample_rate: float = _opt(1.0, _FRACTION)
+    query_log_sample_rate: float = _opt(0.0, _FRACTION)
     log_parameters: bool = _opt(False, _FLAG)
     leak_threshold: float | None = _opt(None, _SECONDS)
     capture_call_sites: bool = _opt(False, _FLAG)

@@ -34,7 +34,19 @@ from .gate import Gate, Refused
 from .holders import Holder, HolderGroup, describe_groups, group_holders, holders
 from .log import EventLog
 from .policies import BACKGROUND, CRITICAL, NORMAL, Codel, Gradient2, reserve_size, tag_cap
-from .recorder import REQUEST, SITE, T0, TASK, WAIT, WARNED, Hold, Recorder, new_hold
+from .recorder import (
+    REQUEST,
+    SHED,
+    SITE,
+    T0,
+    TASK,
+    TIMED_OUT,
+    WAIT,
+    WARNED,
+    Hold,
+    Recorder,
+    new_hold,
+)
 from .retries import RetryBudget, connect_with_retries
 from .sites import current_site
 from .stats import PoolStats, QueryStats
@@ -526,6 +538,8 @@ class Guard:
                 timeout, asyncio_mode=bool(pool._is_asyncio), priority=priority, tag=tag
             )
         except Refused as refused:
+            if refused.reason == "queue_delay":  # it waited, then was shed: still a wait
+                self.recorder.add_wait(perf_counter() - start, SHED)
             if self.gate.tripped:
                 # A half-open probe shed before it reached the database would
                 # otherwise hold its probe slot forever.
@@ -534,14 +548,12 @@ class Guard:
         waited = perf_counter() - start
         self._interval_wait_max = max(self._interval_wait_max, waited)
         if not granted:
+            self.recorder.add_wait(waited, TIMED_OUT)
             error = self._timeout_error(timeout, by_deadline)
             if self.breakers_on:
                 self.breaker_record(error, waited, request)
             raise error
-        self.recorder.wait.add(waited)
-        buf = self.recorder.export_wait
-        if buf is not None:
-            buf.append(waited)
+        self.recorder.add_wait(waited)
         return waited
 
     def retry_after(self) -> float:
@@ -643,11 +655,10 @@ class Guard:
             for hold in holds:
                 if not hold[WARNED] and now - hold[T0] >= threshold:
                     self._warn_leak(hold, now)
-        dropped = self.recorder.trim()
         self.log.refresh()
-        if dropped:
-            # Collections stopped (a reader shut down): say so, once a second at most.
-            self.log.emit(logging.WARNING, "metrics.samples_dropped", samples=dropped)
+        exporter = self.exporter
+        if exporter is not None:
+            exporter.poll()  # an SDK installed since wrap(): keep samples from now on
         self._check_alerts(now)
 
     def _warn_leak(self, hold: Hold, now: float) -> None:
@@ -730,14 +741,17 @@ class Guard:
         return groups
 
     def exhausted(self, reason: str) -> list[HolderGroup]:
-        """Count the pool running dry, build the holders report, and log
-        ``pool.exhausted`` (at most every 10 s)."""
-        with self._lock:
-            self.exhaustion_events += 1
+        """The pool ran dry: build the holders report, and log ``pool.exhausted``
+        (at most every 10 s; ``exhaustion_events`` counts the events logged)."""
         groups = self.holders_report()
         now = perf_counter()
-        if now - self._exhausted_logged_at >= _EXHAUSTED_LOG_INTERVAL:
-            self._exhausted_logged_at = now
+        with self._lock:
+            # Decided under the lock: two threads timing out together log one event.
+            due = now - self._exhausted_logged_at >= _EXHAUSTED_LOG_INTERVAL
+            if due:
+                self._exhausted_logged_at = now
+                self.exhaustion_events += 1
+        if due:
             gate = self.gate
             self.log.emit(
                 logging.WARNING,
@@ -860,9 +874,14 @@ class Guard:
         with gate._lock:
             waiting = gate.waiting
             waits = gate.waits
-            wait_total = gate.wait_total
-            wait_max = gate.wait_max
-            timeouts = gate.timeouts
+        recorder = self.recorder
+        # Every wait, granted or not, plus the checkouts that never waited as
+        # 0 s: returned ones and those out now, less those that waited (the
+        # exporter counts alike). wait_time_total and wait_time_max are read
+        # from it, so they are the histogram's sum and max by construction.
+        wait_time = recorder.wait_snapshot(
+            max(0, recorder.use.count + len(gate.out) - recorder.wait.count)
+        )
         with self._lock:
             opened, closed, invalidated = self._opened, self._closed, self._invalidated
             leaks = self.leak_warnings
@@ -878,22 +897,17 @@ class Guard:
             permits=permits,
             acquisitions=acquisitions,
             waits=waits,
-            wait_time_total=wait_total,
-            wait_time_max=wait_max,
-            timeouts=timeouts,
+            wait_time_total=wait_time.sum,
+            wait_time_max=wait_time.max,
+            # PoolTimeouts raised: the gate's own count also has queue_delay
+            # sheds, which are rejections.
+            timeouts=recorder.timeouts,
             connections_opened=opened,
             connections_closed=closed,
             connections_invalidated=invalidated,
             leak_warnings=leaks,
             use_time=self.recorder.use.snapshot(),
-            wait_time=self.recorder.wait.snapshot(
-                # Checkouts that never waited: returned ones plus those out
-                # now, less those that waited (the exporter counts alike).
-                extra_zeros=max(
-                    0,
-                    self.recorder.use.count + len(gate.out) - self.recorder.wait.count,
-                )
-            ),
+            wait_time=wait_time,
             create_time=self.recorder.create.snapshot(),
         )
 

@@ -4,12 +4,15 @@ Counts and gauges are observable instruments read at collection time.
 Histograms (``create_time``, ``wait_time``, ``use_time``,
 ``db.client.operation.duration``) are synchronous instruments, but the
 request path never calls them: it appends raw values to the recorder, and the
-first callback of each collection drains those lists into the histograms.
+first callback of each collection drains those buffers into the histograms.
 One SDK ``record()`` costs as much as a whole checkout, so it is paid at
 collection time, on the reader's thread, instead of by a request.
 
-Samples are kept only once a collection has happened (an SDK is installed
-and reading); with the API's no-op provider nothing is kept at all.
+Samples are kept from the moment an SDK is behind the provider, so the
+first collection reports what happened since ``wrap()`` (or since the SDK
+was installed); the buffers are bounded (``EXPORT_BUFFER_MAX`` samples each)
+whether or not anyone collects. With the API's no-op provider nothing is
+kept at all.
 
 Names, instrument types and units follow the OpenTelemetry database client
 semantic conventions (``db.client.connection.*``, ``db.client.operation.duration``);
@@ -24,7 +27,14 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics
-from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.metrics import CallbackOptions, NoOpMeterProvider, Observation
+
+try:  # the global provider until an SDK is installed
+    from opentelemetry.metrics._internal import _ProxyMeterProvider
+
+    _NO_SDK: tuple[type, ...] = (NoOpMeterProvider, _ProxyMeterProvider)
+except ImportError:  # pragma: no cover - another API layout
+    _NO_SDK = (NoOpMeterProvider,)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -106,12 +116,14 @@ class _Instruments:
         _observe(meter, "db.client.connection.pending_requests", "{request}",
                  "Checkouts waiting for a connection.", each(lambda e: e._pending()))
         _observe(meter, "db.client.connection.timeouts", "{timeout}",
-                 "Checkouts that timed out waiting for a connection.",
+                 "Checkouts that got no connection within their timeout (PoolTimeout).",
                  each(lambda e: e._timeouts()), monotonic=True)
         self.create_time = hist("db.client.connection.create_time",
-                                "Time to open a new connection.")
+                                "Time to open a new connection, retries included; "
+                                "failed attempts too.")
         self.wait_time = hist("db.client.connection.wait_time",
-                              "Time a checkout waited for a connection.")
+                              "Time a checkout waited for a connection, whether it got one, "
+                              "timed out or was shed (queue_delay); 0 when one was free.")
         self.use_time = hist("db.client.connection.use_time",
                              "Time from checkout to checkin of a connection.")
         self.operation = hist("db.client.operation.duration",
@@ -119,7 +131,8 @@ class _Instruments:
 
         # poolguard's own.
         _observe(meter, "poolguard.rejections", "{request}",
-                 "Checkouts refused before waiting, by reason and priority.",
+                 "Checkouts refused (LoadShed, CircuitOpen) by reason and priority; "
+                 "queue_delay ones waited first.",
                  each(lambda e: e._rejections()), monotonic=True)
         _observe(meter, "poolguard.circuit_breaker.state", "{state}",
                  "1 for the breaker's current state (closed, open, half_open), else 0; "
@@ -132,13 +145,16 @@ class _Instruments:
                  "Connections held longer than leak_threshold.",
                  each(lambda e: e._leaks()), monotonic=True)
         _observe(meter, "poolguard.pool.exhausted", "{event}",
-                 "Times the pool ran dry (timeout or sustained utilization alert).",
+                 "pool.exhausted events logged: the pool ran dry (a PoolTimeout or the "
+                 "utilization alert firing), at most one per pool every 10 s.",
                  each(lambda e: e._exhausted()), monotonic=True)
         _observe(meter, "poolguard.query.time", "s",
-                 "Total statement time by statement shape (top_queries shapes at most).",
+                 "Total statement time by statement shape, failed statements included "
+                 "(top_queries shapes, the rest as (other)).",
                  each(lambda e: e._query_time()), monotonic=True)
         _observe(meter, "poolguard.query.calls", "{call}",
-                 "Statements executed by statement shape.",
+                 "Statements executed by statement shape, failed ones included "
+                 "(top_queries shapes, the rest as (other)).",
                  each(lambda e: e._query_calls()), monotonic=True)
 
     def _each(
@@ -200,7 +216,7 @@ class _Instruments:
                  each(one(lambda e: e.guard.gate.waiting), legacy=True))
         _observe(meter, "db.client.connections.timeouts", "{timeout}",
                  "Deprecated name of db.client.connection.timeouts.",
-                 each(one(lambda e: e.guard.gate.timeouts), legacy=True), monotonic=True)
+                 each(one(lambda e: e.guard.recorder.timeouts), legacy=True), monotonic=True)
         for name in ("create_time", "wait_time", "use_time"):
             self.legacy[name] = meter.create_histogram(
                 f"db.client.connections.{name}", unit="ms",
@@ -236,23 +252,74 @@ def _instruments(provider: Any) -> _Instruments:
         return found
 
 
+def _has_sdk(provider: Any) -> bool:
+    """Whether ``provider`` (``None``: the global one) can ever read anything.
+
+    The API's no-op provider never does; its global proxy does only once an
+    application installs an SDK (``set_meter_provider``).
+    """
+    if provider is None:
+        provider = metrics.get_meter_provider()
+    return not isinstance(provider, _NO_SDK)
+
+
 class Exporter:
-    """Reports one guard's stats through the shared instruments; :meth:`close` stops it."""
+    """Reports one guard's stats through the shared instruments; :meth:`close` stops it.
+
+    Histogram samples are kept from the moment an SDK is behind the provider
+    (at once for an SDK ``meter_provider``; for the global provider, from the
+    first scan after the application installs one), so the first collection
+    reports what happened since, within the buffers' bound.
+    """
 
     def __init__(self, guard: Guard) -> None:
         self.guard = guard
         self.legacy = guard.config.metrics_legacy_names
+        self._provider = guard.config.meter_provider
         self._lock = threading.Lock()
         #: Checkouts without a wait already reported (as 0.0 wait_time values).
         self._fast_seen = 0
+        #: Samples handed to each buffer so far, by the histograms' totals at
+        #: the last drain: what a full buffer lost is the difference.
+        self._given: dict[str, int] = {}
+        self._closed = False
         self.instruments = _instruments(guard.config.meter_provider)
         self.instruments.add(self)
+        self.poll()
 
     # -- plumbing -------------------------------------------------------------
 
     def close(self) -> None:
-        """Report nothing from now on."""
+        """Report nothing from now on (and keep no samples)."""
         self.instruments.remove(self)
+        with self._lock:  # a collection running now must not start keeping again
+            self._closed = True
+            if self.guard.exporter in (self, None):
+                self.guard.recorder.stop_export()
+
+    def poll(self) -> None:
+        """Start keeping samples once an SDK is behind the provider (cheap; the scan calls it)."""
+        if self.guard.recorder.export_use is None and _has_sdk(self._provider):
+            with self._lock:
+                self._start()
+
+    def _start(self) -> None:
+        # Under self._lock. Samples from now on; 0 s waits counted from now on.
+        recorder = self.guard.recorder
+        if recorder.export_use is not None or self._closed:
+            return
+        self._fast_seen = self._fast_checkouts()
+        self._given = self._totals()
+        recorder.start_export()
+
+    def _totals(self) -> dict[str, int]:
+        recorder = self.guard.recorder
+        return {
+            "use": recorder.use.count,
+            "wait": recorder.wait_count(),
+            "create": recorder.create.count,
+            "ops": recorder.operation_count(),
+        }
 
     def _base(self) -> dict[str, str]:
         return {POOL: self.guard.name}
@@ -260,18 +327,40 @@ class Exporter:
     def _drain(self) -> None:
         guard = self.guard
         recorder = guard.recorder
+        take = recorder.take
         with self._lock:
             if recorder.export_use is None:
-                # First collection: from now on the hot path keeps samples.
-                recorder.start_export()
-                self._fast_seen = self._fast_checkouts()
+                # An SDK appeared and no scan noticed yet: from now on.
+                self._start()
                 return
-            use, wait, create, ops = recorder.drain()
+            totals = self._totals()  # before taking: in-flight samples stay for next time
+            buffers = {
+                "use": recorder.export_use, "wait": recorder.export_wait,
+                "create": recorder.export_create, "ops": recorder.export_ops,
+            }
+            full = {name: buf is not None and len(buf) == buf.maxlen
+                    for name, buf in buffers.items()}
+            use = take(recorder.export_use)
+            wait = take(recorder.export_wait)
+            create = take(recorder.export_create)
+            ops = take(recorder.export_ops)
+            taken = {"use": len(use), "wait": len(wait), "create": len(create), "ops": len(ops)}
+            # A buffer that lost samples is full; the loss is what the
+            # histograms counted since the last drain and the buffer lacks
+            # (to within the samples in flight).
+            dropped = sum(
+                max(0, totals[name] - self._given.get(name, 0) - taken[name])
+                for name in buffers if full[name]
+            )
+            self._given = totals
             # Checkouts that found a free permit waited 0 s: not buffered one
             # by one, but counted here from the totals.
             fast = self._fast_checkouts()
             zeros = max(0, fast - self._fast_seen)
             self._fast_seen += zeros
+        if dropped:
+            # Collections stopped for a while (or are too far apart): say so.
+            guard.log.emit(logging.WARNING, "metrics.samples_dropped", samples=dropped)
         base = self._base()
         system = guard.db_system
         instruments = self.instruments
@@ -354,7 +443,7 @@ class Exporter:
         yield Observation(self.guard.gate.waiting, self._base())
 
     def _timeouts(self) -> Iterable[Observation]:
-        yield Observation(self.guard.gate.timeouts, self._base())
+        yield Observation(self.guard.recorder.timeouts, self._base())
 
     def _rejections(self) -> Iterable[Observation]:
         base = self._base()

@@ -11,8 +11,9 @@ event dispatcher for every Connection, which costs more per checkout than
 the whole guard.
 
 Per statement: a clock read on each side, a cached fingerprint lookup and a
-few additions. A log event is built only for a slow statement, or when DEBUG
-is on for poolguard and the sample says so. Parameter values never go into
+few additions. A log event is built only for a slow statement, or when
+``query_log_sample_rate`` is set (it is 0 by default), DEBUG is on for
+poolguard and the sample says so. Parameter values never go into
 an event unless ``log_parameters`` is set, and errors are reported by type,
 never by message (database messages quote values).
 """
@@ -174,7 +175,9 @@ class QueryTimer:
                     None, duration, hold[REQUEST] if hold is not None else _current.get()
                 )
             slow = guard.slow_query_threshold
-            if (slow is not None and duration >= slow) or guard.log.debug:
+            if (slow is not None and duration >= slow) or (
+                guard.log.debug and guard.config.query_log_sample_rate
+            ):
                 log(cursor, statement, args, duration, rows, stat, hold)
             return result
 

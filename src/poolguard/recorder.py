@@ -8,18 +8,22 @@ module calls OpenTelemetry or a logger.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .fingerprint import Fingerprint
-from .histogram import Histogram
+from .histogram import Histogram, HistogramSnapshot
 
 if TYPE_CHECKING:
     from .context import RequestContext
 
-__all__ = ["Hold", "QueryStat", "Recorder", "new_hold"]
+__all__ = ["GRANTED", "SHED", "TIMED_OUT", "Hold", "QueryStat", "Recorder", "new_hold"]
 
 #: Samples kept for the OpenTelemetry exporter between two collections.
 EXPORT_BUFFER_MAX = 65536
+
+#: Outcomes of a wait at the gate (Recorder.add_wait).
+GRANTED, TIMED_OUT, SHED = "granted", "timed_out", "shed"
 
 #: Where statements go once ``top_queries`` shapes are tracked.
 OTHER = Fingerprint(id="other", text="(other)", operation="", collection="")
@@ -73,22 +77,58 @@ class QueryStat:
 class Recorder:
     """Histograms and per-statement stats of one guard.
 
-    ``export_*`` lists are ``None`` until an exporter asks for samples; then
-    the hot path appends raw values (one ``list.append``) and the exporter
-    drains them at collection time, off the request path.
+    ``export_*`` buffers are ``None`` until an exporter with an SDK behind it
+    asks for samples; then the hot path appends raw values (one
+    ``deque.append``, a single C call) and the exporter drains them at
+    collection time, off the request path. Each buffer is a ``deque`` with
+    ``maxlen``: bounded whatever happens to the collections, at no cost per
+    append; when full, the oldest samples go, and the exporter counts them
+    from the histograms' totals.
     """
 
     def __init__(self) -> None:
-        self.wait = Histogram()
+        #: Waits that got a permit (``track_min``: every value goes through add()).
+        self.wait = Histogram(track_min=True)
+        #: Waits that ended without one: timed out (PoolTimeout), or shed
+        #: after waiting (queue_delay). Apart from ``wait`` so the checkouts
+        #: that did not wait stay ``use + out - wait``.
+        self.wait_failed = Histogram(track_min=True)
+        #: PoolTimeouts raised (a queue_delay shed is a rejection, not one of these).
+        self.timeouts = 0
         self.use = Histogram()
-        self.create = Histogram()
+        self.create = Histogram(track_min=True)
         self.queries: dict[str, QueryStat] = {}
         self._queries_lock = threading.Lock()
-        self.export_use: list[float] | None = None
-        self.export_wait: list[float] | None = None
-        self.export_create: list[float] | None = None
+        self.export_use: deque[float] | None = None
+        self.export_wait: deque[float] | None = None
+        self.export_create: deque[float] | None = None
         #: (duration, fingerprint, error type or None)
-        self.export_ops: list[tuple[float, Fingerprint, str | None]] | None = None
+        self.export_ops: deque[tuple[float, Fingerprint, str | None]] | None = None
+
+    def add_wait(self, waited: float, outcome: str = GRANTED) -> None:
+        """Count one wait at the gate, whatever its ``outcome``: :data:`GRANTED`,
+        :data:`TIMED_OUT` (a PoolTimeout) or :data:`SHED` (queue_delay)."""
+        if outcome == GRANTED:
+            self.wait.add(waited)
+        else:
+            self.wait_failed.add(waited)
+            if outcome == TIMED_OUT:
+                self.timeouts += 1
+        buf = self.export_wait
+        if buf is not None:
+            buf.append(waited)
+
+    def wait_snapshot(self, not_waited: int) -> HistogramSnapshot:
+        """Every acquire wait, granted or not, plus ``not_waited`` checkouts as 0 s."""
+        return self.wait.merged((self.wait_failed,), not_waited)
+
+    def wait_count(self) -> int:
+        """Waits counted so far, granted or not (what ``export_wait`` was given)."""
+        return self.wait.count + self.wait_failed.count
+
+    def operation_count(self) -> int:
+        """Statements counted so far (what ``export_ops`` was given)."""
+        return sum(stat.hist.count for stat in list(self.queries.values()))
 
     def query(self, fp: Fingerprint, limit: int) -> QueryStat:
         """The stats row of ``fp``, created on first use; past ``limit`` rows, ``(other)``."""
@@ -103,32 +143,27 @@ class Recorder:
         return stat
 
     def start_export(self) -> None:
-        """Begin keeping raw samples for an exporter."""
-        self.export_use = []
-        self.export_wait = []
-        self.export_create = []
-        self.export_ops = []
+        """Begin keeping raw samples for an exporter (each buffer bounded)."""
+        if self.export_use is None:
+            self.export_use = deque(maxlen=EXPORT_BUFFER_MAX)
+            self.export_wait = deque(maxlen=EXPORT_BUFFER_MAX)
+            self.export_create = deque(maxlen=EXPORT_BUFFER_MAX)
+            self.export_ops = deque(maxlen=EXPORT_BUFFER_MAX)
 
-    def trim(self) -> int:
-        """Bound the export buffers when no exporter collects (oldest samples go).
+    def stop_export(self) -> None:
+        """Keep no samples (the exporter closed)."""
+        self.export_use = self.export_wait = self.export_create = None
+        self.export_ops = None
 
-        Returns how many samples were dropped.
+    @staticmethod
+    def take(buf: deque[Any] | None) -> list[Any]:
+        """The samples in ``buf`` now, removed from it.
+
+        Pops exactly as many as were there: a sample appended meanwhile (the
+        hot path never stops) stays for the next collection instead of being
+        lost with a swapped-out buffer.
         """
-        dropped = 0
-        for name in ("export_use", "export_wait", "export_create", "export_ops"):
-            buf = getattr(self, name)
-            if buf is not None and len(buf) > EXPORT_BUFFER_MAX:
-                excess = len(buf) - EXPORT_BUFFER_MAX
-                del buf[:excess]
-                dropped += excess
-        return dropped
-
-    def drain(
-        self,
-    ) -> tuple[list[float], list[float], list[float], list[tuple[float, Fingerprint, str | None]]]:
-        """Hand over the samples kept since the last call (swap, never copy)."""
-        use, self.export_use = self.export_use or [], []
-        wait, self.export_wait = self.export_wait or [], []
-        create, self.export_create = self.export_create or [], []
-        ops, self.export_ops = self.export_ops or [], []
-        return use, wait, create, ops
+        if buf is None:
+            return []
+        pop = buf.popleft
+        return [pop() for _ in range(len(buf))]
