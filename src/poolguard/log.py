@@ -29,8 +29,11 @@ _REFRESH = 1.0
 
 
 def _render(value: Any) -> str:
+    # repr() escapes control characters (a newline or an ANSI escape in a
+    # value would forge or hide a log line) and quotes spaces (which would
+    # forge a key=value field).
     text = str(value)
-    return repr(text) if (" " in text or not text) else text
+    return text if text and text.isprintable() and " " not in text else repr(text)
 
 
 class EventLog:
