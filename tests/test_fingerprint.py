@@ -39,7 +39,9 @@ from poolguard.fingerprint import fingerprint, normalize
     ],
 )
 def test_string_literals_become_placeholders(statement: str, expected: str) -> None:
-    assert normalize(statement) == expected
+    assert normalize(statement, "postgresql") == expected
+    # Every reading at once may take more for a literal, never less.
+    assert "'" not in normalize(statement)
 
 
 @pytest.mark.parametrize(
@@ -69,7 +71,7 @@ def test_arithmetic_keeps_its_operator() -> None:
     ],
 )
 def test_identifiers_and_casts_are_untouched(statement: str) -> None:
-    assert normalize(statement) == statement
+    assert normalize(statement, "postgresql") == statement
 
 
 def test_casts_after_a_literal_or_parameter_are_kept() -> None:
@@ -208,6 +210,83 @@ def test_no_literal_survives_any_content(first: str, second: str) -> None:
         assert text.startswith("SELECT a FROM t WHERE a = ?"), statement
 
 
+# -- dialects: double quotes and # ----------------------------------------------------
+
+
+@pytest.mark.parametrize("dialect", ["mysql", "mariadb", "sqlite", None, "other_sql"])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        f'SELECT * FROM t WHERE api_key = "{_SECRET}"',
+        f'SELECT * FROM t WHERE a = "it\\"s" AND b = "{_SECRET}"',
+        f'SELECT * FROM t WHERE a = "x""y" AND b = "{_SECRET}"',
+        f"SELECT * FROM t WHERE a = 1 # {_SECRET}\nAND b = 2",
+        f"SELECT * FROM t WHERE a = 1 #'\nAND b = '{_SECRET}'",
+        f'SELECT `we"ird`, `it\'s` FROM t WHERE b = "{_SECRET}"',
+        f'SELECT * FROM t WHERE a = \'"\' AND b = "{_SECRET}"',
+        f'INSERT INTO t (k) VALUES ("{_SECRET}")',
+        f'SELECT * FROM "{_SECRET}x" WHERE a = "{_SECRET}"',  # where a table goes: kept
+    ],
+)
+def test_double_quoted_and_hash_literals_go_where_they_may_be_strings(
+    statement: str, dialect: str | None
+) -> None:
+    text = normalize(statement, dialect)
+    assert f'"{_SECRET}"' not in text
+    assert f"'{_SECRET}'" not in text
+    assert f"# {_SECRET}" not in text
+    assert f"= {_SECRET}" not in text
+
+
+def test_mysql_double_quotes_and_hash() -> None:
+    stmt = 'SELECT `a`, "x" FROM `t` WHERE k = "sk_live_SECRET123" # note\nAND n = 1'
+    assert normalize(stmt, "mariadb") == "SELECT `a`, ? FROM `t` WHERE k = ? AND n = ?"
+    assert fingerprint(stmt, "mysql").collection == "t"
+    # One shape whatever the quotes.
+    assert fingerprint(stmt, "mariadb").id == fingerprint(
+        "SELECT `a`, 'y' FROM `t` WHERE k = %(k)s AND n = %(n)s", "mariadb"
+    ).id
+
+
+def test_postgresql_double_quotes_are_names_and_hash_an_operator() -> None:
+    stmt = 'SELECT "Col", data #> \'{a,b}\' FROM "Users" WHERE "it\'s" = 1'
+    assert normalize(stmt, "postgresql") == 'SELECT "Col", data #> ? FROM "Users" WHERE "it\'s" = ?'
+    assert fingerprint(stmt, "postgresql").collection == "Users"
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", None])
+def test_table_names_in_double_quotes_survive_every_reading(dialect: str | None) -> None:
+    fp = fingerprint('SELECT "user".id FROM "user" JOIN "order" ON 1 = 1', dialect)
+    assert fp.collection == "user"
+    assert fp.summary == "SELECT user"
+    assert fingerprint('SELECT * FROM "main"."items"', dialect).collection == "main.items"
+
+
+def _my_backslashed(value: str) -> str:  # MySQL/MariaDB double-quoted string
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _my_doubled(value: str) -> str:  # MySQL/MariaDB with NO_BACKSLASH_ESCAPES
+    return '"' + value.replace('"', '""') + '"'
+
+
+_TRICKY_MY = st.text(alphabet="ab'\"\\-#*/`\n :?%()", max_size=30)
+
+
+@given(first=_TRICKY_MY, second=_TRICKY_MY)
+def test_no_mysql_literal_survives_any_content(first: str, second: str) -> None:
+    marker = "zqxjv"
+    for quote in (_my_backslashed, _my_doubled, _backslashed, _standard):
+        statement = (
+            f"SELECT a # note\nFROM t WHERE a = {quote(first)} /* c */ "
+            f"AND b = {quote(marker + second)} AND c = {quote(first)}"
+        )
+        for dialect in ("mariadb", "mysql", None):
+            text = normalize(statement, dialect)
+            assert marker not in text, (statement, dialect)
+            assert text.startswith("SELECT a FROM t WHERE a = ?"), (statement, dialect)
+
+
 # -- identity ---------------------------------------------------------------------------
 
 
@@ -311,13 +390,15 @@ def test_summary_falls_back_to_text() -> None:
 def test_cache_returns_the_same_object() -> None:
     stmt = "SELECT * FROM cache_probe WHERE id = %(id)s"
     assert fingerprint(stmt) is fingerprint(stmt)
-    assert fpmod._cache[stmt] is fingerprint(stmt)
+    assert fpmod._caches[""][stmt] is fingerprint(stmt)
+    assert fingerprint(stmt, "mariadb") is fingerprint(stmt, "mariadb")
+    assert fpmod._caches["mariadb"][stmt] is fingerprint(stmt, "mariadb")
 
 
 def test_cache_is_bounded() -> None:
     for i in range(5000):
         fingerprint(f"SELECT * FROM bounded_{i} WHERE id = {i}")
-        assert len(fpmod._cache) <= 4096
+        assert len(fpmod._caches[""]) <= 4096
     # Still correct after the cache was reset.
     assert fingerprint("SELECT * FROM bounded_4999 WHERE id = 4999").text == (
         "SELECT * FROM bounded_4999 WHERE id = ?"
