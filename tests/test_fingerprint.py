@@ -390,7 +390,7 @@ def test_summary_falls_back_to_text() -> None:
 def test_cache_returns_the_same_object() -> None:
     stmt = "SELECT * FROM cache_probe WHERE id = %(id)s"
     assert fingerprint(stmt) is fingerprint(stmt)
-    assert fpmod._caches[""][stmt] is fingerprint(stmt)
+    assert fpmod._caches[None][stmt] is fingerprint(stmt)
     assert fingerprint(stmt, "mariadb") is fingerprint(stmt, "mariadb")
     assert fpmod._caches["mariadb"][stmt] is fingerprint(stmt, "mariadb")
 
@@ -398,7 +398,7 @@ def test_cache_returns_the_same_object() -> None:
 def test_cache_is_bounded() -> None:
     for i in range(5000):
         fingerprint(f"SELECT * FROM bounded_{i} WHERE id = {i}")
-        assert len(fpmod._caches[""]) <= 4096
+        assert len(fpmod._caches[None]) <= 4096
     # Still correct after the cache was reset.
     assert fingerprint("SELECT * FROM bounded_4999 WHERE id = 4999").text == (
         "SELECT * FROM bounded_4999 WHERE id = ?"

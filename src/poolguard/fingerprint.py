@@ -149,18 +149,16 @@ def normalize(statement: str, dialect: str | None = None) -> str:
 
 # One cache per reading: the same text is a different shape on MySQL ("..." is
 # a value) and on PostgreSQL ("..." is a name).
-_caches: dict[str, dict[str, Fingerprint]] = {}
+_caches: dict[str | None, dict[str, Fingerprint]] = {}
 _cache_lock = threading.Lock()
 
 
 def fingerprint(statement: str, dialect: str | None = None) -> Fingerprint:
     """The :class:`Fingerprint` of ``statement`` on ``dialect`` (cached; see :func:`normalize`)."""
-    key = dialect or ""
-    cache = _caches.get(key)
-    if cache is not None:
-        found = cache.get(statement)
-        if found is not None:
-            return found
+    try:
+        return _caches[dialect][statement]
+    except KeyError:
+        pass
     text = normalize(statement, dialect)
     op = _OPERATION.match(text)
     coll = _COLLECTION.search(text)
@@ -171,7 +169,7 @@ def fingerprint(statement: str, dialect: str | None = None) -> Fingerprint:
         collection=re.sub(r'["`\[\]]', "", coll.group(1)) if coll else "",
     )
     with _cache_lock:
-        cache = _caches.setdefault(key, {})
+        cache = _caches.setdefault(dialect, {})
         if len(cache) >= _CACHE_MAX:
             # Unbounded distinct statements (literals inlined by the app):
             # start over rather than grow without limit.
