@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 import poolguard
 from poolguard.cli._db import describe_error, secrets, shown
-from poolguard.context import MAX_TAG_CHARS, current_request
+from poolguard.context import MAX_TAG_CHARS, RequestContext, current_request
 from poolguard.log import EventLog
 
 if TYPE_CHECKING:
@@ -212,6 +212,20 @@ async def test_decorator_and_object_shared_by_many_tasks() -> None:
             return current_request() is ctx
 
     assert all(await asyncio.gather(*(work(i) for i in range(50))))
+    assert current_request() is None
+
+    @poolguard.request(tag="decorated", timeout=30)
+    async def decorated(depth: int) -> list[RequestContext]:
+        ctx = current_request()
+        assert ctx is not None
+        assert ctx.tag == "decorated"
+        await asyncio.sleep(0)
+        inner = await decorated(depth - 1) if depth else []  # the same scope, nested
+        assert current_request() is ctx
+        return [ctx, *inner]
+
+    chains = await asyncio.gather(*(decorated(3) for _ in range(20)))
+    assert len({id(ctx) for chain in chains for ctx in chain}) == 80  # a scope per call
     assert current_request() is None
 
 

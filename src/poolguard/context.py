@@ -186,25 +186,21 @@ class request:  # noqa: N801 - used like a function: `with poolguard.request(...
     @overload
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]: ...
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
-        timeout, tag, priority = self._timeout, self._tag, self._priority
-        limit = self._statement_timeout
+        # The object itself opens a fresh scope per call: entries do not share state.
+        scope = self
         if inspect.iscoroutinefunction(fn):
             afn = cast("Callable[P, Awaitable[Any]]", fn)
 
             @functools.wraps(fn)
             async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                with request(
-                    timeout=timeout, tag=tag, priority=priority, statement_timeout=limit
-                ):
+                with scope:
                     return await afn(*args, **kwargs)
 
             return async_wrapper
 
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-            with request(
-                    timeout=timeout, tag=tag, priority=priority, statement_timeout=limit
-                ):
+            with scope:
                 return fn(*args, **kwargs)
 
         return wrapper
