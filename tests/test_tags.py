@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.usefixtures("structlog_unconfigured")
 
-FORGED = "login\npoolguard WARNING pool.exhausted pool=forged\x1b[2K\r\x85\u2028"
+FORGED = "login\npoolguard WARNING pool.exhausted pool=forged\x1b[2K\r\x85\u2028\u202e"
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import re
 import time
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
@@ -25,9 +24,6 @@ __all__ = ["MAX_TAG_CHARS", "RequestContext", "current_request", "request"]
 #: Longest tag kept; a longer one is cut (tags go into every log line, holders
 #: report and metric label of its request).
 MAX_TAG_CHARS = 128
-# Control characters (C0, DEL, C1) and the Unicode line/paragraph separators:
-# any of them in a log line lets a tag forge or hide lines.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -209,4 +205,8 @@ class request:  # noqa: N801 - used like a function: `with poolguard.request(...
 def _clean_tag(tag: str) -> str:
     if len(tag) > MAX_TAG_CHARS:
         tag = tag[: MAX_TAG_CHARS - 3] + "..."
-    return _UNSAFE.sub("?", tag)
+    if tag.isprintable():
+        return tag
+    # Control and format characters (newline, ESC, bidi overrides, U+2028...)
+    # would forge, hide or reorder log lines.
+    return "".join(c if c.isprintable() else "?" for c in tag)
