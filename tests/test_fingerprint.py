@@ -205,15 +205,16 @@ def test_no_literal_survives_any_content(first: str, second: str) -> None:
             f"SELECT a -- note\nFROM t WHERE a = {prefix}{quote(first)} /* c */ "
             f"AND b = {prefix}{quote(marker + second)} AND c = {prefix}{quote(first)}"
         )
-        text = normalize(statement)
-        assert marker not in text, statement
-        assert text.startswith("SELECT a FROM t WHERE a = ?"), statement
+        for dialect in (None, "sqlite", "postgresql"):
+            text = normalize(statement, dialect)
+            assert marker not in text, (statement, dialect)
+            assert text.startswith("SELECT a FROM t WHERE a = ?"), (statement, dialect)
 
 
 # -- dialects: double quotes and # ----------------------------------------------------
 
 
-@pytest.mark.parametrize("dialect", ["mysql", "mariadb", "sqlite", None, "other_sql"])
+@pytest.mark.parametrize("dialect", ["mysql", "mariadb", None, "other_sql"])
 @pytest.mark.parametrize(
     "statement",
     [
@@ -225,7 +226,10 @@ def test_no_literal_survives_any_content(first: str, second: str) -> None:
         f'SELECT `we"ird`, `it\'s` FROM t WHERE b = "{_SECRET}"',
         f'SELECT * FROM t WHERE a = \'"\' AND b = "{_SECRET}"',
         f'INSERT INTO t (k) VALUES ("{_SECRET}")',
-        f'SELECT * FROM "{_SECRET}x" WHERE a = "{_SECRET}"',  # where a table goes: kept
+        f'SELECT TRIM(BOTH "x" FROM "{_SECRET}")',  # MySQL: a value after FROM
+        f'SELECT SUBSTRING("{_SECRET}" FROM 2) FROM t',
+        f'SELECT * FROM t WHERE a IS DISTINCT FROM "{_SECRET}"',  # SQLite: a value too
+        f'SELECT * FROM t WHERE a IS  NOT DISTINCT\nFROM "{_SECRET}"',
     ],
 )
 def test_double_quoted_and_hash_literals_go_where_they_may_be_strings(
@@ -236,6 +240,22 @@ def test_double_quoted_and_hash_literals_go_where_they_may_be_strings(
     assert f"'{_SECRET}'" not in text
     assert f"# {_SECRET}" not in text
     assert f"= {_SECRET}" not in text
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        f'SELECT * FROM t WHERE api_key = "{_SECRET}"',
+        f'SELECT * FROM t WHERE a IS DISTINCT FROM "{_SECRET}"',
+        f'SELECT * FROM t WHERE a IS NOT DISTINCT\n FROM "{_SECRET}"',
+        f'INSERT INTO "t" (k) VALUES ("{_SECRET}")',
+        f'SELECT `we"ird`, [it\'s] FROM t WHERE b = "{_SECRET}"',
+        f'UPDATE "t" SET k = "{_SECRET}" WHERE "id" = 1',
+    ],
+)
+@pytest.mark.parametrize("dialect", ["sqlite", None])
+def test_sqlite_double_quoted_strings_go(statement: str, dialect: str | None) -> None:
+    assert _SECRET not in normalize(statement, dialect)
 
 
 def test_mysql_double_quotes_and_hash() -> None:
@@ -254,12 +274,15 @@ def test_postgresql_double_quotes_are_names_and_hash_an_operator() -> None:
     assert fingerprint(stmt, "postgresql").collection == "Users"
 
 
-@pytest.mark.parametrize("dialect", ["sqlite", None])
-def test_table_names_in_double_quotes_survive_every_reading(dialect: str | None) -> None:
-    fp = fingerprint('SELECT "user".id FROM "user" JOIN "order" ON 1 = 1', dialect)
-    assert fp.collection == "user"
+def test_sqlite_table_names_in_double_quotes_survive() -> None:
+    fp = fingerprint('SELECT "user".id FROM "user" JOIN "order" ON "user".k = 1', "sqlite")
+    assert fp.text == 'SELECT ?.id FROM "user" JOIN "order" ON ?.k = ?'
     assert fp.summary == "SELECT user"
-    assert fingerprint('SELECT * FROM "main"."items"', dialect).collection == "main.items"
+    assert fingerprint('SELECT * FROM "main"."items"', "sqlite").collection == "main.items"
+    assert fingerprint('INSERT INTO "order" (a) VALUES (1)', "sqlite").summary == "INSERT order"
+    assert fingerprint('UPDATE "order" SET "a" = "b"', "sqlite").text == (
+        'UPDATE "order" SET ? = ?'
+    )
 
 
 def _my_backslashed(value: str) -> str:  # MySQL/MariaDB double-quoted string
@@ -282,6 +305,15 @@ def test_no_mysql_literal_survives_any_content(first: str, second: str) -> None:
             f"AND b = {quote(marker + second)} AND c = {quote(first)}"
         )
         for dialect in ("mariadb", "mysql", None):
+            text = normalize(statement, dialect)
+            assert marker not in text, (statement, dialect)
+            assert text.startswith("SELECT a FROM t WHERE a = ?"), (statement, dialect)
+    for quote in (_my_doubled, _standard):  # SQLite: "..." a string when no column matches
+        statement = (
+            f"SELECT a -- note\nFROM t WHERE a = {quote(first)} /* c */ "
+            f"AND b IS DISTINCT FROM {quote(marker + second)} AND c = {quote(first)}"
+        )
+        for dialect in ("sqlite", None):
             text = normalize(statement, dialect)
             assert marker not in text, (statement, dialect)
             assert text.startswith("SELECT a FROM t WHERE a = ?"), (statement, dialect)
@@ -373,7 +405,7 @@ def test_text_is_cut_to_300_characters() -> None:
 def test_operation_collection_summary(
     statement: str, operation: str, collection: str, summary: str
 ) -> None:
-    fp = fingerprint(statement)
+    fp = fingerprint(statement, "postgresql")
     assert fp.operation == operation
     assert fp.collection == collection
     assert fp.summary == summary

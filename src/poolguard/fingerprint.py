@@ -51,16 +51,25 @@ _STANDARD = (  # PostgreSQL, standard SQL: "..." is an identifier
         re.S,
     ),
 )
-# Where no string can stand, "..." is a table name in every reading: kept, so
-# that the shape still names its table (SQLite, MySQL with ANSI_QUOTES).
-_TABLE = rf'\b(?:FROM|JOIN|INTO|UPDATE|TABLE)\s+{_DQ_PLAIN}(?:\s*\.\s*{_DQ_PLAIN})?'
-_MY_KEEP = rf"(?P<k>{_BACKTICK}|{_TABLE})"
 _MYSQL = (  # MySQL/MariaDB: "..." is a string, # a comment, `...` an identifier
-    re.compile(rf"{_MY_COMMENT}|{_MY_KEEP}|{_PREFIX}(?:{_ESCAPED}|{_DQ_ESCAPED})", re.S | re.I),
-    re.compile(rf"{_MY_COMMENT}|{_MY_KEEP}|{_PREFIX}(?:{_PLAIN}|{_DQ_PLAIN})", re.S | re.I),
+    re.compile(rf"{_MY_COMMENT}|(?P<k>{_BACKTICK})|{_PREFIX}(?:{_ESCAPED}|{_DQ_ESCAPED})", re.S),
+    re.compile(rf"{_MY_COMMENT}|(?P<k>{_BACKTICK})|{_PREFIX}(?:{_PLAIN}|{_DQ_PLAIN})", re.S),
 )
-# A database poolguard does not know (or SQLite, where "..." may be either):
-# every reading at once.
+# SQLite: "..." is a name, or a string when no column has that name. Right
+# after FROM/JOIN/INTO/UPDATE/TABLE only a name can stand (SQLite has no
+# TRIM(x FROM y) or EXTRACT(... FROM y); IS DISTINCT FROM is read first, so
+# the value after it is not taken for a table): kept, so the shape still
+# names its table.
+_TABLE = rf"\b(?:FROM|JOIN|INTO|UPDATE|TABLE)\s+{_DQ_PLAIN}(?:\s*\.\s*{_DQ_PLAIN})?"
+_SQLITE = (
+    *_STANDARD,
+    re.compile(
+        rf"{_COMMENT}|(?P<k>{_BACKTICK}|\bDISTINCT\s+FROM\b|{_TABLE})|"
+        rf"(?:\b[xX])?(?:{_PLAIN}|{_DQ_PLAIN})",
+        re.S | re.I,
+    ),
+)
+# A database poolguard does not know: every reading at once.
 _ANY = (*_STANDARD, *_MYSQL)
 _READINGS: dict[str, tuple[re.Pattern[str], ...]] = {
     "postgresql": _STANDARD,
@@ -68,6 +77,7 @@ _READINGS: dict[str, tuple[re.Pattern[str], ...]] = {
     "oracle.db": _STANDARD,
     "mysql": _MYSQL,
     "mariadb": _MYSQL,
+    "sqlite": _SQLITE,
 }
 
 _NUMBER = re.compile(
@@ -134,9 +144,9 @@ def normalize(statement: str, dialect: str | None = None) -> str:
 
     ``dialect`` (``postgresql``, ``mysql``, ``mariadb``, ``sqlite``...) says how
     to read quotes and comments: on MySQL/MariaDB ``"..."`` is a string and
-    ``#`` starts a comment, on PostgreSQL ``"..."`` is a name. Without one, or
-    for a database without a reading of its own (SQLite: ``"..."`` is a string
-    when no column has the name), every reading applies, so whatever any of
+    ``#`` starts a comment, on PostgreSQL ``"..."`` is a name, on SQLite a
+    string unless a table name must stand there. Without a dialect, or for one
+    without a reading of its own, every reading applies, so whatever any of
     them takes for a literal is replaced.
     """
     text = _strip(statement, _READINGS.get(dialect or "", _ANY))
