@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 import poolguard
-from poolguard.cli._db import describe_error, secrets, shown
+from poolguard.cli._db import describe_error, shown, url_secrets
 from poolguard.context import MAX_TAG_CHARS, RequestContext, current_request
 from poolguard.log import EventLog
 
@@ -246,7 +246,7 @@ def test_shown_url_hides_secret_query_parameters(param: str) -> None:
     assert ":pw@" not in text
     assert f"{param}=***" in text
     assert "sslmode=require" in text
-    assert SECRET in secrets(url)
+    assert SECRET in url_secrets(url)
 
 
 def test_shown_url_without_secrets_is_unchanged() -> None:

@@ -23,7 +23,7 @@ __all__ = [
     "describe_error",
     "parse_url",
     "ping",
-    "secrets",
+    "url_secrets",
     "shown",
     "sleep_sql",
 ]
@@ -86,7 +86,7 @@ def shown(url: str | URL) -> str:
     return parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
 
 
-def secrets(url: str | URL) -> list[str]:
+def url_secrets(url: str | URL) -> list[str]:
     """The secret values in ``url``: its password and secret query parameters."""
     try:
         parsed = url if isinstance(url, URL) else make_url(url)
@@ -104,13 +104,13 @@ def describe_error(
 ) -> str:
     """One line for ``exc``: the driver's error unwrapped, no password in it.
 
-    ``password``, and the secrets of ``url`` (see :func:`secrets`), are
+    ``password``, and the secrets of ``url`` (see :func:`url_secrets`), are
     replaced by ``***`` wherever the message quotes them.
     """
     orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else None
     err: BaseException = orig if isinstance(orig, BaseException) else exc
     text = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-    hidden = ([password] if password else []) + (secrets(url) if url is not None else [])
+    hidden = ([password] if password else []) + (url_secrets(url) if url is not None else [])
     for secret in sorted(hidden, key=len, reverse=True):
         text = text.replace(secret, "***")
     text = re.sub(r"\s+", " ", text).strip()
