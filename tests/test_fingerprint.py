@@ -39,7 +39,9 @@ from poolguard.fingerprint import fingerprint, normalize
     ],
 )
 def test_string_literals_become_placeholders(statement: str, expected: str) -> None:
-    assert normalize(statement) == expected
+    assert normalize(statement, "postgresql") == expected
+    # Every reading at once may take more for a literal, never less.
+    assert "'" not in normalize(statement)
 
 
 @pytest.mark.parametrize(
@@ -69,7 +71,7 @@ def test_arithmetic_keeps_its_operator() -> None:
     ],
 )
 def test_identifiers_and_casts_are_untouched(statement: str) -> None:
-    assert normalize(statement) == statement
+    assert normalize(statement, "postgresql") == statement
 
 
 def test_casts_after_a_literal_or_parameter_are_kept() -> None:
@@ -203,9 +205,118 @@ def test_no_literal_survives_any_content(first: str, second: str) -> None:
             f"SELECT a -- note\nFROM t WHERE a = {prefix}{quote(first)} /* c */ "
             f"AND b = {prefix}{quote(marker + second)} AND c = {prefix}{quote(first)}"
         )
-        text = normalize(statement)
-        assert marker not in text, statement
-        assert text.startswith("SELECT a FROM t WHERE a = ?"), statement
+        for dialect in (None, "sqlite", "postgresql"):
+            text = normalize(statement, dialect)
+            assert marker not in text, (statement, dialect)
+            assert text.startswith("SELECT a FROM t WHERE a = ?"), (statement, dialect)
+
+
+# -- dialects: double quotes and # ----------------------------------------------------
+
+
+@pytest.mark.parametrize("dialect", ["mysql", "mariadb", None, "other_sql"])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        f'SELECT * FROM t WHERE api_key = "{_SECRET}"',
+        f'SELECT * FROM t WHERE a = "it\\"s" AND b = "{_SECRET}"',
+        f'SELECT * FROM t WHERE a = "x""y" AND b = "{_SECRET}"',
+        f"SELECT * FROM t WHERE a = 1 # {_SECRET}\nAND b = 2",
+        f"SELECT * FROM t WHERE a = 1 #'\nAND b = '{_SECRET}'",
+        f'SELECT `we"ird`, `it\'s` FROM t WHERE b = "{_SECRET}"',
+        f'SELECT * FROM t WHERE a = \'"\' AND b = "{_SECRET}"',
+        f'INSERT INTO t (k) VALUES ("{_SECRET}")',
+        f'SELECT TRIM(BOTH "x" FROM "{_SECRET}")',  # MySQL: a value after FROM
+        f'SELECT SUBSTRING("{_SECRET}" FROM 2) FROM t',
+        f'SELECT * FROM t WHERE a IS DISTINCT FROM "{_SECRET}"',  # SQLite: a value too
+        f'SELECT * FROM t WHERE a IS  NOT DISTINCT\nFROM "{_SECRET}"',
+    ],
+)
+def test_double_quoted_and_hash_literals_go_where_they_may_be_strings(
+    statement: str, dialect: str | None
+) -> None:
+    text = normalize(statement, dialect)
+    assert f'"{_SECRET}"' not in text
+    assert f"'{_SECRET}'" not in text
+    assert f"# {_SECRET}" not in text
+    assert f"= {_SECRET}" not in text
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        f'SELECT * FROM t WHERE api_key = "{_SECRET}"',
+        f'SELECT * FROM t WHERE a IS DISTINCT FROM "{_SECRET}"',
+        f'SELECT * FROM t WHERE a IS NOT DISTINCT\n FROM "{_SECRET}"',
+        f'INSERT INTO "t" (k) VALUES ("{_SECRET}")',
+        f'SELECT `we"ird`, [it\'s] FROM t WHERE b = "{_SECRET}"',
+        f'UPDATE "t" SET k = "{_SECRET}" WHERE "id" = 1',
+    ],
+)
+@pytest.mark.parametrize("dialect", ["sqlite", None])
+def test_sqlite_double_quoted_strings_go(statement: str, dialect: str | None) -> None:
+    assert _SECRET not in normalize(statement, dialect)
+
+
+def test_mysql_double_quotes_and_hash() -> None:
+    stmt = 'SELECT `a`, "x" FROM `t` WHERE k = "sk_live_SECRET123" # note\nAND n = 1'
+    assert normalize(stmt, "mariadb") == "SELECT `a`, ? FROM `t` WHERE k = ? AND n = ?"
+    assert fingerprint(stmt, "mysql").collection == "t"
+    # One shape whatever the quotes.
+    assert fingerprint(stmt, "mariadb").id == fingerprint(
+        "SELECT `a`, 'y' FROM `t` WHERE k = %(k)s AND n = %(n)s", "mariadb"
+    ).id
+
+
+def test_postgresql_double_quotes_are_names_and_hash_an_operator() -> None:
+    stmt = 'SELECT "Col", data #> \'{a,b}\' FROM "Users" WHERE "it\'s" = 1'
+    assert normalize(stmt, "postgresql") == 'SELECT "Col", data #> ? FROM "Users" WHERE "it\'s" = ?'
+    assert fingerprint(stmt, "postgresql").collection == "Users"
+
+
+def test_sqlite_table_names_in_double_quotes_survive() -> None:
+    fp = fingerprint('SELECT "user".id FROM "user" JOIN "order" ON "user".k = 1', "sqlite")
+    assert fp.text == 'SELECT ?.id FROM "user" JOIN "order" ON ?.k = ?'
+    assert fp.summary == "SELECT user"
+    assert fingerprint('SELECT * FROM "main"."items"', "sqlite").collection == "main.items"
+    assert fingerprint('INSERT INTO "order" (a) VALUES (1)', "sqlite").summary == "INSERT order"
+    assert fingerprint('UPDATE "order" SET "a" = "b"', "sqlite").text == (
+        'UPDATE "order" SET ? = ?'
+    )
+
+
+def _my_backslashed(value: str) -> str:  # MySQL/MariaDB double-quoted string
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _my_doubled(value: str) -> str:  # MySQL/MariaDB with NO_BACKSLASH_ESCAPES
+    return '"' + value.replace('"', '""') + '"'
+
+
+_TRICKY_MY = st.text(alphabet="ab'\"\\-#*/`\n :?%()", max_size=30)
+
+
+@given(first=_TRICKY_MY, second=_TRICKY_MY)
+def test_no_mysql_literal_survives_any_content(first: str, second: str) -> None:
+    marker = "zqxjv"
+    for quote in (_my_backslashed, _my_doubled, _backslashed, _standard):
+        statement = (
+            f"SELECT a # note\nFROM t WHERE a = {quote(first)} /* c */ "
+            f"AND b = {quote(marker + second)} AND c = {quote(first)}"
+        )
+        for dialect in ("mariadb", "mysql", None):
+            text = normalize(statement, dialect)
+            assert marker not in text, (statement, dialect)
+            assert text.startswith("SELECT a FROM t WHERE a = ?"), (statement, dialect)
+    for quote in (_my_doubled, _standard):  # SQLite: "..." a string when no column matches
+        statement = (
+            f"SELECT a -- note\nFROM t WHERE a = {quote(first)} /* c */ "
+            f"AND b IS DISTINCT FROM {quote(marker + second)} AND c = {quote(first)}"
+        )
+        for dialect in ("sqlite", None):
+            text = normalize(statement, dialect)
+            assert marker not in text, (statement, dialect)
+            assert text.startswith("SELECT a FROM t WHERE a = ?"), (statement, dialect)
 
 
 # -- identity ---------------------------------------------------------------------------
@@ -294,7 +405,7 @@ def test_text_is_cut_to_300_characters() -> None:
 def test_operation_collection_summary(
     statement: str, operation: str, collection: str, summary: str
 ) -> None:
-    fp = fingerprint(statement)
+    fp = fingerprint(statement, "postgresql")
     assert fp.operation == operation
     assert fp.collection == collection
     assert fp.summary == summary
@@ -311,13 +422,15 @@ def test_summary_falls_back_to_text() -> None:
 def test_cache_returns_the_same_object() -> None:
     stmt = "SELECT * FROM cache_probe WHERE id = %(id)s"
     assert fingerprint(stmt) is fingerprint(stmt)
-    assert fpmod._cache[stmt] is fingerprint(stmt)
+    assert fpmod._caches[None][stmt] is fingerprint(stmt)
+    assert fingerprint(stmt, "mariadb") is fingerprint(stmt, "mariadb")
+    assert fpmod._caches["mariadb"][stmt] is fingerprint(stmt, "mariadb")
 
 
 def test_cache_is_bounded() -> None:
     for i in range(5000):
         fingerprint(f"SELECT * FROM bounded_{i} WHERE id = {i}")
-        assert len(fpmod._cache) <= 4096
+        assert len(fpmod._caches[None]) <= 4096
     # Still correct after the cache was reset.
     assert fingerprint("SELECT * FROM bounded_4999 WHERE id = 4999").text == (
         "SELECT * FROM bounded_4999 WHERE id = ?"

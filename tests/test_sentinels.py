@@ -3,7 +3,8 @@ no log, error, stat, report or metric that poolguard produces.
 
 The workload binds sentinel values into statements of every kind poolguard
 sees (fast and slow, ``executemany``, ``literal_execute`` values SQLAlchemy
-inlines into the SQL, an expanding ``IN``, a unique violation whose database
+inlines into the SQL, MySQL's double-quoted strings and ``#`` comments, an
+expanding ``IN``, a unique violation whose database
 message quotes the value, ``EXPLAIN`` plans that quote it), then runs the pool
 dry while a connection that ran such a statement is held (PoolTimeout with a
 holders report, ``pool.exhausted``, ``connection.held_too_long``, a utilization
@@ -143,6 +144,11 @@ def _statements(engine: Engine, backend: str) -> None:
             sa.bindparam("n", NUMBER, type_=sa.BigInteger, literal_execute=True),
         )
         assert conn.execute(inlined).scalar_one() == 1
+        if backend == "mysql":
+            # Hand-written MySQL: "..." is a string there, # starts a comment.
+            assert conn.execute(sa.text(
+                f'SELECT id FROM sentinel_t WHERE secret = "{TEXT}" # n = {NUMBER}\nAND n > 0'
+            )).scalar_one() == 1
     with pytest.raises(sa.exc.IntegrityError) as raised:
         with engine.begin() as conn:
             conn.execute(
@@ -179,11 +185,14 @@ def _workload(engine: Engine, reader: InMemoryMetricReader, capture: Capture,
     try:
         # Its last statement has the values inlined (literal_execute): the
         # holders report shows that statement.
-        held.execute(
-            sa.text("SELECT n FROM sentinel_t WHERE secret = :s").bindparams(
-                sa.bindparam("s", TEXT, type_=sa.String, literal_execute=True)
-            )
-        ).all()
+        if backend == "mysql":  # a double-quoted literal, the MySQL way
+            held.execute(sa.text(f'SELECT n FROM sentinel_t WHERE secret = "{TEXT}"')).all()
+        else:
+            held.execute(
+                sa.text("SELECT n FROM sentinel_t WHERE secret = :s").bindparams(
+                    sa.bindparam("s", TEXT, type_=sa.String, literal_execute=True)
+                )
+            ).all()
         guard.scan()  # connection.held_too_long, alert.utilization, pool.exhausted
         # The report is reused for a second (timeout storms build it once): one
         # built at the holder's checkout, before its statement ran, is replaced.

@@ -19,7 +19,11 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from types import TracebackType
 
-__all__ = ["RequestContext", "current_request", "request"]
+__all__ = ["MAX_TAG_CHARS", "RequestContext", "current_request", "request"]
+
+#: Longest tag kept; a longer one is cut (tags go into every log line, holders
+#: report and metric label of its request).
+MAX_TAG_CHARS = 128
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -39,7 +43,7 @@ class RequestContext:
             ``None`` for the tag's or the guard's.
     """
 
-    __slots__ = ("deadline", "priority", "statement_timeout", "tag")
+    __slots__ = ("_token", "deadline", "priority", "statement_timeout", "tag")
 
     def __init__(
         self,
@@ -52,6 +56,10 @@ class RequestContext:
         self.tag = tag
         self.priority = priority
         self.statement_timeout = statement_timeout
+        # What restores the scope around this one: kept on the context the
+        # scope created, not on the ``request`` object, so that one object can
+        # be entered by many tasks/threads at once and nested in itself.
+        self._token: Token[RequestContext | None] | None = None
 
     def remaining(self, now: float | None = None) -> float | None:
         """Seconds left before the deadline (never negative), or ``None``."""
@@ -83,7 +91,9 @@ class request:  # noqa: N801 - used like a function: `with poolguard.request(...
             than the guard's own ``acquire_timeout``). A nested scope can only
             shorten the budget of the scope around it, never extend it.
         tag: Name of the unit of work (``"login"``, ``"GET /orders"``); a
-            nested scope without a tag keeps the outer one's.
+            nested scope without a tag keeps the outer one's. Control
+            characters become ``?`` and a tag longer than
+            :data:`MAX_TAG_CHARS` is cut (it may come from request data).
         priority: ``"critical"``, ``"normal"``, ``"background"`` or
             ``"health"`` (never waits); a nested scope without one keeps the
             outer one's, and the default is ``"normal"``.
@@ -91,10 +101,11 @@ class request:  # noqa: N801 - used like a function: `with poolguard.request(...
             database; a nested scope without one keeps the outer one's.
 
     As a decorator it opens a fresh scope on every call, for sync and async
-    functions alike.
+    functions alike. One object may be entered by concurrent tasks or threads,
+    and within itself: each entry opens its own scope.
     """
 
-    __slots__ = ("_priority", "_statement_timeout", "_tag", "_timeout", "_tokens")
+    __slots__ = ("_priority", "_statement_timeout", "_tag", "_timeout")
 
     def __init__(
         self,
@@ -116,10 +127,9 @@ class request:  # noqa: N801 - used like a function: `with poolguard.request(...
         self._timeout = None if timeout is None else _seconds("timeout", timeout)
         if tag is not None and (not isinstance(tag, str) or not tag):
             raise ValueError(
-                f"poolguard.request tag={tag!r} is invalid: expected a non-empty string"
+                f"poolguard.request tag={repr(tag)[:100]} is invalid: expected a non-empty string"
             )
-        self._tag = tag
-        self._tokens: list[Token[RequestContext | None]] = []
+        self._tag = None if tag is None else _clean_tag(tag)
 
     def _open(self) -> RequestContext:
         outer = _current.get()
@@ -132,11 +142,18 @@ class request:  # noqa: N801 - used like a function: `with poolguard.request(...
         if limit is None and outer is not None:
             limit = outer.statement_timeout
         ctx = RequestContext(deadline, tag, priority, limit)
-        self._tokens.append(_current.set(ctx))
+        ctx._token = _current.set(ctx)
         return ctx
 
     def _close(self) -> None:
-        _current.reset(self._tokens.pop())
+        # The innermost scope of *this* context is the one to close: a with
+        # block exits in the context it entered in (one task, one thread).
+        ctx = _current.get()
+        token = ctx._token if ctx is not None else None
+        if ctx is None or token is None:
+            raise RuntimeError("poolguard.request: exited a scope that is not open here")
+        ctx._token = None
+        _current.reset(token)
 
     def __enter__(self) -> RequestContext:
         return self._open()
@@ -165,25 +182,31 @@ class request:  # noqa: N801 - used like a function: `with poolguard.request(...
     @overload
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]: ...
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
-        timeout, tag, priority = self._timeout, self._tag, self._priority
-        limit = self._statement_timeout
+        # The object itself opens a fresh scope per call: entries do not share state.
+        scope = self
         if inspect.iscoroutinefunction(fn):
             afn = cast("Callable[P, Awaitable[Any]]", fn)
 
             @functools.wraps(fn)
             async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                with request(
-                    timeout=timeout, tag=tag, priority=priority, statement_timeout=limit
-                ):
+                with scope:
                     return await afn(*args, **kwargs)
 
             return async_wrapper
 
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-            with request(
-                    timeout=timeout, tag=tag, priority=priority, statement_timeout=limit
-                ):
+            with scope:
                 return fn(*args, **kwargs)
 
         return wrapper
+
+
+def _clean_tag(tag: str) -> str:
+    if len(tag) > MAX_TAG_CHARS:
+        tag = tag[: MAX_TAG_CHARS - 3] + "..."
+    if tag.isprintable():
+        return tag
+    # Control and format characters (newline, ESC, bidi overrides, U+2028...)
+    # would forge, hide or reorder log lines.
+    return "".join(c if c.isprintable() else "?" for c in tag)

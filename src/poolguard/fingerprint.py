@@ -22,18 +22,64 @@ _CACHE_MAX = 4096
 
 # Comments, and quoted strings: '...' with '' escapes, dollar-quoted
 # $tag$...$tag$, and E'...'/N'...'/X'...'/B'...' prefixes. One left-to-right
-# pass finds both, so that '--' inside a string or a quote inside a comment is
-# read for what it is. Whether a backslash escapes the next character depends
-# on the database (MySQL: always; PostgreSQL and standard SQL: only in E'...'),
-# so there is one lexer for each reading, and whatever either takes for a
-# literal or a comment goes (see _strip): no reading can leave a literal behind.
-_COMMENT = r"(--[^\n]*|/\*.*?\*/)"
+# pass finds them all, so that '--' inside a string or a quote inside a comment
+# is read for what it is. How to read the rest depends on the database:
+#
+# * whether a backslash escapes the next character (MySQL: unless
+#   NO_BACKSLASH_ESCAPES; PostgreSQL and standard SQL: only in E'...');
+# * whether "..." is an identifier (standard SQL, PostgreSQL) or a string
+#   (MySQL/MariaDB unless ANSI_QUOTES; SQLite too when no column has the name);
+# * whether # starts a comment (MySQL/MariaDB).
+#
+# So there is one lexer for each reading a database allows, and whatever any
+# of them takes for a literal or a comment goes (see _strip): no reading can
+# leave a literal behind. An identifier span ("..." or `...`) is only there
+# so that quotes inside it do not start a string; it is kept as it is.
+_COMMENT = r"(?P<c>--[^\n]*|/\*.*?\*/)"
+_MY_COMMENT = r"(?P<c>--[^\n]*|\#[^\n]*|/\*.*?\*/)"
 _ESCAPED = r"'(?:[^'\\]|\\.|'')*'"
-_DOLLAR = r"\$(\w*)\$.*?\$\2\$"
-_LEXERS = (
-    re.compile(rf"{_COMMENT}|(?:\b[eEnNxXbB])?{_ESCAPED}|{_DOLLAR}", re.S),
-    re.compile(rf"{_COMMENT}|\b[eE]{_ESCAPED}|(?:\b[nNxXbB])?'(?:[^']|'')*'|{_DOLLAR}", re.S),
+_PLAIN = r"'(?:[^']|'')*'"
+_DQ_ESCAPED = r'"(?:[^"\\]|\\.|"")*"'
+_DQ_PLAIN = r'"(?:[^"]|"")*"'
+_DOLLAR = r"\$(?P<d>\w*)\$.*?\$(?P=d)\$"
+_BACKTICK = r"`(?:[^`]|``)*`"
+_PREFIX = r"(?:\b[eEnNxXbB])?"
+_STANDARD = (  # PostgreSQL, standard SQL: "..." is an identifier
+    re.compile(rf"{_COMMENT}|(?P<k>{_DQ_PLAIN})|{_PREFIX}{_ESCAPED}|{_DOLLAR}", re.S),
+    re.compile(
+        rf"{_COMMENT}|(?P<k>{_DQ_PLAIN})|\b[eE]{_ESCAPED}|(?:\b[nNxXbB])?{_PLAIN}|{_DOLLAR}",
+        re.S,
+    ),
 )
+_MYSQL = (  # MySQL/MariaDB: "..." is a string, # a comment, `...` an identifier
+    re.compile(rf"{_MY_COMMENT}|(?P<k>{_BACKTICK})|{_PREFIX}(?:{_ESCAPED}|{_DQ_ESCAPED})", re.S),
+    re.compile(rf"{_MY_COMMENT}|(?P<k>{_BACKTICK})|{_PREFIX}(?:{_PLAIN}|{_DQ_PLAIN})", re.S),
+)
+# SQLite: "..." is a name, or a string when no column has that name. Right
+# after FROM/JOIN/INTO/UPDATE/TABLE only a name can stand (SQLite has no
+# TRIM(x FROM y) or EXTRACT(... FROM y); IS DISTINCT FROM is read first, so
+# the value after it is not taken for a table): kept, so the shape still
+# names its table.
+_TABLE = rf"\b(?:FROM|JOIN|INTO|UPDATE|TABLE)\s+{_DQ_PLAIN}(?:\s*\.\s*{_DQ_PLAIN})?"
+_SQLITE = (
+    *_STANDARD,
+    re.compile(
+        rf"{_COMMENT}|(?P<k>{_BACKTICK}|\bDISTINCT\s+FROM\b|{_TABLE})|"
+        rf"(?:\b[xX])?(?:{_PLAIN}|{_DQ_PLAIN})",
+        re.S | re.I,
+    ),
+)
+# A database poolguard does not know: every reading at once.
+_ANY = (*_STANDARD, *_MYSQL)
+_READINGS: dict[str, tuple[re.Pattern[str], ...]] = {
+    "postgresql": _STANDARD,
+    "oracle": _STANDARD,
+    "oracle.db": _STANDARD,
+    "mysql": _MYSQL,
+    "mariadb": _MYSQL,
+    "sqlite": _SQLITE,
+}
+
 _NUMBER = re.compile(
     r"(?<![\w$.?])[-+]?(?:0[xX][0-9a-fA-F]+|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+)\b"
 )
@@ -72,10 +118,11 @@ class Fingerprint(NamedTuple):
         return f"{self.operation} {self.collection}".strip() or self.text[:40]
 
 
-def _strip(text: str) -> str:
-    """``text`` with strings replaced by ``?`` and comments by a space (both readings)."""
+def _strip(text: str, lexers: tuple[re.Pattern[str], ...]) -> str:
+    """``text`` with strings replaced by ``?`` and comments by a space (every reading)."""
     spans = sorted(
-        (m.start(), m.end(), m.group(1) is None) for lexer in _LEXERS for m in lexer.finditer(text)
+        (m.start(), m.end(), m.group("c") is None)
+        for lexer in lexers for m in lexer.finditer(text) if m.group("k") is None
     )
     out: list[str] = []
     pos = i = 0
@@ -92,9 +139,17 @@ def _strip(text: str) -> str:
     return "".join(out)
 
 
-def normalize(statement: str) -> str:
-    """The statement with literals, parameters and list lengths replaced by ``?``."""
-    text = _strip(statement)
+def normalize(statement: str, dialect: str | None = None) -> str:
+    """The statement with literals, parameters and list lengths replaced by ``?``.
+
+    ``dialect`` (``postgresql``, ``mysql``, ``mariadb``, ``sqlite``...) says how
+    to read quotes and comments: on MySQL/MariaDB ``"..."`` is a string and
+    ``#`` starts a comment, on PostgreSQL ``"..."`` is a name, on SQLite a
+    string unless a table name must stand there. Without a dialect, or for one
+    without a reading of its own, every reading applies, so whatever any of
+    them takes for a literal is replaced.
+    """
+    text = _strip(statement, _READINGS.get(dialect or "", _ANY))
     text = _NUMBER.sub("?", text)
     text = _PARAM.sub("?", text)
     text = _LIST.sub(r"\1 (?...)", text)
@@ -102,16 +157,19 @@ def normalize(statement: str) -> str:
     return _SPACE.sub(" ", text).strip()
 
 
-_cache: dict[str, Fingerprint] = {}
+# One cache per reading: the same text is a different shape on MySQL ("..." is
+# a value) and on PostgreSQL ("..." is a name).
+_caches: dict[str | None, dict[str, Fingerprint]] = {}
 _cache_lock = threading.Lock()
 
 
-def fingerprint(statement: str) -> Fingerprint:
-    """The :class:`Fingerprint` of ``statement`` (cached)."""
-    found = _cache.get(statement)
-    if found is not None:
-        return found
-    text = normalize(statement)
+def fingerprint(statement: str, dialect: str | None = None) -> Fingerprint:
+    """The :class:`Fingerprint` of ``statement`` on ``dialect`` (cached; see :func:`normalize`)."""
+    try:
+        return _caches[dialect][statement]
+    except KeyError:
+        pass
+    text = normalize(statement, dialect)
     op = _OPERATION.match(text)
     coll = _COLLECTION.search(text)
     result = Fingerprint(
@@ -121,9 +179,10 @@ def fingerprint(statement: str) -> Fingerprint:
         collection=re.sub(r'["`\[\]]', "", coll.group(1)) if coll else "",
     )
     with _cache_lock:
-        if len(_cache) >= _CACHE_MAX:
+        cache = _caches.setdefault(dialect, {})
+        if len(cache) >= _CACHE_MAX:
             # Unbounded distinct statements (literals inlined by the app):
             # start over rather than grow without limit.
-            _cache.clear()
-        _cache[statement] = result
+            cache.clear()
+        cache[statement] = result
     return result

@@ -665,7 +665,7 @@ class Guard:
         hold[WARNED] = True
         with self._lock:
             self.leak_warnings += 1
-        (item,) = holders([hold], now)
+        (item,) = holders([hold], now, self.db_system)
         self.log.emit(
             logging.WARNING,
             "connection.held_too_long",
@@ -724,7 +724,7 @@ class Guard:
     def holders(self) -> list[Holder]:
         """Every connection checked out now: age, statement, tag, site."""
         holds: list[Hold] = list(self.gate.out.values())
-        return holders(holds, perf_counter())
+        return holders(holds, perf_counter(), self.db_system)
 
     def holders_report(self, *, fresh: bool = False) -> list[HolderGroup]:
         """Holders grouped by statement and site, biggest group first.

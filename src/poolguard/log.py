@@ -2,8 +2,9 @@
 
 If the application configured structlog, events go through its processors
 and renderer (``structlog.get_logger("poolguard")``). Otherwise they go to the
-stdlib logger ``poolguard`` as ``event key=value ...`` messages with the
-event dict attached as ``record.poolguard``; that logger has a
+stdlib logger ``poolguard`` as ``event key=value ...`` messages (a value with
+a space or a non-printable character is written as its ``repr()``, so no value
+can forge a field or a line) with the event dict attached as ``record.poolguard``; that logger has a
 ``NullHandler``, so an application that configured no logging at all sees
 nothing (a library never prints uninvited).
 
@@ -29,8 +30,11 @@ _REFRESH = 1.0
 
 
 def _render(value: Any) -> str:
+    # repr() escapes control characters (a newline or an ANSI escape in a
+    # value would forge or hide a log line) and quotes spaces (which would
+    # forge a key=value field).
     text = str(value)
-    return repr(text) if (" " in text or not text) else text
+    return text if text and text.isprintable() and " " not in text else repr(text)
 
 
 class EventLog:

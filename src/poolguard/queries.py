@@ -107,7 +107,7 @@ class QueryTimer:
             stats.clear()  # statements with inlined literals: start over, stay bounded
         guard = self.guard
         stat = stats[statement] = guard.recorder.query(
-            fingerprint(statement), guard.config.top_queries
+            fingerprint(statement, guard.db_system), guard.config.top_queries
         )
         return stat
 
@@ -286,7 +286,7 @@ class QueryTimer:
             )
         limit = marks.get(LIMIT)
         if limit is not None and is_timeout_error(self.guard.db_system, ctx.original_exception):
-            fp = fingerprint(ctx.statement) if ctx.statement else None
+            fp = fingerprint(ctx.statement, self.guard.db_system) if ctx.statement else None
             return StatementTimeout(fp.text if fp else None, ctx.original_exception, limit)
         return None
 

@@ -23,6 +23,7 @@ __all__ = [
     "describe_error",
     "parse_url",
     "ping",
+    "url_secrets",
     "shown",
     "sleep_sql",
 ]
@@ -62,19 +63,56 @@ def parse_url(url: str) -> URL:
     return parsed
 
 
+# Query parameters whose value is a secret (password=, sslpassword=, passwd=,
+# pwd=, secret=, token=, api_key=, ...): matched as substrings of the name, so a
+# driver's own spelling is covered too. Hiding a harmless one costs nothing.
+_SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|credential|auth", re.I)
+
+
+def _secret_query(url: URL) -> list[str]:
+    """Names of ``url``'s query parameters that carry secrets."""
+    return [name for name in url.query if _SECRET_PARAM.search(name)]
+
+
 def shown(url: str | URL) -> str:
-    """The URL as it may be printed: password replaced by ``***``."""
+    """The URL as it may be printed: password and secret query parameters as ``***``."""
     parsed = url if isinstance(url, URL) else parse_url(url)
-    return parsed.render_as_string(hide_password=True)
+    # render_as_string(hide_password=True) hides only the password of the
+    # userinfo, not ?password=... (which libpq and PyMySQL both accept).
+    hidden = _secret_query(parsed)
+    if not hidden:
+        return parsed.render_as_string(hide_password=True)
+    parsed = parsed.update_query_dict(dict.fromkeys(hidden, "***"))
+    return parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
 
 
-def describe_error(exc: BaseException, password: str | None = None) -> str:
-    """One line for ``exc``: the driver's error unwrapped, no password in it."""
+def url_secrets(url: str | URL) -> list[str]:
+    """The secret values in ``url``: its password and secret query parameters."""
+    try:
+        parsed = url if isinstance(url, URL) else make_url(url)
+    except Exception:  # noqa: BLE001 - an invalid URL has no secret to hide
+        return []
+    found = [parsed.password] if parsed.password else []
+    for name in _secret_query(parsed):
+        value = parsed.query[name]
+        found += [value] if isinstance(value, str) else list(value)
+    return [str(v) for v in found if v]
+
+
+def describe_error(
+    exc: BaseException, password: str | None = None, *, url: str | URL | None = None
+) -> str:
+    """One line for ``exc``: the driver's error unwrapped, no password in it.
+
+    ``password``, and the secrets of ``url`` (see :func:`url_secrets`), are
+    replaced by ``***`` wherever the message quotes them.
+    """
     orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else None
     err: BaseException = orig if isinstance(orig, BaseException) else exc
     text = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-    if password:
-        text = text.replace(password, "***")
+    hidden = ([password] if password else []) + (url_secrets(url) if url is not None else [])
+    for secret in sorted(hidden, key=len, reverse=True):
+        text = text.replace(secret, "***")
     text = re.sub(r"\s+", " ", text).strip()
     if len(text) > _MAX_ERROR_CHARS:
         text = text[: _MAX_ERROR_CHARS - 3] + "..."
@@ -139,7 +177,7 @@ def ping(url: str | URL) -> str:
             info = conn.dialect.server_version_info
     except Exception as exc:  # noqa: BLE001 - reported in one line, whatever it is
         raise CliError(
-            f"cannot connect to {shown(parsed)}: {describe_error(exc, parsed.password)}"
+            f"cannot connect to {shown(parsed)}: {describe_error(exc, url=parsed)}"
         ) from None
     finally:
         engine.dispose()
