@@ -6,7 +6,7 @@ SQLAlchemy against a guarded pool, side by side (on a SQLite file by default);
 several pool sizes and concurrencies, and recommends a pool size.
 
 Only the package's own dependencies are needed (``--plot`` needs matplotlib:
-``pip install 'poolguard[plot]'``). Bad arguments and unreachable databases
+``pip install "sqlalchemy-poolguard[plot]"``). Bad arguments and unreachable databases
 get one line on stderr and a non-zero exit status: 2 for a usage error, 1
 for anything else.
 """
