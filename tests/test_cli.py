@@ -573,9 +573,14 @@ def test_recommend_takes_the_smallest_pool_within_the_noise_of_the_best() -> Non
     assert ("pools 10, 20, 40 differ by less than the noise between runs"
             in rec["reasoning"][1])
     assert "cannot tell them apart" in rec["reasoning"][1]
+    assert "vary too much to rank the sizes" in rec["reasoning"][0]
+    # Pool 10 spread +/-22% between its runs: said plainly.
+    (noisy,) = rec["warnings"]
+    assert "varied by up to +/-22% between runs (pool 10, 32 workers)" in noisy
     apart = bench.recommend([*_runs(5, 32, 400, 410, 420), *_runs(10, 32, 990, 1000, 1010)])
     assert apart["recommended_pool_size"] == 10
     assert "every other pool size is outside the noise" in apart["reasoning"][1]
+    assert apart["warnings"] == []
     single = bench.recommend([*_runs(5, 32, 400), *_runs(10, 32, 1000)])
     assert "no spread was measured" in single["reasoning"][1]
 

@@ -733,11 +733,12 @@ def _knee(c: int, rows: list[Cell]) -> tuple[Cell | None, list[str]]:
     knee = next(r for r in rows
                 if r.throughput >= KNEE_SHARE * best.throughput or _indistinct(r, best))
     runs = f", median of {best.runs} runs, spread {best.spread_pct:.1f}%" if best.runs > 1 else ""
-    if knee is best or knee.throughput >= KNEE_SHARE * best.throughput:
-        within = f"{KNEE_SHARE:.0%} of it"
-    else:
+    by_noise = knee is not best and knee.throughput < KNEE_SHARE * best.throughput
+    if by_noise:
         within = (f"the noise of it (its best run, {knee.throughput_max:,.0f} req/s, beat the "
                   f"worst run at pool {best.pool_size}, {best.throughput_min:,.0f} req/s)")
+    else:
+        within = f"{KNEE_SHARE:.0%} of it"
     text = (
         f"{c} workers: throughput is best at pool {best.pool_size} "
         f"({best.throughput:,.0f} req/s{runs}); the smallest pool within {within} is "
@@ -745,6 +746,9 @@ def _knee(c: int, rows: list[Cell]) -> tuple[Cell | None, list[str]]:
     )
     if len(rows) == 1:
         text += "; only one pool size was measured, so this is no knee"
+    elif by_noise:
+        text += ("; the runs vary too much to rank the sizes above it: a longer --duration "
+                 "or more --repeat would")
     elif knee.pool_size >= c:
         text += f"; every worker has a connection there: {c} workers never use more than {c}"
     elif knee is rows[0]:
@@ -815,6 +819,8 @@ def _server_check(
     return limit, notes, warnings
 
 
+#: A spread between runs above this (% of the median) gets a warning.
+NOISY_PCT = 10.0
 #: Said of every result measured on the default SQLite file.
 SQLITE_WARNING = (
     "this ran on SQLite (the default without --url): a file database inside this process, "
@@ -872,6 +878,16 @@ def recommend(
         limit, notes, more = _server_check(all_cells, recommended, replicas, server_limit)
         reasoning += notes
         warnings += more
+    noisiest = max((cell for rows in by_c.values() for cell in rows),
+                   key=lambda cell: cell.spread_pct, default=None)
+    if noisiest is not None and noisiest.spread_pct > NOISY_PCT:
+        warnings.append(
+            f"the same pool size and concurrency varied by up to +/-{noisiest.spread_pct:.0f}% "
+            f"between runs (pool {noisiest.pool_size}, {noisiest.concurrency} workers): the "
+            "machine is noisy (other load?), and differences smaller than that mean nothing. "
+            "Take a longer --duration or more --repeat on a quieter machine before trusting "
+            "the recommendation."
+        )
     if backend == "sqlite":
         warnings.append(SQLITE_WARNING)
     return {
