@@ -755,6 +755,9 @@ def _knee(c: int, rows: list[Cell]) -> tuple[Cell | None, list[str]]:
         text += "; it is the smallest size measured: try smaller ones"
     elif knee is rows[-1]:
         text += "; it still grows at the largest size measured: try larger ones"
+    elif knee is best:
+        text += (f"; no larger pool did better (p99 at pool {rows[-1].pool_size}: "
+                 f"{_fmt_ms(rows[-1].p99_ms)})")
     else:
         gain = best.throughput / knee.throughput - 1
         text += (f"; beyond it, more connections add {gain:.0%} at most, "
