@@ -532,7 +532,7 @@ def _ms(value: float | None) -> str:
 def format_summary(report: dict[str, Any]) -> str:
     """The report as text: the storm side by side, then what the guard said."""
     lines = [*_storm_lines(report), "", *_guard_lines(report)]
-    return "\n".join(fit(line) for line in lines) + "\n"
+    return "\n".join(fit(line.rstrip()) for line in lines) + "\n"
 
 
 def fit(line: str, indent: int = 4) -> str:
