@@ -9,15 +9,24 @@ errors, the mean time a connection is held, and the connections the server
 saw (PostgreSQL ``pg_stat_activity`` by ``application_name``, MariaDB/MySQL
 ``information_schema.PROCESSLIST`` by connection id; SQLite: n/a).
 
-It ends with a recommendation and its reasoning: the knee of the throughput
-curve (the smallest pool reaching 90% of the best throughput at each
-concurrency), Little's law from the measured hold times (connections busy =
-throughput x mean hold time), and a warning when ``--replicas`` x pool size
-exceeds the server's ``max_connections``.
+Each pool size x concurrency cell runs ``--repeat`` times, round after round
+over all the cells; a cell is the median of its runs, with their spread. It
+ends with a recommendation and its reasoning: the knee of the throughput
+curve (the smallest pool reaching 90% of the best median throughput at each
+concurrency, or whose runs cannot be told from the best's), which sizes
+differ by less than the noise between runs, Little's law from the measured
+hold times (connections busy = throughput x mean hold time), and warnings
+when the runs are noisy, when ``--replicas`` x pool size exceeds the server's
+``max_connections``, and always on the default SQLite file (it tells nothing
+about a real server).
+
+Progress goes to stderr (a live line on a terminal, plain lines otherwise),
+results to stdout, within 80 columns.
 
 ``--hot-path`` instead runs the acquire/release microbenchmark
 (``poolguard.hotpath``): plain SQLAlchemy against guarded, one process,
-alternating rounds, with the ratio guarded/plain per case.
+alternating rounds, with the ratio guarded/plain per case (``--otel``: with
+the guarded engine reporting to an OpenTelemetry SDK).
 """
 
 from __future__ import annotations
@@ -96,8 +105,10 @@ workload file (--workload FILE): one statement per line,
 
     weight [priority [tag]] | SQL
 
-  weight    a number > 0: how often the statement is picked, relative to the others
-  priority  critical, normal (default), background or health (poolguard.request priority)
+  weight    a number > 0: how often the statement is picked, relative to the
+            others
+  priority  critical, normal (default), background or health (the
+            poolguard.request priority)
   tag       the poolguard.request tag ("-" for none)
   SQL       sent as-is (no bind parameters), in its own transaction (committed)
 
@@ -106,10 +117,11 @@ available to make a statement slow. 'poolguard bench --print-workload' prints
 the built-in workload for the database in this format.
 
 examples:
-  poolguard bench                                   # embedded SQLite, built-in workload
-  poolguard bench --url postgresql+psycopg://app@db/app --pool-sizes 5,10,20,40 \\
-      --concurrency 16,64 --duration 20s --replicas 6 --plot bench.png
-  poolguard bench --hot-path                        # the guard's overhead on this machine
+  poolguard bench                 # embedded SQLite: shows how it works
+  poolguard bench --url postgresql+psycopg://app@db/app --pool-sizes 5,10,20 \\
+      --concurrency 16,64 --duration 10s --repeat 5 --replicas 6 --plot b.png
+  poolguard bench --hot-path      # the guard's overhead on this machine
+  poolguard bench --hot-path --otel   # ... reporting to OpenTelemetry
 """
 
 
