@@ -634,3 +634,56 @@ def test_bench_hot_path_measures_export_only_with_otel() -> None:
     head = next(line for line in with_otel.stdout.splitlines() if line.startswith("case"))
     assert head.split()[-1] == "+export"
     assert _too_wide(with_otel.stdout) == []
+
+
+def test_help_fits_80_columns() -> None:
+    env = {**os.environ, "COLUMNS": "80"}
+    for command in ("bench", "demo"):
+        done = subprocess.run(  # noqa: S603
+            [sys.executable, "-m", "poolguard.cli", command, "--help"], capture_output=True,
+            text=True, timeout=RUN_TIMEOUT, check=False, env=env,
+        )
+        assert done.returncode == 0, done.stderr
+        assert _too_wide(done.stdout) == [], command
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["bench", "--duration", "0.7s", "--pool-sizes", "1", "--concurrency", "2",
+                      "--repeat", "1"], id="bench"),
+        pytest.param(["demo", "--quick"], id="demo"),
+    ],
+)
+def test_the_live_line_fits_an_80_column_terminal(args: list[str]) -> None:
+    pty = pytest.importorskip("pty")
+    import fcntl
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    try:
+        done = subprocess.run(  # noqa: S603
+            [sys.executable, "-m", "poolguard.cli", *args], stdout=subprocess.PIPE,
+            stderr=follower, timeout=RUN_TIMEOUT, check=False, env=env,
+        )
+        os.close(follower)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the follower is closed: all read
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(leader)
+    assert done.returncode == 0, seen
+    text = seen.decode()
+    assert "\r" in text  # a live line on the terminal
+    pieces = [p for line in text.replace("\r\n", "\n").split("\n") for p in line.split("\r")]
+    assert [p for p in pieces if len(p) > WIDTH] == []
+    assert "\r" not in done.stdout.decode()  # results stay plain
