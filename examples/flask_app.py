@@ -3,7 +3,7 @@
 One guarded engine with the README's load-shedding policies, and a route
 mapping that gives each endpoint a priority, a tag and a deadline::
 
-    pip install "poolguard[flask]"
+    pip install "sqlalchemy-poolguard[flask]"
     python examples/flask_app.py                        # SQLite file in a temp dir, port 8000
     python examples/flask_app.py --url postgresql+psycopg://postgres@127.0.0.1/test
 

@@ -2,7 +2,7 @@
 
 It wires the pieces a real service needs: a SQLAlchemy engine guarded by
 ``poolguard.wrap()``, an OpenTelemetry ``MeterProvider`` with the
-``PrometheusMetricReader`` (``pip install "poolguard[prometheus]"``), a
+``PrometheusMetricReader`` (``pip install "sqlalchemy-poolguard[prometheus]"``), a
 ``service.name`` resource attribute, and ``/metrics`` served on loopback::
 
     python examples/prometheus_service.py --port 9464                 # idle service

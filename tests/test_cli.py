@@ -12,6 +12,7 @@ give one line on stderr, a non-zero status, no traceback and no password.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -185,6 +186,19 @@ def test_demo_prints_a_report_without_a_terminal() -> None:
                  "in scan_auth_tokens", "Events poolguard logged", "storm: 24 callers"):
         assert text in out, text
     assert "Traceback" not in done.stderr
+    # Progress on stderr (plain lines without a terminal), never mixed into the report.
+    assert "plain|guarded logins/s" in done.stderr
+    assert "plain|guarded logins/s" not in out
+    assert "\r" not in done.stderr
+    assert [line for line in out.splitlines() if len(line) > 79] == []
+
+
+def test_demo_sheds_nothing_before_the_storm(demo: dict[str, Any]) -> None:
+    # A healthy pool: shedding background work there is a false alarm.
+    pre = demo["sides"]["guarded"]["phases"]["pre"]
+    assert {kind: row["shed"] for kind, row in pre["by_kind"].items()} == dict.fromkeys(
+        pre["by_kind"], 0)
+    assert pre["by_priority"]["background"]["served"] > 0
 
 
 # -- poolguard bench ---------------------------------------------------------------
@@ -200,7 +214,7 @@ def test_demo_prints_a_report_without_a_terminal() -> None:
 )
 def bench_run(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
     report = _json(_run("bench", "--duration", "1s", "--pool-sizes", "2,4", "--concurrency",
-                        "4", "--json", *_url_args(request, request.param)))
+                        "4", "--repeat", "2", "--json", *_url_args(request, request.param)))
     return request.param, report
 
 
@@ -208,13 +222,17 @@ def test_bench_numbers_are_consistent(bench_run: tuple[str, dict[str, Any]]) -> 
     backend, report = bench_run
     results = report["results"]
     assert [(r["pool_size"], r["concurrency"]) for r in results] == [(2, 4), (4, 4)]
-    for r in results:
-        assert r["throughput"] > 0
+    # Two rounds over both cells, interleaved.
+    assert [(r["pool_size"], r["concurrency"]) for r in report["runs"]] == [(2, 4), (4, 4)] * 2
+    for r in report["runs"]:
         assert r["served"] > 0
-        assert r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
-        assert 0 <= r["wait_p50_ms"] <= r["wait_p99_ms"]
         assert r["requests"] == r["served"] + r["timeouts"] + r["rejections"] + r["errors"]
         assert r["errors"] == 0, r["error_types"]
+    for r in results:
+        assert r["runs"] == 2
+        assert r["throughput"] > 0
+        assert r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
+        assert 0 <= r["wait_p50_ms"] <= r["wait_p99_ms"]
         assert 0 < r["peak_in_use"] <= r["pool_size"]
         # Little's law: never more connections busy on average than the pool has.
         assert 0 < r["busy_connections"] <= r["pool_size"] + 0.01
@@ -237,7 +255,8 @@ def test_bench_numbers_are_consistent(bench_run: tuple[str, dict[str, Any]]) -> 
 @pytest.mark.postgresql
 def test_bench_warns_when_replicas_exceed_max_connections(postgresql_url: str) -> None:
     report = _json(_run("bench", "--url", postgresql_url, "--duration", "0.5s", "--pool-sizes",
-                        "2", "--concurrency", "2", "--replicas", "100000", "--json"))
+                        "2", "--concurrency", "2", "--repeat", "1", "--replicas", "100000",
+                        "--json"))
     rec = report["recommendation"]
     assert rec["replicas"] == 100000
     assert any("max_connections" in w for w in rec["warnings"])
@@ -247,7 +266,7 @@ def test_bench_prints_a_table_and_plots(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     png = tmp_path / "bench.png"
     done = _run("bench", "--duration", "0.5s", "--pool-sizes", "1,2", "--concurrency", "2",
-                "--plot", str(png))
+                "--repeat", "1", "--plot", str(png))
     assert done.returncode == 0, done.stderr
     assert "Recommendation: pool_size=" in done.stdout
     assert "\r" not in done.stdout
@@ -267,7 +286,7 @@ def test_bench_plot_without_matplotlib_says_how_to_install(tmp_path: Path) -> No
         check=False,
     )
     assert done.returncode == 1
-    assert "pip install 'poolguard[plot]'" in done.stderr
+    assert 'pip install "sqlalchemy-poolguard[plot]"' in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "x.png").exists()
 
@@ -282,7 +301,7 @@ def test_bench_runs_a_workload_file(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     report = _json(_run("bench", "--workload", str(workload), "--duration", "0.5s",
-                        "--pool-sizes", "2", "--concurrency", "2", "--json",
+                        "--pool-sizes", "2", "--concurrency", "2", "--repeat", "1", "--json",
                         "--option", "reserved_critical=1"))
     assert report["workload"]["source"] == str(workload)
     assert report["workload"]["statements"] == [
@@ -290,7 +309,7 @@ def test_bench_runs_a_workload_file(tmp_path: Path) -> None:
         {"weight": 1.0, "priority": "background", "tag": None, "sql": "SELECT sleep(0.002)"},
     ]
     assert report["guard_options"] == {"acquire_timeout": 2.0, "reserved_critical": 1.0}
-    assert report["results"][0]["served"] > 0
+    assert report["runs"][0]["served"] > 0
 
 
 def test_bench_prints_the_builtin_workload_in_its_own_format(tmp_path: Path) -> None:
@@ -343,6 +362,14 @@ def test_bench_hot_path(tmp_path: Path) -> None:
          "cannot connect to mysql+pymysql://root:***@127.0.0.1:1/test"),
         (["bench", "--hot-path", "--url", f"postgresql+psycopg://u:{PASSWORD}@127.0.0.1:1/t"],
          1, "cannot connect"),
+        (["bench", "--option", "aquire_timeout=1"], 2, "did you mean 'acquire_timeout'?"),
+        (["bench", "--hot-path", "--duration", "5s", "--pool-sizes", "2"], 2,
+         "does not use --pool-sizes, --duration"),
+        (["bench", "--hot-path", "--repeat", "5"], 2, "does not use --repeat"),
+        (["bench", "--rounds", "3", "--otel"], 2, "does not use --rounds, --otel"),
+        # mysql:// means MySQLdb: the [mysql] extra (PyMySQL) would not help.
+        (["demo", "--url", f"mysql://root:{PASSWORD}@127.0.0.1:1/test"], 1,
+         "pip install mysqlclient, or write the URL as mysql+pymysql://"),
     ],
 )
 def test_bad_arguments_get_one_line_and_a_nonzero_status(
@@ -486,3 +513,177 @@ def test_recommend_says_when_the_curve_has_no_knee_inside_the_range() -> None:
     assert "try smaller ones" in bench.recommend(flat)["reasoning"][0]
     nothing = [_result(2, 4, 0.0)]
     assert bench.recommend(nothing)["recommended_pool_size"] is None
+
+
+# -- the issues of the command line's first users ----------------------------------------------
+
+#: Text output fits an 80-column terminal.
+WIDTH = 79
+
+
+def _too_wide(text: str) -> list[str]:
+    return [line for line in text.splitlines() if len(line) > WIDTH]
+
+
+def test_bench_busy_is_throughput_times_hold(bench_run: tuple[str, dict[str, Any]]) -> None:
+    # The legend says busy = req/s x hold: the column must be that product, to rounding.
+    _, report = bench_run
+    for row in [*report["results"], *report["runs"]]:
+        product = row["throughput"] * row["mean_hold_ms"] / 1000
+        assert row["busy_connections"] == pytest.approx(product, abs=0.006), row
+
+
+def test_bench_repeats_each_cell_and_reports_the_spread() -> None:
+    report = _json(_run("bench", "--duration", "0.3s", "--pool-sizes", "1,2", "--concurrency",
+                        "2", "--repeat", "3", "--json", "--quiet"))
+    assert report["meta"]["repeat"] == 3
+    assert len(report["runs"]) == 6
+    for cell in report["results"]:
+        runs = [r["throughput"] for r in report["runs"]
+                if (r["pool_size"], r["concurrency"]) == (cell["pool_size"], 2)]
+        assert cell["runs"] == 3
+        assert cell["throughput_min"] == min(runs)
+        assert cell["throughput_max"] == max(runs)
+        assert cell["throughput"] == pytest.approx(sorted(runs)[1], abs=0.01)
+        half_range = (max(runs) - min(runs)) / 2 / cell["throughput"] * 100
+        assert cell["spread_pct"] == pytest.approx(half_range, abs=0.06)
+    rec = report["recommendation"]
+    noise = [line for line in rec["reasoning"] if "noise" in line]
+    assert noise, rec["reasoning"]
+    # The default database is said, plainly, to tell nothing about a real server.
+    assert any("tell nothing about the pool size for a real database server" in w
+               for w in rec["warnings"])
+
+
+def _runs(pool: int, workers: int, *throughputs: float) -> list[bench.Result]:
+    return [
+        dataclasses.replace(_result(pool, workers, tp), busy_connections=tp * 5.0 / 1000)
+        for tp in throughputs
+    ]
+
+
+def test_recommend_takes_the_smallest_pool_within_the_noise_of_the_best() -> None:
+    runs = [*_runs(5, 32, 400, 450, 500), *_runs(10, 32, 700, 900, 1100),
+            *_runs(20, 32, 1000, 1200, 1400), *_runs(40, 32, 1050, 1150, 1250)]
+    rec = bench.recommend(runs)
+    # Pool 10's median (900) is below 90% of the best (1,200), but its best run
+    # beats pool 20's worst: the runs cannot tell them apart.
+    assert rec["recommended_pool_size"] == 10
+    assert "the noise of it" in rec["reasoning"][0]
+    assert ("pools 10, 20, 40 differ by less than the noise between runs"
+            in rec["reasoning"][1])
+    assert "cannot tell them apart" in rec["reasoning"][1]
+    assert "vary too much to rank the sizes" in rec["reasoning"][0]
+    # Pool 10 spread +/-22% between its runs: said plainly.
+    (noisy,) = rec["warnings"]
+    assert "varied by up to +/-22% between runs (pool 10, 32 workers)" in noisy
+    apart = bench.recommend([*_runs(5, 32, 400, 410, 420), *_runs(10, 32, 990, 1000, 1010)])
+    assert apart["recommended_pool_size"] == 10
+    assert "every other pool size is outside the noise" in apart["reasoning"][1]
+    assert apart["warnings"] == []
+    single = bench.recommend([*_runs(5, 32, 400), *_runs(10, 32, 1000)])
+    assert "no spread was measured" in single["reasoning"][1]
+
+
+def test_bench_progress_goes_to_stderr_and_results_to_stdout_when_piped() -> None:
+    done = _run("bench", "--duration", "0.3s", "--pool-sizes", "1,2", "--concurrency", "2",
+                "--repeat", "2")
+    assert done.returncode == 0, done.stderr
+    progress = done.stderr.splitlines()
+    assert [line.split(":")[0] for line in progress] == [
+        "[1/4] pool 1, 2 workers, run 1/2", "[2/4] pool 2, 2 workers, run 1/2",
+        "[3/4] pool 1, 2 workers, run 2/2", "[4/4] pool 2, 2 workers, run 2/2",
+    ]
+    assert all("req/s" in line for line in progress)
+    assert "\r" not in done.stdout + done.stderr
+    assert "[1/4]" not in done.stdout
+    assert "Recommendation: pool_size=" in done.stdout
+    assert "busy = req/s x hold" in done.stdout
+    assert _too_wide(done.stdout) == []
+    quiet = _run("bench", "--duration", "0.3s", "--pool-sizes", "1", "--concurrency", "1",
+                 "--repeat", "1", "--quiet")
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == ""
+
+
+def test_bench_refuses_a_plot_format_before_measuring(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    done = _run("bench", "--duration", "1s", "--pool-sizes", "1", "--concurrency", "1",
+                "--plot", str(tmp_path / "x.txt"))
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""  # nothing was measured
+    (line,) = done.stderr.splitlines()
+    assert f"--plot {tmp_path / 'x.txt'}: '.txt' is no image format" in line
+    assert ".png" in line
+    assert not (tmp_path / "x.txt").exists()
+
+
+def test_bench_hot_path_measures_export_only_with_otel() -> None:
+    args = ("bench", "--hot-path", "--rounds", "2", "--iterations", "20")
+    report = _json(_run(*args, "--otel", "--json"))
+    assert report["meta"]["otel"] is True
+    assert all(r["export_cpu_us"] > 0 for r in report["results"])
+    text = _run(*args)
+    assert text.returncode == 0, text.stderr
+    head = next(line for line in text.stdout.splitlines() if line.startswith("case"))
+    assert "+export" not in head
+    assert "--otel" in text.stdout  # says how to measure it
+    assert _too_wide(text.stdout) == []
+    with_otel = _run(*args, "--otel")
+    assert with_otel.returncode == 0, with_otel.stderr
+    head = next(line for line in with_otel.stdout.splitlines() if line.startswith("case"))
+    assert head.split()[-1] == "+export"
+    assert _too_wide(with_otel.stdout) == []
+
+
+def test_help_fits_80_columns() -> None:
+    env = {**os.environ, "COLUMNS": "80"}
+    for command in ("bench", "demo"):
+        done = subprocess.run(  # noqa: S603
+            [sys.executable, "-m", "poolguard.cli", command, "--help"], capture_output=True,
+            text=True, timeout=RUN_TIMEOUT, check=False, env=env,
+        )
+        assert done.returncode == 0, done.stderr
+        assert _too_wide(done.stdout) == [], command
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["bench", "--duration", "0.7s", "--pool-sizes", "1", "--concurrency", "2",
+                      "--repeat", "1"], id="bench"),
+        pytest.param(["demo", "--quick"], id="demo"),
+    ],
+)
+def test_the_live_line_fits_an_80_column_terminal(args: list[str]) -> None:
+    pty = pytest.importorskip("pty")
+    import fcntl
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    try:
+        done = subprocess.run(  # noqa: S603
+            [sys.executable, "-m", "poolguard.cli", *args], stdout=subprocess.PIPE,
+            stderr=follower, timeout=RUN_TIMEOUT, check=False, env=env,
+        )
+        os.close(follower)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the follower is closed: all read
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(leader)
+    assert done.returncode == 0, seen
+    text = seen.decode()
+    assert "\r" in text  # a live line on the terminal
+    pieces = [p for line in text.replace("\r\n", "\n").split("\n") for p in line.split("\r")]
+    assert [p for p in pieces if len(p) > WIDTH] == []
+    assert "\r" not in done.stdout.decode()  # results stay plain

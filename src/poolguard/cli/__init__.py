@@ -6,7 +6,7 @@ SQLAlchemy against a guarded pool, side by side (on a SQLite file by default);
 several pool sizes and concurrencies, and recommends a pool size.
 
 Only the package's own dependencies are needed (``--plot`` needs matplotlib:
-``pip install 'poolguard[plot]'``). Bad arguments and unreachable databases
+``pip install "sqlalchemy-poolguard[plot]"``). Bad arguments and unreachable databases
 get one line on stderr and a non-zero exit status: 2 for a usage error, 1
 for anything else.
 """
@@ -59,9 +59,11 @@ def _parser() -> argparse.ArgumentParser:
         help="measure pool sizes x concurrency on a real database; recommend a pool size",
         description=(
             "For each pool size and concurrency, drives a workload against the database\n"
-            "through a guarded engine and measures throughput, latency, acquire waits,\n"
-            "timeouts, rejections and the connections the server saw; then recommends a\n"
-            "pool size (the throughput knee, Little's law, --replicas x max_connections)."
+            "through a guarded engine, --repeat times, and measures throughput (with its\n"
+            "spread between runs), latency, acquire waits, timeouts, rejections and the\n"
+            "connections the server saw; then recommends a pool size (the throughput knee\n"
+            "within the noise, Little's law, --replicas x max_connections). Progress goes\n"
+            "to stderr, results to stdout."
         ),
         epilog=bench.EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -17,10 +17,12 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
 __all__ = [
+    "DISTRIBUTION",
     "CliError",
     "UsageError",
     "create_engine",
     "describe_error",
+    "install_hint",
     "parse_url",
     "ping",
     "url_secrets",
@@ -38,8 +40,15 @@ _CONNECT_ARGS: dict[str, dict[str, Any]] = {
     "pymysql": {"connect_timeout": CONNECT_TIMEOUT},
     "mysqldb": {"connect_timeout": CONNECT_TIMEOUT},
 }
-# Backend -> the extra the package needs for its driver.
-_EXTRAS = {"postgresql": "postgresql", "mysql": "mysql", "mariadb": "mysql"}
+#: The name the package is published under (its import name is ``poolguard``).
+DISTRIBUTION = "sqlalchemy-poolguard"
+# Driver -> the extra of the package that installs it.
+_EXTRAS = {"psycopg": "postgresql", "pymysql": "mysql"}
+# Default drivers no extra installs -> (the driver's own package, the URL an extra serves).
+_OTHER_DRIVERS = {
+    "psycopg2": ("psycopg2-binary", "postgresql+psycopg", "postgresql"),
+    "mysqldb": ("mysqlclient", "mysql+pymysql", "mysql"),
+}
 _MAX_ERROR_CHARS = 300
 
 
@@ -149,10 +158,9 @@ def create_engine(url: str | URL, **kwargs: Any) -> sa.Engine:
     try:
         engine = sa.create_engine(parsed, connect_args=connect_args, **kwargs)
     except ImportError as exc:
-        extra = _EXTRAS.get(parsed.get_backend_name())
-        hint = f"; install it with: pip install 'poolguard[{extra}]'" if extra else ""
         raise CliError(
-            f"the driver of {parsed.drivername} is not installed ({exc.name or exc}){hint}"
+            f"the driver of {parsed.drivername} is not installed ({exc.name or exc})"
+            f"{_driver_hint(parsed)}"
         ) from None
     if engine.dialect.name == "sqlite":
 
@@ -161,6 +169,24 @@ def create_engine(url: str | URL, **kwargs: Any) -> sa.Engine:
             dbapi_connection.create_function("sleep", 1, _sql_sleep)
 
     return engine
+
+
+def install_hint(extra: str) -> str:
+    """The pip command that installs the package with ``extra``."""
+    return f'pip install "{DISTRIBUTION}[{extra}]"'
+
+
+def _driver_hint(url: URL) -> str:
+    driver = url.get_driver_name()
+    if driver in _EXTRAS:
+        return f"; install it with: {install_hint(_EXTRAS[driver])}"
+    if driver in _OTHER_DRIVERS:
+        package, instead, extra = _OTHER_DRIVERS[driver]
+        # "mysql://" means MySQLdb to SQLAlchemy: the extra's PyMySQL would not help.
+        return (f"; {url.drivername}:// uses {driver}, which no extra of {DISTRIBUTION} "
+                f"installs: pip install {package}, or write the URL as {instead}:// "
+                f"with {install_hint(extra)}")
+    return f"; install the DBAPI driver {driver!r} (see SQLAlchemy's dialect documentation)"
 
 
 def ping(url: str | URL) -> str:

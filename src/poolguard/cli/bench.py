@@ -9,20 +9,30 @@ errors, the mean time a connection is held, and the connections the server
 saw (PostgreSQL ``pg_stat_activity`` by ``application_name``, MariaDB/MySQL
 ``information_schema.PROCESSLIST`` by connection id; SQLite: n/a).
 
-It ends with a recommendation and its reasoning: the knee of the throughput
-curve (the smallest pool reaching 90% of the best throughput at each
-concurrency), Little's law from the measured hold times (connections busy =
-throughput x mean hold time), and a warning when ``--replicas`` x pool size
-exceeds the server's ``max_connections``.
+Each pool size x concurrency cell runs ``--repeat`` times, round after round
+over all the cells; a cell is the median of its runs, with their spread. It
+ends with a recommendation and its reasoning: the knee of the throughput
+curve (the smallest pool reaching 90% of the best median throughput at each
+concurrency, or whose runs cannot be told from the best's), which sizes
+differ by less than the noise between runs, Little's law from the measured
+hold times (connections busy = throughput x mean hold time), and warnings
+when the runs are noisy, when ``--replicas`` x pool size exceeds the server's
+``max_connections``, and always on the default SQLite file (it tells nothing
+about a real server).
+
+Progress goes to stderr (a live line on a terminal, plain lines otherwise),
+results to stdout, within 80 columns.
 
 ``--hot-path`` instead runs the acquire/release microbenchmark
 (``poolguard.hotpath``): plain SQLAlchemy against guarded, one process,
-alternating rounds, with the ratio guarded/plain per case.
+alternating rounds, with the ratio guarded/plain per case (``--otel``: with
+the guarded engine reporting to an OpenTelemetry SDK).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import json
 import math
@@ -34,11 +44,12 @@ import shutil
 import statistics
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from pathlib import Path
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import sqlalchemy as sa
 
@@ -51,6 +62,7 @@ from ._db import (
     UsageError,
     create_engine,
     describe_error,
+    install_hint,
     parse_url,
     ping,
     shown,
@@ -64,16 +76,21 @@ if TYPE_CHECKING:
 __all__ = [
     "EPILOG",
     "KNEE_SHARE",
+    "Cell",
     "Result",
     "Statement",
     "UsageError",
     "add_arguments",
+    "cells",
     "default_workload",
+    "format_hot_path",
+    "format_report",
     "format_workload",
     "parse_duration",
     "parse_sizes",
     "parse_workload",
     "recommend",
+    "resolve_defaults",
     "run",
 ]
 
@@ -88,8 +105,10 @@ workload file (--workload FILE): one statement per line,
 
     weight [priority [tag]] | SQL
 
-  weight    a number > 0: how often the statement is picked, relative to the others
-  priority  critical, normal (default), background or health (poolguard.request priority)
+  weight    a number > 0: how often the statement is picked, relative to the
+            others
+  priority  critical, normal (default), background or health (the
+            poolguard.request priority)
   tag       the poolguard.request tag ("-" for none)
   SQL       sent as-is (no bind parameters), in its own transaction (committed)
 
@@ -98,10 +117,11 @@ available to make a statement slow. 'poolguard bench --print-workload' prints
 the built-in workload for the database in this format.
 
 examples:
-  poolguard bench                                   # embedded SQLite, built-in workload
-  poolguard bench --url postgresql+psycopg://app@db/app --pool-sizes 5,10,20,40 \\
-      --concurrency 16,64 --duration 20s --replicas 6 --plot bench.png
-  poolguard bench --hot-path                        # the guard's overhead on this machine
+  poolguard bench                 # embedded SQLite: shows how it works
+  poolguard bench --url postgresql+psycopg://app@db/app --pool-sizes 5,10,20 \\
+      --concurrency 16,64 --duration 10s --repeat 5 --replicas 6 --plot b.png
+  poolguard bench --hot-path      # the guard's overhead on this machine
+  poolguard bench --hot-path --otel   # ... reporting to OpenTelemetry
 """
 
 
@@ -164,12 +184,15 @@ def _option(text: str) -> tuple[str, str]:
 def guard_options(pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
     """``poolguard.wrap`` options from ``--option NAME=VALUE`` pairs, checked by
     :class:`poolguard.Config` (values are written as in ``POOLGUARD_*`` variables)."""
-    known = Config.option_names()
+    known = [k for k in Config.option_names() if k not in _NOT_OPTIONS]
     options = dict(DEFAULT_OPTIONS)
     for key, raw in pairs:
-        if key not in known or key in ("meter_provider", "breaker_classifier", "name"):
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UsageError(
-                f"unknown guard option {key!r} in --option (see the README's options table)"
+                f"unknown guard option {key!r} in --option{hint}; "
+                "see the README's options table"
             )
         try:
             config = Config.from_env({f"POOLGUARD_{key.upper()}": raw})
@@ -181,42 +204,100 @@ def guard_options(pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
     return options
 
 
+#: Options of the sweep (the default when not given), which --hot-path does not take.
+SWEEP_DEFAULTS: dict[str, Any] = {
+    "pool_sizes": [5, 10, 20, 40],
+    "concurrency": [16, 64],
+    "duration": 3.0,
+    "repeat": 3,
+    "workload": None,
+    "print_workload": False,
+    "replicas": 1,
+    "option": [],
+    "plot": None,
+    "seed": 1,
+}
+#: Options only --hot-path takes (the default when not given).
+HOT_PATH_DEFAULTS: dict[str, Any] = {"rounds": 20, "iterations": 2000, "otel": False}
+#: Config fields that are no ``--option``: set by the benchmark itself, or not text.
+_NOT_OPTIONS = ("meter_provider", "breaker_classifier", "name")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """Refuse the options the chosen mode ignores; fill in the defaults of the others.
+
+    The options default to ``None`` in the parser, so that a given one is told
+    apart from a default: ``--hot-path --duration 20s`` would otherwise run
+    the microbenchmark and silently drop the duration.
+    """
+    if args.hot_path:
+        ignored, defaults = SWEEP_DEFAULTS, HOT_PATH_DEFAULTS
+        mode = "--hot-path (the acquire/release microbenchmark)"
+        allowed = "--url, --rounds, --iterations, --otel, --json, --quiet"
+    else:
+        ignored, defaults = HOT_PATH_DEFAULTS, SWEEP_DEFAULTS
+        mode = "the pool-size sweep (without --hot-path)"
+        allowed = "every option but --rounds, --iterations and --otel"
+    given = [_flag(dest) for dest in ignored if getattr(args, dest) not in (None, False, [])]
+    if given:
+        raise UsageError(f"{mode} does not use {', '.join(given)}; it takes {allowed}")
+    for dest, default in defaults.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``poolguard bench``."""
+    sweep = SWEEP_DEFAULTS
     parser.add_argument(
         "--url", help="database URL (e.g. postgresql+psycopg://user@host/db, "
-        "mysql+pymysql://user@host/db); default: a SQLite file in a temporary folder",
+        "mysql+pymysql://user@host/db); default: a SQLite file in a temporary folder, "
+        "which tells nothing about a real server",
     )
-    parser.add_argument("--pool-sizes", type=parse_sizes, default=[5, 10, 20, 40],
-                        metavar="N,N,...", help="pool sizes to measure (default 5,10,20,40)")
-    parser.add_argument("--concurrency", type=parse_sizes, default=[16, 64], metavar="N,N,...",
-                        help="worker threads, each a closed loop (default 16,64)")
-    parser.add_argument("--duration", type=parse_duration, default=10.0, metavar="TIME",
-                        help="length of each run: 20s, 500ms, 2m (default 10s)")
+    parser.add_argument("--pool-sizes", type=parse_sizes, metavar="N,N,...",
+                        help="pool sizes to measure (default "
+                        f"{','.join(map(str, sweep['pool_sizes']))})")
+    parser.add_argument("--concurrency", type=parse_sizes, metavar="N,N,...",
+                        help="worker threads, each a closed loop (default "
+                        f"{','.join(map(str, sweep['concurrency']))})")
+    parser.add_argument("--duration", type=parse_duration, metavar="TIME",
+                        help="length of each run: 20s, 500ms, 2m "
+                        f"(default {sweep['duration']:g}s)")
+    parser.add_argument("--repeat", type=_positive_int, metavar="N",
+                        help="runs of each pool size x concurrency, interleaved, for the "
+                        f"spread between runs (default {sweep['repeat']})")
     parser.add_argument("--workload", type=Path, metavar="FILE",
                         help="statements to run, with weights (format below); "
                         "default: a built-in mix of fast reads and a few slower statements")
-    parser.add_argument("--print-workload", action="store_true",
+    parser.add_argument("--print-workload", action="store_true", default=None,
                         help="print the workload (built-in, or --workload) and exit")
-    parser.add_argument("--replicas", type=_positive_int, default=1, metavar="N",
+    parser.add_argument("--replicas", type=_positive_int, metavar="N",
                         help="instances of the service sharing the database (default 1): "
                         "warns when replicas x pool size exceeds max_connections")
-    parser.add_argument("--option", type=_option, action="append", default=[],
-                        metavar="NAME=VALUE",
+    parser.add_argument("--option", type=_option, action="append", metavar="NAME=VALUE",
                         help="a poolguard.wrap option of the engines, e.g. reserved_critical=2 "
                         "(repeatable; default acquire_timeout=2)")
     parser.add_argument("--json", action="store_true",
-                        help="print the results as JSON (no progress)")
+                        help="print the results as JSON on stdout")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress on stderr")
     parser.add_argument("--plot", type=Path, metavar="FILE.png",
-                        help="save throughput and p99 against pool size (needs matplotlib: "
-                        "pip install 'poolguard[plot]')")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the statement choice")
+                        help="save throughput and p99 against pool size (.png, .svg, .pdf; "
+                        f"needs matplotlib: {install_hint('plot')})")
+    parser.add_argument("--seed", type=int, help="seed of the statement choice (default 1)")
     parser.add_argument("--hot-path", action="store_true",
                         help="run the acquire/release microbenchmark instead: plain vs guarded")
-    parser.add_argument("--rounds", type=_positive_int, default=20,
+    parser.add_argument("--rounds", type=_positive_int,
                         help="--hot-path: alternating rounds (default 20)")
-    parser.add_argument("--iterations", type=_positive_int, default=2000,
+    parser.add_argument("--iterations", type=_positive_int,
                         help="--hot-path: cycles per round (default 2000)")
+    parser.add_argument("--otel", action="store_true", default=None,
+                        help="--hot-path: the guarded engine reports to an OpenTelemetry SDK; "
+                        "the +export column is the CPU of collecting it")
 
 
 # -- the workload -----------------------------------------------------------------
@@ -335,8 +416,81 @@ class Result:
     peak_in_use: int
     #: Mean time a connection was held, ms (checkout to checkin).
     mean_hold_ms: float
-    #: Little's law: connections busy on average = checkouts/s x mean hold time.
+    #: Little's law: connections busy on average = throughput x mean hold time
+    #: (exactly the two figures shown: ``throughput * mean_hold_ms / 1000``).
     busy_connections: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One pool size x concurrency over its ``--repeat`` runs: medians, and the spread.
+
+    Latencies, waits and hold times are the medians of the runs'; failures are
+    summed; ``server_connections`` and ``peak_in_use`` are the most of any run.
+    """
+
+    pool_size: int
+    concurrency: int
+    runs: int
+    #: Median throughput of the runs, requests/s.
+    throughput: float
+    throughput_min: float
+    throughput_max: float
+    #: Half the range of the runs' throughput, in % of the median (0 for one run).
+    spread_pct: float
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    wait_p50_ms: float
+    wait_p99_ms: float
+    timeouts: int
+    rejections: int
+    errors: int
+    server_connections: int | None
+    peak_in_use: int
+    mean_hold_ms: float
+    #: ``throughput * mean_hold_ms / 1000``: Little's law with the figures shown.
+    busy_connections: float
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _busy(throughput: float, mean_hold_ms: float) -> float:
+    return round(throughput * mean_hold_ms / 1000, 2)
+
+
+def cells(results: Sequence[Result]) -> list[Cell]:
+    """The runs grouped by pool size x concurrency (in the order first seen)."""
+    groups: dict[tuple[int, int], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.pool_size, r.concurrency), []).append(r)
+    out = []
+    for (pool, c), runs in groups.items():
+        tps = [r.throughput for r in runs]
+        tp = round(statistics.median(tps), 2)
+        hold = round(statistics.median(r.mean_hold_ms for r in runs), 3)
+        servers = [r.server_connections for r in runs if r.server_connections is not None]
+        out.append(Cell(
+            pool_size=pool, concurrency=c, runs=len(runs), throughput=tp,
+            throughput_min=min(tps), throughput_max=max(tps),
+            spread_pct=round((max(tps) - min(tps)) / 2 / tp * 100, 1) if tp > 0 else 0.0,
+            p50_ms=_round(_median([r.p50_ms for r in runs])),
+            p95_ms=_round(_median([r.p95_ms for r in runs])),
+            p99_ms=_round(_median([r.p99_ms for r in runs])),
+            wait_p50_ms=round(statistics.median(r.wait_p50_ms for r in runs), 3),
+            wait_p99_ms=round(statistics.median(r.wait_p99_ms for r in runs), 3),
+            timeouts=sum(r.timeouts for r in runs),
+            rejections=sum(r.rejections for r in runs),
+            errors=sum(r.errors for r in runs),
+            server_connections=max(servers) if servers else None,
+            peak_in_use=max(r.peak_in_use for r in runs),
+            mean_hold_ms=hold,
+            busy_connections=_busy(tp, hold),
+        ))
+    return out
 
 
 class _ServerConnections:
@@ -535,19 +689,18 @@ def run_one(
     finally:
         engine.dispose()
     elapsed = min(finished, end_at) - start
-    # Checkouts per second over the whole time they ran (in-flight requests end after end_at).
-    checkouts = stats.acquisitions / (finished - start)
-    hold = stats.use_time.mean
     served, failed = workers.outcomes()
     timeouts = failed.pop("timeout", 0)
     rejected = failed.pop("rejected", 0)
+    throughput = round(len(served) / elapsed, 2)
+    hold_ms = round(stats.use_time.mean * 1000, 3)
     return Result(
         pool_size=pool_size,
         concurrency=concurrency,
         duration_s=round(elapsed, 3),
         requests=len(served) + timeouts + rejected + sum(failed.values()),
         served=len(served),
-        throughput=round(len(served) / elapsed, 2),
+        throughput=throughput,
         p50_ms=_round(_percentile(served, 50)),
         p95_ms=_round(_percentile(served, 95)),
         p99_ms=_round(_percentile(served, 99)),
@@ -559,8 +712,8 @@ def run_one(
         error_types=failed,
         server_connections=most_server,
         peak_in_use=peak_in_use,
-        mean_hold_ms=round(hold * 1000, 3),
-        busy_connections=round(checkouts * hold, 2),
+        mean_hold_ms=hold_ms,
+        busy_connections=_busy(throughput, hold_ms),
     )
 
 
@@ -579,25 +732,44 @@ def _accumulate(weights: Sequence[float]) -> list[float]:
 # -- the recommendation -------------------------------------------------------------
 
 
-def _knee(c: int, rows: list[Result]) -> tuple[Result | None, list[str]]:
+def _indistinct(cell: Cell, best: Cell) -> bool:
+    """Whether the runs cannot tell ``cell`` from ``best``: their throughputs overlap."""
+    return cell.runs > 1 and best.runs > 1 and cell.throughput_max >= best.throughput_min
+
+
+def _knee(c: int, rows: list[Cell]) -> tuple[Cell | None, list[str]]:
     """The knee of one concurrency's throughput curve (rows by pool size), and why."""
     best = max(rows, key=lambda r: r.throughput)
     if best.throughput <= 0:
         return None, [f"{c} workers: no request was served; no knee."]
-    knee = next(r for r in rows if r.throughput >= KNEE_SHARE * best.throughput)
+    knee = next(r for r in rows
+                if r.throughput >= KNEE_SHARE * best.throughput or _indistinct(r, best))
+    runs = f", median of {best.runs} runs, spread {best.spread_pct:.1f}%" if best.runs > 1 else ""
+    by_noise = knee is not best and knee.throughput < KNEE_SHARE * best.throughput
+    if by_noise:
+        within = (f"the noise of it (its best run, {knee.throughput_max:,.0f} req/s, beat the "
+                  f"worst run at pool {best.pool_size}, {best.throughput_min:,.0f} req/s)")
+    else:
+        within = f"{KNEE_SHARE:.0%} of it"
     text = (
-        f"{c} workers: throughput reaches {KNEE_SHARE:.0%} of its best "
-        f"({best.throughput:,.0f} req/s at pool {best.pool_size}) with pool "
+        f"{c} workers: throughput is best at pool {best.pool_size} "
+        f"({best.throughput:,.0f} req/s{runs}); the smallest pool within {within} is "
         f"{knee.pool_size} ({knee.throughput:,.0f} req/s, p99 {_fmt_ms(knee.p99_ms)})"
     )
     if len(rows) == 1:
         text += "; only one pool size was measured, so this is no knee"
+    elif by_noise:
+        text += ("; the runs vary too much to rank the sizes above it: a longer --duration "
+                 "or more --repeat would")
     elif knee.pool_size >= c:
         text += f"; every worker has a connection there: {c} workers never use more than {c}"
     elif knee is rows[0]:
         text += "; it is the smallest size measured: try smaller ones"
     elif knee is rows[-1]:
         text += "; it still grows at the largest size measured: try larger ones"
+    elif knee is best:
+        text += (f"; no larger pool did better (p99 at pool {rows[-1].pool_size}: "
+                 f"{_fmt_ms(rows[-1].p99_ms)})")
     else:
         gain = best.throughput / knee.throughput - 1
         text += (f"; beyond it, more connections add {gain:.0%} at most, "
@@ -606,14 +778,30 @@ def _knee(c: int, rows: list[Result]) -> tuple[Result | None, list[str]]:
     free = rows[-1]
     return knee, [
         text + ".",
+        _noise(c, rows, best),
         f"{c} workers, Little's law at pool {free.pool_size} (the least limited): "
         f"L = {free.throughput:,.0f} req/s x {free.mean_hold_ms:.2f} ms mean hold = "
         f"{free.busy_connections:.1f} connections busy on average.",
     ]
 
 
+def _noise(c: int, rows: list[Cell], best: Cell) -> str:
+    """What the spread between runs allows one to conclude at this concurrency."""
+    if best.runs == 1:
+        return (f"{c} workers: one run per pool size, so no spread was measured: a difference "
+                "of a few percent may be noise (--repeat 3 or more).")
+    tied = [r.pool_size for r in rows if r is not best and _indistinct(r, best)]
+    if tied:
+        sizes = ", ".join(map(str, sorted([*tied, best.pool_size])))
+        return (f"{c} workers: pools {sizes} differ by less than the noise between runs "
+                "(their throughput ranges overlap): these runs cannot tell them apart.")
+    widest = max(r.spread_pct for r in rows)
+    return (f"{c} workers: every other pool size is outside the noise of the best "
+            f"(spread between runs at most {widest:.1f}%).")
+
+
 def _server_check(
-    results: Sequence[Result], recommended: int | None, replicas: int, server: dict[str, int]
+    results: Sequence[Cell], recommended: int | None, replicas: int, server: dict[str, int]
 ) -> tuple[dict[str, int], list[str], list[str]]:
     """``replicas`` x pool size against the server's max_connections: (limit, notes, warnings)."""
     usable = server["max_connections"] - server.get("reserved", 0)
@@ -646,16 +834,32 @@ def _server_check(
     return limit, notes, warnings
 
 
+#: A spread between runs above this (% of the median) gets a warning.
+NOISY_PCT = 10.0
+#: Said of every result measured on the default SQLite file.
+SQLITE_WARNING = (
+    "this ran on SQLite (the default without --url): a file database inside this process, "
+    "with no server, no network and one writer at a time. These figures show how the command "
+    "works and tell nothing about the pool size for a real database server: run it with "
+    "--url against yours (a staging copy), from a machine like the service's."
+)
+
+
 def recommend(
-    results: Sequence[Result], *, replicas: int = 1, server_limit: dict[str, int] | None = None
+    results: Sequence[Result],
+    *,
+    replicas: int = 1,
+    server_limit: dict[str, int] | None = None,
+    backend: str | None = None,
 ) -> dict[str, Any]:
-    """The pool size to use, and why: the throughput knee, Little's law, max_connections."""
+    """The pool size to use, and why: the throughput knee within the noise between
+    runs, Little's law, max_connections. ``results`` may hold several runs per cell."""
     reasoning: list[str] = []
     warnings: list[str] = []
-    by_c: dict[int, list[Result]] = {}
-    for r in results:
-        by_c.setdefault(r.concurrency, []).append(r)
-    knees: dict[int, Result] = {}
+    by_c: dict[int, list[Cell]] = {}
+    for cell in cells(results):
+        by_c.setdefault(cell.concurrency, []).append(cell)
+    knees: dict[int, Cell] = {}
     for c, rows in sorted(by_c.items()):
         rows.sort(key=lambda r: r.pool_size)
         knee, why = _knee(c, rows)
@@ -685,9 +889,22 @@ def recommend(
             )
     limit = None
     if server_limit is not None:
-        limit, notes, more = _server_check(results, recommended, replicas, server_limit)
+        all_cells = [cell for rows in by_c.values() for cell in rows]
+        limit, notes, more = _server_check(all_cells, recommended, replicas, server_limit)
         reasoning += notes
         warnings += more
+    noisiest = max((cell for rows in by_c.values() for cell in rows),
+                   key=lambda cell: cell.spread_pct, default=None)
+    if noisiest is not None and noisiest.spread_pct > NOISY_PCT:
+        warnings.append(
+            f"the same pool size and concurrency varied by up to +/-{noisiest.spread_pct:.0f}% "
+            f"between runs (pool {noisiest.pool_size}, {noisiest.concurrency} workers): the "
+            "machine is noisy (other load?), and differences smaller than that mean nothing. "
+            "Take a longer --duration or more --repeat on a quieter machine before trusting "
+            "the recommendation."
+        )
+    if backend == "sqlite":
+        warnings.append(SQLITE_WARNING)
     return {
         "recommended_pool_size": recommended,
         "knee_share": KNEE_SHARE,
@@ -714,31 +931,45 @@ def _fmt_ms(value: float | None) -> str:
 
 # -- output ----------------------------------------------------------------------
 
+#: Text output stays within this many columns (an 80-column terminal).
+WIDTH = 79
+#: Without a terminal, a progress line at most this often (and one per run).
+PLAIN_EVERY = 5.0
 
 _HEAD = (
-    f"{'pool':>5} {'workers':>7} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-    f"{'wait p50':>9} {'wait p99':>9} {'timeouts':>8} {'rejected':>8} {'errors':>6} "
-    f"{'server':>6} {'hold ms':>8} {'busy':>5}"
+    f"{'pool':>4} {'wrk':>4} {'req/s':>9} {'spread':>6} {'p50 ms':>7} {'p99 ms':>7} "
+    f"{'wait p99':>8} {'fail':>5} {'server':>6} {'hold ms':>7} {'busy':>5}"
+)
+LEGEND = (
+    "wrk = worker threads; req/s = median of the runs; spread = half the range of req/s "
+    "over the --repeat runs, in % of the median; wait = acquire wait; fail = timeouts + "
+    "rejected + errors (by kind in --json); server = most connections the server saw; "
+    "hold = mean time a connection was held; busy = req/s x hold (Little's law: "
+    "connections busy on average)."
 )
 
 
 def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value < 1000 else f"{value:.0f}"
 
 
-def format_row(r: Result) -> str:
-    """One result as a table row (see the header)."""
+def format_row(r: Cell) -> str:
+    """One cell as a table row (see the header)."""
     server = "n/a" if r.server_connections is None else str(r.server_connections)
+    spread = f"{r.spread_pct:.1f}%" if r.runs > 1 else "-"
     return (
-        f"{r.pool_size:>5} {r.concurrency:>7} {r.throughput:>9,.1f} {_ms(r.p50_ms):>8} "
-        f"{_ms(r.p95_ms):>8} {_ms(r.p99_ms):>8} {r.wait_p50_ms:>9.2f} {r.wait_p99_ms:>9.2f} "
-        f"{r.timeouts:>8} {r.rejections:>8} {r.errors:>6} {server:>6} {r.mean_hold_ms:>8.2f} "
+        f"{r.pool_size:>4} {r.concurrency:>4} {r.throughput:>9,.1f} {spread:>6} "
+        f"{_ms(r.p50_ms):>7} {_ms(r.p99_ms):>7} {_ms(r.wait_p99_ms):>8} "
+        f"{r.timeouts + r.rejections + r.errors:>5} {server:>6} {_ms(r.mean_hold_ms):>7} "
         f"{r.busy_connections:>5.1f}"
     )
 
 
-def plot(results: Sequence[Result], recommended: int | None, path: Path, title: str) -> None:
-    """Throughput and p99 against pool size, one line per concurrency, saved as PNG."""
+def plot(results: Sequence[Cell], recommended: int | None, path: Path, title: str) -> None:
+    """Throughput (with the runs' range) and p99 against pool size, one line per
+    concurrency, saved as an image (the format from the file name)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -749,10 +980,14 @@ def plot(results: Sequence[Result], recommended: int | None, path: Path, title: 
     for c in sorted({r.concurrency for r in results}):
         rows = sorted((r for r in results if r.concurrency == c), key=lambda r: r.pool_size)
         xs = [r.pool_size for r in rows]
-        left.plot(xs, [r.throughput for r in rows], marker="o", label=f"{c} workers")
+        spread = [[r.throughput - r.throughput_min for r in rows],
+                  [r.throughput_max - r.throughput for r in rows]]
+        left.errorbar(xs, [r.throughput for r in rows], yerr=spread, marker="o", capsize=3,
+                      label=f"{c} workers")
         right.plot(xs, [r.p99_ms if r.p99_ms is not None else float("nan") for r in rows],
                    marker="o", label=f"{c} workers")
-    for ax, label in ((left, "throughput (requests/s)"), (right, "latency p99 (ms)")):
+    for ax, label in ((left, "throughput (requests/s; bars: range of runs)"),
+                      (right, "latency p99 (ms)")):
         ax.set_xlabel("pool size")
         ax.set_ylabel(label)
         if len(pools) > 1 and pools[-1] / pools[0] >= 4:
@@ -774,25 +1009,57 @@ def plot(results: Sequence[Result], recommended: int | None, path: Path, title: 
     plt.close(fig)
 
 
-class _Progress:
-    """A live line on a terminal; nothing otherwise (rows are printed as they finish)."""
+def _columns(stream: TextIO) -> int:
+    """Columns of the terminal ``stream`` writes to (less one: no wrap at the edge)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns - 1
+    except (AttributeError, OSError, ValueError):
+        return shutil.get_terminal_size().columns - 1
 
-    def __init__(self, quiet: bool) -> None:
-        self.on = not quiet and sys.stdout.isatty()
+
+class _Progress:
+    """Progress on stderr, results stay on stdout: a live line on a terminal;
+    otherwise a plain line every :data:`PLAIN_EVERY` s. Either way, one line per run."""
+
+    def __init__(self, quiet: bool, stream: TextIO | None = None) -> None:
+        self.stream = sys.stderr if stream is None else stream
+        self.on = not quiet
+        self.tty = self.on and self.stream.isatty()
         self.label = ""
         self.duration = 0.0
+        self._last_plain = perf_counter()
+        self._live = False
 
     def tick(self, elapsed: float, served: int) -> None:
-        if self.on:
-            width = shutil.get_terminal_size().columns - 1
-            line = (f"  {self.label}: {min(elapsed, self.duration):5.1f}/{self.duration:g} s, "
-                    f"{served:,} requests served")
-            sys.stdout.write("\r" + line[:width].ljust(width))
-            sys.stdout.flush()
+        if not self.on:
+            return
+        line = (f"{self.label}: {min(elapsed, self.duration):.1f}/{self.duration:g} s, "
+                f"{served:,} served")
+        if self.tty:
+            width = _columns(self.stream)
+            self.stream.write("\r" + line[:width].ljust(width))
+            self._live = True
+        elif perf_counter() - self._last_plain >= PLAIN_EVERY:
+            self._last_plain = perf_counter()
+            self.stream.write(line + "\n")
+        self.stream.flush()
 
-    def clear(self) -> None:
-        if self.on:
-            sys.stdout.write("\r" + " " * (shutil.get_terminal_size().columns - 1) + "\r")
+    def done(self, r: Result) -> None:
+        if not self.on:
+            return
+        if self._live:
+            self.stream.write("\r" + " " * _columns(self.stream) + "\r")
+            self._live = False
+        failed = r.timeouts + r.rejections + r.errors
+        self.stream.write(f"{self.label}: {r.throughput:,.1f} req/s, p99 {_fmt_ms(r.p99_ms)}"
+                          f"{f', {failed} failed' if failed else ''}\n")
+        self._last_plain = perf_counter()
+        self.stream.flush()
+
+
+def _wrap(text: str, first: str = "", rest: str = "") -> str:
+    return textwrap.fill(text, WIDTH, initial_indent=first, subsequent_indent=rest,
+                         break_on_hyphens=False, break_long_words=False)
 
 
 # -- the command --------------------------------------------------------------------
@@ -800,6 +1067,7 @@ class _Progress:
 
 def run(args: argparse.Namespace) -> int:
     """``poolguard bench``: the hot path, or pool sizes x concurrency."""
+    resolve_defaults(args)
     if args.hot_path:
         return _hot_path(args)
     _check_plot(args.plot)
@@ -821,11 +1089,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
-        sys.stdout.write(_format_recommendation(report))
+        sys.stdout.write(format_report(report))
     if args.plot is not None:
         title = (f"poolguard bench: {report['database']['server']}, "
-                 f"{args.duration:g} s per run")
-        plot([Result(**r) for r in report["results"]],
+                 f"{args.repeat} x {args.duration:g} s per pool size")
+        plot([Cell(**r) for r in report["results"]],
              report["recommendation"]["recommended_pool_size"], args.plot, title)
         if not args.json:
             sys.stdout.write(f"plot saved to {args.plot}\n")
@@ -837,8 +1105,17 @@ def _check_plot(path: Path | None) -> None:
     if path is None:
         return
     if importlib.util.find_spec("matplotlib") is None:
-        raise CliError("--plot needs matplotlib: pip install 'poolguard[plot]' "
+        raise CliError(f"--plot needs matplotlib: {install_hint('plot')} "
                        "(or pip install matplotlib)")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in formats:
+        what = f"'.{suffix}' is no image format matplotlib writes" if suffix else (
+            "the file name has no extension to tell the image format")
+        raise UsageError(f"--plot {path}: {what}; use one of "
+                         f"{', '.join('.' + f for f in formats)} (e.g. bench.png)")
     if not path.resolve().parent.is_dir():
         raise UsageError(f"--plot {path}: folder {path.parent} does not exist")
 
@@ -860,6 +1137,7 @@ def _bench(
     workload: list[Statement],
     options: dict[str, Any],
 ) -> dict[str, Any]:
+    backend = url.get_backend_name()
     where = shown(url) if args.url else "SQLite, a file in a temporary folder"
     source = str(args.workload) if args.workload else "built-in workload"
     check = create_engine(url, poolclass=sa.NullPool)
@@ -867,46 +1145,50 @@ def _bench(
         _check_workload(check, workload, source)
     finally:
         check.dispose()
-    monitor = _ServerConnections(url, url.get_backend_name())
+    monitor = _ServerConnections(url, backend)
     try:
         limit = monitor.max_connections()
-        runs = [(p, c) for c in args.concurrency for p in args.pool_sizes]
-        out = sys.stdout
+        # Round after round over every cell: a drift of the machine's speed
+        # spreads over all of them instead of favouring the first ones.
+        runs = [(rep, p, c) for rep in range(args.repeat)
+                for c in args.concurrency for p in args.pool_sizes]
         if not args.json:
             total = len(runs) * args.duration
-            out.write(
-                f"poolguard bench: {where} ({server}); {len(runs)} runs of {args.duration:g} s "
-                f"(about {_about(total)}); workload: {source}, {len(workload)} statements; "
-                f"guard options: {' '.join(f'{k}={v}' for k, v in options.items())}\n\n"
-                f"{_HEAD}\n{'-' * len(_HEAD)}\n"
-            )
-            out.flush()
-        progress = _Progress(args.json)
+            cells_n = len(args.concurrency) * len(args.pool_sizes)
+            sys.stdout.write(_wrap(
+                f"poolguard bench: {where} ({server}); {cells_n} pool size x concurrency "
+                f"cells, {args.repeat} run(s) of {args.duration:g} s each (about "
+                f"{_about(total)}); workload: {source}, {len(workload)} statements; guard "
+                f"options: {' '.join(f'{k}={v}' for k, v in options.items())}"
+            ) + "\n")
+            sys.stdout.flush()
+        progress = _Progress(args.quiet)
         progress.duration = args.duration
         results = []
-        for i, (pool_size, concurrency) in enumerate(runs, 1):
+        for i, (rep, pool_size, concurrency) in enumerate(runs, 1):
             progress.label = f"[{i}/{len(runs)}] pool {pool_size}, {concurrency} workers"
+            if args.repeat > 1:
+                progress.label += f", run {rep + 1}/{args.repeat}"
             result = run_one(
                 url, pool_size=pool_size, concurrency=concurrency, duration=args.duration,
-                workload=workload, options=options, monitor=monitor, seed=args.seed,
+                workload=workload, options=options, monitor=monitor, seed=args.seed + rep,
                 tick=progress.tick,
             )
             results.append(result)
-            progress.clear()
-            if not args.json:
-                out.write(format_row(result) + "\n")
-                out.flush()
+            progress.done(result)
     finally:
         monitor.close()
-    recommendation = recommend(results, replicas=args.replicas, server_limit=limit)
+    recommendation = recommend(results, replicas=args.replicas, server_limit=limit,
+                               backend=backend)
     return {
         "command": "bench",
-        "database": {"where": where, "server": server, "backend": url.get_backend_name()},
+        "database": {"where": where, "server": server, "backend": backend},
         "meta": {
             "python": platform.python_version(),
             "sqlalchemy": sa.__version__,
             "poolguard": poolguard.__version__,
             "duration_s": args.duration,
+            "repeat": args.repeat,
             "pool_sizes": args.pool_sizes,
             "concurrency": args.concurrency,
             "seed": args.seed,
@@ -914,7 +1196,8 @@ def _bench(
         "guard_options": options,
         "workload": {"source": source,
                      "statements": [dataclasses.asdict(s) for s in workload]},
-        "results": [dataclasses.asdict(r) for r in results],
+        "results": [dataclasses.asdict(c) for c in cells(results)],
+        "runs": [dataclasses.asdict(r) for r in results],
         "recommendation": recommendation,
     }
 
@@ -923,15 +1206,16 @@ def _about(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
-def _format_recommendation(report: dict[str, Any]) -> str:
+def format_report(report: dict[str, Any]) -> str:
+    """The table of cells, its legend and the recommendation, within :data:`WIDTH`."""
+    rows = [format_row(Cell(**r)) for r in report["results"]]
+    lines = ["", _HEAD, "-" * len(_HEAD), *rows, "", _wrap(LEGEND), ""]
     rec = report["recommendation"]
-    lines = ["", "columns: wait = acquire wait (ms); server = most connections the server saw; "
-             "hold = mean time a connection was held; busy = req/s x hold (Little's law)", ""]
     size = rec["recommended_pool_size"]
     lines.append(f"Recommendation: pool_size={size}" if size is not None
                  else "Recommendation: none (nothing was served)")
-    lines += [f"  - {line}" for line in rec["reasoning"]]
-    lines += [f"  WARNING: {w}" for w in rec["warnings"]]
+    lines += [_wrap(line, "  - ", "    ") for line in rec["reasoning"]]
+    lines += [_wrap(w, "  WARNING: ", "    ") for w in rec["warnings"]]
     return "\n".join(lines) + "\n"
 
 
@@ -942,7 +1226,8 @@ def _hot_path(args: argparse.Namespace) -> int:
     if args.url:
         url = args.url
         ping(url)
-    results = hotpath.run(rounds=args.rounds, iterations=args.iterations, processes=1, url=url)
+    results = hotpath.run(rounds=args.rounds, iterations=args.iterations, processes=1, url=url,
+                          otel=args.otel)
     meta = {
         "python": platform.python_version(),
         "sqlalchemy": sa.__version__,
@@ -951,6 +1236,7 @@ def _hot_path(args: argparse.Namespace) -> int:
         "rounds": args.rounds,
         "iterations": args.iterations,
         "processes": 1,
+        "otel": args.otel,
         "database": shown(url) if url else "SQLite, a file in a temporary folder",
     }
     if args.json:
@@ -958,12 +1244,34 @@ def _hot_path(args: argparse.Namespace) -> int:
                    "results": [dataclasses.asdict(r) for r in results]}
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return 0
+    export = (" +export = CPU of one OpenTelemetry collection, per guarded cycle (us)."
+              if args.otel else " Add --otel to measure the guard reporting to an "
+              "OpenTelemetry SDK (+export: the CPU of collecting it).")
     sys.stdout.write(
-        f"poolguard bench --hot-path: python {meta['python']}, sqlalchemy {meta['sqlalchemy']}, "
-        f"{args.rounds} rounds x {args.iterations} cycles, one process\n\n"
-        f"{hotpath.format_table(results)}\n\n"
-        "ratio = guarded / plain time per cycle (median of alternating rounds; 1.00: no "
-        "overhead).\nFor a steadier figure: more --rounds, or the repository's "
-        "benchmarks/bench_hot_path.py (several fresh processes).\n"
+        _wrap(f"poolguard bench --hot-path: python {meta['python']}, sqlalchemy "
+              f"{meta['sqlalchemy']}, {args.rounds} rounds x {args.iterations} cycles, one "
+              f"process{', OpenTelemetry SDK' if args.otel else ''}") + "\n\n"
+        f"{format_hot_path(results, otel=args.otel)}\n\n"
+        + _wrap("ratio = guarded / plain time per cycle (median of alternating rounds; 1.00: "
+                "no overhead); cpu = the same for CPU time." + export + " For a steadier "
+                "figure: more --rounds, or the repository's benchmarks/bench_hot_path.py "
+                "(several fresh processes).") + "\n"
     )
     return 0
+
+
+def format_hot_path(results: Sequence[Any], *, otel: bool) -> str:
+    """The microbenchmark as a table within :data:`WIDTH` (+export only with ``otel``)."""
+    head = (f"{'case':<22} {'plain us':>8} {'guarded us':>10} {'ratio':>6} "
+            f"{'p25-p75':>11} {'cpu':>6}")
+    if otel:
+        head += f" {'+export':>8}"
+    rows = []
+    for r in results:
+        cpu = r.guarded_cpu_us / r.plain_cpu_us if r.plain_cpu_us > 0 else float("nan")
+        row = (f"{r.case:<22} {r.plain_us:>8.2f} {r.guarded_us:>10.2f} {r.ratio:>6.3f} "
+               f"{f'{r.ratio_p25:.2f}-{r.ratio_p75:.2f}':>11} {cpu:>6.3f}")
+        if otel:
+            row += f" {r.export_cpu_us:>8.2f}"
+        rows.append(row)
+    return "\n".join([head, "-" * len(head), *rows])

@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from collections import Counter
@@ -237,56 +238,83 @@ def _event_key(event: Event) -> tuple[str, ...]:
     return (event.name, str(f.get("fingerprint")), str(f.get("error_type")))
 
 
-class Display:
-    """Prints progress and notes: a live line on a terminal, plain lines otherwise."""
+#: Text output stays within this many columns (an 80-column terminal).
+WIDTH = 79
+#: Without a terminal, a progress line at most this often.
+PLAIN_EVERY = 5.0
 
-    def __init__(self, out: TextIO, traffic: Traffic, *, quiet: bool) -> None:
+
+def _columns(stream: TextIO) -> int:
+    """Columns of the terminal ``stream`` writes to (less one: no wrap at the edge)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns - 1
+    except (AttributeError, OSError, ValueError):
+        return shutil.get_terminal_size().columns - 1
+
+
+class Display:
+    """The demo's story (notes) on ``out``; its progress on ``err``: a live line
+    on a terminal, a plain line every :data:`PLAIN_EVERY` s otherwise."""
+
+    def __init__(
+        self,
+        out: TextIO,
+        traffic: Traffic,
+        *,
+        story: bool = True,
+        progress: bool = True,
+        err: TextIO | None = None,
+    ) -> None:
         self.out = out
+        self.err = sys.stderr if err is None else err
         self.traffic = traffic
-        self.quiet = quiet
-        self.tty = out.isatty()
+        self.story = story
+        self.progress = progress
+        self.tty = self.err.isatty()
         self._line = False
-        self._last_plain = -1.0
+        self._last_plain = -PLAIN_EVERY
 
     def _clear(self) -> None:
         if self._line:
-            self.out.write("\r" + " " * (shutil.get_terminal_size().columns - 1) + "\r")
+            self.err.write("\r" + " " * _columns(self.err) + "\r")
+            self.err.flush()
             self._line = False
 
     def note(self, at: float, text: str) -> None:
-        if self.quiet:
+        if not self.story:
             return
         self._clear()
-        self.out.write(f"{'+' + format(at, '.2f') + 's':>9}  {text}\n")
+        self.out.write(fit(f"{'+' + format(at, '.2f') + 's':>9}  {text}", 11) + "\n")
         self.out.flush()
 
     def status(self, elapsed: float, live: Live) -> None:
-        if self.quiet:
+        if not self.progress:
             return
         t = self.traffic
         phase = "before" if elapsed < t.pre else "storm" if elapsed < t.pre + t.storm else "fixed"
         totals = live.totals
+
+        def pair(key: str) -> str:
+            return f"{totals['plain'][key]}|{totals['guarded'][key]}"
+
         line = (
-            f"  [{phase:<6} {elapsed:5.1f}/{t.end:g}s] logins/s "
-            f"plain {live.logins_per_second('plain', elapsed):>3} "
-            f"guarded {live.logins_per_second('guarded', elapsed):>3} | served "
-            f"{totals['plain']['ok']}/{totals['guarded']['ok']} failed "
-            f"{totals['plain']['failed']}/{totals['guarded']['failed']} shed "
-            f"{totals['plain']['shed']}/{totals['guarded']['shed']} (plain/guarded)"
+            f"[{phase} {elapsed:.1f}s] plain|guarded logins/s "
+            f"{live.logins_per_second('plain', elapsed)}|"
+            f"{live.logins_per_second('guarded', elapsed)} ok {pair('ok')} "
+            f"failed {pair('failed')} shed {pair('shed')}"
         )
         if self.tty:
-            width = shutil.get_terminal_size().columns - 1
-            self.out.write("\r" + line[:width])
+            width = _columns(self.err)
+            self.err.write("\r" + line[:width].ljust(width))
             self._line = True
-        elif elapsed - self._last_plain >= 2.0 or self._last_plain < 0:
+        elif elapsed - self._last_plain >= PLAIN_EVERY:
             self._last_plain = elapsed
-            self.out.write(line.strip() + "\n")
-        self.out.flush()
+            self.err.write(line + "\n")
+        self.err.flush()
 
     def done(self) -> None:
-        if not self.quiet:
-            self._clear()
-            self.out.flush()
+        self._clear()
+        self.out.flush()
 
 
 # -- running ------------------------------------------------------------------
@@ -302,7 +330,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a short run (a few seconds), for CI")
     parser.add_argument("--json", action="store_true",
-                        help="print the results as JSON (no progress)")
+                        help="print the results as JSON on stdout (no story, progress on "
+                        "stderr)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -318,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
             where = "SQLite, a file in a temporary folder"
         server = ping(urls["guarded"])
         options = guard_options(traffic)
-        display = Display(out, traffic, quiet=args.json)
+        display = Display(out, traffic, story=not args.json, progress=not args.quiet)
         if not args.json:
             out.write(_intro(where, server, traffic))
             out.flush()
@@ -333,15 +364,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _intro(where: str, server: str, traffic: Traffic) -> str:
-    return (
-        f"poolguard demo: the postmortem, replayed on {where} ({server}).\n"
+    text = (
+        f"poolguard demo: the postmortem, replayed on {where} ({server}). "
         f"Two copies of one service, each with a {traffic.pool_size}-connection pool, run the "
-        f"same traffic at the same time:\nplain SQLAlchemy, and poolguard.wrap() as the README "
-        f"recommends. Logins (critical), API calls (normal)\nand batch jobs (background) run "
+        f"same traffic at the same time: plain SQLAlchemy, and poolguard.wrap() as the README "
+        f"recommends. Logins (critical), API calls (normal) and batch jobs (background) run "
         f"steadily; after {traffic.pre:g} s, {traffic.report_threads} callers start an "
-        f"unoptimized\nquery ({SCAN_TAG}, {traffic.report_query:g} s a run) and retry as fast as "
-        f"they may; {traffic.storm:g} s later the fix stops it.\n\n"
+        f"unoptimized query ({SCAN_TAG}, {traffic.report_query:g} s a run) and retry as fast "
+        f"as they may; {traffic.storm:g} s later the fix stops it. (Progress on stderr.)"
     )
+    return textwrap.fill(text, WIDTH, break_on_hyphens=False) + "\n\n"
 
 
 def _run_both(
@@ -499,27 +531,43 @@ def _ms(value: float | None) -> str:
 
 def format_summary(report: dict[str, Any]) -> str:
     """The report as text: the storm side by side, then what the guard said."""
-    return "\n".join([*_storm_lines(report), "", *_guard_lines(report)]) + "\n"
+    lines = [*_storm_lines(report), "", *_guard_lines(report)]
+    return "\n".join(fit(line.rstrip()) for line in lines) + "\n"
+
+
+def fit(line: str, indent: int = 4) -> str:
+    """``line`` wrapped within :data:`WIDTH`, continued ``indent`` further in."""
+    if len(line) <= WIDTH:
+        return line
+    lead = " " * (len(line) - len(line.lstrip()))
+    return textwrap.fill(line.strip(), WIDTH, initial_indent=lead,
+                         subsequent_indent=lead + " " * indent,
+                         break_on_hyphens=False, break_long_words=True)
 
 
 def _storm_lines(report: dict[str, Any]) -> list[str]:
     sides = report["sides"]
     traffic = report["traffic"]
     lines: list[str] = []
-    cols = f"{'served':>7} {'failed':>6} {'shed':>6} {'p50 ms':>8} {'p99 ms':>8}"
+    cols = f"{'served':>6} {'failed':>6} {'shed':>6} {'p99 ms':>7}"
     lines.append(f"During the storm ({traffic['storm']:g} s; the requests that started in it):")
-    lines.append(f"{'':<27} {'plain SQLAlchemy':^39}   {'poolguard.wrap':^39}")
-    lines.append(f"{'kind':<16} {'priority':<10} {cols}   {cols}")
+    lines.append(f"{'':<15}  {'plain SQLAlchemy':^28}   {'poolguard.wrap':^28}")
+    lines.append(f"{'kind':<15}  {cols}   {cols}")
     for kind in KINDS:
         label = _LABEL[kind]
-        row = f"{label:<16} {KINDS[kind][0]:<10}"
+        row = f"{label:<15} "
         for i, side in enumerate(_SIDES):
             st = sides[side]["phases"]["storm"]["by_kind"][label]
             row += ("   " if i else " ") + (
-                f"{st['served']:>7} {st['failed']:>6} {st['shed']:>6} "
-                f"{_ms(st['p50_ms']):>8} {_ms(st['p99_ms']):>8}"
+                f"{st['served']:>6} {st['failed']:>6} {st['shed']:>6} {_ms(st['p99_ms']):>7}"
             )
         lines.append(row)
+    by_priority: dict[str, list[str]] = {}
+    for kind, (priority, _) in KINDS.items():
+        by_priority.setdefault(priority, []).append(_LABEL[kind])
+    lines.append("(" + "; ".join(f"{' and '.join(kinds)}: {priority}"
+                                 for priority, kinds in by_priority.items())
+                 + ". Latencies of the served requests.)")
     lines.append("")
     head = report["headline"]
     served, p99 = head["storm_critical_served"], head["storm_critical_p99_ms"]
@@ -554,9 +602,9 @@ def _guard_lines(report: dict[str, Any]) -> list[str]:
     else:
         lines.append(
             f"  guarded: {culprit['after_storm_s']:.2f} s after the storm began, "
-            f"{culprit['event']} named {_short(culprit['statement'], 200)!r}"
+            f"{culprit['event']} named {_short(culprit['statement'], 200)!r} "
+            f"at {culprit['site']} (tag {culprit['tag']})."
         )
-        lines.append(f"           at {culprit['site']} (tag {culprit['tag']}).")
     lines.append("")
     rejections = sides["guarded"]["rejections"]
     shed = ", ".join(f"{k} {v}" for k, v in rejections.items()) or "none"

@@ -64,7 +64,9 @@ __all__ = [
     "format_report",
     "run",
     "run_side",
+    "next_start",
     "scan_auth_tokens",
+    "start_offsets",
     "statements",
 ]
 
@@ -320,6 +322,41 @@ def _periods(traffic: Traffic) -> dict[str, tuple[int, float]]:
     }
 
 
+def start_offsets(traffic: Traffic) -> dict[str, list[float]]:
+    """Kind -> when each of its threads sends its first request, seconds after its start.
+
+    The threads of the steady traffic are spread over their period, each kind
+    shifted by a different fraction of it: started together, they would send
+    their requests in lockstep (the periods share a multiple every 0.2 s),
+    a burst of every thread at once that a healthy service never sees, and
+    the guarded side would shed background work that merely arrived in it.
+    """
+    periods = _periods(traffic)
+    offsets = {kind: [0.0] * count for kind, (count, period) in periods.items() if not period}
+    steady = [(kind, count, period) for kind, (count, period) in periods.items() if period]
+    for n, (kind, count, period) in enumerate(steady):
+        shift = n / len(steady)  # the kinds apart from each other within a slot
+        offsets[kind] = [period * ((i + shift) / count) % period for i in range(count)]
+    return offsets
+
+
+def next_start(scheduled: float, period: float, now: float) -> float:
+    """The next start on a thread's grid (``scheduled + k * period``) not before ``now``.
+
+    A thread running late skips the slots it missed instead of catching up:
+    after a stall (a loaded machine, a garbage collection) every thread would
+    otherwise send at once, a burst of the client's making.
+    """
+    if period <= 0 or scheduled >= now:
+        return max(scheduled, now)
+    missed = math.ceil((now - scheduled) / period)
+    return scheduled + missed * period
+
+
+#: A thread woken later than this share of its period skips that request (see next_start).
+LATE_SHARE = 0.5
+
+
 def _stats(mine: list[Sample], priority: str, seconds: float) -> PhaseStats:
     served = [s.latency * 1000 for s in mine if s.outcome == "ok"]
     shed_ms = [s.latency * 1000 for s in mine if s.outcome.startswith("shed:")]
@@ -439,13 +476,15 @@ def run_side(  # noqa: PLR0915 - one schedule, kept in one place
 
         def worker(kind: str, period: float, start: float, stop_at: float) -> None:
             stmt = stmts[kind]
-            if stop.wait(max(0.0, start - perf_counter())):
-                return
-            next_at = perf_counter()
-            while not stop.is_set():
+            next_at = start
+            while not stop.wait(max(0.0, next_at - perf_counter())):
                 began = perf_counter()
                 if began >= stop_at:
                     return
+                if period and began - next_at > LATE_SHARE * period:
+                    # Woken late (a stall): keep to this thread's own slots.
+                    next_at = next_start(next_at, period, began)
+                    continue
                 outcome, backoff = _one(engine, kind, stmt, active, traffic)
                 ended = perf_counter()
                 sample = Sample(kind, began - t0, ended - t0, outcome)
@@ -453,19 +492,18 @@ def run_side(  # noqa: PLR0915 - one schedule, kept in one place
                     samples.append(sample)
                 if observer is not None:
                     observer(sample)
-                # Paced: the next request on schedule (never a backlog burst),
-                # or after the backoff a shed or failed request asked for.
-                next_at = max(next_at + period, ended + backoff)
-                if stop.wait(max(0.0, next_at - perf_counter())):
-                    return
+                # Paced: the next free slot of this thread (never a backlog
+                # burst), or after the backoff a shed or failed request asked for.
+                next_at = next_start(next_at + period, period, ended + backoff)
 
         threads = []
+        offsets = start_offsets(traffic)
         for kind, (count, period) in _periods(traffic).items():
             # The storm starts with the storm phase and stops with the fix.
             start, stop_at = (storm_at, storm_end) if kind == "report" else (t0, end_at)
             for i in range(count):
                 thread = threading.Thread(
-                    target=worker, args=(kind, period, start, stop_at),
+                    target=worker, args=(kind, period, start + offsets[kind][i], stop_at),
                     name=f"postmortem-{kind}-{i}", daemon=True,
                 )
                 threads.append(thread)
