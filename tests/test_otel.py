@@ -841,3 +841,18 @@ def test_wait_time_counts_a_checkout_granted_during_a_collection_once(
     assert wait.min == 0.0
     assert wait.max >= HOLD
     assert wait.sum == wait.max
+
+
+def test_meter_version_is_the_package_version(
+    sqlite_url: str, make_engine: Callable[..., Engine], reader: InMemoryMetricReader
+) -> None:
+    # The distribution is sqlalchemy-poolguard: looking up "poolguard" in the
+    # installed metadata finds nothing, or an unrelated project of that name.
+    engine = make_engine(sqlite_url)
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+    data = reader.get_metrics_data()
+    assert data is not None
+    scopes = {(sm.scope.name, sm.scope.version) for rm in data.resource_metrics
+              for sm in rm.scope_metrics}
+    assert scopes == {("poolguard", poolguard.__version__)}

@@ -52,12 +52,11 @@ STATE = "db.client.connection.state"
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    # Not importlib.metadata: the distribution is named sqlalchemy-poolguard, and
+    # an unrelated distribution named "poolguard" may be installed beside it.
+    from . import __version__
 
-    try:
-        return version("poolguard")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        return "0"
+    return __version__
 
 
 _logger = logging.getLogger("poolguard")
