@@ -490,7 +490,9 @@ def test_custom_classifier_decides_what_is_a_failure(
     assert guard.breaker is not None
     assert guard.breaker.state == CLOSED
     assert len(seen) == 12
-    assert all(isinstance(e, sqlite3.OperationalError) for e in seen)
+    # SQLAlchemy's exception, as the caller sees it: the driver's in .orig.
+    assert all(isinstance(e, sa.exc.OperationalError) for e in seen)
+    assert all(isinstance(e.orig, sqlite3.OperationalError) for e in seen)  # type: ignore[attr-defined]
     assert dialer.dials == 12
 
     # The other way round: programming errors from the creator are not
@@ -505,7 +507,8 @@ def test_custom_classifier_decides_what_is_a_failure(
     assert default_guard.breaker.state == CLOSED
 
     strict = make_engine(
-        **BREAKER, breaker_classifier=lambda e: isinstance(e, sqlite3.ProgrammingError)
+        **BREAKER,
+        breaker_classifier=lambda e: isinstance(getattr(e, "orig", None), sqlite3.ProgrammingError),
     )
     for _ in range(4):
         with pytest.raises(sa.exc.ProgrammingError):

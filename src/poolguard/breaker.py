@@ -113,6 +113,8 @@ class CircuitBreaker:
         self._window = _Window(config.window, config.window_size)
         self._probes_left = 0
         self._probe_calls = self._probe_failures = self._probe_slow = 0
+        #: Half-open periods entered so far: a probe slot belongs to one.
+        self.probe_round = 0
         #: Transitions so far, by the state entered.
         self.transitions: dict[str, int] = {OPEN: 0, HALF_OPEN: 0, CLOSED: 0}
 
@@ -136,10 +138,13 @@ class CircuitBreaker:
             return True, entered
         return True, entered
 
-    def forfeit(self) -> None:
-        """A probe let through never reached the database (shed at the gate):
-        its outcome will never come, so let another caller probe instead."""
-        if self.state == HALF_OPEN and self._probes_left < self.config.half_open_calls:
+    def forfeit(self, probe_round: int | None = None) -> None:
+        """A probe let through never reached the database (shed, cancelled or
+        timed out at the gate): its outcome will never come, so let another
+        caller probe instead. ``probe_round``: the half-open period the probe
+        was let through in; a slot of an earlier one is not given back."""
+        if (self.state == HALF_OPEN and self._probes_left < self.config.half_open_calls
+                and (probe_round is None or probe_round == self.probe_round)):
             self._probes_left += 1
 
     def record(self, failed: bool, duration: float, now: float) -> str | None:
@@ -173,6 +178,7 @@ class CircuitBreaker:
         if state == OPEN:
             self.opened_at = now
         elif state == HALF_OPEN:
+            self.probe_round += 1
             self._probes_left = self.config.half_open_calls
             self._probe_calls = self._probe_failures = self._probe_slow = 0
         else:
