@@ -12,6 +12,7 @@ never dials then, its events, and that permits balance.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import time
@@ -732,3 +733,214 @@ BreakerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestBreakerMachine = BreakerMachine.TestCase
+
+
+# -- probes tied to their checkout; what the classifier sees ---------------------------------
+
+
+@pytest.mark.postgresql
+@pytest.mark.timing
+async def test_a_probe_cancelled_at_the_gate_gives_its_slot_back(
+    postgresql_url: str, clock: Clock,
+) -> None:
+    # The guard-wide breaker lets one probe through; that probe waits at the
+    # gate (the only connection is held) and its task is cancelled. It never
+    # reaches the database: unless it gives its slot back, the breaker stays
+    # half-open with no probe left and refuses every checkout for good.
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = poolguard.wrap(
+        create_async_engine(postgresql_url, pool_size=1, max_overflow=0),  # psycopg, async
+        breaker=True, breaker_window_size=2, breaker_minimum_calls=2,
+        breaker_wait_in_open=1.0, breaker_half_open_calls=1,
+        statement_timeout=0.05, connect_retries=0, acquire_timeout=30.0,
+    )
+    guard = poolguard.get_guard(engine)
+    try:
+        held = await engine.connect()
+        for _ in range(2):  # two statement timeouts open the breaker
+            with pytest.raises(poolguard.StatementTimeout):
+                await held.exec_driver_sql("SELECT pg_sleep(2)")
+            await held.rollback()
+        assert guard.breaker is not None
+        assert guard.breaker.state == OPEN
+        clock.advance(2.0)
+
+        async def probe() -> None:
+            async with engine.connect() as conn:
+                await conn.exec_driver_sql("SELECT 1")
+
+        task = asyncio.create_task(probe())
+        for _ in range(2000):  # admitted as the one probe, then waits at the gate
+            if guard.gate.waiting == 1:
+                break
+            await asyncio.sleep(0.005)
+        assert guard.gate.waiting == 1
+        assert guard.breaker.state == HALF_OPEN
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await held.close()
+
+        async with engine.connect() as conn:  # a new probe, not CircuitOpen
+            assert (await conn.exec_driver_sql("SELECT 1")).scalar_one() == 1
+        assert guard.breaker.state == CLOSED
+        assert guard.stats().permits == 0
+    finally:
+        await engine.dispose()
+
+
+def test_a_probe_whose_checkout_fails_uncounted_or_times_out_leaves_no_slot_behind(
+    dialer: Dialer, clock: Clock,
+) -> None:
+    # Every way a probe's checkout can end either records an outcome or
+    # gives the slot back: here, failures the classifier does not count (an
+    # outcome: the database answered) and an acquire timeout at the gate (a
+    # failure: the breaker reopens, and later probes again).
+    engine = poolguard.wrap(
+        sa.create_engine("sqlite://", creator=dialer, poolclass=QueuePool,
+                         pool_size=1, max_overflow=0),
+        **{**BREAKER, "breaker_half_open_calls": 1, "breaker_wait_in_open": 1.0},
+        acquire_timeout=0.05, connect_retries=0,
+    )
+    guard = poolguard.get_guard(engine)
+    breaker = guard.breaker
+    assert breaker is not None
+    try:
+        dialer.error = sqlite3.OperationalError("unable to open database file (injected)")
+        for _ in range(4):
+            with pytest.raises(sa.exc.OperationalError):
+                engine.connect()
+        assert breaker.state == OPEN
+        clock.advance(2.0)
+        dialer.error = sqlite3.ProgrammingError("injected: not a database failure")
+        with pytest.raises(sa.exc.ProgrammingError):
+            engine.connect()  # the probe: an outcome the classifier does not count
+        assert breaker.state == CLOSED
+
+        dialer.error = None
+        held = engine.connect()  # holds the only connection: every other checkout times out
+        for _ in range(4):
+            with pytest.raises(poolguard.PoolTimeout):
+                engine.connect()
+        assert breaker.state == OPEN
+        clock.advance(2.0)
+        with pytest.raises(poolguard.PoolTimeout):
+            engine.connect()  # the probe times out at the gate: a failure, reopened
+        assert breaker.state == OPEN
+        held.close()
+        clock.advance(2.0)
+        assert _select_one(engine) == 1  # probing again, and closed
+        assert breaker.state == CLOSED
+        assert guard.stats().permits == 0
+    finally:
+        engine.dispose()
+
+
+def test_a_classifier_that_raises_never_replaces_the_database_error(
+    make_engine: Callable[..., Engine], dialer: Dialer, clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls: list[BaseException] = []
+
+    def broken(error: BaseException) -> bool:
+        calls.append(error)
+        raise RuntimeError("classifier bug")
+
+    caplog.set_level(logging.INFO, logger="poolguard")
+    engine = make_engine(**BREAKER, breaker_classifier=broken)
+    guard = poolguard.get_guard(engine)
+    dialer.error = sqlite3.OperationalError("unable to open database file (injected)")
+    for _ in range(4):
+        with pytest.raises(sa.exc.OperationalError) as info:
+            engine.connect()
+        assert isinstance(info.value.orig, sqlite3.OperationalError)
+    assert len(calls) == 4
+    logged = [r for r in caplog.records if "breaker_classifier" in r.getMessage()]
+    assert len(logged) == 1  # once, not per failure
+    assert logged[0].levelno == logging.ERROR
+    assert logged[0].exc_info is not None
+    assert "classifier bug" in str(logged[0].exc_info[1])
+    # The default classifier decided instead: connect failures open it.
+    assert guard.breaker is not None
+    assert guard.breaker.state == OPEN
+    assert guard.stats().permits == 0
+
+
+def test_the_classifier_sees_sqlalchemy_errors_of_failed_statements(
+    make_engine: Callable[..., Engine], clock: Clock,
+) -> None:
+    seen: list[BaseException] = []
+
+    def record(error: BaseException) -> bool:
+        seen.append(error)
+        return False
+
+    engine = make_engine(**BREAKER, breaker_classifier=record)
+    with pytest.raises(sa.exc.OperationalError), engine.connect() as conn:
+        conn.exec_driver_sql("SELECT * FROM poolguard_no_such_table")
+    (error,) = seen
+    assert isinstance(error, sa.exc.OperationalError)
+    assert isinstance(error.orig, sqlite3.OperationalError)
+    assert "no such table" in str(error.orig)
+
+
+@pytest.mark.postgresql
+def test_the_classifier_sees_sqlalchemy_errors_on_postgresql(postgresql_url: str) -> None:
+    import psycopg
+
+    seen: list[BaseException] = []
+
+    def record(error: BaseException) -> bool:
+        seen.append(error)
+        return default_classifier(error)
+
+    engine = poolguard.wrap(
+        sa.create_engine(postgresql_url, pool_size=1, max_overflow=0),
+        breaker=True, breaker_classifier=record, statement_timeout=0.05,
+    )
+    try:
+        with pytest.raises(sa.exc.DataError), engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1 / 0")
+        with pytest.raises(poolguard.StatementTimeout), engine.connect() as conn:
+            conn.exec_driver_sql("SELECT pg_sleep(2)")
+    finally:
+        engine.dispose()
+    data, cancelled = seen
+    assert isinstance(data, sa.exc.DataError)
+    assert isinstance(data.orig, psycopg.errors.DivisionByZero)
+    assert default_classifier(data) is False
+    assert isinstance(cancelled, sa.exc.OperationalError)
+    assert isinstance(cancelled.orig, psycopg.errors.QueryCanceled)
+    assert default_classifier(cancelled) is True
+
+
+@pytest.mark.postgresql
+async def test_asyncpg_statement_timeouts_are_failures(asyncpg_url: str) -> None:
+    # asyncpg's adapter raises a bare ``Error`` for a cancelled statement; as
+    # SQLAlchemy's OperationalError the default classifier counts it.
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    seen: list[BaseException] = []
+
+    def record(error: BaseException) -> bool:
+        seen.append(error)
+        return default_classifier(error)
+
+    engine = poolguard.wrap(
+        create_async_engine(asyncpg_url, pool_size=1, max_overflow=0),
+        breaker=True, breaker_window_size=2, breaker_minimum_calls=2,
+        breaker_classifier=record, statement_timeout=0.05, connect_retries=0,
+    )
+    guard = poolguard.get_guard(engine)
+    try:
+        async with engine.connect() as conn:
+            for _ in range(2):
+                with pytest.raises(poolguard.StatementTimeout):
+                    await conn.exec_driver_sql("SELECT pg_sleep(2)")
+                await conn.rollback()
+    finally:
+        await engine.dispose()
+    assert [type(e) for e in seen] == [sa.exc.OperationalError] * 2
+    assert guard.breaker is not None
+    assert guard.breaker.state == OPEN

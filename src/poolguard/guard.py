@@ -41,6 +41,7 @@ from .recorder import REQUEST, SITE, T0, TASK, WAIT, WARNED, Hold, Recorder, new
 from .retries import RetryBudget, connect_with_retries
 from .sites import current_site
 from .stats import PoolStats, QueryStats
+from .timeouts import is_timeout_error
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -411,6 +412,12 @@ class Guard:
             invalidated = bool(dialect.is_disconnect(error, None, None))
         except Exception:  # noqa: BLE001 - a dialect that needs a connection to tell
             invalidated = False
+        if is_timeout_error(self.db_system, error):
+            # A statement cancelled on time is an OperationalError whatever
+            # class the driver gives it (asyncpg's adapter: a bare Error).
+            return sa_exc.OperationalError(
+                None, None, error, connection_invalidated=invalidated
+            )
         return sa_exc.DBAPIError.instance(
             None, None, error, base, connection_invalidated=invalidated, dialect=dialect
         )
