@@ -944,3 +944,54 @@ async def test_asyncpg_statement_timeouts_are_failures(asyncpg_url: str) -> None
     assert [type(e) for e in seen] == [sa.exc.OperationalError] * 2
     assert guard.breaker is not None
     assert guard.breaker.state == OPEN
+
+
+def test_reclaim_lets_lost_probes_through_again_only_after_their_time() -> None:
+    b = _breaker(window_size=2, minimum_calls=2, wait_in_open=5.0, half_open_calls=2)
+    b.record(True, 0.0, 0.0)
+    assert b.record(True, 0.0, 1.0) == OPEN
+    assert b.allow(6.0) == (True, HALF_OPEN)
+    assert b.allow(7.0) == (True, None)
+    assert b.record(False, 0.0, 7.5) is None  # one probe reported; the other is lost
+    assert b.allow(8.0) == (False, None)
+    assert b.reclaim(16.9, after=10.0) == 0  # 10 s after the last probe: not yet
+    assert b.allow(16.9) == (False, None)
+    assert b.reclaim(17.0, after=10.0) == 1  # only the missing one
+    assert b.allow(17.0) == (True, None)
+    assert b.allow(17.0) == (False, None)
+    assert b.reclaim(18.0, after=10.0) == 0  # the clock restarted with that probe
+    assert b.record(False, 0.0, 18.0) == CLOSED
+    assert b.reclaim(99.0, after=10.0) == 0  # closed: nothing to reclaim
+
+
+def test_a_probe_lost_on_an_unseen_path_is_reclaimed(
+    make_engine: Callable[..., Engine], dialer: Dialer, clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Every known path ties the probe to its checkout; the guard still must
+    # not trust that with its life: a probe slot taken and never settled
+    # (here: taken by hand, its checkout never run) comes back after the
+    # probe's acquire wait plus wait_in_open.
+    caplog.set_level(logging.INFO, logger="poolguard")
+    engine = make_engine(**{**BREAKER, "breaker_half_open_calls": 1}, acquire_timeout=2.0)
+    guard = poolguard.get_guard(engine)
+    breaker = guard.breaker
+    assert breaker is not None
+    dialer.error = sqlite3.OperationalError("unable to open database file (injected)")
+    for _ in range(4):
+        with pytest.raises(sa.exc.OperationalError):
+            engine.connect()
+    dialer.error = None
+    clock.advance(31.0)
+    guard.breaker_admit(guard.pool)  # the one probe slot, lost
+    assert breaker.state == HALF_OPEN
+    with pytest.raises(poolguard.CircuitOpen):
+        engine.connect()
+    clock.advance(30.0 + 2.0 - 0.5)
+    with pytest.raises(poolguard.CircuitOpen):
+        engine.connect()
+    clock.advance(1.0)
+    assert _select_one(engine) == 1  # probing again, and closed
+    assert breaker.state == CLOSED
+    assert _events(caplog, "breaker.probes_reclaimed") == ["breaker.probes_reclaimed"]
+    assert guard.stats().permits == 0

@@ -258,8 +258,13 @@ class Guard:
         retry_after = 0.0
         probe: CircuitBreaker | None = None
         tag_probe: TagBreaker | None = None
+        reclaimed = 0
         with self._breaker_lock:
             if breaker is not None:
+                if breaker.state == HALF_OPEN:
+                    # A probe has its acquire wait, then wait_in_open, to report.
+                    reclaimed = breaker.reclaim(
+                        now, breaker.config.wait_in_open + self.acquire_timeout())
                 allowed, entered = breaker.allow(now)
                 retry_after = breaker.retry_after(now)
                 if allowed and breaker.state == HALF_OPEN:
@@ -281,6 +286,8 @@ class Guard:
                  tag_probe, tag_probe.probe_round if tag_probe is not None else 0)
                 if probe is not None or tag_probe is not None else None
             )
+        if reclaimed:
+            self.log.emit(logging.WARNING, "breaker.probes_reclaimed", probes=reclaimed)
         if entered is not None:
             self._breaker_changed(entered)
         if tag_entered is not None:
@@ -323,7 +330,7 @@ class Guard:
         gives its slot back.
         """
         if error is not None and not isinstance(error, Exception):
-            self.probe_forfeit()
+            self._probe_forfeit()
             return
         if self.gate.tripped and _probe.get() is not None:
             _probe.set(None)  # this checkout's outcome, recorded now
@@ -342,7 +349,7 @@ class Guard:
         if tag_entered is not None and request is not None:
             self._breaker_changed(tag_entered, request.tag)
 
-    def probe_forfeit(self) -> None:
+    def _probe_forfeit(self) -> None:
         """The checkout under way gets no outcome (shed, cancelled, interrupted):
         give back the probe slots it took, if any, of their half-open period."""
         probe = _probe.get()
@@ -357,6 +364,10 @@ class Guard:
                 breaker.forfeit(probe_round)
             if tag_breaker is not None:
                 tag_breaker.forfeit(tag_round)
+
+    def _breaker_forfeit(self, request: RequestContext | None = None) -> None:
+        # The former name, kept for callers written against it.
+        self._probe_forfeit()
 
     def _probe_succeeded(self) -> None:
         # The checkout of a half-open probe got a working connection. A
@@ -540,7 +551,7 @@ class Guard:
                 if out.pop(record, None) is hold:
                     self.gate.release()
 
-    def wait_attached(self) -> None:
+    def _wait_attached(self) -> None:
         """Return once no attach is under way (the gate is whole)."""
         with self._attach_lock:
             pass
@@ -700,10 +711,10 @@ class Guard:
         except Refused as refused:
             # A half-open probe shed before it reached the database would
             # otherwise hold its probe slot forever.
-            self.probe_forfeit()
+            self._probe_forfeit()
             raise self._shed(refused.reason, priority) from None
         except BaseException:
-            self.probe_forfeit()  # cancelled or interrupted while waiting: likewise
+            self._probe_forfeit()  # cancelled or interrupted while waiting: likewise
             raise
         waited = perf_counter() - start
         self._interval_wait_max = max(self._interval_wait_max, waited)

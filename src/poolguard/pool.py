@@ -185,7 +185,7 @@ class GuardedPoolMixin(Pool):
                                    errors=[str(error) for error in errors])
                     raise errors[0]
                 return guard
-        guard.wait_attached()
+        guard._wait_attached()
         return guard
 
 
