@@ -183,3 +183,45 @@ def test_dispose_before_the_class_swap_in_wrap_still_guards_the_new_pool(
         assert guard.stats().permits == 0
     finally:
         engine.dispose()
+
+
+@pytest.mark.timing
+def test_a_checkout_during_a_second_wrap_waits_for_the_new_gate(
+    db_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # After unwrap(), wrap() again: a checkout while it attaches must not use
+    # the closed gate of the first guard (its permit would count nowhere).
+    engine = sa.create_engine(db_url, pool_size=2, max_overflow=0, pool_timeout=1)
+    threads: list[threading.Thread] = []
+    conns: list[Connection] = []
+    try:
+        poolguard.unwrap(poolguard.wrap(engine))
+        real = guard_module._checked_out_records
+
+        def checkout_meanwhile(pool: Any) -> list[object]:
+            records = real(pool)
+            thread = threading.Thread(target=lambda: conns.append(engine.connect()))
+            threads.append(thread)
+            thread.start()
+            thread.join(1.0)  # checked out, or waiting for this attach to finish
+            return records
+
+        monkeypatch.setattr(guard_module, "_checked_out_records", checkout_meanwhile)
+        poolguard.wrap(engine, acquire_timeout=0.2)
+        (thread,) = threads
+        thread.join(30.0)
+        assert not thread.is_alive()
+        (conn,) = conns
+        guard = poolguard.get_guard(engine)
+        assert set(guard.gate.out) == {_record(conn)}
+        assert guard.gate.in_use == 1
+        conn.close()
+        assert guard.gate.in_use == 0
+        _assert_capacity(engine, 2)
+        assert guard.stats().permits == 0
+    finally:
+        for thread in threads:
+            thread.join(30.0)
+        for conn in conns:
+            conn.close()
+        engine.dispose()

@@ -63,6 +63,7 @@ def wrap(engine: E, config: Config | None = None, **options: Any) -> E:
         # the attach instead of building a guard of its own, and a dispose()
         # in between attaches its new pool to this guard.
         pool._poolguard = guard  # type: ignore[attr-defined]
+        pool.__dict__.pop("_poolguard_gate", None)  # a closed one, left by unwrap()
         # Swap the class in place: idle connections, overflow counts, listeners
         # and everything already checked out stay exactly where they are.
         pool.__class__ = guarded_class(type(pool))
