@@ -995,3 +995,61 @@ def test_a_probe_lost_on_an_unseen_path_is_reclaimed(
     assert breaker.state == CLOSED
     assert _events(caplog, "breaker.probes_reclaimed") == ["breaker.probes_reclaimed"]
     assert guard.stats().permits == 0
+
+
+@pytest.mark.timing
+def test_a_probe_interrupted_at_the_gate_gives_its_slot_back(
+    dialer: Dialer, clock: Clock,
+) -> None:
+    # The synchronous twin of the cancelled probe: Ctrl-C (a real SIGINT, so
+    # that it interrupts the blocked wait) while the one probe waits at the gate.
+    import signal
+    import threading
+
+    main = threading.main_thread()
+    assert threading.current_thread() is main
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    engine = poolguard.wrap(
+        sa.create_engine("sqlite://", creator=dialer, poolclass=QueuePool,
+                         pool_size=1, max_overflow=0),
+        **{**BREAKER, "breaker_half_open_calls": 1, "breaker_wait_in_open": 1.0},
+        acquire_timeout=0.01, connect_retries=0,
+    )
+    guard = poolguard.get_guard(engine)
+    breaker = guard.breaker
+    assert breaker is not None
+    interrupter: threading.Thread | None = None
+    try:
+        held = engine.connect()
+        for _ in range(4):  # acquire timeouts open it
+            with pytest.raises(poolguard.PoolTimeout):
+                engine.connect()
+        assert breaker.state == OPEN
+        poolguard.wrap(engine, **{**BREAKER, "breaker_half_open_calls": 1,
+                                  "breaker_wait_in_open": 1.0},
+                       acquire_timeout=30.0, connect_retries=0)  # same breaker, longer waits
+        assert guard.breaker is breaker
+        clock.advance(2.0)
+
+        def interrupt_once_waiting() -> None:
+            for _ in range(4000):
+                if guard.gate.waiting == 1:
+                    signal.pthread_kill(main.ident, signal.SIGINT)  # type: ignore[arg-type]
+                    return
+                time.sleep(0.005)
+
+        interrupter = threading.Thread(target=interrupt_once_waiting, daemon=True)
+        interrupter.start()
+        with pytest.raises(KeyboardInterrupt):
+            engine.connect()  # the one probe, interrupted while it waits
+        interrupter.join(30.0)
+        assert breaker.state == HALF_OPEN
+        held.close()
+        assert _select_one(engine) == 1  # a new probe, not CircuitOpen
+        assert breaker.state == CLOSED
+        assert guard.stats().permits == 0
+    finally:
+        if interrupter is not None:
+            interrupter.join(30.0)
+        engine.dispose()
