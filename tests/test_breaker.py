@@ -12,6 +12,7 @@ never dials then, its events, and that permits balance.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import time
@@ -490,7 +491,9 @@ def test_custom_classifier_decides_what_is_a_failure(
     assert guard.breaker is not None
     assert guard.breaker.state == CLOSED
     assert len(seen) == 12
-    assert all(isinstance(e, sqlite3.OperationalError) for e in seen)
+    # SQLAlchemy's exception, as the caller sees it: the driver's in .orig.
+    assert all(isinstance(e, sa.exc.OperationalError) for e in seen)
+    assert all(isinstance(e.orig, sqlite3.OperationalError) for e in seen)  # type: ignore[attr-defined]
     assert dialer.dials == 12
 
     # The other way round: programming errors from the creator are not
@@ -505,7 +508,8 @@ def test_custom_classifier_decides_what_is_a_failure(
     assert default_guard.breaker.state == CLOSED
 
     strict = make_engine(
-        **BREAKER, breaker_classifier=lambda e: isinstance(e, sqlite3.ProgrammingError)
+        **BREAKER,
+        breaker_classifier=lambda e: isinstance(getattr(e, "orig", None), sqlite3.ProgrammingError),
     )
     for _ in range(4):
         with pytest.raises(sa.exc.ProgrammingError):
@@ -729,3 +733,323 @@ BreakerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestBreakerMachine = BreakerMachine.TestCase
+
+
+# -- probes tied to their checkout; what the classifier sees ---------------------------------
+
+
+@pytest.mark.postgresql
+@pytest.mark.timing
+async def test_a_probe_cancelled_at_the_gate_gives_its_slot_back(
+    postgresql_url: str, clock: Clock,
+) -> None:
+    # The guard-wide breaker lets one probe through; that probe waits at the
+    # gate (the only connection is held) and its task is cancelled. It never
+    # reaches the database: unless it gives its slot back, the breaker stays
+    # half-open with no probe left and refuses every checkout for good.
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = poolguard.wrap(
+        create_async_engine(postgresql_url, pool_size=1, max_overflow=0),  # psycopg, async
+        breaker=True, breaker_window_size=2, breaker_minimum_calls=2,
+        breaker_wait_in_open=1.0, breaker_half_open_calls=1,
+        statement_timeout=0.05, connect_retries=0, acquire_timeout=30.0,
+    )
+    guard = poolguard.get_guard(engine)
+    try:
+        held = await engine.connect()
+        for _ in range(2):  # two statement timeouts open the breaker
+            with pytest.raises(poolguard.StatementTimeout):
+                await held.exec_driver_sql("SELECT pg_sleep(2)")
+            await held.rollback()
+        assert guard.breaker is not None
+        assert guard.breaker.state == OPEN
+        clock.advance(2.0)
+
+        async def probe() -> None:
+            async with engine.connect() as conn:
+                await conn.exec_driver_sql("SELECT 1")
+
+        task = asyncio.create_task(probe())
+        for _ in range(2000):  # admitted as the one probe, then waits at the gate
+            if guard.gate.waiting == 1:
+                break
+            await asyncio.sleep(0.005)
+        assert guard.gate.waiting == 1
+        assert guard.breaker.state == HALF_OPEN
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await held.close()
+
+        async with engine.connect() as conn:  # a new probe, not CircuitOpen
+            assert (await conn.exec_driver_sql("SELECT 1")).scalar_one() == 1
+        assert guard.breaker.state == CLOSED
+        assert guard.stats().permits == 0
+    finally:
+        await engine.dispose()
+
+
+def test_a_probe_whose_checkout_fails_uncounted_or_times_out_leaves_no_slot_behind(
+    dialer: Dialer, clock: Clock,
+) -> None:
+    # Every way a probe's checkout can end either records an outcome or
+    # gives the slot back: here, failures the classifier does not count (an
+    # outcome: the database answered) and an acquire timeout at the gate (a
+    # failure: the breaker reopens, and later probes again).
+    engine = poolguard.wrap(
+        sa.create_engine("sqlite://", creator=dialer, poolclass=QueuePool,
+                         pool_size=1, max_overflow=0),
+        **{**BREAKER, "breaker_half_open_calls": 1, "breaker_wait_in_open": 1.0},
+        acquire_timeout=0.05, connect_retries=0,
+    )
+    guard = poolguard.get_guard(engine)
+    breaker = guard.breaker
+    assert breaker is not None
+    try:
+        dialer.error = sqlite3.OperationalError("unable to open database file (injected)")
+        for _ in range(4):
+            with pytest.raises(sa.exc.OperationalError):
+                engine.connect()
+        assert breaker.state == OPEN
+        clock.advance(2.0)
+        dialer.error = sqlite3.ProgrammingError("injected: not a database failure")
+        with pytest.raises(sa.exc.ProgrammingError):
+            engine.connect()  # the probe: an outcome the classifier does not count
+        assert breaker.state == CLOSED
+
+        dialer.error = None
+        held = engine.connect()  # holds the only connection: every other checkout times out
+        for _ in range(4):
+            with pytest.raises(poolguard.PoolTimeout):
+                engine.connect()
+        assert breaker.state == OPEN
+        clock.advance(2.0)
+        with pytest.raises(poolguard.PoolTimeout):
+            engine.connect()  # the probe times out at the gate: a failure, reopened
+        assert breaker.state == OPEN
+        held.close()
+        clock.advance(2.0)
+        assert _select_one(engine) == 1  # probing again, and closed
+        assert breaker.state == CLOSED
+        assert guard.stats().permits == 0
+    finally:
+        engine.dispose()
+
+
+def test_a_classifier_that_raises_never_replaces_the_database_error(
+    make_engine: Callable[..., Engine], dialer: Dialer, clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls: list[BaseException] = []
+
+    def broken(error: BaseException) -> bool:
+        calls.append(error)
+        raise RuntimeError("classifier bug")
+
+    caplog.set_level(logging.INFO, logger="poolguard")
+    engine = make_engine(**BREAKER, breaker_classifier=broken)
+    guard = poolguard.get_guard(engine)
+    dialer.error = sqlite3.OperationalError("unable to open database file (injected)")
+    for _ in range(4):
+        with pytest.raises(sa.exc.OperationalError) as info:
+            engine.connect()
+        assert isinstance(info.value.orig, sqlite3.OperationalError)
+    assert len(calls) == 4
+    logged = [r for r in caplog.records if "breaker_classifier" in r.getMessage()]
+    assert len(logged) == 1  # once, not per failure
+    assert logged[0].levelno == logging.ERROR
+    assert logged[0].exc_info is not None
+    assert "classifier bug" in str(logged[0].exc_info[1])
+    # The default classifier decided instead: connect failures open it.
+    assert guard.breaker is not None
+    assert guard.breaker.state == OPEN
+    assert guard.stats().permits == 0
+
+
+def test_the_classifier_sees_sqlalchemy_errors_of_failed_statements(
+    make_engine: Callable[..., Engine], clock: Clock,
+) -> None:
+    seen: list[BaseException] = []
+
+    def record(error: BaseException) -> bool:
+        seen.append(error)
+        return False
+
+    engine = make_engine(**BREAKER, breaker_classifier=record)
+    with pytest.raises(sa.exc.OperationalError), engine.connect() as conn:
+        conn.exec_driver_sql("SELECT * FROM poolguard_no_such_table")
+    (error,) = seen
+    assert isinstance(error, sa.exc.OperationalError)
+    assert isinstance(error.orig, sqlite3.OperationalError)
+    assert "no such table" in str(error.orig)
+
+
+@pytest.mark.postgresql
+def test_the_classifier_sees_sqlalchemy_errors_on_postgresql(postgresql_url: str) -> None:
+    import psycopg
+
+    seen: list[BaseException] = []
+
+    def record(error: BaseException) -> bool:
+        seen.append(error)
+        return default_classifier(error)
+
+    engine = poolguard.wrap(
+        sa.create_engine(postgresql_url, pool_size=1, max_overflow=0),
+        breaker=True, breaker_classifier=record, statement_timeout=0.05,
+    )
+    try:
+        with pytest.raises(sa.exc.DataError), engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1 / 0")
+        with pytest.raises(poolguard.StatementTimeout), engine.connect() as conn:
+            conn.exec_driver_sql("SELECT pg_sleep(2)")
+    finally:
+        engine.dispose()
+    data, cancelled = seen
+    assert isinstance(data, sa.exc.DataError)
+    assert isinstance(data.orig, psycopg.errors.DivisionByZero)
+    assert default_classifier(data) is False
+    assert isinstance(cancelled, sa.exc.OperationalError)
+    assert isinstance(cancelled.orig, psycopg.errors.QueryCanceled)
+    assert default_classifier(cancelled) is True
+
+
+@pytest.mark.postgresql
+async def test_asyncpg_statement_timeouts_are_failures(asyncpg_url: str) -> None:
+    # asyncpg's adapter raises a bare ``Error`` for a cancelled statement; as
+    # SQLAlchemy's OperationalError the default classifier counts it.
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    seen: list[BaseException] = []
+
+    def record(error: BaseException) -> bool:
+        seen.append(error)
+        return default_classifier(error)
+
+    engine = poolguard.wrap(
+        create_async_engine(asyncpg_url, pool_size=1, max_overflow=0),
+        breaker=True, breaker_window_size=2, breaker_minimum_calls=2,
+        breaker_classifier=record, statement_timeout=0.05, connect_retries=0,
+    )
+    guard = poolguard.get_guard(engine)
+    try:
+        async with engine.connect() as conn:
+            for _ in range(2):
+                with pytest.raises(poolguard.StatementTimeout):
+                    await conn.exec_driver_sql("SELECT pg_sleep(2)")
+                await conn.rollback()
+    finally:
+        await engine.dispose()
+    assert [type(e) for e in seen] == [sa.exc.OperationalError] * 2
+    assert guard.breaker is not None
+    assert guard.breaker.state == OPEN
+
+
+def test_reclaim_lets_lost_probes_through_again_only_after_their_time() -> None:
+    b = _breaker(window_size=2, minimum_calls=2, wait_in_open=5.0, half_open_calls=2)
+    b.record(True, 0.0, 0.0)
+    assert b.record(True, 0.0, 1.0) == OPEN
+    assert b.allow(6.0) == (True, HALF_OPEN)
+    assert b.allow(7.0) == (True, None)
+    assert b.record(False, 0.0, 7.5) is None  # one probe reported; the other is lost
+    assert b.allow(8.0) == (False, None)
+    assert b.reclaim(16.9, after=10.0) == 0  # 10 s after the last probe: not yet
+    assert b.allow(16.9) == (False, None)
+    assert b.reclaim(17.0, after=10.0) == 1  # only the missing one
+    assert b.allow(17.0) == (True, None)
+    assert b.allow(17.0) == (False, None)
+    assert b.reclaim(18.0, after=10.0) == 0  # the clock restarted with that probe
+    assert b.record(False, 0.0, 18.0) == CLOSED
+    assert b.reclaim(99.0, after=10.0) == 0  # closed: nothing to reclaim
+
+
+def test_a_probe_lost_on_an_unseen_path_is_reclaimed(
+    make_engine: Callable[..., Engine], dialer: Dialer, clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Every known path ties the probe to its checkout; the guard still must
+    # not trust that with its life: a probe slot taken and never settled
+    # (here: taken by hand, its checkout never run) comes back after the
+    # probe's acquire wait plus wait_in_open.
+    caplog.set_level(logging.INFO, logger="poolguard")
+    engine = make_engine(**{**BREAKER, "breaker_half_open_calls": 1}, acquire_timeout=2.0)
+    guard = poolguard.get_guard(engine)
+    breaker = guard.breaker
+    assert breaker is not None
+    dialer.error = sqlite3.OperationalError("unable to open database file (injected)")
+    for _ in range(4):
+        with pytest.raises(sa.exc.OperationalError):
+            engine.connect()
+    dialer.error = None
+    clock.advance(31.0)
+    guard.breaker_admit(guard.pool)  # the one probe slot, lost
+    assert breaker.state == HALF_OPEN
+    with pytest.raises(poolguard.CircuitOpen):
+        engine.connect()
+    clock.advance(30.0 + 2.0 - 0.5)
+    with pytest.raises(poolguard.CircuitOpen):
+        engine.connect()
+    clock.advance(1.0)
+    assert _select_one(engine) == 1  # probing again, and closed
+    assert breaker.state == CLOSED
+    assert _events(caplog, "breaker.probes_reclaimed") == ["breaker.probes_reclaimed"]
+    assert guard.stats().permits == 0
+
+
+@pytest.mark.timing
+def test_a_probe_interrupted_at_the_gate_gives_its_slot_back(
+    dialer: Dialer, clock: Clock,
+) -> None:
+    # The synchronous twin of the cancelled probe: Ctrl-C (a real SIGINT, so
+    # that it interrupts the blocked wait) while the one probe waits at the gate.
+    import signal
+    import threading
+
+    main = threading.main_thread()
+    assert threading.current_thread() is main
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    engine = poolguard.wrap(
+        sa.create_engine("sqlite://", creator=dialer, poolclass=QueuePool,
+                         pool_size=1, max_overflow=0),
+        **{**BREAKER, "breaker_half_open_calls": 1, "breaker_wait_in_open": 1.0},
+        acquire_timeout=0.01, connect_retries=0,
+    )
+    guard = poolguard.get_guard(engine)
+    breaker = guard.breaker
+    assert breaker is not None
+    interrupter: threading.Thread | None = None
+    try:
+        held = engine.connect()
+        for _ in range(4):  # acquire timeouts open it
+            with pytest.raises(poolguard.PoolTimeout):
+                engine.connect()
+        assert breaker.state == OPEN
+        poolguard.wrap(engine, **{**BREAKER, "breaker_half_open_calls": 1,
+                                  "breaker_wait_in_open": 1.0},
+                       acquire_timeout=30.0, connect_retries=0)  # same breaker, longer waits
+        assert guard.breaker is breaker
+        clock.advance(2.0)
+
+        def interrupt_once_waiting() -> None:
+            for _ in range(4000):
+                if guard.gate.waiting == 1:
+                    signal.pthread_kill(main.ident, signal.SIGINT)  # type: ignore[arg-type]
+                    return
+                time.sleep(0.005)
+
+        interrupter = threading.Thread(target=interrupt_once_waiting, daemon=True)
+        interrupter.start()
+        with pytest.raises(KeyboardInterrupt):
+            engine.connect()  # the one probe, interrupted while it waits
+        interrupter.join(30.0)
+        assert breaker.state == HALF_OPEN
+        held.close()
+        assert _select_one(engine) == 1  # a new probe, not CircuitOpen
+        assert breaker.state == CLOSED
+        assert guard.stats().permits == 0
+    finally:
+        if interrupter is not None:
+            interrupter.join(30.0)
+        engine.dispose()

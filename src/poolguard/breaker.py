@@ -113,6 +113,9 @@ class CircuitBreaker:
         self._window = _Window(config.window, config.window_size)
         self._probes_left = 0
         self._probe_calls = self._probe_failures = self._probe_slow = 0
+        #: Half-open periods entered so far: a probe slot belongs to one.
+        self.probe_round = 0
+        self._last_probe_at = 0.0
         #: Transitions so far, by the state entered.
         self.transitions: dict[str, int] = {OPEN: 0, HALF_OPEN: 0, CLOSED: 0}
 
@@ -133,13 +136,33 @@ class CircuitBreaker:
             if self._probes_left <= 0:
                 return False, entered
             self._probes_left -= 1
+            self._last_probe_at = now
             return True, entered
         return True, entered
 
-    def forfeit(self) -> None:
-        """A probe let through never reached the database (shed at the gate):
-        its outcome will never come, so let another caller probe instead."""
-        if self.state == HALF_OPEN and self._probes_left < self.config.half_open_calls:
+    def reclaim(self, now: float, after: float) -> int:
+        """Presume lost the probes whose outcomes are still missing ``after``
+        seconds after the last one was let through, and let as many through
+        again; return how many. A safety net: the guard ties every probe to
+        its checkout, but a probe lost on a path it does not see must not
+        leave the breaker half-open, refusing everything, for good."""
+        if (self.state != HALF_OPEN or self._probes_left > 0
+                or now < self._last_probe_at + after):
+            return 0
+        missing = self.config.half_open_calls - self._probe_calls
+        if missing <= 0:
+            return 0
+        self._probes_left = missing
+        self._last_probe_at = now
+        return missing
+
+    def forfeit(self, probe_round: int | None = None) -> None:
+        """A probe let through never reached the database (shed, cancelled or
+        timed out at the gate): its outcome will never come, so let another
+        caller probe instead. ``probe_round``: the half-open period the probe
+        was let through in; a slot of an earlier one is not given back."""
+        if (self.state == HALF_OPEN and self._probes_left < self.config.half_open_calls
+                and (probe_round is None or probe_round == self.probe_round)):
             self._probes_left += 1
 
     def record(self, failed: bool, duration: float, now: float) -> str | None:
@@ -173,6 +196,8 @@ class CircuitBreaker:
         if state == OPEN:
             self.opened_at = now
         elif state == HALF_OPEN:
+            self.probe_round += 1
+            self._last_probe_at = now
             self._probes_left = self.config.half_open_calls
             self._probe_calls = self._probe_failures = self._probe_slow = 0
         else:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 import os
+import sys
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -95,7 +97,8 @@ class Config:
             installs an SDK ``MeterProvider``).
         metrics_legacy_names: Also emit the older ``db.client.connections.*``
             metric names (milliseconds, ``pool.name``/``state`` attributes).
-        meter_provider: The ``MeterProvider`` to use instead of the global one.
+        meter_provider: The OpenTelemetry ``MeterProvider`` to use instead of
+            the global one (any object with ``get_meter()``).
         reserved_critical: Connections only ``priority="critical"`` requests
             may take: a whole number, or a share of the pool (``0.2``).
         max_waiting_critical: Most ``critical`` requests that may wait at
@@ -129,7 +132,11 @@ class Config:
         breaker_classifier: ``callable(exception) -> bool``, whether an error
             is a failure; default :func:`poolguard.breaker.default_classifier`
             (connect failures, disconnects, timeouts yes; integrity and
-            programming errors no).
+            programming errors no). It receives SQLAlchemy's exception (a
+            driver error wrapped as ``sqlalchemy.exc.OperationalError`` and
+            the like, the driver's own in ``.orig``) or a poolguard one. If
+            it raises, the database error still propagates, the classifier's
+            error is logged once, and the default classifier decides.
         breaker_per_tag: Give every ``request(tag=...)`` its own breaker with
             the ``breaker_*`` settings (the first 100 tags; with or without
             ``breaker``): with ``breaker_slow_call_duration`` and
@@ -231,10 +238,22 @@ class Config:
 
         An empty variable counts as unset; ``none`` sets an option that may be
         ``None`` to ``None``. Unknown ``POOLGUARD_*`` variables are ignored, so
-        that other tools may share the prefix.
+        that other tools may share the prefix. A bad value raises
+        :class:`ValueError` naming the variable.
         """
+        config, errors = cls._from_env(environ)
+        if errors:
+            raise errors[0]
+        return config
+
+    @classmethod
+    def _from_env(
+        cls, environ: Mapping[str, str] | None = None
+    ) -> tuple[Config, list[ValueError]]:
+        # The config of the good variables, and one error per bad one.
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
+        errors: list[ValueError] = []
         for field in dataclasses.fields(cls):
             kind = field.metadata["kind"]
             var = ENV_PREFIX + field.name.upper()
@@ -245,9 +264,10 @@ class Config:
                 value = _parse(kind, raw, _default(field))
                 cls(**{field.name: value})
             except ValueError as exc:
-                raise ValueError(f"environment variable {var}={raw!r}: {exc}") from None
+                errors.append(ValueError(f"environment variable {var}={raw!r}: {exc}"))
+                continue
             values[field.name] = value
-        return cls(**values)
+        return cls(**values), errors
 
 
 def check_option_names(options: Mapping[str, Any]) -> None:
@@ -262,14 +282,34 @@ def check_option_names(options: Mapping[str, Any]) -> None:
             )
 
 
+#: The largest whole number an option takes (a C ``Py_ssize_t``): beyond it
+#: counts stop being counts and turn into OverflowErrors far from the option.
+_MAX_WHOLE = sys.maxsize
+
+
+def _show(value: object) -> str:
+    # A huge int printed whole would be a 400-digit error message (or, past
+    # 4300 digits, a ValueError of its own from int-to-str conversion).
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30:
+        digits = int(math.log10(abs(value))) + 1
+        return f"{'-' if value < 0 else ''}<an integer of {digits} digits>"
+    return repr(value)
+
+
 def _bad(option: str, value: object, allowed: str) -> ValueError:
-    return ValueError(f"poolguard option {option}={value!r} is invalid: expected {allowed}")
+    return ValueError(f"poolguard option {option}={_show(value)} is invalid: expected {allowed}")
 
 
 def _number(option: str, value: object, allowed: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(option, value, allowed)
-    return float(value)
+    try:
+        number = float(value)  # an int beyond float's range overflows here
+    except OverflowError:
+        raise _bad(option, value, allowed) from None
+    if not math.isfinite(number):
+        raise _bad(option, value, allowed)
+    return number
 
 
 def _seconds(option: str, value: object) -> float:
@@ -281,7 +321,8 @@ def _seconds(option: str, value: object) -> float:
 
 def _check(option: str, kind: str, value: Any, default: Any) -> Any:
     if kind == _OBJECT:
-        return value
+        check = _OBJECT_CHECKS.get(option)
+        return value if value is None or check is None else check(option, value)
     if value is None:
         if default is None or kind in (_UTILISATION, _WAITERS, _TAGS, _TAG_SECONDS):
             return None
@@ -304,6 +345,8 @@ def _whole(allowed: str, low: int) -> Any:
     def check(option: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise _bad(option, value, allowed)
+        if value > _MAX_WHOLE:
+            raise _bad(option, value, f"{allowed}; at most {_MAX_WHOLE}")
         return value
 
     return check
@@ -328,6 +371,29 @@ def _check_reserve(option: str, value: Any) -> float:
     return number
 
 
+def _check_classifier(option: str, value: Any) -> Any:
+    allowed = ("a callable taking the exception and returning True (a failure) or False, "
+               "or None for the default")
+    if not callable(value):
+        raise _bad(option, value, allowed)
+    try:
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):  # a builtin without a signature: trust it
+        return value
+    try:
+        signature.bind(ValueError())
+    except TypeError:
+        raise _bad(option, value, allowed) from None
+    return value
+
+
+def _check_meter_provider(option: str, value: Any) -> Any:
+    if not callable(getattr(value, "get_meter", None)):
+        raise _bad(option, value,
+                   "an OpenTelemetry MeterProvider (an object with get_meter()), or None")
+    return value
+
+
 def _check_window(option: str, value: Any) -> str:
     if value not in ("count", "time"):
         raise _bad(option, value, _ALLOWED[_WINDOW])
@@ -350,6 +416,10 @@ def _check_tags(option: str, value: Any) -> Mapping[str, float]:
 
     if not isinstance(value, Mapping):
         raise _bad(option, value, _ALLOWED[_TAGS])
+    for tag, limit in value.items():
+        # A count past float's range would escape as an OverflowError.
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > _MAX_WHOLE:
+            raise _bad(f"{option}[{tag!r}]", limit, f"{_ALLOWED[_TAGS]}; at most {_MAX_WHOLE}")
     try:
         return MappingProxyType(check_tag_limits(value))
     except ValueError as exc:
@@ -371,6 +441,11 @@ _ALLOWED = {
     _WINDOW: "'count' or 'time'",
     _TAGS: "a mapping of tag to a count or a share of the pool",
     _TAG_SECONDS: "a mapping of tag to seconds >= 0",
+}
+
+_OBJECT_CHECKS: dict[str, Any] = {
+    "breaker_classifier": _check_classifier,
+    "meter_provider": _check_meter_provider,
 }
 
 _CHECKS: dict[str, Any] = {

@@ -58,10 +58,22 @@ def wrap(engine: E, config: Config | None = None, **options: Any) -> E:
             guard._attach_engine(sync_engine)
             return engine
     guard = Guard(cfg, default_name=_default_name(sync_engine))
-    # Swap the class in place: idle connections, overflow counts, listeners
-    # and everything already checked out stay exactly where they are.
-    pool.__class__ = guarded_class(type(pool))
-    guard._attach(pool)  # type: ignore[arg-type]  # its class was just swapped
+    while True:
+        # The guard first, the class next: a checkout in between waits for
+        # the attach instead of building a guard of its own, and a dispose()
+        # in between attaches its new pool to this guard.
+        pool._poolguard = guard  # type: ignore[attr-defined]
+        pool.__dict__.pop("_poolguard_gate", None)  # a closed one, left by unwrap()
+        # Swap the class in place: idle connections, overflow counts, listeners
+        # and everything already checked out stay exactly where they are.
+        pool.__class__ = guarded_class(type(pool))
+        guard._attach(pool)  # type: ignore[arg-type]  # its class was just swapped
+        current = sync_engine.pool
+        if current is pool or getattr(current, "_poolguard", None) is guard:
+            break
+        # dispose() recreated the pool before its class changed: the new one
+        # is plain; guard it too (it shares the gate).
+        pool = current
     guard._attach_engine(sync_engine)
     return engine
 

@@ -13,6 +13,8 @@ import gc
 import logging
 import threading
 import time
+import weakref
+from contextvars import ContextVar
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +24,7 @@ from sqlalchemy.pool import NullPool, Pool, QueuePool, SingletonThreadPool, Stat
 from .alerts import Alert, AlertEvent
 from .breaker import (
     CLOSED,
+    HALF_OPEN,
     OPEN,
     BreakerConfig,
     CircuitBreaker,
@@ -50,9 +53,10 @@ from .recorder import (
 from .retries import RetryBudget, connect_with_retries
 from .sites import current_site
 from .stats import PoolStats, QueryStats
+from .timeouts import is_timeout_error
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
     from sqlalchemy.engine import Engine
     from tenacity import RetryCallState
@@ -85,18 +89,49 @@ def _capacity(pool: Pool) -> int | None:
 
 
 def _checked_out_records(pool: Pool) -> list[object]:
-    """The records of ``pool`` checked out now (found through the GC: one-off, at wrap)."""
+    """The records of ``pool`` checked out now (one-off, at wrap).
+
+    Found without a walk of the heap: SQLAlchemy registers every checked-out
+    connection, 2.1 as a ``weakref.finalize`` of its ``_ConnectionFairy``
+    (``_finalize_fairy(None, record, pool, ...)``), 2.0 in the module dict
+    ``_strong_ref_connection_records``. One pass over that registry costs
+    the connections checked out in the process, not the objects alive in it.
+    """
     if not isinstance(pool, QueuePool) or pool.checkedout() <= 0:
         return []
+    from sqlalchemy.pool import base
     from sqlalchemy.pool.base import _ConnectionRecord
 
+    candidates: Iterable[object]
+    strong = getattr(base, "_strong_ref_connection_records", None)
+    registry = getattr(weakref.finalize, "_registry", None)
+    if isinstance(strong, dict):  # SQLAlchemy 2.0
+        candidates = list(strong.copy().values())
+    elif isinstance(registry, dict):  # SQLAlchemy 2.1
+        finalize_fairy = getattr(base, "_finalize_fairy", None)
+        candidates = [
+            info.args[1]
+            for info in registry.copy().values()
+            if info.func is finalize_fairy and len(info.args) > 2 and info.args[2] is pool
+        ]
+    else:  # neither: an unknown SQLAlchemy or Python; the slow way
+        candidates = gc.get_objects()
     return [
         obj
-        for obj in gc.get_objects()
+        for obj in candidates
         if isinstance(obj, _ConnectionRecord)
         and obj._ConnectionRecord__pool is pool  # type: ignore[attr-defined]
         and obj.fairy_ref is not None
     ]
+
+
+#: The half-open probe slots the checkout under way in this context (thread,
+#: or asyncio task) took in :meth:`Guard.breaker_admit`: the guard, the
+#: breaker and the half-open period of its slot, the tag's breaker and its
+#: period. The checkout's outcome, or its forfeit, clears it: a probe that
+#: never gets an outcome must not keep its slot (a breaker half-open for good).
+_Probe = tuple["Guard", "CircuitBreaker | None", int, "TagBreaker | None", int]
+_probe: ContextVar[_Probe | None] = ContextVar("poolguard_probe", default=None)
 
 
 class Guard:
@@ -134,6 +169,10 @@ class Guard:
         self.breakers_on = False
         self._breaker_lock = threading.Lock()
         self._classify: Callable[[BaseException], bool] = default_classifier
+        self._classifier_failed = False
+        # Held while a pool is attached: a recreate() (engine.dispose()) or a
+        # checkout racing wrap() waits for the whole gate, never half of it.
+        self._attach_lock = threading.RLock()
         self.retry_budget: RetryBudget | None = None
         self._explained: set[str] = set()
         self._alert_callbacks: list[Callable[[AlertEvent], None]] = []
@@ -178,7 +217,10 @@ class Guard:
         cfg = self.config
         if self.retry_budget is not None:
             self.retry_budget.ratio = cfg.retry_budget
-        self._classify = cfg.breaker_classifier or default_classifier
+        classify = cfg.breaker_classifier or default_classifier
+        if classify is not self._classify:
+            self._classify = classify
+            self._classifier_failed = False
         settings = BreakerConfig(
             window=cfg.breaker_window,
             window_size=cfg.breaker_window_size,
@@ -226,18 +268,38 @@ class Guard:
         now = perf_counter()
         allowed, entered, tag_entered = True, None, None
         retry_after = 0.0
+        probe: CircuitBreaker | None = None
+        tag_probe: TagBreaker | None = None
+        reclaimed = 0
         with self._breaker_lock:
             if breaker is not None:
+                if breaker.state == HALF_OPEN:
+                    # A probe has its acquire wait, then wait_in_open, to report.
+                    reclaimed = breaker.reclaim(
+                        now, breaker.config.wait_in_open + self.acquire_timeout())
                 allowed, entered = breaker.allow(now)
                 retry_after = breaker.retry_after(now)
+                if allowed and breaker.state == HALF_OPEN:
+                    probe = breaker
             tag_breaker = self.tag_breakers.get(request.tag) if (
                 allowed and request is not None and request.tag is not None) else None
             if tag_breaker is not None and tag_breaker.state != CLOSED:
                 allowed, tag_entered = tag_breaker.allow(now)
                 retry_after = tag_breaker.retry_after(now)
-                if not allowed and breaker is not None:
-                    breaker.forfeit()  # its probe slot is not used after all
+                if not allowed and probe is not None:
+                    probe.forfeit()  # its probe slot is not used after all
+                    probe = None
+                if allowed and tag_breaker.state == HALF_OPEN:
+                    tag_probe = tag_breaker
                 breaker = tag_breaker
+            # Tied to this checkout: its outcome or its forfeit frees the slots.
+            _probe.set(
+                (self, probe, probe.probe_round if probe is not None else 0,
+                 tag_probe, tag_probe.probe_round if tag_probe is not None else 0)
+                if probe is not None or tag_probe is not None else None
+            )
+        if reclaimed:
+            self.log.emit(logging.WARNING, "breaker.probes_reclaimed", probes=reclaimed)
         if entered is not None:
             self._breaker_changed(entered)
         if tag_entered is not None:
@@ -272,9 +334,20 @@ class Guard:
         request: RequestContext | None = None,
     ) -> None:
         """Record one call's outcome (``error`` None: success) with the breaker,
-        and with the breaker of ``request``'s tag (``breaker_per_tag``)."""
+        and with the breaker of ``request``'s tag (``breaker_per_tag``).
+
+        The classifier sees SQLAlchemy's exception (a driver error is wrapped
+        as SQLAlchemy wraps it). A call cancelled or interrupted (an exception
+        that is not an :class:`Exception`) is no outcome: a probe it was
+        gives its slot back.
+        """
+        if error is not None and not isinstance(error, Exception):
+            self._probe_forfeit()
+            return
+        if self.gate.tripped and _probe.get() is not None:
+            _probe.set(None)  # this checkout's outcome, recorded now
         breaker = self.breaker
-        failed = error is not None and self._classify(error)
+        failed = error is not None and self._is_failure(error)
         now = perf_counter()
         entered = tag_entered = None
         with self._breaker_lock:
@@ -288,15 +361,89 @@ class Guard:
         if tag_entered is not None and request is not None:
             self._breaker_changed(tag_entered, request.tag)
 
-    def _breaker_forfeit(self, request: RequestContext | None) -> None:
-        # A probe shed at the gate never reached the database: free its slot.
+    def _probe_forfeit(self) -> None:
+        """The checkout under way gets no outcome (shed, cancelled, interrupted):
+        give back the probe slots it took, if any, of their half-open period."""
+        probe = _probe.get()
+        if probe is None:
+            return
+        _probe.set(None)
+        guard, breaker, probe_round, tag_breaker, tag_round = probe
+        if guard is not self:
+            return
         with self._breaker_lock:
-            if self.breaker is not None:
-                self.breaker.forfeit()
-            if request is not None and request.tag is not None:
-                tag_breaker = self.tag_breakers.get(request.tag)
-                if tag_breaker is not None:
-                    tag_breaker.forfeit()
+            if breaker is not None:
+                breaker.forfeit(probe_round)
+            if tag_breaker is not None:
+                tag_breaker.forfeit(tag_round)
+
+    def _breaker_forfeit(self, request: RequestContext | None = None) -> None:
+        # The former name, kept for callers written against it.
+        self._probe_forfeit()
+
+    def _probe_succeeded(self) -> None:
+        # The checkout of a half-open probe got a working connection. A
+        # checkout that was no probe (it passed the gate before the breaker
+        # opened) is no evidence of recovery and records nothing.
+        probe = _probe.get()
+        if probe is None:
+            return
+        _probe.set(None)
+        guard, breaker, probe_round = probe[0], probe[1], probe[2]
+        if guard is not self or breaker is None:
+            return  # a tag's probe: its statements are its outcome
+        entered = None
+        with self._breaker_lock:
+            if (breaker is self.breaker and breaker.state == HALF_OPEN
+                    and breaker.probe_round == probe_round):
+                entered = breaker.record(False, 0.0, perf_counter())
+        if entered is not None:
+            self._breaker_changed(entered)
+
+    def _is_failure(self, error: BaseException) -> bool:
+        """The classifier's verdict on ``error``; the default's if it raises."""
+        error = self._sqlalchemy_error(error)
+        classify = self._classify
+        try:
+            return bool(classify(error))
+        except Exception:
+            # Never in place of the database error the caller is about to see.
+            if not self._classifier_failed:
+                self._classifier_failed = True
+                logging.getLogger("poolguard").exception(
+                    "pool %r: breaker_classifier %r raised on %s; the default classifier "
+                    "decides instead (logged once)",
+                    self.name, classify, type(error).__qualname__,
+                )
+            return default_classifier(error)
+
+    def _sqlalchemy_error(self, error: BaseException) -> BaseException:
+        """``error`` as SQLAlchemy raises it: a driver error wrapped in its
+        ``sqlalchemy.exc.DBAPIError`` subclass (the driver's in ``.orig``)."""
+        import sqlalchemy.exc as sa_exc
+
+        if isinstance(error, sa_exc.SQLAlchemyError) or not isinstance(error, Exception):
+            return error
+        engine = self._engine
+        dialect: Any = engine.dialect if engine is not None else getattr(
+            self._pool, "_dialect", None)
+        base = getattr(getattr(dialect, "dbapi", None), "Error", None)
+        if not isinstance(base, type) or not isinstance(error, base):
+            return error  # not the driver's (an OSError, a poolguard error)
+        try:
+            # As SQLAlchemy decides it for a failed connect: the error alone.
+            invalidated = bool(dialect.is_disconnect(error, None, None))
+        except Exception:  # noqa: BLE001 - a dialect that needs a connection to tell
+            invalidated = False
+        if is_timeout_error(self.db_system, error):
+            # A statement cancelled on time is an OperationalError whatever
+            # class the driver gives it (asyncpg's adapter: a bare Error).
+            return sa_exc.OperationalError(
+                None, None, error, connection_invalidated=invalidated
+            )
+        return sa_exc.DBAPIError.instance(
+            None, None, error, base, connection_invalidated=invalidated, dialect=dialect
+        )
 
     def _breaker_changed(self, state: str, tag: str | None = None) -> None:
         self._refresh_tripped()
@@ -359,31 +506,67 @@ class Guard:
         return self._pool
 
     def _attach(self, pool: GuardedPoolMixin) -> None:
-        """Guard ``pool``: the first pool, or one recreated by ``dispose()``."""
-        first = self._pool is None
-        pool._poolguard = self
-        self._pool = pool
-        if first:
-            # Connections already checked out (wrap() of a busy engine) hold
-            # capacity without a permit: adopt them, so that their return
-            # gives the permit back like any other.
-            adopted = _checked_out_records(pool)
-            self.gate = Gate(_capacity(pool), adopted=len(adopted))
-            self.gate.recorder = self.recorder
-            use = self.recorder.use
-            self.gate.checkins = lambda: use.count
-            gate = self.gate
-            self.retry_budget = RetryBudget(self.config.retry_budget, lambda: gate.acquired)
-            self._apply_policies()
-            now = perf_counter()
-            for record in adopted:
-                self.gate.out[record] = new_hold(now, 0.0, 0, None)
-            self._listen(pool)
-        # A recreated pool copied the listeners with the rest of the dispatch.
-        pool._poolguard_gate = self.gate
-        self._async = bool(pool._is_asyncio)
-        self._time_creator(pool)
-        self._update_slow_at()
+        """Guard ``pool``: the first pool, or one recreated by ``dispose()``.
+
+        Everything is built before the pool sees its gate: a ``dispose()``
+        (which recreates the pool and attaches it here) or a checkout racing
+        this waits on the attach lock and finds the finished gate.
+        """
+        with self._attach_lock:
+            first = self._pool is None
+            # Known first, so that a recreate() meanwhile attaches its copy
+            # here (and waits for this attach) instead of leaving it unguarded.
+            pool._poolguard = self
+            adopted: dict[object, Hold] = {}
+            if first:
+                # Connections already checked out (wrap() of a busy engine)
+                # hold capacity without a permit: adopt them, so that their
+                # return gives the permit back like any other.
+                records = _checked_out_records(pool)
+                gate = Gate(_capacity(pool), adopted=len(records))
+                gate.recorder = self.recorder
+                use = self.recorder.use
+                gate.checkins = lambda: use.count
+                now = perf_counter()
+                for record in records:
+                    adopted[record] = gate.out[record] = new_hold(now, 0.0, 0, None)
+                gate.tripped = self.gate.tripped
+                self.gate = gate
+                self.retry_budget = RetryBudget(self.config.retry_budget, lambda: gate.acquired)
+                self._apply_policies()
+                self._listen(pool)
+            else:
+                # A copy made by a plain recreate() before the listeners were
+                # added (dispose() racing wrap()) lacks them.
+                for name, fn in self._listeners:
+                    # (event.contains() does not see listeners copied by recreate())
+                    if fn not in list(getattr(pool.dispatch, name)):
+                        event.listen(pool, name, fn)
+            self._pool = pool
+            self._async = bool(pool._is_asyncio)
+            self._time_creator(pool)
+            self._update_slow_at()
+            # An adopted connection returned before the gate is published goes
+            # back without its permit: give it back here, once. Swept before
+            # publishing (nobody else touches these holds yet) and after (for
+            # one returned in between).
+            self._release_returned(adopted)
+            # Published last: a checkout or checkin sees the whole gate or none.
+            pool._poolguard_gate = self.gate
+            self._release_returned(adopted)
+
+    def _release_returned(self, adopted: dict[object, Hold]) -> None:
+        out = self.gate.out
+        for record, hold in list(adopted.items()):
+            if getattr(record, "fairy_ref", None) is None and out.get(record) is hold:
+                del adopted[record]
+                if out.pop(record, None) is hold:
+                    self.gate.release()
+
+    def _wait_attached(self) -> None:
+        """Return once no attach is under way (the gate is whole)."""
+        with self._attach_lock:
+            pass
 
     def _attach_engine(self, engine: Engine) -> None:
         """Time the engine's statements (once per engine); metrics as configured."""
@@ -540,11 +723,13 @@ class Guard:
         except Refused as refused:
             if refused.reason == "queue_delay":  # it waited, then was shed: still a wait
                 self.recorder.add_wait(perf_counter() - start, SHED)
-            if self.gate.tripped:
-                # A half-open probe shed before it reached the database would
-                # otherwise hold its probe slot forever.
-                self._breaker_forfeit(request)
+            # A half-open probe shed before it reached the database would
+            # otherwise hold its probe slot forever.
+            self._probe_forfeit()
             raise self._shed(refused.reason, priority) from None
+        except BaseException:
+            self._probe_forfeit()  # cancelled or interrupted while waiting: likewise
+            raise
         waited = perf_counter() - start
         self._interval_wait_max = max(self._interval_wait_max, waited)
         if not granted:
@@ -621,7 +806,7 @@ class Guard:
         if self.config.capture_call_sites:
             hold[SITE] = current_site(3)
         if self.gate.tripped:  # a half-open probe got a working connection
-            self.breaker_record(None, 0.0)
+            self._probe_succeeded()
         self.maybe_scan(now)
 
     def after_checkin(self, hold: Hold, held: float) -> None:

@@ -14,6 +14,7 @@ classes take exactly the arguments of the classes they extend and work as
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from bisect import bisect_left
@@ -53,6 +54,8 @@ __all__ = [
 ]
 
 _P = TypeVar("_P", bound="GuardedPoolMixin")
+#: Serialises building a guard for a pool that has none (poolclass=Guarded...).
+_DEFAULT_LOCK = threading.Lock()
 
 
 class GuardedPoolMixin(Pool):
@@ -163,12 +166,26 @@ class GuardedPoolMixin(Pool):
         return pool
 
     def _poolguard_default(self) -> Guard:
-        # Built with poolclass=Guarded...: configure from the environment.
+        # Built with poolclass=Guarded...: configure from the environment. Or
+        # a checkout while wrap() attaches: wait for that guard instead.
         from .config import Config
         from .guard import Guard
 
-        guard = Guard(Config.from_env(), default_name=self._orig_logging_name or "pool")
-        guard._attach(self)
+        with _DEFAULT_LOCK:
+            guard = self._poolguard
+            if guard is None:
+                # A bad POOLGUARD_* variable fails this one call, clearly; the
+                # guard keeps the good ones, so later checkouts neither fail
+                # nor parse the environment again.
+                config, errors = Config._from_env()
+                guard = Guard(config, default_name=self._orig_logging_name or "pool")
+                guard._attach(self)
+                if errors:
+                    guard.log.emit(logging.ERROR, "config.invalid",
+                                   errors=[str(error) for error in errors])
+                    raise errors[0]
+                return guard
+        guard._wait_attached()
         return guard
 
 
