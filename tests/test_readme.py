@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+import poolguard
+import poolguard.cli
 from poolguard.cli._db import DISTRIBUTION, install_hint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,10 +46,13 @@ def test_the_distribution_is_published_as_sqlalchemy_poolguard() -> None:
 
 def test_the_installed_distribution_provides_the_poolguard_package() -> None:
     # Fails until the environment is reinstalled from this checkout (pip install -e ".[dev]").
-    dist = importlib.metadata.distribution("sqlalchemy-poolguard")
-    assert "poolguard" in importlib.metadata.packages_distributions()
-    assert DISTRIBUTION in importlib.metadata.packages_distributions()["poolguard"]
-    assert any(ep.name == "poolguard" for ep in dist.entry_points)
+    # (packages_distributions() cannot see an editable install's package: its
+    # RECORD lists a .pth file, so the command's entry point is the link.)
+    dist = importlib.metadata.distribution(DISTRIBUTION)
+    assert dist.version == poolguard.__version__
+    (script,) = [ep for ep in dist.entry_points if ep.name == "poolguard"]
+    assert script.value == "poolguard.cli:main"
+    assert script.load() is poolguard.cli.main
 
 
 def test_every_install_hint_names_the_published_distribution() -> None:
