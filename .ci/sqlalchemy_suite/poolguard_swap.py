@@ -73,9 +73,10 @@ Guard._attach = _counting_attach  # type: ignore[method-assign]
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
+    current = sqlalchemy.pool.QueuePool
     return [
-        f"poolguard_swap: sqlalchemy.pool.QueuePool is {GUARDED.__module__}."
-        f"{GUARDED.__qualname__} (poolguard {poolguard.__file__})",
+        f"poolguard_swap: sqlalchemy.pool.QueuePool is {current.__module__}."
+        f"{current.__qualname__} (poolguard {poolguard.__file__})",
     ]
 
 
