@@ -120,6 +120,11 @@ def fetch_sdist(version: str, workdir: Path) -> Path:
     tree = workdir / "src"
     shutil.rmtree(tree, ignore_errors=True)
     tree.mkdir()
+    if not hasattr(tarfile, "data_filter"):
+        raise SystemExit(
+            "unpacking the sdist needs tarfile's extraction filters "
+            "(Python 3.12, 3.11.4+ or 3.10.12+)"
+        )
     with tarfile.open(archives[0]) as tar:
         # The "data" filter refuses absolute paths, links out of the tree and
         # device files (Python >= 3.11.4, 3.10.12).
@@ -292,7 +297,7 @@ def main() -> int:
     args = parser.parse_args()
 
     version = metadata.version("sqlalchemy")
-    log(f"{sys.executable}: SQLAlchemy {version}, poolguard {metadata.version('poolguard')}")
+    log(f"{sys.executable}: SQLAlchemy {version}")
     start = time.monotonic()
     with contextlib.ExitStack() as stack:
         workdir = args.workdir
@@ -306,11 +311,12 @@ def main() -> int:
         if args.baseline:
             baseline, _ = run_suite(root, args.dburi, guarded=False, workdir=workdir)
         guarded, swap = run_suite(root, args.dburi, guarded=True, workdir=workdir)
-    log(
-        f"swap: {swap.get('guarded_class')}; {swap.get('guarded_pools')} guarded pools, "
-        f"{swap.get('guarded_attaches')} guard attaches"
-    )
-    problems = judge(guarded, swap, baseline, version, root)
+        log(
+            f"swap: {swap.get('guarded_class')} from {swap.get('poolguard_file')}; "
+            f"{swap.get('guarded_pools')} guarded pools, "
+            f"{swap.get('guarded_attaches')} guard attaches"
+        )
+        problems = judge(guarded, swap, baseline, version, root)
     elapsed = time.monotonic() - start
     summary = f"SQLAlchemy {version}: guarded {guarded.counts()}"
     if baseline is not None:
