@@ -653,7 +653,14 @@ class Guard:
             "invalidate": on_invalidate,
         }
         for name in _EVENTS:
-            event.listen(pool, name, handlers[name])
+            # asyncio=False: these counters never await, so they need no
+            # asyncio-aware run-once mutex on the event. Left to its default
+            # (pool._is_asyncio read now, at the first checkout of a pool built
+            # with poolclass=Guarded...), it would give that mutex to a pool
+            # whose own listeners were added while it was sync, and its first
+            # connect outside a greenlet fails with MissingGreenlet. An async
+            # pool's engine has set the flag already: it never goes back.
+            event.listen(pool, name, handlers[name], asyncio=False)
             self._listeners.append((name, handlers[name]))
 
     def _detach(self) -> None:
