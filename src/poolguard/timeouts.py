@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import math
 import os
 import socket
 import threading
@@ -38,28 +39,53 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["Watchdog", "kill_socket", "limited_statement", "watchdog"]
+__all__ = ["Watchdog", "kill_socket", "limit_ms", "limited_statement", "watchdog"]
 
 #: Extra time after a deadline before the client-side watchdog cuts the socket:
 #: the database's own timeout should fire first and leave the connection usable.
 KILL_GRACE = 0.25
 
+#: Longest single wait of the watchdog thread (seconds).
+_MAX_WAIT = min(3600.0, threading.TIMEOUT_MAX)
+
+#: PostgreSQL's ``statement_timeout`` is an int of milliseconds.
+PG_MAX_MS = 2**31 - 1
+#: MariaDB caps ``max_statement_time`` (seconds) at one year.
+MARIADB_MAX_S = 31536000
+#: MySQL's ``max_execution_time`` is an unsigned 32-bit count of milliseconds.
+MYSQL_MAX_MS = 2**32 - 1
+
 
 class Watchdog:
-    """One daemon thread that runs callbacks at given ``perf_counter`` times."""
+    """One daemon thread that runs callbacks at given ``perf_counter`` times.
+
+    Every engine shares it, so it must outlive anything a callback or a
+    caller does: an exception in a callback is swallowed (the callback's
+    job is best-effort), a wait longer than the platform allows is cut into
+    pieces, and a thread that died anyway is started again by the next
+    :meth:`schedule`.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
+        # Held while a callback runs, and by cancel(): once cancel() returns,
+        # the callback has either finished or will never run. A statement
+        # that finished is then never cut by its own late watchdog.
+        self._firing = threading.Lock()
         self._heap: list[list[Any]] = []
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._pid = 0
+        #: Callbacks that raised (they are otherwise ignored).
+        self.errors = 0
 
     def schedule(self, when: float, fn: Callable[[], None]) -> list[Any]:
         """Run ``fn`` at ``when``; returns a handle for :meth:`cancel`."""
         entry: list[Any] = [when, next(self._seq), fn]
         with self._cond:
-            if self._thread is None or self._pid != os.getpid():  # started, and not forked
+            thread = self._thread
+            if thread is None or self._pid != os.getpid() or not thread.is_alive():
+                # Not started, forked, or (it should not happen) dead.
                 self._thread = threading.Thread(
                     target=self._run, name="poolguard-watchdog", daemon=True
                 )
@@ -70,41 +96,60 @@ class Watchdog:
         return entry
 
     def cancel(self, entry: list[Any]) -> None:
-        """Don't run it (if it has not run yet)."""
-        entry[2] = None
+        """Don't run it; if it is running, return once it has finished."""
+        with self._firing:
+            entry[2] = None
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                while not self._heap:
-                    self._cond.wait()
-                when, _, fn = self._heap[0]
-                delay = when - time.perf_counter()
-                if delay > 0:
-                    self._cond.wait(delay)
-                    continue
-                heapq.heappop(self._heap)
-            if fn is not None:
-                with contextlib.suppress(Exception):  # a callback must not kill the thread
-                    fn()
+            try:
+                self._step()
+            except BaseException:  # noqa: BLE001, PERF203 - the one thread every engine relies on
+                self.errors += 1
+
+    def _step(self) -> None:
+        with self._cond:
+            while not self._heap:
+                self._cond.wait()
+            entry = self._heap[0]
+            delay = entry[0] - time.perf_counter()
+            if delay > 0:
+                # Far-off times (a 30-day deadline) exceed what a lock wait
+                # accepts: wake up now and then and look again.
+                self._cond.wait(min(delay, _MAX_WAIT))
+                return
+            heapq.heappop(self._heap)
+        with self._firing:
+            fn = entry[2]
+            if fn is None:
+                return
+            entry[2] = None
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - a callback must not kill the thread
+                self.errors += 1
 
 
 watchdog = Watchdog()
 
 
 def kill_socket(dbapi_connection: Any) -> bool:
-    """Shut down the socket under a DBAPI connection, from any thread.
+    """Cut the connection under a DBAPI connection, from any thread.
 
     A driver blocked reading it gets an error at once. Works for drivers
-    that expose the socket (psycopg's ``fileno()``, PyMySQL's ``_sock``).
+    that expose the socket (psycopg's ``fileno()``, PyMySQL's ``_sock``),
+    and for asyncpg, whose connection lives on its event loop: it is
+    terminated there (``call_soon_threadsafe``), since asyncpg's objects
+    are not safe to touch from this thread.
     """
-    fd = None
-    with contextlib.suppress(Exception):
-        fd = dbapi_connection.fileno()
-    if fd is None:
-        sock = getattr(dbapi_connection, "_sock", None)
-        with contextlib.suppress(Exception):
-            fd = sock.fileno() if sock is not None else None
+    # A pool's proxy (fairy) or SQLAlchemy's asyncio adapter: look inside.
+    raw = getattr(dbapi_connection, "dbapi_connection", None) or dbapi_connection
+    fd = _fileno(raw)
+    inner = getattr(raw, "_connection", None)  # SQLAlchemy's asyncio adapters
+    if fd is None and inner is not None:
+        fd = _fileno(inner)
+        if fd is None:
+            return _terminate_on_loop(inner)
     if fd is None or fd < 0:
         return False
     try:
@@ -120,16 +165,64 @@ def kill_socket(dbapi_connection: Any) -> bool:
     return True
 
 
-def limited_statement(system: str, statement: str, limit: float, cursor: Any) -> str:
-    """Apply ``limit`` (seconds) for ``system``; returns the statement to send."""
-    ms = max(1, int(limit * 1000))
+def _terminate_on_loop(connection: Any) -> bool:
+    # asyncpg: terminate() aborts the transport; the awaiting driver call
+    # fails with "connection was closed in the middle of operation".
+    loop = getattr(connection, "_loop", None)
+    terminate = getattr(connection, "terminate", None)
+    if loop is None or terminate is None:
+        return False
+    try:
+        loop.call_soon_threadsafe(terminate)
+    except RuntimeError:  # the loop is closed: nothing left to cut
+        return False
+    return True
+
+
+def _fileno(connection: Any) -> int | None:
+    fd = None
+    fileno = getattr(connection, "fileno", None)
+    if fileno is not None:
+        with contextlib.suppress(Exception):
+            fd = fileno()
+    if fd is None:
+        sock = getattr(connection, "_sock", None)
+        with contextlib.suppress(Exception):
+            fd = sock.fileno() if sock is not None else None
+    return fd if isinstance(fd, int) else None
+
+
+def limit_ms(limit: float) -> int:
+    """``limit`` seconds as whole milliseconds: at least 1 (every backend's
+    smallest step), rounded up, never above what PostgreSQL accepts."""
+    return min(PG_MAX_MS, max(1, math.ceil(round(limit * 1000, 6))))
+
+
+#: Sent after a statement that was limited with a session-level setting
+#: (autocommit: there is no transaction for ``SET LOCAL`` to end with).
+PG_RESET = "SET statement_timeout TO DEFAULT"
+
+
+def limited_statement(
+    system: str, statement: str, limit: float, cursor: Any, *, autocommit: bool = False
+) -> str:
+    """Apply ``limit`` (seconds, > 0) for ``system``; returns the statement to send.
+
+    Values are clamped to what each database accepts (PostgreSQL: 24.8
+    days; MariaDB: one year). With ``autocommit`` (PostgreSQL), the limit is
+    set for the session, and the caller must send :data:`PG_RESET` after
+    the statement.
+    """
+    ms = limit_ms(limit)
     if system == "postgresql":
-        cursor.execute(f"SET LOCAL statement_timeout = {ms}")
+        scope = "" if autocommit else "LOCAL "
+        cursor.execute(f"SET {scope}statement_timeout = {ms}")
         return statement
     if system == "mariadb":
-        return f"SET STATEMENT max_statement_time={limit:.3f} FOR {statement}"
+        seconds = min(ms, MARIADB_MAX_S * 1000) / 1000
+        return f"SET STATEMENT max_statement_time={seconds:.3f} FOR {statement}"
     if system == "mysql" and statement.lstrip()[:6].upper() == "SELECT":
-        cursor.execute(f"SET SESSION max_execution_time = {ms}")
+        cursor.execute(f"SET SESSION max_execution_time = {min(ms, MYSQL_MAX_MS)}")
     return statement
 
 
