@@ -43,6 +43,7 @@ from .timeouts import (
     PG_RESET,
     is_timeout_error,
     kill_socket,
+    limit_ms,
     limited_statement,
     watchdog,
 )
@@ -402,7 +403,8 @@ class QueryTimer:
         system = guard.db_system
         try:
             if system == "sqlite" and dbapi_connection is not None:
-                armed.append(watchdog.schedule(perf_counter() + seconds,
+                # In whole milliseconds, at least one, as on the servers.
+                armed.append(watchdog.schedule(perf_counter() + limit_ms(seconds) / 1000,
                                                dbapi_connection.interrupt))
             # Under autocommit there is no transaction for SET LOCAL to end
             # with (PostgreSQL ignores it, with a warning): set it for the
