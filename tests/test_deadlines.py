@@ -304,9 +304,13 @@ def test_rollback_on_close_against_a_silent_server_ends_at_the_deadline(
         conn.exec_driver_sql("SELECT 1")
         proxy.set_mode("blackhole")
         started = time.monotonic()
-        with contextlib.suppress(poolguard.DeadlineExceeded):
+        # The ROLLBACK's error surfaces from close(), as it does in plain
+        # SQLAlchemy (there, only after the operating system gives up).
+        with pytest.raises(poolguard.DeadlineExceeded) as info:
             conn.close()
         elapsed = time.monotonic() - started
+    assert "ROLLBACK" in str(info.value)
+    assert conn.closed
     assert elapsed < 1.0 + KILL_GRACE + SLACK
     assert guard.stats().connections_invalidated == 1
     _no_leaks(engine)
@@ -652,3 +656,33 @@ def test_set_local_round_trip_shows_the_statement_running(
     assert holder.statement is not None
     assert "SELECT" in holder.statement
     _no_leaks(engine)
+
+
+def test_aiosqlite_runaway_statement_is_interrupted(aiosqlite_url: str) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    forever = ("WITH RECURSIVE r(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM r) "
+               "SELECT count(*) FROM r")
+
+    async def scenario() -> None:
+        engine = poolguard.wrap(create_async_engine(aiosqlite_url),
+                                statement_timeout=0.3, connect_retries=0)
+        try:
+            async with engine.connect() as conn:
+                raw = await conn.get_raw_connection()
+                sqlite_conn = raw.dbapi_connection._connection._conn  # type: ignore[union-attr]
+                # If nothing interrupts it, end it anyway (and fail below).
+                backstop = threading.Timer(5.0, sqlite_conn.interrupt)
+                backstop.start()
+                started = time.monotonic()
+                try:
+                    with pytest.raises(poolguard.StatementTimeout):
+                        await conn.exec_driver_sql(forever)
+                finally:
+                    backstop.cancel()
+                assert time.monotonic() - started < 0.3 + SLACK
+                assert (await conn.exec_driver_sql("SELECT 1")).scalar_one() == 1
+        finally:
+            await engine.dispose()
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=30))

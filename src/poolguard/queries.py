@@ -41,6 +41,7 @@ from .sites import current_site
 from .timeouts import (
     KILL_GRACE,
     PG_RESET,
+    interrupter,
     is_timeout_error,
     kill_socket,
     limit_ms,
@@ -402,10 +403,11 @@ class QueryTimer:
             context.__dict__[LIMIT] = seconds
         system = guard.db_system
         try:
-            if system == "sqlite" and dbapi_connection is not None:
+            interrupt = interrupter(dbapi_connection) if system == "sqlite" else None
+            if interrupt is not None:
                 # In whole milliseconds, at least one, as on the servers.
                 armed.append(watchdog.schedule(perf_counter() + limit_ms(seconds) / 1000,
-                                               dbapi_connection.interrupt))
+                                               interrupt))
             # Under autocommit there is no transaction for SET LOCAL to end
             # with (PostgreSQL ignores it, with a warning): set it for the
             # session and reset it after the statement.

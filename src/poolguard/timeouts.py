@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import inspect
 import itertools
 import math
 import os
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -190,6 +191,24 @@ def _fileno(connection: Any) -> int | None:
         with contextlib.suppress(Exception):
             fd = sock.fileno() if sock is not None else None
     return fd if isinstance(fd, int) else None
+
+
+def interrupter(dbapi_connection: Any) -> Callable[[], Any] | None:
+    """SQLite: the connection's thread-safe ``interrupt()``, or ``None``.
+
+    aiosqlite's own ``interrupt`` is a coroutine; the sqlite3 connection
+    under it is interrupted directly (sqlite3 allows it from any thread).
+    """
+    fn = getattr(dbapi_connection, "interrupt", None)
+    if fn is not None and not inspect.iscoroutinefunction(fn):
+        return cast("Callable[[], Any]", fn)
+    inner = getattr(dbapi_connection, "_connection", None)  # SQLAlchemy's adapter
+    try:
+        raw = getattr(inner, "_conn", None)  # aiosqlite's sqlite3 connection
+    except Exception:  # noqa: BLE001 - aiosqlite raises when not connected
+        return None
+    fn = getattr(raw, "interrupt", None)
+    return cast("Callable[[], Any] | None", fn)
 
 
 def limit_ms(limit: float) -> int:
