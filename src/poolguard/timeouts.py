@@ -7,21 +7,37 @@ deadline (but at least ``deadline_floor``). A request already past its
 deadline fails with :class:`poolguard.DeadlineExceeded` before it touches
 the database again.
 
+A limit of ``0`` means no limit, on every backend (what PostgreSQL and
+MariaDB mean by 0); a ``request(statement_timeout=0)`` lifts the tag's and
+the guard's. Limits count in whole milliseconds, at least 1, and are
+clamped to what the database accepts (PostgreSQL: ``INT_MAX`` ms, about
+24.8 days; MariaDB: one year); a deadline further off than that is still
+enforced by the client-side watchdog below.
+
 How each database enforces it:
 
 - PostgreSQL: ``SET LOCAL statement_timeout`` before the statement (one
   extra round trip, only for limited statements; it ends with the
   transaction). The server cancels the statement; the connection stays
-  usable once the transaction is rolled back.
+  usable once the transaction is rolled back. Under autocommit (engine-wide
+  or per connection) there is no transaction for ``SET LOCAL``: the limit is
+  set for the session and reset (``SET statement_timeout TO DEFAULT``, on a
+  cursor of its own) after the statement, two extra round trips.
 - MariaDB: the statement is sent as ``SET STATEMENT max_statement_time=N FOR
   ...`` (no extra round trip). MySQL: ``SET SESSION max_execution_time``
   before SELECTs.
-- SQLite: a watchdog calls ``interrupt()`` on the connection.
+- SQLite (and aiosqlite): a watchdog calls ``interrupt()`` on the connection.
 
 A server that accepts the statement and never answers is not bound by any
 of these; for that, a request with a deadline also arms a client-side
-watchdog: shortly after the deadline it shuts the connection's socket down,
-the driver fails, and SQLAlchemy invalidates the connection.
+watchdog: shortly after the deadline it cuts the connection (shuts its
+socket down; asyncpg: terminates it on its event loop), the driver fails,
+and SQLAlchemy invalidates the connection. The same bound covers COMMIT
+and ROLLBACK (the pool's reset on return included) once the engine has run
+a statement under a deadline or a limit, and the pre-ping, which also gets
+no more than what is left of the acquire timeout. A watchdog entry is
+cancelled on every exit path, and checks before cutting that the checkout
+it was armed for is still out.
 """
 
 from __future__ import annotations
