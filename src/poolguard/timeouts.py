@@ -147,7 +147,19 @@ class Watchdog:
                 self.errors += 1
 
 
+    def _after_fork(self) -> None:
+        # In a forked child only the forking thread exists: a lock held by
+        # the parent's watchdog thread would stay held, and the entries
+        # belong to the parent's statements.
+        self._cond = threading.Condition()
+        self._firing = threading.Lock()
+        self._heap = []
+        self._thread = None
+
+
 watchdog = Watchdog()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=watchdog._after_fork)
 
 
 def kill_socket(dbapi_connection: Any) -> bool:
