@@ -206,6 +206,11 @@ class Proxy:
         upstream.settimeout(None)
         pair = _Pair(client, upstream)
         self._track(pair)
+        if self.mode == "reset":
+            # Switched to reset while this connection was being set up:
+            # set_mode() did not see it among the open ones.
+            pair.close(reset=True)
+            return
         for src, dst in ((client, upstream), (upstream, client)):
             self._start(threading.Thread(
                 target=self._pump, args=(pair, src, dst), name="proxy-pump", daemon=True

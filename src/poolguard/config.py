@@ -144,12 +144,15 @@ class Config:
             (:class:`poolguard.CircuitOpen`) while the other tags are served.
         connect_retries: Retries of a failed connection set-up (transient
             errors only, exponential backoff with jitter, never past the
-            request's deadline); ``0`` turns retries off.
+            request's deadline nor the acquire timeout); ``0`` turns
+            retries off.
         retry_budget: Retries allowed per checkout (0.1: at most one retry
             per ten checkouts, plus a small burst), so that retries never
             multiply the load during an outage.
         statement_timeout: Time limit (seconds) of every statement, enforced
-            by the database (see :mod:`poolguard.timeouts`); ``None``: none.
+            by the database (see :mod:`poolguard.timeouts`); ``None`` or
+            ``0``: none. Counted in whole milliseconds (at least 1) and
+            clamped to what the database accepts.
         tag_statement_timeouts: Time limits by request tag, e.g.
             ``{"login": 0.5}``; they win over ``statement_timeout``.
         deadline_floor: The least time a statement gets when a request's

@@ -37,6 +37,7 @@ from .gate import Gate, Refused
 from .holders import Holder, HolderGroup, describe_groups, group_holders, holders
 from .log import EventLog
 from .policies import BACKGROUND, CRITICAL, NORMAL, Codel, Gradient2, reserve_size, tag_cap
+from .queries import _gate_wait
 from .recorder import (
     REQUEST,
     SHED,
@@ -202,7 +203,8 @@ class Guard:
         #: Read per statement; a copy of the option, so one attribute hop.
         self.slow_query_threshold = cfg.slow_query_threshold
         #: Some statement time limit is configured guard-wide or per tag.
-        self.limits_on = cfg.statement_timeout is not None or bool(cfg.tag_statement_timeouts)
+        # statement_timeout=0 means no limit.
+        self.limits_on = bool(cfg.statement_timeout) or bool(cfg.tag_statement_timeouts)
         alerts = []
         if cfg.alert_utilization is not None:
             alerts.append(Alert("utilization", cfg.alert_utilization, cfg.alert_for))
@@ -608,8 +610,11 @@ class Guard:
                 retries = self.config.connect_retries
                 budget = self.retry_budget
                 if retries and budget is not None:
+                    # A checkout takes at most the acquire timeout, retries
+                    # included (the request's deadline, if sooner, also ends them).
                     return connect_with_retries(
-                        inner, record, retries=retries, budget=budget, on_retry=self._on_retry
+                        inner, record, retries=retries, budget=budget, on_retry=self._on_retry,
+                        give_up_at=time.monotonic() + self.acquire_timeout(),
                     )
                 return inner(record)
             finally:
@@ -745,6 +750,12 @@ class Guard:
             if self.breakers_on:
                 self.breaker_record(error, waited, request)
             raise error
+        if pool._pre_ping:
+            # The pre-ping, still to come inside the checkout, gets what is
+            # left of the acquire timeout and adds to this wait: recorded
+            # once, by queries.count_ping.
+            _gate_wait.set(waited)
+            return waited
         self.recorder.add_wait(waited)
         return waited
 

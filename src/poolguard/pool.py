@@ -33,6 +33,7 @@ from sqlalchemy.pool import (
 
 from .context import _current
 from .histogram import BOUNDS
+from .queries import count_ping
 from .recorder import REQUEST, T0, TOP_STAT, WARNED, Hold
 
 if TYPE_CHECKING:
@@ -118,6 +119,8 @@ class GuardedPoolMixin(Pool):
             # handing its one record to a second caller. One record, one permit.
             gate.release()
             return conn
+        if self._pre_ping:  # the ping ran inside the checkout: part of its wait
+            wait = count_ping(self._poolguard, conn, wait)  # type: ignore[arg-type]
         now = perf_counter()
         # recorder.new_hold(), spelled out: one list display, no call.
         hold = out[record] = [now, wait, get_ident(), request, None, 0.0, None, -1.0,

@@ -20,24 +20,35 @@ never by message (database messages quote values).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import random
 import threading
 import time
 from bisect import bisect_left
+from contextvars import ContextVar
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 
 from .context import _current
-from .errors import DeadlineExceeded, StatementTimeout
+from .errors import DeadlineExceeded, PoolTimeout, StatementTimeout
 from .fingerprint import fingerprint
 from .histogram import BOUNDS
 from .recorder import REQUEST, RUNNING_SINCE, STATEMENT, TOP_STAT, TOP_TIME
 from .sites import current_site
-from .timeouts import KILL_GRACE, is_timeout_error, kill_socket, limited_statement, watchdog
+from .timeouts import (
+    KILL_GRACE,
+    PG_RESET,
+    interrupter,
+    is_timeout_error,
+    kill_socket,
+    limit_ms,
+    limited_statement,
+    watchdog,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -45,10 +56,12 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine, ExceptionContext
     from sqlalchemy.engine.interfaces import DBAPICursor
 
+    from .config import Config
+    from .context import RequestContext
     from .guard import Guard
     from .recorder import Hold, QueryStat
 
-__all__ = ["QueryTimer"]
+__all__ = ["QueryTimer", "count_ping"]
 
 _STATEMENTS_MAX = 4096
 #: Keys in an ExecutionContext's __dict__: the time limit applied, and "the
@@ -58,6 +71,56 @@ CUT = "_poolguard_cut"
 
 #: Dialect methods that run statements, and where their context argument is.
 _METHODS = {"do_execute": 1, "do_executemany": 1, "do_execute_no_params": 0}
+#: Dialect methods that end a transaction, bounded by a request's deadline.
+_ENDS = {"do_commit": "COMMIT", "do_rollback": "ROLLBACK"}
+
+#: Seconds the current checkout waited at the gate, for its pre-ping's share
+#: of the acquire timeout (set by Guard.acquire_slow only with pre-ping on).
+_gate_wait: ContextVar[float] = ContextVar("poolguard_gate_wait", default=0.0)
+#: (DBAPI connection, seconds) of the last pre-ping in this context.
+_pinged: ContextVar[tuple[Any, float] | None] = ContextVar("poolguard_pinged", default=None)
+
+
+def _dbapi_connection(cursor: Any) -> Any:
+    """The DBAPI connection of a cursor (SQLAlchemy's asyncio adapters included)."""
+    connection = getattr(cursor, "connection", None)
+    if connection is None:
+        connection = getattr(cursor, "_adapt_connection", None)
+    return connection
+
+
+def _statement_limit(request: RequestContext | None, config: Config) -> float | None:
+    """The statement's own limit: the call's, else the tag's, else the guard's.
+
+    0 means no limit (what PostgreSQL and MariaDB mean by 0), and wins over
+    a limit further down the list.
+    """
+    seconds = None
+    if request is not None:
+        seconds = request.statement_timeout
+        if seconds is None and request.tag is not None and config.tag_statement_timeouts:
+            seconds = config.tag_statement_timeouts.get(request.tag)
+    if seconds is None:
+        seconds = config.statement_timeout
+    return seconds or None
+
+
+def count_ping(guard: Guard, conn: Any, wait: float) -> float:
+    """A checkout with ``pool_pre_ping`` succeeded: its wait includes the ping.
+
+    Called by the guarded pool's ``connect()`` (only with pre-ping on);
+    records the checkout's wait once, and returns it.
+    """
+    pinged = _pinged.get()
+    if pinged is not None:
+        _pinged.set(None)
+        if pinged[0] is conn.dbapi_connection:  # not a fresh connection's stale entry
+            wait += pinged[1]
+    if _gate_wait.get():
+        _gate_wait.set(0.0)
+    guard.recorder.add_wait(wait)
+    guard._interval_wait_max = max(guard._interval_wait_max, wait)
+    return wait
 
 
 class QueryTimer:
@@ -84,11 +147,17 @@ class QueryTimer:
 
     def _convert_errors(self) -> None:
         # Registered the first time a limit or deadline applies: a dialect
-        # event costs a little on every statement, so engines that never use
-        # limits never pay it.
+        # event costs a little on every statement, and the COMMIT/ROLLBACK
+        # wrappers a little on every checkin, so engines that never use
+        # limits never pay for them.
         with self._convert_lock:
             if not self._converting:
                 event.listen(self.engine, "handle_error", self._convert_error)
+                dialect = self.dialect
+                attrs = dialect.__dict__
+                for name, what in _ENDS.items():
+                    if name not in attrs:
+                        setattr(dialect, name, self._wrap_end(getattr(dialect, name), what))
                 self._converting = True
 
     def remove(self) -> None:
@@ -96,7 +165,7 @@ class QueryTimer:
         if event.contains(self.engine, "handle_error", self._convert_error):
             event.remove(self.engine, "handle_error", self._convert_error)
         attrs = self.dialect.__dict__
-        for name in (*_METHODS, "do_ping"):
+        for name in (*_METHODS, *_ENDS, "do_ping"):
             fn = attrs.get(name)
             if fn is not None and getattr(fn, "_poolguard_timer", None) is self:
                 del attrs[name]
@@ -122,7 +191,7 @@ class QueryTimer:
         stats = self._stats
         new_stat, failed, log = self._stat, self._failed, self._log
 
-        limit = self._limit
+        limit, finish = self._limit, self._finish
 
         def timed(cursor: DBAPICursor, statement: str, *args: Any) -> Any:  # noqa: PLR0912
             try:
@@ -131,17 +200,23 @@ class QueryTimer:
             except (IndexError, AttributeError):  # no context, or not pooled
                 context = hold = None
             send, armed = statement, None
+            start = perf_counter()
             if hold is not None:
+                # Set before the time limit is applied: the SET LOCAL is a
+                # round trip of this statement (behind PgBouncer, the queue
+                # wait happens there), and the holder shows it running.
+                hold[STATEMENT] = statement
+                hold[RUNNING_SINCE] = start
                 request = hold[REQUEST]
                 if guard.limits_on or (request is not None and (
                     request.deadline is not None or request.statement_timeout is not None
                 )):
                     # A time limit or a deadline applies: the slower path.
-                    send, armed = limit(cursor, statement, hold, context)
-            start = perf_counter()
-            if hold is not None:
-                hold[STATEMENT] = statement
-                hold[RUNNING_SINCE] = start
+                    try:
+                        send, armed = limit(cursor, statement, hold, context)
+                    except BaseException:
+                        hold[RUNNING_SINCE] = 0.0
+                        raise
             try:
                 result = inner(cursor, send, *args)
             except BaseException as exc:
@@ -149,8 +224,7 @@ class QueryTimer:
                 raise
             finally:
                 if armed:
-                    for entry in armed:
-                        watchdog.cancel(entry)
+                    finish(cursor, armed)
             duration = perf_counter() - start
             # All of what follows runs per statement: kept inline, no calls.
             stat = stats.get(statement) or new_stat(statement)
@@ -185,62 +259,128 @@ class QueryTimer:
         return timed
 
     def _wrap_ping(self, inner: Callable[[Any], bool]) -> Callable[[Any], bool]:
-        # pool_pre_ping pings inside the checkout, outside any statement: a
-        # request's deadline bounds it with the same client-side watchdog, or
-        # a server that accepts and never answers would hold the caller forever.
+        # pool_pre_ping pings inside the checkout, outside any statement. The
+        # ping is part of the checkout: bounded by what is left of the acquire
+        # timeout (and of the request's deadline) with the client-side
+        # watchdog, or a server that accepts and never answers would hold the
+        # caller forever; and its time is counted in the checkout's wait.
         guard = self.guard
 
         def ping(dbapi_connection: Any) -> bool:
+            start = perf_counter()
+            waited = _gate_wait.get()
+            if waited:
+                _gate_wait.set(0.0)
+            budget = guard.acquire_timeout() - waited
+            by_deadline = False
             request = _current.get()
-            if request is None or request.deadline is None:
-                return inner(dbapi_connection)
-            left = request.deadline - time.monotonic()
+            if request is not None and request.deadline is not None:
+                left = request.deadline - time.monotonic()
+                if left <= budget:
+                    budget, by_deadline = left, True
+            budget = max(budget, 0.0)
             cut: list[bool] = []
 
             def cut_it() -> None:
                 cut.append(True)
                 kill_socket(dbapi_connection)
 
-            entry = watchdog.schedule(perf_counter() + max(left, 0.0) + KILL_GRACE, cut_it)
+            # The grace lets the deadline's error win the race with a ping
+            # that is about to answer, as for statements.
+            entry = watchdog.schedule(start + budget + (KILL_GRACE if by_deadline else 0.0),
+                                      cut_it)
             try:
                 return inner(dbapi_connection)
             except Exception:
                 if cut:  # the pool discards the connection: the checkout fails
-                    raise DeadlineExceeded(
-                        f"pool {guard.name!r}: the database did not answer the pre-ping by "
-                        "the request's deadline; the connection was cut and is discarded"
-                    ) from None
+                    if by_deadline:
+                        raise DeadlineExceeded(
+                            f"pool {guard.name!r}: the database did not answer the pre-ping "
+                            "by the request's deadline; the connection was cut and is "
+                            "discarded"
+                        ) from None
+                    raise self._ping_timeout(waited, budget) from None
                 raise
             finally:
                 watchdog.cancel(entry)
+                _pinged.set((dbapi_connection, perf_counter() - start))
 
         ping._poolguard_timer = self  # type: ignore[attr-defined]
         return ping
 
+    def _ping_timeout(self, waited: float, budget: float) -> PoolTimeout:
+        guard = self.guard
+        gate = guard.gate
+        timeout = waited + budget
+        return PoolTimeout(
+            f"pool {guard.name!r}: no connection within {timeout:.3f}s: the database did not "
+            f"answer the pre-ping (after {waited:.3f}s waiting for a connection); the "
+            "connection was cut and is discarded",
+            pool_name=guard.name, timeout=timeout, in_use=gate.in_use,
+            capacity=gate.capacity, waiting=gate.waiting,
+        )
+
+    def _wrap_end(self, inner: Callable[[Any], None], what: str) -> Callable[[Any], None]:
+        # COMMIT and ROLLBACK (including the pool's rollback when a connection
+        # is returned) are round trips too: a request's deadline bounds them
+        # with the client-side watchdog. Installed the first time a deadline
+        # or a limit applies, so engines that never use one pay nothing.
+        guard = self.guard
+        out = guard.gate.out
+
+        def end(dbapi_connection: Any) -> None:
+            record = getattr(dbapi_connection, "_connection_record", None)
+            hold = out.get(record) if record is not None else None
+            request = hold[REQUEST] if hold is not None else _current.get()
+            if request is None or request.deadline is None:
+                inner(dbapi_connection)
+                return
+            # Never refuse to finish a transaction: past the deadline it still
+            # gets the floor (and the grace) before the connection is cut.
+            left = max(request.deadline - time.monotonic(), guard.config.deadline_floor)
+            cut: list[bool] = []
+
+            def cut_it() -> None:
+                if hold is not None and out.get(record) is not hold:
+                    return  # that checkout is over: not ours to cut any more
+                cut.append(True)
+                kill_socket(dbapi_connection)
+
+            entry = watchdog.schedule(perf_counter() + left + KILL_GRACE, cut_it)
+            try:
+                inner(dbapi_connection)
+            except Exception as error:
+                if cut:
+                    # handle_error turns it into DeadlineExceeded (Connection
+                    # path); the pool's reset logs it and discards the connection.
+                    with contextlib.suppress(Exception):
+                        setattr(error, CUT, what)
+                raise
+            finally:
+                watchdog.cancel(entry)
+
+        end._poolguard_timer = self  # type: ignore[attr-defined]
+        return end
+
     def _limit(
         self, cursor: DBAPICursor, statement: str, hold: Hold, context: Any
-    ) -> tuple[str, list[list[Any]]]:
+    ) -> tuple[str, list[Any]]:
         """Apply the statement's time limit and the request's deadline.
 
         Returns the statement to send (MariaDB carries the limit in it) and
-        the watchdog entries armed for it (cancelled once it returns).
-        Raises DeadlineExceeded when the deadline has already passed.
+        what :meth:`_finish` undoes once it returns: watchdog entries armed
+        for it, and a session setting to reset. Raises DeadlineExceeded when
+        the deadline has already passed.
         """
         guard = self.guard
         if not self._converting:
             self._convert_errors()
         request = hold[REQUEST]
         config = guard.config
-        seconds = None
-        deadline = None
-        if request is not None:
-            seconds = request.statement_timeout
-            if seconds is None and request.tag is not None and config.tag_statement_timeouts:
-                seconds = config.tag_statement_timeouts.get(request.tag)
-            deadline = request.deadline
-        if seconds is None:
-            seconds = config.statement_timeout
-        armed: list[list[Any]] = []
+        seconds = _statement_limit(request, config)
+        deadline = request.deadline if request is not None else None
+        armed: list[Any] = []
+        dbapi_connection = _dbapi_connection(cursor)
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -250,31 +390,81 @@ class QueryTimer:
                 )
             left = max(left, config.deadline_floor)
             seconds = left if seconds is None else min(seconds, left)
-            dbapi_connection = cursor.connection if hasattr(cursor, "connection") else None
             if dbapi_connection is not None:
+                record = context.root_connection._dbapi_connection._connection_record
                 armed.append(watchdog.schedule(
                     perf_counter() + left + KILL_GRACE,
-                    functools.partial(self._cut, dbapi_connection, context),
+                    functools.partial(self._cut, dbapi_connection, context, record, hold),
                 ))
         if seconds is None:
             return statement, armed
         if context is not None:
             context.__dict__[LIMIT] = seconds
         system = guard.db_system
-        if system == "sqlite" and hasattr(cursor, "connection"):
-            armed.append(watchdog.schedule(perf_counter() + seconds, cursor.connection.interrupt))
-        return limited_statement(system, statement, seconds, cursor), armed
+        try:
+            interrupt = interrupter(dbapi_connection) if system == "sqlite" else None
+            if interrupt is not None:
+                # In whole milliseconds, at least one, as on the servers.
+                armed.append(watchdog.schedule(perf_counter() + limit_ms(seconds) / 1000,
+                                               interrupt))
+            # Under autocommit there is no transaction for SET LOCAL to end
+            # with (PostgreSQL ignores it, with a warning): set it for the
+            # session and reset it after the statement.
+            autocommit = system == "postgresql" and bool(
+                getattr(dbapi_connection, "autocommit", False)
+            )
+            send = limited_statement(system, statement, seconds, cursor, autocommit=autocommit)
+            if autocommit:
+                armed.append(PG_RESET)
+        except BaseException:
+            # Every exit path disarms: a watchdog left behind would cut the
+            # connection under whoever uses it next.
+            self._finish(cursor, armed)
+            raise
+        return send, armed
 
     @staticmethod
-    def _cut(dbapi_connection: Any, context: Any) -> None:
+    def _finish(cursor: DBAPICursor, armed: list[Any]) -> None:
+        """After a limited statement: reset session settings, then disarm."""
+        try:
+            for item in armed:
+                if isinstance(item, str):
+                    # On a cursor of its own (the statement's results stay
+                    # readable), still under the watchdog: a server that
+                    # stops answering here is cut like the statement would
+                    # have been. A failed reset means a broken connection,
+                    # which its next use (or the pool's reset) finds out.
+                    with contextlib.suppress(Exception):
+                        reset = _dbapi_connection(cursor).cursor()
+                        try:
+                            reset.execute(item)
+                        finally:
+                            reset.close()
+        finally:
+            for item in armed:
+                if not isinstance(item, str):
+                    watchdog.cancel(item)
+
+    def _cut(self, dbapi_connection: Any, context: Any, record: Any, hold: Hold) -> None:
         # Runs on the watchdog thread: the server did not answer by the
-        # deadline. Mark the context, so handle_error raises DeadlineExceeded.
+        # deadline. Cancelling the entry is what stops a late cut; checking
+        # that the checkout is still the one it was armed for (defence in
+        # depth) keeps a stray entry from cutting another request's query.
+        if self.guard.gate.out.get(record) is not hold:
+            return
         if context is not None:
             context.__dict__[CUT] = True
         kill_socket(dbapi_connection)
 
     def _convert_error(self, ctx: ExceptionContext) -> BaseException | None:
         """handle_error: a statement that hit its limit or the deadline."""
+        cut_in = getattr(ctx.original_exception, CUT, None)
+        if cut_in is not None:  # a COMMIT or ROLLBACK cut at the deadline
+            ctx.is_disconnect = True
+            return DeadlineExceeded(
+                f"pool {self.guard.name!r}: the database did not answer the {cut_in} by the "
+                "request's deadline; the connection was cut and is discarded"
+            )
         context = ctx.execution_context
         if context is None:
             return None

@@ -64,19 +64,41 @@ class RetryBudget:
             return False
 
 
+def _end_by(give_up_at: float | None) -> float | None:
+    """The time (``time.monotonic``) the connect attempts must end by, if any."""
+    request = _current.get()
+    deadline = request.deadline if request is not None else None
+    if deadline is not None and (give_up_at is None or deadline < give_up_at):
+        return deadline
+    return give_up_at
+
+
 class _stop_at_deadline(stop_base):  # noqa: N801 - tenacity's naming
+    # No attempt that would end past the request's deadline or the acquire
+    # timeout: the sleep, plus an attempt as long as the ones so far took
+    # on average (a blackholed dial takes the whole connect_timeout each
+    # time, so one more would overrun).
+    def __init__(self, give_up_at: float | None = None) -> None:
+        self.give_up_at = give_up_at
+
     def __call__(self, retry_state: RetryCallState) -> bool:
-        request = _current.get()
-        if request is None or request.deadline is None:
+        give_up_at = _end_by(self.give_up_at)
+        if give_up_at is None:
             return False
         sleep = retry_state.upcoming_sleep or 0.0
-        return time.monotonic() + sleep >= request.deadline
+        now = time.monotonic()
+        spent = now - retry_state.start_time - retry_state.idle_for
+        attempt = max(spent, 0.0) / max(retry_state.attempt_number, 1)
+        return now + sleep + attempt >= give_up_at
 
 
 class _retry_transient(retry_base):  # noqa: N801 - tenacity's naming
-    def __init__(self, budget: RetryBudget, attempts: int) -> None:
+    def __init__(
+        self, budget: RetryBudget, attempts: int, give_up_at: float | None = None
+    ) -> None:
         self.budget = budget
         self.attempts = attempts
+        self.give_up_at = give_up_at
 
     def __call__(self, retry_state: RetryCallState) -> bool:
         outcome = retry_state.outcome
@@ -89,9 +111,8 @@ class _retry_transient(retry_base):  # noqa: N801 - tenacity's naming
         # budget (see _stop_without_budget).
         if retry_state.attempt_number >= self.attempts:
             return False
-        request = _current.get()
-        deadline = request.deadline if request is not None else None
-        return deadline is None or time.monotonic() < deadline
+        give_up_at = _end_by(self.give_up_at)
+        return give_up_at is None or time.monotonic() < give_up_at
 
 
 class _stop_without_budget(stop_base):  # noqa: N801 - tenacity's naming
@@ -112,12 +133,18 @@ def connect_with_retries(
     retries: int,
     budget: RetryBudget,
     on_retry: Callable[[RetryCallState], None] | None = None,
+    give_up_at: float | None = None,
 ) -> Any:
-    """Call ``connect(record)``, retrying transient failures as described above."""
+    """Call ``connect(record)``, retrying transient failures as described above.
+
+    ``give_up_at`` (``time.monotonic()``): no retry that would end after it
+    (the checkout's acquire timeout); the request's deadline, if sooner, wins.
+    """
     retrying = Retrying(
-        stop=stop_after_attempt(retries + 1) | _stop_at_deadline() | _stop_without_budget(budget),
+        stop=(stop_after_attempt(retries + 1) | _stop_at_deadline(give_up_at)
+              | _stop_without_budget(budget)),
         wait=wait_exponential(multiplier=0.05, max=1.0) + wait_random(0, 0.05),
-        retry=_retry_transient(budget, retries + 1),
+        retry=_retry_transient(budget, retries + 1, give_up_at),
         reraise=True,
         before_sleep=on_retry,
     )
