@@ -543,7 +543,7 @@ class Guard:
                 for name, fn in self._listeners:
                     # (event.contains() does not see listeners copied by recreate())
                     if fn not in list(getattr(pool.dispatch, name)):
-                        event.listen(pool, name, fn)
+                        event.listen(pool, name, fn, asyncio=False)
             self._pool = pool
             self._async = bool(pool._is_asyncio)
             self._time_creator(pool)
