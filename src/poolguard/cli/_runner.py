@@ -37,14 +37,12 @@ SAMPLE_EVERY = 0.2
 
 
 @dataclasses.dataclass(frozen=True)
-class Result:
-    """One run: a pool size, a concurrency, what was measured."""
+class _Measured:
+    """What a run measures and a cell reports, for one pool size x concurrency."""
 
     pool_size: int
     concurrency: int
-    duration_s: float
-    requests: int
-    served: int
+    #: Requests served per second (a cell: the median of its runs).
     throughput: float
     p50_ms: float | None
     p95_ms: float | None
@@ -54,8 +52,7 @@ class Result:
     timeouts: int
     rejections: int
     errors: int
-    error_types: dict[str, int]
-    #: Most connections the server saw from this run (None: SQLite).
+    #: Most connections the server saw (None: SQLite).
     server_connections: int | None
     peak_in_use: int
     #: Mean time a connection was held, ms (checkout to checkin).
@@ -66,35 +63,28 @@ class Result:
 
 
 @dataclasses.dataclass(frozen=True)
-class Cell:
+class Result(_Measured):
+    """One run: a pool size, a concurrency, what was measured."""
+
+    duration_s: float
+    requests: int
+    served: int
+    error_types: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell(_Measured):
     """One pool size x concurrency over its ``--repeat`` runs: medians, and the spread.
 
     Latencies, waits and hold times are the medians of the runs'; failures are
     summed; ``server_connections`` and ``peak_in_use`` are the most of any run.
     """
 
-    pool_size: int
-    concurrency: int
     runs: int
-    #: Median throughput of the runs, requests/s.
-    throughput: float
     throughput_min: float
     throughput_max: float
     #: Half the range of the runs' throughput, in % of the median (0 for one run).
     spread_pct: float
-    p50_ms: float | None
-    p95_ms: float | None
-    p99_ms: float | None
-    wait_p50_ms: float
-    wait_p99_ms: float
-    timeouts: int
-    rejections: int
-    errors: int
-    server_connections: int | None
-    peak_in_use: int
-    mean_hold_ms: float
-    #: ``throughput * mean_hold_ms / 1000``: Little's law with the figures shown.
-    busy_connections: float
 
 
 def _median_of(values: Sequence[float | None]) -> float | None:

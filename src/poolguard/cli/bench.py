@@ -182,12 +182,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "mysql+pymysql://user@host/db); default: a SQLite file in a temporary folder, "
         "which tells nothing about a real server",
     )
-    parser.add_argument("--pool-sizes", type=parse_sizes, metavar="N,N,...",
-                        help="pool sizes to measure (default "
-                        f"{','.join(map(str, sweep['pool_sizes']))})")
-    parser.add_argument("--concurrency", type=parse_sizes, metavar="N,N,...",
-                        help="worker threads, each a closed loop (default "
-                        f"{','.join(map(str, sweep['concurrency']))})")
+    for dest, what in (("pool_sizes", "pool sizes to measure"),
+                       ("concurrency", "worker threads, each a closed loop")):
+        parser.add_argument(_flag(dest), type=parse_sizes, metavar="N,N,...",
+                            help=f"{what} (default {','.join(map(str, sweep[dest]))})")
     parser.add_argument("--duration", type=parse_duration, metavar="TIME",
                         help="length of each run: 20s, 500ms, 2m "
                         f"(default {sweep['duration']:g}s)")

@@ -177,20 +177,13 @@ class Display:
     :class:`~poolguard.cli._output.StatusLine`: live on a terminal, plain lines
     otherwise)."""
 
-    def __init__(
-        self,
-        out: TextIO,
-        traffic: Traffic,
-        *,
-        story: bool = True,
-        progress: bool = True,
-        err: TextIO | None = None,
-    ) -> None:
+    def __init__(self, out: TextIO, traffic: Traffic, status_line: StatusLine,
+                 *, story: bool = True) -> None:
         self.out = out
         self.traffic = traffic
         self.story = story
-        self.status_line = StatusLine(err, on=progress)
-        self.tty = self.status_line.tty
+        self.status_line = status_line
+        self.tty = status_line.tty
 
     def note(self, at: float, text: str) -> None:
         if not self.story:
@@ -252,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
             where = "SQLite, a file in a temporary folder"
         server = ping(urls["guarded"])
         options = guard_options(traffic)
-        display = Display(out, traffic, story=not args.json, progress=not args.quiet)
+        display = Display(out, traffic, StatusLine(on=not args.quiet), story=not args.json)
         if not args.json:
             out.write(_intro(where, server, traffic))
             out.flush()
