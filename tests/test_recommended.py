@@ -3,12 +3,13 @@
 ``poolguard.recommended.options()`` is the one definition. The demo and the
 postmortem benchmark use it as is, and keep what names the culprit (its tag
 limit, "named in advance") and the demo's clock-scaled thresholds apart from
-it; the README's block after "recommended setting" shows exactly it.
+it; the README's section "The recommended setting" shows exactly it.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -91,21 +92,18 @@ def test_the_examples_engine_has_the_recommended_setting(tmp_path: Path) -> None
 
 
 def _readme_wrap_keywords(readme: str) -> dict[str, Any]:
-    """The keyword arguments of the ``wrap(...)`` call in the ```python block whose
-    nearest line above says "recommended setting"."""
+    """The keyword arguments of the ``wrap(...)`` call in the first ```python block
+    of the README's section whose heading says "recommended setting"."""
     lines = readme.splitlines()
-    blocks = []
-    for i, line in enumerate(lines):
-        if line.strip() != "```python":
-            continue
-        above = next((x for x in reversed(lines[:i]) if x.strip()), "")
-        if "recommended setting" in above.lower():
-            end = lines.index("```", i + 1) if "```" in lines[i + 1:] else len(lines)
-            blocks.append("\n".join(lines[i + 1:end]))
-    assert len(blocks) == 1, (
-        'README.md: expected one ```python block right after a line saying "recommended '
-        f'setting", found {len(blocks)}')
-    calls = [node for node in ast.walk(ast.parse(blocks[0]))
+    start = next((i for i, line in enumerate(lines)
+                  if line.startswith("#") and "recommended setting" in line.lower()), None)
+    assert start is not None, 'README.md has no heading saying "recommended setting"'
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
+               len(lines))
+    section = "\n".join(lines[start + 1:end])
+    match = re.search(r"^```python\n(.*?)^```", section, flags=re.DOTALL | re.MULTILINE)
+    assert match is not None, "no ```python block in the recommended setting's section"
+    calls = [node for node in ast.walk(ast.parse(match.group(1)))
              if isinstance(node, ast.Call)
              and (getattr(node.func, "attr", None) or getattr(node.func, "id", None)) == "wrap"]
     assert len(calls) == 1, "the block holds one wrap(...) call"
@@ -119,13 +117,13 @@ def test_the_readme_shows_exactly_the_recommended_setting() -> None:
     assert _readme_wrap_keywords(readme) == recommended.options()
 
 
-def test_the_readme_check_reads_the_block_after_the_line() -> None:
+def test_the_readme_check_reads_the_block_of_the_section() -> None:
     # The check itself, on a README of its own: it must see a difference.
     shown = ", ".join(f"{k}={v!r}" for k, v in recommended.options().items())
-    text = ("# x\n\nSee the recommended setting below.\nFirst, import it:\n\n"
-            "```python\nimport poolguard\n```\n\n"
-            "The recommended setting for a web service:\n\n"
-            f"```python\nengine = poolguard.wrap(engine, {shown})\n```\n")
+    text = ("# x\n\nSee the recommended setting below.\n\n```python\nimport poolguard\n```\n\n"
+            "## The recommended setting\n\nFor a web service:\n\n"
+            f"```python\npoolguard.wrap(engine, {shown})\n```\n\n## Next\n\n"
+            "```python\npoolguard.wrap(engine)\n```\n")
     assert _readme_wrap_keywords(text) == recommended.options()
     assert _readme_wrap_keywords(text.replace("codel=True", "codel=False")) != (
         recommended.options())
