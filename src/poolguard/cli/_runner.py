@@ -196,6 +196,8 @@ class _Workers:
         self.seed = seed
         self.latencies: list[list[float]] = [[] for _ in range(concurrency)]
         self.failures: list[dict[str, int]] = [{} for _ in range(concurrency)]
+        #: When each worker's last request ended (perf_counter()).
+        self.last_end = [0.0] * concurrency
         self.stop = threading.Event()
         self.end_at = 0.0
         self.threads = [
@@ -224,8 +226,9 @@ class _Workers:
                 return
             statement = rng.choices(self.workload, cum_weights=self.cum_weights)[0]
             outcome, backoff = _request(engine, statement)
+            ended = self.last_end[i] = perf_counter()
             if outcome is None:
-                mine.append(perf_counter() - began)
+                mine.append(ended - began)
             else:
                 failed[outcome] = failed.get(outcome, 0) + 1
             if backoff:
@@ -315,7 +318,9 @@ def run_one(
         stats = guard.stats()
     finally:
         engine.dispose()
-    elapsed = min(finished, end_at) - start
+    # Requests running when the time is up finish and count: the rate is over
+    # the time they took, not over --duration alone (else busy > pool size).
+    elapsed = max(min(finished, end_at), *workers.last_end) - start
     served, failed = workers.outcomes()
     timeouts = failed.pop("timeout", 0)
     rejected = failed.pop("rejected", 0)
