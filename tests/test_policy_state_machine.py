@@ -209,7 +209,7 @@ class PolicyGateMachine(RuleBasedStateMachine):
         except Refused as refused:
             self.check_refusal(refused.reason, priority, tag)
             return
-        if left is None:  # a permit at once, without queueing
+        if waiter.granted:  # a permit at once, without queueing
             self.on_grant(waiter.key, priority, tag)
             return
         assert priority != HEALTH, "health must never wait"

@@ -30,7 +30,7 @@ from .breaker import (
 )
 from .context import RequestContext, _current
 from .errors import CircuitOpen, LoadShed, PoolTimeout
-from .gate import Gate, Refused
+from .gate import Gate, Refused, _Waiter
 from .holders import Holder, HolderGroup, describe_groups, group_holders, holders
 from .log import EventLog
 from .policies import BACKGROUND, CRITICAL, NORMAL, Codel, Gradient2, reserve_size, tag_cap
@@ -493,8 +493,9 @@ class Guard:
 
     # -- the slow path of a checkout -----------------------------------------
 
-    def acquire_timeout(self) -> float:
-        """The guard-wide acquire timeout in seconds (the pool's own if unset)."""
+    def acquire_timeout(self) -> float | None:
+        """The guard-wide acquire timeout in seconds (the pool's own if unset);
+        ``None``: wait as long as it takes (SQLAlchemy's ``pool_timeout=None``)."""
         timeout = self.config.acquire_timeout
         if timeout is not None:
             return timeout
@@ -503,10 +504,13 @@ class Guard:
             return pool.timeout()
         return 30.0
 
-    def acquire_slow(self, pool: Pool) -> float:
+    def acquire_slow(self, pool: Pool, waiter: _Waiter | None = None) -> float:
         """Wait for a permit, bounded by the acquire timeout and the request's deadline.
 
-        Returns the seconds waited; raises :class:`PoolTimeout`.
+        Returns the seconds waited; raises :class:`PoolTimeout` (or
+        :class:`LoadShed`). With ``waiter`` (:meth:`Gate.new_waiter`), an
+        exception that reaches the caller while ``waiter.granted`` is true
+        leaves the caller holding the permit, to give back.
         """
         timeout = self.acquire_timeout()
         by_deadline = False
@@ -516,25 +520,35 @@ class Guard:
             priority, tag = request.priority, request.tag
             if request.deadline is not None:
                 left = request.deadline - time.monotonic()
-                if left < timeout:
+                if timeout is None or left < timeout:
                     timeout = max(0.0, left)
                     by_deadline = True
         start = perf_counter()
         self.maybe_scan(start)
+        reason = None
         try:
             granted = self.gate.acquire(
-                timeout, asyncio_mode=bool(pool._is_asyncio), priority=priority, tag=tag
+                timeout, asyncio_mode=bool(pool._is_asyncio), priority=priority, tag=tag,
+                waiter=waiter,
             )
         except Refused as refused:
+            reason = refused.reason
+        except BaseException:
+            # Cancelled or interrupted while waiting: a half-open probe that
+            # never reaches the database would hold its probe slot forever.
             if self.gate.tripped:
-                # A half-open probe shed before it reached the database would
-                # otherwise hold its probe slot forever.
                 self._breaker_forfeit(request)
-            raise self._shed(refused.reason, priority) from None
+            raise
+        if reason is not None:
+            # Raised here, not in the handler: no misleading "during handling
+            # of the above exception" chain in the traceback.
+            if self.gate.tripped:
+                self._breaker_forfeit(request)
+            raise self._shed(reason, priority)
         waited = perf_counter() - start
         self._interval_wait_max = max(self._interval_wait_max, waited)
         if not granted:
-            error = self._timeout_error(timeout, by_deadline)
+            error = self._timeout_error(timeout if timeout is not None else waited, by_deadline)
             if self.breakers_on:
                 self.breaker_record(error, waited, request)
             raise error
