@@ -46,7 +46,7 @@ from collections.abc import Callable  # noqa: TC003 - used at run time for _disc
 from typing import Any
 
 from ._compat import await_only
-from .policies import CRITICAL, HEALTH, NORMAL, Codel, Gradient2, may_take, rank
+from .policies import CRITICAL, HEALTH, NORMAL, PRIORITIES, Codel, Gradient2, may_take, rank
 from .recorder import REQUEST
 
 __all__ = ["Gate"]
@@ -173,7 +173,17 @@ class Gate:
         self._deferred: list[tuple[str | None, float]] = []
         self._clock = clock
         self.capacity = capacity
+        #: Every waiter, in arrival order.
         self.waiters: deque[_Waiter] = deque()
+        #: With a policy on, the same waiters by priority, best first: the
+        #: dispatch looks at the heads of a few queues, not at every waiter.
+        self._lanes: tuple[tuple[str, deque[_Waiter]], ...] = tuple(
+            (p, deque()) for p in sorted(PRIORITIES, key=rank)
+        )
+        self._lane = dict(self._lanes)
+        #: The policy needs no lock while nobody waits (bounded queues only):
+        #: take() is the lock-free pop whenever the queue is empty.
+        self._fast_policy = False
         #: Connection records out under a permit of this gate, to their holds.
         self.out: dict[object, Any] = {}
         #: perf_counter() time from which the next checkout calls the guard's
@@ -238,6 +248,27 @@ class Gate:
     # (a helper would be a Python call, where an interrupt may land between
     # taking the lock and the try).
 
+    def _set_take(self) -> None:
+        # In a section, as the queue or the policy changes.
+        if not self.policy_on:
+            if not self.closed:
+                self.take = self._take_token
+        elif self._fast_policy and not self.waiters:
+            self.take = self._take_token
+        else:
+            self.take = _empty
+
+    def _dequeue(self, waiter: _Waiter) -> None:
+        # In a section: out of the queue (and its lane), wherever it is.
+        if waiter.queued:
+            with contextlib.suppress(ValueError):
+                self.waiters.remove(waiter)
+            with contextlib.suppress(ValueError):
+                self._lane[waiter.priority].remove(waiter)
+            waiter.queued = False
+            if self._fast_policy and not self.waiters:
+                self.take = self._take_token
+
     def _drain(self) -> None:
         # Under the lock, between sections: pay what re-entrant checkins left.
         while self._rewake or self._deferred:
@@ -292,7 +323,17 @@ class Gate:
                     or any(v is not None for v in self.max_waiting.values())
                 )
                 self.policy_on = on and self._tokens is not None and not self.closed
-                self.take = _empty if self.policy_on else self._take_token
+                # Bounded queues alone shape only who waits: with nobody
+                # waiting, a checkout may take a free permit without the lock.
+                self._fast_policy = self.policy_on and not (
+                    reserved or codel or self.tag_caps or adaptive
+                )
+                for lane in self._lane.values():
+                    lane.clear()
+                if self.policy_on:
+                    for waiter in self.waiters:
+                        self._lane[waiter.priority].append(waiter)
+                self._set_take()
                 # A relaxed policy may let waiters through now.
                 self._rewake = bool(self.waiters)
             finally:
@@ -446,52 +487,63 @@ class Gate:
 
     def _dispatch_by_policy(self) -> None:
         # Best eligible waiter first: by priority, then in arrival order, or
-        # newest first while CoDel finds a standing queue.
+        # newest first while CoDel finds a standing queue. Only the heads of
+        # the lanes are looked at (and past a head only for tag caps).
         tokens = self._tokens
         assert tokens is not None
         now = self._clock()
         lifo = self.codel is not None and self.codel.overloaded
-        while self.waiters:
-            best: _Waiter | None = None
+        while tokens:
             free = len(tokens)
-            for waiter in self.waiters:
-                if waiter.granted:  # left by an interrupted pass: finish it first
-                    best = waiter
-                    break
-                if not tokens or not self._eligible(waiter.priority, free) or self._tag_full(
-                    waiter.tag
-                ):
-                    continue
-                if best is None or rank(waiter.priority) < rank(best.priority) or (
-                    lifo and rank(waiter.priority) == rank(best.priority)
-                ):
-                    best = waiter
+            best: _Waiter | None = None
+            for priority, lane in self._lanes:
+                if lane and self._eligible(priority, free):
+                    best = self._ready(lane, lifo)
+                    if best is not None:
+                        break
             if best is None:
                 break
             if not best.granted:
-                self._grant(best)
+                if not self._grant(best):
+                    break
                 if self.codel is not None:
                     self.codel.on_grant(now - best.since, now)
             best.wake()
-            with contextlib.suppress(ValueError):
-                self.waiters.remove(best)
-            best.queued = False
+            self._dequeue(best)
         if not self.waiters and self.codel is not None:
             self.codel.on_empty(now)
 
-    def _grant(self, waiter: _Waiter) -> None:
-        # Under the lock, policy on: a free token exists and nobody takes one
-        # without the lock, so the pop cannot fail. Everything else is stores,
-        # the pop comes last: no interrupt can split them.
+    def _ready(self, lane: deque[_Waiter], lifo: bool) -> _Waiter | None:
+        # The waiter of ``lane`` to serve first whose tag is not at its cap.
+        if not self.tag_caps:
+            return lane[-1] if lifo else lane[0]
+        for waiter in reversed(lane) if lifo else lane:
+            if waiter.granted or not self._tag_full(waiter.tag):
+                return waiter
+        return None
+
+    def _grant(self, waiter: _Waiter) -> bool:
+        # In a section, policy on: take a token for ``waiter``. Stores first,
+        # the pop last: no interrupt can split them. The pop fails only when
+        # a lock-free take (a bounded-queue policy, nobody queued) won it.
         tokens = self._tokens
         assert tokens is not None
         waiter.granted = True
         tag = waiter.tag
-        if tag is not None and tag in self.tag_caps:
-            counts = self.tag_in_use
-            counts[tag] = (counts[tag] if tag in counts else 0) + 1  # noqa: SIM401 - no call
+        counts = self.tag_in_use
+        tagged = tag is not None and tag in self.tag_caps
+        if tagged:
+            counts[tag] = (counts[tag] if tag in counts else 0) + 1  # type: ignore[index]  # noqa: SIM401 - no call
             waiter.tagged = True
-        tokens.pop()
+        try:
+            tokens.pop()
+        except IndexError:
+            if tagged:
+                counts[tag] -= 1  # type: ignore[index]
+                waiter.tagged = False
+            waiter.granted = False
+            return False
+        return True
 
     def _tag_full(self, tag: str | None, queued: int = 0) -> bool:
         # Under the lock: ``tag`` holds its cap (with ``queued`` of its waiters).
@@ -508,19 +560,21 @@ class Gate:
             raise Refused("tag_limit")
         my_rank = rank(priority)
         queued_ahead = any(
-            rank(w.priority) <= my_rank and not self._tag_full(w.tag) for w in self.waiters
+            lane and self._ready(lane, False) is not None
+            for p, lane in self._lanes
+            if rank(p) <= my_rank
         )
-        if not queued_ahead and self._eligible(priority, len(tokens)):
-            self._grant(waiter)
+        if not queued_ahead and self._eligible(priority, len(tokens)) and self._grant(waiter):
             if self.codel is not None:
                 self.codel.on_grant(0.0, now)
             return True
         if priority == HEALTH:
             raise Refused("health_busy")
         limit = self.max_waiting.get(priority)
-        if limit is not None and sum(w.priority == priority for w in self.waiters) >= limit:
+        if limit is not None and len(self._lane[priority]) >= limit:
             raise Refused("queue_full")
         return False
+
 
     # -- waiting ----------------------------------------------------------------
 
@@ -612,6 +666,8 @@ class Gate:
             if timeout > 0:
                 waiter.queued = True
                 self.waiters.append(waiter)
+                self._lane[waiter.priority].append(waiter)
+                self.take = _empty  # queued callers first
             return timeout
         # Queue first, then try again: a release between our failed take and
         # now either left its token for this take or sees us queued.
@@ -666,10 +722,7 @@ class Gate:
         with self._lock:
             try:
                 self._busy = True
-                if waiter.queued:
-                    with contextlib.suppress(ValueError):
-                        self.waiters.remove(waiter)
-                    waiter.queued = False
+                self._dequeue(waiter)
                 if waiter.tagged:
                     waiter.tagged = False
                     tag = waiter.tag
@@ -691,12 +744,9 @@ class Gate:
         with self._lock:
             try:
                 self._busy = True
-                if waiter.queued:
-                    # Granted or not: an interrupted dispatch may leave a
-                    # granted waiter queued (its wake-up lost, not its permit).
-                    with contextlib.suppress(ValueError):
-                        self.waiters.remove(waiter)
-                    waiter.queued = False
+                # Granted or not: an interrupted dispatch may leave a granted
+                # waiter queued (its wake-up lost, not its permit).
+                self._dequeue(waiter)
                 if waiter.granted:
                     self.waits += 1
                     self.wait_total += waited
@@ -727,6 +777,8 @@ class Gate:
                 self.take = itertools.repeat(None).__next__
                 self._give = _discard
                 self.out.clear()
+                for lane in self._lane.values():
+                    lane.clear()
                 while self.waiters:
                     waiter = self.waiters[0]
                     waiter.granted = True

@@ -217,6 +217,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--hot-path: alternating rounds (default 20)")
     parser.add_argument("--iterations", type=_positive_int, default=2000,
                         help="--hot-path: cycles per round (default 2000)")
+    # --hot-path --contention: poolguard.hotpath.contention_main (helper H1's part).
+    parser.add_argument("--contention", action="store_true",
+                        help="--hot-path: plain vs guarded with 1-256 threads and asyncio tasks "
+                        "sharing a pool of 8")
+    parser.add_argument("--quick", action="store_true",
+                        help="--hot-path --contention: a short smoke run, not a measurement")
 
 
 # -- the workload -----------------------------------------------------------------
@@ -938,6 +944,8 @@ def _format_recommendation(report: dict[str, Any]) -> str:
 def _hot_path(args: argparse.Namespace) -> int:
     from poolguard import hotpath
 
+    if args.contention:
+        return hotpath.contention_main(as_json=args.json, quick=args.quick)
     url = None
     if args.url:
         url = args.url
