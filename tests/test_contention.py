@@ -40,7 +40,7 @@ def test_quick_contention_run_reports_every_case() -> None:
 
 def test_bench_hot_path_contention_cli_json() -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(  # noqa: S603 - our own interpreter and module
+    done = subprocess.run(
         [sys.executable, "-m", "poolguard.cli", "bench", "--hot-path", "--contention", "--quick",
          "--json"],
         capture_output=True, text=True, timeout=300, check=False, env=env,

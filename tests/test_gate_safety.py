@@ -448,6 +448,7 @@ def test_an_exception_right_after_a_permit_moves_loses_no_permit(
     thread.start()
     wait_until(lambda: gate.waiting == 1, "the waiter to queue")
     waiter = gate.waiters[0]
+    waiter.handoff = True  # no policy: a waiter that lost a race once is handed the permit
     if where == "take":
         assert gate._tokens is not None
         fault = _Faulty(gate._tokens.pop, 1)

@@ -85,8 +85,12 @@ class Parked(_Waiter):
         self.key = object()
 
     def wake(self) -> None:
-        # Called by the gate under its lock, right after it took the token.
-        self.machine.on_grant(self.key, self.priority, self.tag)
+        # Called by the gate under its lock: right after it took the token
+        # for this waiter, or (no policy) to let it take a free one itself.
+        if self.granted:
+            self.machine.on_grant(self.key, self.priority, self.tag)
+        else:
+            self.woken = True
 
 
 class PolicyGateMachine(RuleBasedStateMachine):
@@ -222,8 +226,14 @@ class PolicyGateMachine(RuleBasedStateMachine):
     def finish(self, pick: int, waited: float) -> None:
         """A parked caller wakes up: with its permit, or timed out."""
         waiter = self.parked.pop(pick % len(self.parked))
+        handed = waiter.granted
         granted = self.gate._finish(waiter, waited)
         assert granted is waiter.granted
+        if granted and not handed:
+            # No policy: woken to take a free permit, or done waiting with one
+            # free, it took the permit itself.
+            assert not self.gate.policy_on
+            self.on_grant(waiter.key, waiter.priority, waiter.tag)
         assert (waiter.key in self.held) is granted
 
     @precondition(lambda self: self.held)
@@ -299,6 +309,12 @@ class PolicyGateMachine(RuleBasedStateMachine):
 
     @invariant()
     def no_waiter_left_behind_a_free_permit(self) -> None:
+        if not self.gate.policy_on and self.free > 0 and self.waiting():
+            # No policy: the head waiter is woken to take a free permit itself
+            # (a running caller may take it first); it is in flight, not lost.
+            head = self.gate.waiters[0]
+            assert head.granted or head.woken, "a free permit and nobody woken for it"
+            return
         for waiter in self.waiting():
             assert not self.may_take_now(waiter.priority, waiter.tag), (
                 f"{waiter.priority}/{waiter.tag} waits with {self.free} free, "

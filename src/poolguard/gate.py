@@ -97,8 +97,8 @@ class _Waiter:
     in-use count includes it.
     """
 
-    __slots__ = ("event", "future", "granted", "loop", "priority", "queued", "since", "tag",
-                 "tagged", "woken")
+    __slots__ = ("event", "future", "granted", "handoff", "loop", "priority", "queued", "since",
+                 "tag", "tagged", "woken")
 
     def __init__(self, priority: str = NORMAL, tag: str | None = None, since: float = 0.0) -> None:
         self.granted = False
@@ -107,6 +107,9 @@ class _Waiter:
         #: False: not in the queue. True: in it, or just removed (the flag is
         #: set before the append and cleared after the removal).
         self.queued = False
+        #: It was woken to take a free permit and a running caller took it
+        #: first: the next permit is handed to it directly.
+        self.handoff = False
         self.priority = priority
         self.tag = tag
         self.since = since
@@ -184,6 +187,9 @@ class Gate:
         #: The policy needs no lock while nobody waits (bounded queues only):
         #: take() is the lock-free pop whenever the queue is empty.
         self._fast_policy = False
+        #: The waiter woken to take a free permit itself, not yet run (no
+        #: policy): one at a time, so a release wakes nobody in vain.
+        self._signalled: _Waiter | None = None
         #: Connection records out under a permit of this gate, to their holds.
         self.out: dict[object, Any] = {}
         #: perf_counter() time from which the next checkout calls the guard's
@@ -268,6 +274,8 @@ class Gate:
             waiter.queued = False
             if self._fast_policy and not self.waiters:
                 self.take = self._take_token
+        if self._signalled is waiter:
+            self._signalled = None
 
     def _drain(self) -> None:
         # Under the lock, between sections: pay what re-entrant checkins left.
@@ -463,7 +471,11 @@ class Gate:
                     self._drain()
 
     def _dispatch(self) -> None:
-        # Under the lock, in a section.
+        # Under the lock, in a section. Without a policy, a free permit is
+        # not handed to the head waiter: the head is woken to take it itself,
+        # and a running caller may take it first (no convoy of parked
+        # threads, as in SQLAlchemy's own queue). A head that lost that race
+        # once gets the next permit handed over: nobody is passed over twice.
         if self.policy_on:
             self._dispatch_by_policy()
             return
@@ -472,6 +484,11 @@ class Gate:
         while waiters:
             waiter = waiters[0]
             if not waiter.granted:
+                if not waiter.handoff:
+                    if self._signalled is None and self._tokens:
+                        waiter.wake()
+                        self._signalled = waiter
+                    return
                 waiter.granted = True
                 try:
                     take()
@@ -578,7 +595,7 @@ class Gate:
 
     # -- waiting ----------------------------------------------------------------
 
-    def acquire(
+    def acquire(  # noqa: PLR0912 - one frame: its handler covers every step
         self,
         timeout: float | None,
         *,
@@ -624,8 +641,15 @@ class Gate:
                     self.timeouts += 1
                 return False
             start = self._clock()
-            self._wait(waiter, queued)
-            if self._finish(waiter, self._clock() - start):
+            left = queued
+            while True:
+                self._wait(waiter, left)
+                waited = self._clock() - start
+                verdict = self._finish(waiter, waited, queued)
+                if verdict is not None:
+                    break
+                left = queued - waited  # woken, but a running caller took the permit
+            if verdict:
                 return True
         except BaseException:
             # However far it got (a signal's exception can land between any
@@ -734,29 +758,48 @@ class Gate:
                     self._give(None)  # the permit is back once this returns
                     if counted:  # a permit acquire() returned: a release
                         next(self._released)
-                    self._rewake = bool(self.waiters)
+                if self.waiters and self._tokens:  # its wake-up, passed on
+                    self._rewake = True
             finally:
                 self._busy = False
                 if self._rewake or self._deferred:
                     self._drain()
 
-    def _finish(self, waiter: _Waiter, waited: float) -> bool:
+    def _finish(self, waiter: _Waiter, waited: float, timeout: float = 0.0) -> bool | None:
+        """After a wait: True (a permit), False (timed out), or None: woken
+        without a permit, to wait again (no policy: a running caller took it)."""
         with self._lock:
             try:
                 self._busy = True
+                if not waiter.granted and not self.policy_on:
+                    # Woken to take a free permit (or timed out while one is
+                    # free): take it. The flag first, as in _enqueue_locked.
+                    waiter.granted = True
+                    try:
+                        self.take()
+                    except IndexError:
+                        waiter.granted = False
+                if not waiter.granted and waited < timeout and waiter.woken and not self.closed:
+                    # Lost the race: wait again, first in line for a hand-off.
+                    if self._signalled is waiter:
+                        self._signalled = None
+                    waiter.handoff = True
+                    waiter.woken = False
+                    if waiter.future is not None:
+                        waiter.arm(True)
+                    self._rewake = bool(self._tokens)
+                    return None
                 # Granted or not: an interrupted dispatch may leave a granted
                 # waiter queued (its wake-up lost, not its permit).
                 self._dequeue(waiter)
-                if waiter.granted:
-                    self.waits += 1
-                    self.wait_total += waited
-                    if waited > self.wait_max:
-                        self.wait_max = waited
-                    return True
                 self.waits += 1
                 self.wait_total += waited
                 if waited > self.wait_max:
                     self.wait_max = waited
+                if self.waiters and self._tokens:  # pass the wake-up on
+                    self._rewake = True
+                if waiter.granted:
+                    return True
                 self.timeouts += 1
                 if not self.waiters and self.codel is not None:
                     self.codel.on_empty(self._clock())
