@@ -485,6 +485,13 @@ def spawn_async_waiter(gate: Gate, timeout: float = SAFETY_TIMEOUT) -> asyncio.T
     return asyncio.ensure_future(greenlet_spawn(gate.acquire, timeout, asyncio_mode=True))
 
 
+async def lose_one_race(gate: Gate) -> None:
+    """Make the (one) queued async waiter lose a permit to a running caller."""
+    gate.release()  # wakes the waiter, which has not run yet
+    gate.take()  # a running caller takes the permit first (no await in between)
+    await async_wait_until(lambda: gate.waiters[0].handoff, "the waiter to lose the race")
+
+
 async def test_async_waiter_is_woken_by_a_release_from_another_task() -> None:
     gate = Gate(1)
     gate.take()
@@ -584,10 +591,10 @@ async def test_async_waiter_cancelled_after_being_granted_gives_the_permit_back(
     # cancellation must not be lost (the task ends cancelled, not holding a
     # connection its caller gave up on) and the permit must come back.
     gate = Gate(1)
-    gate.configure_policy(max_waiting={"normal": 9})  # with a policy, permits are handed over
     gate.take()
     waiter = spawn_async_waiter(gate)
     await async_wait_until(lambda: gate.waiting == 1, "the async waiter to queue")
+    await lose_one_race(gate)  # so the next permit is handed over, not just offered
     gate.release()  # granted to the waiter, which has not run since
     assert gate.in_use == 1
     for _ in range(loop_turns):

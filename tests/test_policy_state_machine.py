@@ -230,9 +230,8 @@ class PolicyGateMachine(RuleBasedStateMachine):
         granted = self.gate._finish(waiter, waited)
         assert granted is waiter.granted
         if granted and not handed:
-            # No policy: woken to take a free permit, or done waiting with one
-            # free, it took the permit itself.
-            assert not self.gate.policy_on
+            # Woken to take a free permit (or, no policy, done waiting with
+            # one free), it took the permit itself.
             self.on_grant(waiter.key, waiter.priority, waiter.tag)
         assert (waiter.key in self.held) is granted
 
@@ -309,11 +308,14 @@ class PolicyGateMachine(RuleBasedStateMachine):
 
     @invariant()
     def no_waiter_left_behind_a_free_permit(self) -> None:
-        if not self.gate.policy_on and self.free > 0 and self.waiting():
-            # No policy: the head waiter is woken to take a free permit itself
-            # (a running caller may take it first); it is in flight, not lost.
-            head = self.gate.waiters[0]
-            assert head.granted or head.woken, "a free permit and nobody woken for it"
+        blocked = [w for w in self.waiting() if self.may_take_now(w.priority, w.tag)]
+        if blocked:
+            # A free permit one of them may take: a waiter is woken to take it
+            # itself (one at a time; a running caller may take it first). It
+            # is in flight, not lost.
+            signalled = self.gate._signalled
+            assert signalled is not None, "a free permit and nobody woken for it"
+            assert signalled.woken
             return
         for waiter in self.waiting():
             assert not self.may_take_now(waiter.priority, waiter.tag), (

@@ -190,6 +190,9 @@ class Gate:
         #: The waiter woken to take a free permit itself, not yet run (no
         #: policy): one at a time, so a release wakes nobody in vain.
         self._signalled: _Waiter | None = None
+        #: Queued waiters owed a hand-off (they lost a race once); while any
+        #: is, newcomers queue instead of taking a free permit (policy on).
+        self._owed = 0
         #: Connection records out under a permit of this gate, to their holds.
         self.out: dict[object, Any] = {}
         #: perf_counter() time from which the next checkout calls the guard's
@@ -272,8 +275,14 @@ class Gate:
             with contextlib.suppress(ValueError):
                 self._lane[waiter.priority].remove(waiter)
             waiter.queued = False
-            if self._fast_policy and not self.waiters:
-                self.take = self._take_token
+            if not self.waiters:
+                self._owed = 0
+                if self._fast_policy:
+                    self.take = self._take_token
+        if waiter.handoff:
+            waiter.handoff = False
+            if self._owed > 0:
+                self._owed -= 1
         if self._signalled is waiter:
             self._signalled = None
 
@@ -521,6 +530,19 @@ class Gate:
             if best is None:
                 break
             if not best.granted:
+                signalled = self._signalled
+                if not best.handoff and (
+                    signalled is None
+                    or signalled is best
+                    or rank(signalled.priority) <= rank(best.priority)
+                ):
+                    # Woken to take the permit itself, one waiter at a time:
+                    # a running caller of its priority or better may take it
+                    # first (no convoy); if so, it is handed the next one.
+                    if signalled is None:
+                        best.wake()
+                        self._signalled = best
+                    break
                 if not self._grant(best):
                     break
                 if self.codel is not None:
@@ -529,6 +551,16 @@ class Gate:
             self._dequeue(best)
         if not self.waiters and self.codel is not None:
             self.codel.on_empty(now)
+
+    def _better_waiting(self, priority: str) -> bool:
+        # In a section: a waiter of a better priority could be served now.
+        my_rank = rank(priority)
+        for p, lane in self._lanes:
+            if rank(p) >= my_rank:
+                return False
+            if lane and self._ready(lane, False) is not None:
+                return True
+        return False
 
     def _ready(self, lane: deque[_Waiter], lifo: bool) -> _Waiter | None:
         # The waiter of ``lane`` to serve first whose tag is not at its cap.
@@ -575,12 +607,10 @@ class Gate:
         # The tag's waiters count against its cap: each will hold a connection.
         if tag in self.tag_caps and self._tag_full(tag, sum(w.tag == tag for w in self.waiters)):
             raise Refused("tag_limit")
-        my_rank = rank(priority)
-        queued_ahead = any(
-            lane and self._ready(lane, False) is not None
-            for p, lane in self._lanes
-            if rank(p) <= my_rank
-        )
+        # Waiters of a better priority go first, and so do those owed a
+        # hand-off; a newcomer may take a free permit ahead of waiters of its
+        # own priority (the woken one among them takes the next, handed over).
+        queued_ahead = self._owed > 0 or self._better_waiting(priority)
         if not queued_ahead and self._eligible(priority, len(tokens)) and self._grant(waiter):
             if self.codel is not None:
                 self.codel.on_grant(0.0, now)
@@ -765,13 +795,17 @@ class Gate:
                 if self._rewake or self._deferred:
                     self._drain()
 
-    def _finish(self, waiter: _Waiter, waited: float, timeout: float = 0.0) -> bool | None:
+    def _finish(  # noqa: PLR0912 - one locked section
+        self, waiter: _Waiter, waited: float, timeout: float = 0.0
+    ) -> bool | None:
         """After a wait: True (a permit), False (timed out), or None: woken
         without a permit, to wait again (no policy: a running caller took it)."""
         with self._lock:
             try:
                 self._busy = True
-                if not waiter.granted and not self.policy_on:
+                if waiter.granted:
+                    pass
+                elif not self.policy_on:
                     # Woken to take a free permit (or timed out while one is
                     # free): take it. The flag first, as in _enqueue_locked.
                     waiter.granted = True
@@ -779,11 +813,17 @@ class Gate:
                         self.take()
                     except IndexError:
                         waiter.granted = False
+                elif waiter.woken and self._take_as_woken(waiter):
+                    codel = self.codel
+                    if codel is not None:
+                        codel.on_grant(waited, self._clock())
                 if not waiter.granted and waited < timeout and waiter.woken and not self.closed:
                     # Lost the race: wait again, first in line for a hand-off.
                     if self._signalled is waiter:
                         self._signalled = None
-                    waiter.handoff = True
+                    if not waiter.handoff:
+                        waiter.handoff = True
+                        self._owed += 1
                     waiter.woken = False
                     if waiter.future is not None:
                         waiter.arm(True)
@@ -799,6 +839,8 @@ class Gate:
                 if self.waiters and self._tokens:  # pass the wake-up on
                     self._rewake = True
                 if waiter.granted:
+                    if self._signalled is None and not self.waiters and self.codel is not None:
+                        self.codel.on_empty(self._clock())  # took the last queued permit itself
                     return True
                 self.timeouts += 1
                 if not self.waiters and self.codel is not None:
@@ -808,6 +850,18 @@ class Gate:
                 self._busy = False
                 if self._rewake or self._deferred:
                     self._drain()
+
+    def _take_as_woken(self, waiter: _Waiter) -> bool:
+        # In a section, policy on: a waiter woken to take a free permit takes
+        # it, if the policy still lets it (nobody better queued meanwhile).
+        tokens = self._tokens
+        assert tokens is not None
+        return (
+            not self._better_waiting(waiter.priority)
+            and not self._tag_full(waiter.tag)
+            and self._eligible(waiter.priority, len(tokens))
+            and self._grant(waiter)
+        )
 
     def close(self) -> None:
         """Stop gating: let every waiter through now and every caller from now on."""
