@@ -134,6 +134,11 @@ class _Waiter:
         if self.event is not None:
             self.event.release()
         elif self.loop is not None and self.future is not None:
+            if asyncio._get_running_loop() is self.loop:
+                # From the loop's own thread (a task released): no need to
+                # wake the selector through its self-pipe (a syscall each).
+                self.loop.call_soon(_resolve, self.future)
+                return
             # A closed loop raises RuntimeError: nobody waits on it any more.
             with contextlib.suppress(RuntimeError):
                 self.loop.call_soon_threadsafe(_resolve, self.future)
