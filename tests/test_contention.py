@@ -122,3 +122,73 @@ def test_lanes_serve_by_priority_then_arrival_and_bound_each_queue() -> None:
         thread.join(10.0)
     assert order == ["critical3", "normal1", "normal2", "background0"]
     assert (gate.in_use, gate.waiting) == (0, 0)
+
+
+async def test_policy_lets_a_newcomer_take_a_woken_waiters_permit_only_at_its_priority() -> None:
+    import asyncio
+
+    from sqlalchemy.util import greenlet_spawn
+
+    gate = Gate(1)
+    gate.configure_policy(max_waiting={NORMAL: 5, BACKGROUND: 5})
+    assert gate.acquire(0, asyncio_mode=False) is True
+    waiter = asyncio.ensure_future(greenlet_spawn(gate.acquire, 10.0, asyncio_mode=True))
+    while gate.waiting == 0:
+        await asyncio.sleep(0.001)
+    gate.release()  # wakes the normal waiter, which has not run yet
+    assert gate.in_use == 0
+    # A worse priority may not pass it; the same priority may (no convoy).
+    assert gate.acquire(0, asyncio_mode=False, priority=BACKGROUND) is False
+    assert gate.acquire(0, asyncio_mode=False, priority=NORMAL) is True
+    await asyncio.sleep(0.01)  # the waiter runs, finds nothing, waits again
+    assert not waiter.done()
+    # Owed a hand-off now: its own priority may not pass it again, a better one may.
+    with gate._lock:
+        assert gate._owed_at_or_above(NORMAL)
+        assert not gate._owed_at_or_above(CRITICAL)
+    gate.release()  # handed over
+    assert gate.in_use == 1
+    assert gate.acquire(0, asyncio_mode=False, priority=NORMAL) is False
+    assert await asyncio.wait_for(waiter, 10.0) is True
+    assert (gate.in_use, gate.waiting) == (1, 0)
+    with gate._lock:
+        assert not gate._owed_at_or_above(BACKGROUND)  # settled once it left the queue
+
+
+@pytest.mark.timing
+@pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "policy"])
+def test_no_waiter_starves_with_many_threads_on_few_permits(policy: bool) -> None:
+    # 64 threads share 2 permits in a closed loop: every acquire must succeed
+    # well within its (generous) timeout, barging or not.
+    import time
+
+    gate = Gate(2)
+    if policy:
+        gate.configure_policy(max_waiting={NORMAL: 1000})
+    stop = threading.Event()
+    failures: list[str] = []
+    counts: list[int] = []
+
+    def worker() -> None:
+        n = 0
+        while not stop.is_set():
+            if not gate.acquire(20.0, asyncio_mode=False):
+                failures.append("timed out")
+                return
+            n += 1
+            gate.release()
+            time.sleep(0)
+        counts.append(n)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(64)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    stop.set()
+    for thread in threads:
+        thread.join(30.0)
+    assert not any(t.is_alive() for t in threads)
+    assert failures == []
+    assert len(counts) == 64
+    assert (gate.in_use, gate.waiting) == (0, 0)
+    assert gate.timeouts == 0

@@ -195,9 +195,9 @@ class Gate:
         #: The waiter woken to take a free permit itself, not yet run (no
         #: policy): one at a time, so a release wakes nobody in vain.
         self._signalled: _Waiter | None = None
-        #: Queued waiters owed a hand-off (they lost a race once); while any
-        #: is, newcomers queue instead of taking a free permit (policy on).
-        self._owed = 0
+        #: Queued waiters owed a hand-off (they lost a race once), by
+        #: priority; newcomers of that priority or worse queue behind them.
+        self._owed: dict[str, int] = {}
         #: Connection records out under a permit of this gate, to their holds.
         self.out: dict[object, Any] = {}
         #: perf_counter() time from which the next checkout calls the guard's
@@ -281,13 +281,15 @@ class Gate:
                 self._lane[waiter.priority].remove(waiter)
             waiter.queued = False
             if not self.waiters:
-                self._owed = 0
+                self._owed.clear()
                 if self._fast_policy:
                     self.take = self._take_token
         if waiter.handoff:
             waiter.handoff = False
-            if self._owed > 0:
-                self._owed -= 1
+            owed = self._owed
+            priority = waiter.priority
+            if priority in owed and owed[priority] > 0:
+                owed[priority] -= 1
         if self._signalled is waiter:
             self._signalled = None
 
@@ -557,6 +559,11 @@ class Gate:
         if not self.waiters and self.codel is not None:
             self.codel.on_empty(now)
 
+    def _owed_at_or_above(self, priority: str) -> bool:
+        # In a section: a waiter of this priority or better is owed a hand-off.
+        my_rank = rank(priority)
+        return any(n > 0 and rank(p) <= my_rank for p, n in self._owed.items())
+
     def _better_waiting(self, priority: str) -> bool:
         # In a section: a waiter of a better priority could be served now.
         my_rank = rank(priority)
@@ -615,7 +622,7 @@ class Gate:
         # Waiters of a better priority go first, and so do those owed a
         # hand-off; a newcomer may take a free permit ahead of waiters of its
         # own priority (the woken one among them takes the next, handed over).
-        queued_ahead = self._owed > 0 or self._better_waiting(priority)
+        queued_ahead = self._better_waiting(priority) or self._owed_at_or_above(priority)
         if not queued_ahead and self._eligible(priority, len(tokens)) and self._grant(waiter):
             if self.codel is not None:
                 self.codel.on_grant(0.0, now)
@@ -828,7 +835,8 @@ class Gate:
                         self._signalled = None
                     if not waiter.handoff:
                         waiter.handoff = True
-                        self._owed += 1
+                        owed, mine = self._owed, waiter.priority
+                        owed[mine] = (owed[mine] if mine in owed else 0) + 1  # noqa: SIM401 - no call
                     waiter.woken = False
                     if waiter.future is not None:
                         waiter.arm(True)
