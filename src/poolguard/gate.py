@@ -9,8 +9,19 @@ The hot path takes no lock. Free permits are tokens in a :class:`deque`,
 whose ``pop`` and ``append`` are atomic, so taking a free permit is one
 ``pop`` and giving one back is one ``append``. The lock guards only the
 waiters: a caller that finds no token queues itself under the lock and then
-tries once more, and a release that sees waiters hands tokens to them under
-the lock, so no wake-up is lost between the two.
+tries once more, and a release that sees waiters wakes one under the lock,
+so no wake-up is lost between the two.
+
+Under contention the gate does not hand each free permit to a parked
+waiter (a convoy: every checkout would park and be scheduled again).
+Instead the release wakes the first waiter in line to take the permit
+itself, one waiter at a time, and a caller already running may take it
+first, as in SQLAlchemy's own queue. A woken waiter that lost that race is
+owed the next permit, which is handed to it directly, so nobody is passed
+over twice. With a policy on, waiters queue by priority (one lane each),
+only newcomers of the woken waiter's priority or better may pass it, and
+while nobody waits a policy of bounded queues only takes permits without
+the lock.
 
 The caller keeps track of which permits it holds (the pool marks each
 checked-out record with its permit and pops the mark to release it, so each
