@@ -143,8 +143,10 @@ SWEEP_DEFAULTS: dict[str, Any] = {
     "seed": 1,
 }
 #: Options only --hot-path takes (the default when not given).
-HOT_PATH_DEFAULTS: dict[str, Any] = {"rounds": 20, "iterations": 2000, "otel": False}
-#: Config fields that are no ``--option``: set by the benchmark itself, or not text.
+HOT_PATH_DEFAULTS: dict[str, Any] = {"rounds": 20, "iterations": 2000, "otel": False,
+                                     "contention": False, "quick": False}
+#: What ``--hot-path --contention`` does not use (it sizes its own runs, on SQLite).
+CONTENTION_IGNORES = ("url", "rounds", "iterations", "otel")
 
 
 def _flag(dest: str) -> str:
@@ -161,14 +163,22 @@ def resolve_defaults(args: argparse.Namespace) -> None:
     if args.hot_path:
         ignored, defaults = SWEEP_DEFAULTS, HOT_PATH_DEFAULTS
         mode = "--hot-path (the acquire/release microbenchmark)"
-        allowed = "--url, --rounds, --iterations, --otel, --json, --quiet"
+        allowed = ("--url, --rounds, --iterations, --otel, --contention, --quick, --json, "
+                   "--quiet")
     else:
         ignored, defaults = HOT_PATH_DEFAULTS, SWEEP_DEFAULTS
         mode = "the pool-size sweep (without --hot-path)"
-        allowed = "every option but --rounds, --iterations and --otel"
+        allowed = "every option but --rounds, --iterations, --otel, --contention and --quick"
     given = [_flag(dest) for dest in ignored if getattr(args, dest) not in (None, False, [])]
     if given:
         raise UsageError(f"{mode} does not use {', '.join(given)}; it takes {allowed}")
+    if args.hot_path and args.contention:
+        given = [_flag(d) for d in CONTENTION_IGNORES if getattr(args, d) not in (None, False)]
+        if given:
+            raise UsageError(f"--hot-path --contention does not use {', '.join(given)}; "
+                             "it takes --quick, --json, --quiet")
+    elif args.hot_path and args.quick:
+        raise UsageError("--quick goes with --hot-path --contention")
     for dest, default in defaults.items():
         if getattr(args, dest) is None:
             setattr(args, dest, default)
@@ -220,6 +230,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--otel", action="store_true", default=None,
                         help="--hot-path: the guarded engine reports to an OpenTelemetry SDK; "
                         "the +export column is the CPU of collecting it")
+    parser.add_argument("--contention", action="store_true",
+                        help="--hot-path: plain vs guarded with 1-256 threads and asyncio tasks "
+                        "sharing a pool of 8")
+    parser.add_argument("--quick", action="store_true",
+                        help="--hot-path --contention: a short smoke run, not a measurement")
 
 
 # -- output ----------------------------------------------------------------------
@@ -386,6 +401,8 @@ def format_report(report: dict[str, Any]) -> str:
 def _hot_path(args: argparse.Namespace) -> int:
     from poolguard import hotpath
 
+    if args.contention:
+        return hotpath.contention_main(as_json=args.json, quick=args.quick)
     url = None
     if args.url:
         url = args.url
