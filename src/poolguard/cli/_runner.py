@@ -42,7 +42,7 @@ class _Measured:
 
     pool_size: int
     concurrency: int
-    #: Requests served per second (a cell: the median of its runs).
+    #: Requests served per second (a cell: its median run's).
     throughput: float
     p50_ms: float | None
     p95_ms: float | None
@@ -76,8 +76,13 @@ class Result(_Measured):
 class Cell(_Measured):
     """One pool size x concurrency over its ``--repeat`` runs: medians, and the spread.
 
-    Latencies, waits and hold times are the medians of the runs'; failures are
-    summed; ``server_connections`` and ``peak_in_use`` are the most of any run.
+    Throughput, hold time and busy connections are those of the median run
+    (by throughput; the lower middle one of an even number), so that busy =
+    req/s x hold holds for the cell as for each run and never exceeds the
+    pool: medians taken apart would not (throughput and hold time move in
+    opposite directions on a full pool). Latencies and waits are the medians
+    of the runs'; failures are summed; ``server_connections`` and
+    ``peak_in_use`` are the most of any run.
     """
 
     runs: int
@@ -105,8 +110,8 @@ def cells(results: Sequence[Result]) -> list[Cell]:
     out = []
     for (pool, c), runs in groups.items():
         tps = [r.throughput for r in runs]
-        tp = round(statistics.median(tps), 2)
-        hold = round(statistics.median(r.mean_hold_ms for r in runs), 3)
+        middle = sorted(runs, key=lambda r: r.throughput)[(len(runs) - 1) // 2]
+        tp, hold = middle.throughput, middle.mean_hold_ms
         servers = [r.server_connections for r in runs if r.server_connections is not None]
         out.append(Cell(
             pool_size=pool, concurrency=c, runs=len(runs), throughput=tp,
@@ -123,7 +128,7 @@ def cells(results: Sequence[Result]) -> list[Cell]:
             server_connections=max(servers) if servers else None,
             peak_in_use=max(r.peak_in_use for r in runs),
             mean_hold_ms=hold,
-            busy_connections=_busy(tp, hold),
+            busy_connections=middle.busy_connections,
         ))
     return out
 
