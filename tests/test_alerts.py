@@ -1,6 +1,6 @@
 """Threshold alerts: the pure state machine, and the guard's utilisation and wait-time alerts.
 
-:class:`poolguard.alerts.Alert` is fed explicit times (no sleeping): it fires once a
+:class:`poolguard._alerts.Alert` is fed explicit times (no sleeping): it fires once a
 value has stayed at or above the threshold for ``hold_for`` seconds and clears once it
 has stayed below ``clear_ratio`` x threshold as long. The guard evaluates its alerts in
 :meth:`Guard.scan`, which takes ``now`` on the ``perf_counter`` clock; the tests turn the
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import poolguard
 from poolguard import AlertEvent
-from poolguard.alerts import Alert
+from poolguard._alerts import Alert
 
 #: Events go to the stdlib logger: structlog not configured (see conftest).
 pytestmark = pytest.mark.usefixtures("structlog_unconfigured")

@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
+from poolguard._policies import tag_cap
 from poolguard.cli import bench
 from poolguard.cli._db import UsageError
-from poolguard.policies import tag_cap
 
 #: Upper bound of one command (a hang fails the test instead of the suite).
 RUN_TIMEOUT = 240

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from poolguard import hotpath
-from poolguard.gate import Gate, Refused
-from poolguard.policies import BACKGROUND, CRITICAL, NORMAL
+from poolguard._gate import Gate, Refused
+from poolguard._policies import BACKGROUND, CRITICAL, NORMAL
 
 
 def test_quick_contention_run_reports_every_case() -> None:

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 import poolguard
 from poolguard import LoadShed, PoolTimeout
-from poolguard.gate import Gate, Refused
+from poolguard._gate import Gate, Refused
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

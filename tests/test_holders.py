@@ -25,8 +25,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
 
 import poolguard
-from poolguard.fingerprint import fingerprint
-from poolguard.holders import Holder, describe_groups, group_holders
+from poolguard._fingerprint import fingerprint
+from poolguard._holders import Holder, describe_groups, group_holders
 
 #: Events go to the stdlib logger: structlog not configured (see conftest).
 pytestmark = pytest.mark.usefixtures("structlog_unconfigured")
@@ -505,7 +505,7 @@ def test_holders_report_is_reused_for_a_second_unless_fresh(
     engine = make_engine(sqlite_url, 2)
     guard = poolguard.get_guard(engine)
     now = [time.perf_counter() + 100.0]
-    monkeypatch.setattr("poolguard.guard.perf_counter", lambda: now[0])
+    monkeypatch.setattr("poolguard._guard.perf_counter", lambda: now[0])
     first = engine.connect()
     second = None
     try:

@@ -49,8 +49,8 @@ from opentelemetry.sdk.metrics.export import (
 
 import poolguard
 from poolguard import histogram as pg_histogram
-from poolguard.fingerprint import fingerprint
-from poolguard.otel import DURATION_BUCKETS
+from poolguard._fingerprint import fingerprint
+from poolguard._otel import DURATION_BUCKETS
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping

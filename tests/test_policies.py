@@ -1,7 +1,7 @@
 """Admission policies: the pure functions, their enforcement by the gate, the
 options that configure them, and load shedding through a real engine.
 
-The pure policies (:mod:`poolguard.policies`) are tested with explicit times.
+The pure policies (:mod:`poolguard._policies`) are tested with explicit times.
 The gate is tested with a fake clock and threads: real time only makes things
 happen (a waiter queues, a short slough timeout runs out); no assertion is
 about how long anything took.
@@ -21,9 +21,9 @@ import sqlalchemy.exc
 
 import poolguard
 from poolguard import Config
-from poolguard.context import RequestContext
-from poolguard.gate import Gate, Refused
-from poolguard.policies import (
+from poolguard._context import RequestContext
+from poolguard._gate import Gate, Refused
+from poolguard._policies import (
     BACKGROUND,
     CRITICAL,
     HEALTH,
@@ -37,7 +37,7 @@ from poolguard.policies import (
     reserve_size,
     tag_cap,
 )
-from poolguard.recorder import new_hold
+from poolguard._recorder import new_hold
 
 # Upper bound of any wait for another thread to get somewhere. It only stops a
 # broken test from hanging; no assertion is about elapsed time.

@@ -1,6 +1,6 @@
 """Stateful test of the gate with every admission policy combined.
 
-A Hypothesis state machine drives one :class:`poolguard.gate.Gate` (capacity
+A Hypothesis state machine drives one :class:`poolguard._gate.Gate` (capacity
 4, a fake clock, no threads, no sleeping) through:
 
 * attempts with a random priority and tag and timeout 0: each one is granted,
@@ -34,9 +34,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from poolguard.context import RequestContext
-from poolguard.gate import Gate, Refused, _Waiter
-from poolguard.policies import (
+from poolguard._context import RequestContext
+from poolguard._gate import Gate, Refused, _Waiter
+from poolguard._policies import (
     BACKGROUND,
     CRITICAL,
     HEALTH,
@@ -46,7 +46,7 @@ from poolguard.policies import (
     may_take,
     rank,
 )
-from poolguard.recorder import new_hold
+from poolguard._recorder import new_hold
 
 CAPACITY = 4
 CAPPED_TAGS = ("report", "search")

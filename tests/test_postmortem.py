@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 import poolguard
-from poolguard.fingerprint import fingerprint
+from poolguard._fingerprint import fingerprint
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

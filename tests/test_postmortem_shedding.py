@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from poolguard.policies import CRITICAL, tag_cap
+from poolguard._policies import CRITICAL, tag_cap
 
 # The benchmark's scenario itself, not a copy of it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

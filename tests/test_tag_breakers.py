@@ -20,9 +20,9 @@ from sqlalchemy.pool import NullPool
 import poolguard
 from poolguard import guard as guard_module
 from poolguard import queries as queries_module
+from poolguard._config import Config
+from poolguard._context import RequestContext
 from poolguard.breaker import CLOSED, HALF_OPEN, OPEN, BreakerConfig, TagBreaker
-from poolguard.config import Config
-from poolguard.context import RequestContext
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

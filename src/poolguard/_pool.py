@@ -31,18 +31,18 @@ from sqlalchemy.pool import (
     StaticPool,
 )
 
-from .context import _current
-from .histogram import BOUNDS
-from .queries import count_ping
-from .recorder import REQUEST, T0, TOP_STAT, WARNED, Hold
+from ._context import _current
+from ._histogram import BOUNDS
+from ._queries import count_ping
+from ._recorder import REQUEST, T0, TOP_STAT, WARNED, Hold
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from sqlalchemy.pool.base import ConnectionPoolEntry, PoolProxiedConnection
 
-    from .gate import Gate, _Waiter
-    from .guard import Guard
+    from ._gate import Gate, _Waiter
+    from ._guard import Guard
 
 __all__ = [
     "GuardedAsyncAdaptedQueuePool",
@@ -196,8 +196,8 @@ class GuardedPoolMixin(Pool):
     def _poolguard_default(self) -> Guard:
         # Built with poolclass=Guarded...: configure from the environment. Or
         # a checkout while wrap() attaches: wait for that guard instead.
-        from .config import Config
-        from .guard import Guard
+        from ._config import Config
+        from ._guard import Guard
 
         with _DEFAULT_LOCK:
             guard = self._poolguard

@@ -12,14 +12,14 @@ import dataclasses
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
-from .fingerprint import fingerprint
-from .recorder import REQUEST, RUNNING_SINCE, SITE, STATEMENT, T0, TASK, THREAD, WAIT
-from .sites import task_site, thread_site
+from ._fingerprint import fingerprint
+from ._recorder import REQUEST, RUNNING_SINCE, SITE, STATEMENT, T0, TASK, THREAD, WAIT
+from ._sites import task_site, thread_site
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from .recorder import Hold
+    from ._recorder import Hold
 
 __all__ = ["Holder", "HolderGroup", "describe_groups", "group_holders", "holders"]
 

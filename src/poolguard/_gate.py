@@ -57,8 +57,8 @@ from collections.abc import Callable  # noqa: TC003 - used at run time for _disc
 from typing import Any
 
 from ._compat import await_only
-from .policies import CRITICAL, HEALTH, NORMAL, PRIORITIES, Codel, Gradient2, may_take, rank
-from .recorder import REQUEST
+from ._policies import CRITICAL, HEALTH, NORMAL, PRIORITIES, Codel, Gradient2, may_take, rank
+from ._recorder import REQUEST
 
 __all__ = ["Gate"]
 
@@ -330,7 +330,7 @@ class Gate:
         tag_caps: dict[str, int] | None = None,
         adaptive: Gradient2 | None = None,
     ) -> None:
-        """Turn admission policies on (or all off): see :mod:`poolguard.policies`.
+        """Turn admission policies on (or all off): see :mod:`poolguard._policies`.
 
         Policies apply to a gate with a capacity; a gate without a limit
         never makes anybody wait, so there is nothing to order or shed.

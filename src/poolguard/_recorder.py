@@ -11,11 +11,11 @@ import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from .fingerprint import Fingerprint
-from .histogram import Histogram, HistogramSnapshot
+from ._fingerprint import Fingerprint
+from ._histogram import Histogram, HistogramSnapshot
 
 if TYPE_CHECKING:
-    from .context import RequestContext
+    from ._context import RequestContext
 
 __all__ = ["GRANTED", "SHED", "TIMED_OUT", "Hold", "QueryStat", "Recorder", "new_hold"]
 

@@ -21,24 +21,14 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event
 from sqlalchemy.pool import NullPool, Pool, QueuePool, SingletonThreadPool, StaticPool
 
-from .alerts import Alert, AlertEvent
-from .breaker import (
-    CLOSED,
-    HALF_OPEN,
-    OPEN,
-    BreakerConfig,
-    CircuitBreaker,
-    TagBreaker,
-    default_classifier,
-)
-from .context import RequestContext, _current
-from .errors import CircuitOpen, LoadShed, PoolTimeout
-from .gate import Gate, Refused, _Waiter
-from .holders import Holder, HolderGroup, describe_groups, group_holders, holders
-from .log import EventLog
-from .policies import BACKGROUND, CRITICAL, NORMAL, Codel, Gradient2, reserve_size, tag_cap
-from .queries import _gate_wait
-from .recorder import (
+from ._alerts import Alert, AlertEvent
+from ._context import RequestContext, _current
+from ._gate import Gate, Refused, _Waiter
+from ._holders import Holder, HolderGroup, describe_groups, group_holders, holders
+from ._log import EventLog
+from ._policies import BACKGROUND, CRITICAL, NORMAL, Codel, Gradient2, reserve_size, tag_cap
+from ._queries import _gate_wait
+from ._recorder import (
     REQUEST,
     SHED,
     SITE,
@@ -51,10 +41,20 @@ from .recorder import (
     Recorder,
     new_hold,
 )
-from .retries import RetryBudget, connect_with_retries
-from .sites import current_site
-from .stats import PoolStats, QueryStats
-from .timeouts import is_timeout_error
+from ._retries import RetryBudget, connect_with_retries
+from ._sites import current_site
+from ._stats import PoolStats, QueryStats
+from ._timeouts import is_timeout_error
+from .breaker import (
+    CLOSED,
+    HALF_OPEN,
+    OPEN,
+    BreakerConfig,
+    CircuitBreaker,
+    TagBreaker,
+    default_classifier,
+)
+from .errors import CircuitOpen, LoadShed, PoolTimeout
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -62,10 +62,10 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
     from tenacity import RetryCallState
 
-    from .config import Config
-    from .fingerprint import Fingerprint
-    from .pool import GuardedPoolMixin
-    from .queries import QueryTimer
+    from ._config import Config
+    from ._fingerprint import Fingerprint
+    from ._pool import GuardedPoolMixin
+    from ._queries import QueryTimer
 
 __all__ = ["Guard"]
 
@@ -580,7 +580,7 @@ class Guard:
     def _attach_engine(self, engine: Engine) -> None:
         """Time the engine's statements (once per engine); metrics as configured."""
         if self._engine is not engine:
-            from .queries import QueryTimer
+            from ._queries import QueryTimer
 
             if self._queries is not None:
                 self._queries.remove()
@@ -597,7 +597,7 @@ class Guard:
             self.exporter.close()
             self.exporter = None
         if cfg.metrics and self.exporter is None:
-            from .otel import Exporter
+            from ._otel import Exporter
 
             self.exporter = Exporter(self)
         self._exporter_settings = wanted
@@ -1040,7 +1040,7 @@ class Guard:
         self.log.emit(logging.WARNING, "query.slow", **fields)
         if self.config.explain_slow_queries and fp.id not in self._explained:
             self._explained.add(fp.id)
-            from .explain import explain
+            from ._explain import explain
 
             explain(self, cursor, fp, statement, parameters)
 

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.engine import Engine
 
-from .config import Config
-from .guard import Guard
-from .pool import GuardedPoolMixin, guarded_class
+from ._config import Config
+from ._guard import Guard
+from ._pool import GuardedPoolMixin, guarded_class
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine

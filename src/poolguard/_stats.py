@@ -6,10 +6,10 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from .histogram import HistogramSnapshot
+from ._histogram import HistogramSnapshot
 
 if TYPE_CHECKING:
-    from .recorder import QueryStat
+    from ._recorder import QueryStat
 
 __all__ = ["HistogramSnapshot", "PoolStats", "QueryStats"]
 

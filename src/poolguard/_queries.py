@@ -34,13 +34,12 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 
-from .context import _current
-from .errors import DeadlineExceeded, PoolTimeout, StatementTimeout
-from .fingerprint import fingerprint
-from .histogram import BOUNDS
-from .recorder import REQUEST, RUNNING_SINCE, STATEMENT, TOP_STAT, TOP_TIME
-from .sites import current_site
-from .timeouts import (
+from ._context import _current
+from ._fingerprint import fingerprint
+from ._histogram import BOUNDS
+from ._recorder import REQUEST, RUNNING_SINCE, STATEMENT, TOP_STAT, TOP_TIME
+from ._sites import current_site
+from ._timeouts import (
     KILL_GRACE,
     PG_RESET,
     interrupter,
@@ -50,6 +49,7 @@ from .timeouts import (
     limited_statement,
     watchdog,
 )
+from .errors import DeadlineExceeded, PoolTimeout, StatementTimeout
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -57,10 +57,10 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine, ExceptionContext
     from sqlalchemy.engine.interfaces import DBAPICursor
 
-    from .config import Config
-    from .context import RequestContext
-    from .guard import Guard
-    from .recorder import Hold, QueryStat
+    from ._config import Config
+    from ._context import RequestContext
+    from ._guard import Guard
+    from ._recorder import Hold, QueryStat
 
 __all__ = ["QueryTimer", "count_ping"]
 

@@ -34,11 +34,11 @@ import logging
 import re
 from typing import TYPE_CHECKING, Any
 
-from .fingerprint import normalize
+from ._fingerprint import normalize
 
 if TYPE_CHECKING:
-    from .fingerprint import Fingerprint
-    from .guard import Guard
+    from ._fingerprint import Fingerprint
+    from ._guard import Guard
 
 __all__ = ["explain", "full_scans", "refusal"]
 

@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - another API layout
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
-    from .guard import Guard
+    from ._guard import Guard
 
 __all__ = ["DURATION_BUCKETS", "Exporter"]
 
