@@ -26,6 +26,7 @@ from ._pool import (
     guarded_class,
 )
 from ._stats import PoolStats, QueryStats
+from ._version import __version__ as __version__
 from .errors import (
     CircuitOpen,
     DeadlineExceeded,
@@ -35,8 +36,6 @@ from .errors import (
     Rejected,
     StatementTimeout,
 )
-
-__version__ = "0.1.0.dev0"
 
 __all__ = [
     # set-up

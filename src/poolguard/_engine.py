@@ -67,7 +67,7 @@ def wrap(engine: E, config: Config | None = None, **options: Any) -> E:
         # Swap the class in place: idle connections, overflow counts, listeners
         # and everything already checked out stay exactly where they are.
         pool.__class__ = guarded_class(type(pool))
-        guard._attach(pool)  # type: ignore[arg-type]  # its class was just swapped
+        guard._attach(pool)
         current = sync_engine.pool
         if current is pool or getattr(current, "_poolguard", None) is guard:
             break

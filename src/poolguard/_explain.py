@@ -38,7 +38,7 @@ from ._fingerprint import normalize
 
 if TYPE_CHECKING:
     from ._fingerprint import Fingerprint
-    from ._guard import Guard
+    from ._log import EventLog
 
 __all__ = ["explain", "full_scans", "refusal"]
 
@@ -89,10 +89,13 @@ def refusal(statement: str, operation: str, parameters: Any) -> str | None:
 
 
 def explain(
-    guard: Guard, used_cursor: Any, fp: Fingerprint, statement: str, parameters: Any
+    log: EventLog, dialect: str, used_cursor: Any, fp: Fingerprint, statement: str,
+    parameters: Any,
 ) -> None:
-    """Log ``query.explain`` for ``statement``, just run on ``used_cursor`` (never raises)."""
-    dialect = guard.db_system
+    """Log ``query.explain`` for ``statement``, just run on ``used_cursor`` (never raises).
+
+    ``dialect`` is the database's ``db.system.name``; the events go to ``log``.
+    """
     prefix = _PREFIX.get(dialect)
     if prefix is None:
         return
@@ -105,7 +108,7 @@ def explain(
         # connection would read (and drop) the rows the application is reading.
         reason = "unbuffered cursor"
     if reason is not None:
-        guard.log.emit(logging.DEBUG, "query.explain_skipped", fingerprint=fp.id, reason=reason)
+        log.emit(logging.DEBUG, "query.explain_skipped", fingerprint=fp.id, reason=reason)
         return
     sql = prefix + statement
     try:
@@ -116,7 +119,7 @@ def explain(
             else:
                 wrap = _wrapping(dialect, connection, cursor)
                 if wrap is None:
-                    guard.log.emit(logging.DEBUG, "query.explain_skipped", fingerprint=fp.id,
+                    log.emit(logging.DEBUG, "query.explain_skipped", fingerprint=fp.id,
                                    reason="transaction state unknown")
                     return
                 begin, end = wrap
@@ -130,11 +133,11 @@ def explain(
         finally:
             cursor.close()
     except Exception as exc:  # noqa: BLE001 - a diagnostic must not break the request
-        guard.log.emit(logging.DEBUG, "query.explain_failed", fingerprint=fp.id,
+        log.emit(logging.DEBUG, "query.explain_failed", fingerprint=fp.id,
                        error_type=type(exc).__qualname__)
         return
     plan = "\n".join(" | ".join(str(v) for v in row) for row in rows)
-    guard.log.emit(
+    log.emit(
         logging.WARNING,
         "query.explain",
         fingerprint=fp.id,

@@ -9,11 +9,9 @@ for leaks and alerts.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import threading
 import time
-import weakref
 from contextvars import ContextVar
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -22,6 +20,17 @@ from sqlalchemy import event
 from sqlalchemy.pool import NullPool, Pool, QueuePool, SingletonThreadPool, StaticPool
 
 from ._alerts import Alert, AlertEvent
+from ._compat import (
+    capacity,
+    checked_out_records,
+    creator,
+    is_asyncio,
+    overflow_limit,
+    pool_dialect,
+    pre_ping,
+    set_creator,
+    singleton_connections,
+)
 from ._context import RequestContext, _current
 from ._gate import Gate, Refused, _Waiter
 from ._holders import Holder, HolderGroup, describe_groups, group_holders, holders
@@ -29,13 +38,11 @@ from ._log import EventLog
 from ._policies import BACKGROUND, CRITICAL, NORMAL, Codel, Gradient2, reserve_size, tag_cap
 from ._queries import _gate_wait
 from ._recorder import (
-    REQUEST,
     SHED,
     SITE,
     T0,
     TASK,
     TIMED_OUT,
-    WAIT,
     WARNED,
     Hold,
     Recorder,
@@ -57,14 +64,12 @@ from .breaker import (
 from .errors import CircuitOpen, LoadShed, PoolTimeout
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable
 
     from sqlalchemy.engine import Engine
     from tenacity import RetryCallState
 
     from ._config import Config
-    from ._fingerprint import Fingerprint
-    from ._pool import GuardedPoolMixin
     from ._queries import QueryTimer
 
 __all__ = ["Guard"]
@@ -76,54 +81,6 @@ _REPORT_TTL = 1.0
 _EXHAUSTED_LOG_INTERVAL = 10.0
 #: Tags with a breaker of their own (``breaker_per_tag``); later tags have none.
 _MAX_TAG_BREAKERS = 100
-
-
-def _capacity(pool: Pool) -> int | None:
-    """How many connections ``pool`` can hand out at once (``None``: no limit)."""
-    if isinstance(pool, QueuePool):
-        size = pool.size()
-        overflow = pool._max_overflow
-        if size == 0 or overflow < 0:
-            return None
-        return size + overflow
-    return None
-
-
-def _checked_out_records(pool: Pool) -> list[object]:
-    """The records of ``pool`` checked out now (one-off, at wrap).
-
-    Found without a walk of the heap: SQLAlchemy registers every checked-out
-    connection, 2.1 as a ``weakref.finalize`` of its ``_ConnectionFairy``
-    (``_finalize_fairy(None, record, pool, ...)``), 2.0 in the module dict
-    ``_strong_ref_connection_records``. One pass over that registry costs
-    the connections checked out in the process, not the objects alive in it.
-    """
-    if not isinstance(pool, QueuePool) or pool.checkedout() <= 0:
-        return []
-    from sqlalchemy.pool import base
-    from sqlalchemy.pool.base import _ConnectionRecord
-
-    candidates: Iterable[object]
-    strong = getattr(base, "_strong_ref_connection_records", None)
-    registry = getattr(weakref.finalize, "_registry", None)
-    if isinstance(strong, dict):  # SQLAlchemy 2.0
-        candidates = list(strong.copy().values())
-    elif isinstance(registry, dict):  # SQLAlchemy 2.1
-        finalize_fairy = getattr(base, "_finalize_fairy", None)
-        candidates = [
-            info.args[1]
-            for info in registry.copy().values()
-            if info.func is finalize_fairy and len(info.args) > 2 and info.args[2] is pool
-        ]
-    else:  # neither: an unknown SQLAlchemy or Python; the slow way
-        candidates = gc.get_objects()
-    return [
-        obj
-        for obj in candidates
-        if isinstance(obj, _ConnectionRecord)
-        and obj._ConnectionRecord__pool is pool  # type: ignore[attr-defined]
-        and obj.fairy_ref is not None
-    ]
 
 
 #: The half-open probe slots the checkout under way in this context (thread,
@@ -154,7 +111,7 @@ class Guard:
         self.recorder = Recorder()
         self.log = EventLog(self.name)
         self.log.refresh()
-        self._pool: GuardedPoolMixin | None = None
+        self._pool: Pool | None = None
         self._engine: Engine | None = None
         self._queries: QueryTimer | None = None
         self._listeners: list[tuple[str, Callable[..., None]]] = []
@@ -180,7 +137,6 @@ class Guard:
         # checkout racing wrap() waits for the whole gate, never half of it.
         self._attach_lock = threading.RLock()
         self.retry_budget: RetryBudget | None = None
-        self._explained: set[str] = set()
         self._alert_callbacks: list[Callable[[AlertEvent], None]] = []
         self._alerts: list[Alert] = []
         self._interval_wait_max = 0.0
@@ -434,8 +390,8 @@ class Guard:
         if isinstance(error, sa_exc.SQLAlchemyError) or not isinstance(error, Exception):
             return error
         engine = self._engine
-        dialect: Any = engine.dialect if engine is not None else getattr(
-            self._pool, "_dialect", None)
+        dialect: Any = engine.dialect if engine is not None else pool_dialect(
+            self._pool)
         base = getattr(getattr(dialect, "dbapi", None), "Error", None)
         if not isinstance(base, type) or not isinstance(error, base):
             return error  # not the driver's (an OSError, a poolguard error)
@@ -514,7 +470,7 @@ class Guard:
             raise RuntimeError(f"guard {self.name!r} is not attached to a pool")
         return self._pool
 
-    def _attach(self, pool: GuardedPoolMixin) -> None:
+    def _attach(self, pool: Pool) -> None:
         """Guard ``pool``: the first pool, or one recreated by ``dispose()``.
 
         Everything is built before the pool sees its gate: a ``dispose()``
@@ -525,14 +481,14 @@ class Guard:
             first = self._pool is None
             # Known first, so that a recreate() meanwhile attaches its copy
             # here (and waits for this attach) instead of leaving it unguarded.
-            pool._poolguard = self
+            pool._poolguard = self  # type: ignore[attr-defined]
             adopted: dict[object, Hold] = {}
             if first:
                 # Connections already checked out (wrap() of a busy engine)
                 # hold capacity without a permit: adopt them, so that their
                 # return gives the permit back like any other.
-                records = _checked_out_records(pool)
-                gate = Gate(_capacity(pool), adopted=len(records))
+                records = checked_out_records(pool)
+                gate = Gate(capacity(pool), adopted=len(records))
                 gate.recorder = self.recorder
                 use = self.recorder.use
                 gate.checkins = lambda: use.count
@@ -552,7 +508,7 @@ class Guard:
                     if fn not in list(getattr(pool.dispatch, name)):
                         event.listen(pool, name, fn, asyncio=False)
             self._pool = pool
-            self._async = bool(pool._is_asyncio)
+            self._async = is_asyncio(pool)
             self._time_creator(pool)
             self._update_slow_at()
             # An adopted connection returned before the gate is published goes
@@ -561,7 +517,7 @@ class Guard:
             # one returned in between).
             self._release_returned(adopted)
             # Published last: a checkout or checkin sees the whole gate or none.
-            pool._poolguard_gate = self.gate
+            pool._poolguard_gate = self.gate  # type: ignore[attr-defined]
             self._release_returned(adopted)
 
     def _release_returned(self, adopted: dict[object, Hold]) -> None:
@@ -606,7 +562,7 @@ class Guard:
         # Connection set-up (db.client.connection.create_time), retried within
         # the budget: wrap the function every record calls to open its DBAPI
         # connection.
-        inner = pool._invoke_creator
+        inner = creator(pool)
         if getattr(inner, "_poolguard_timed", False):
             return
         recorder = self.recorder
@@ -633,7 +589,7 @@ class Guard:
 
         timed._poolguard_timed = True  # type: ignore[attr-defined]
         timed._poolguard_inner = inner  # type: ignore[attr-defined]
-        pool._invoke_creator = timed  # type: ignore[assignment]
+        set_creator(pool, timed)
 
     def _on_retry(self, state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome is not None else None
@@ -667,7 +623,7 @@ class Guard:
         for name in _EVENTS:
             # asyncio=False: these counters never await, so they need no
             # asyncio-aware run-once mutex on the event. Left to its default
-            # (pool._is_asyncio read now, at the first checkout of a pool built
+            # (the pool's asyncio flag read now, at the first checkout of a pool built
             # with poolclass=Guarded...), it would give that mutex to a pool
             # whose own listeners were added while it was sync, and its first
             # connect outside a greenlet fails with MissingGreenlet. An async
@@ -682,9 +638,9 @@ class Guard:
             for name, fn in self._listeners:
                 if event.contains(pool, name, fn):
                     event.remove(pool, name, fn)
-            inner = getattr(pool._invoke_creator, "_poolguard_inner", None)
+            inner = getattr(creator(pool), "_poolguard_inner", None)
             if inner is not None:
-                pool._invoke_creator = inner
+                set_creator(pool, inner)
         self._listeners.clear()
         if self._queries is not None:
             self._queries.remove()
@@ -742,7 +698,7 @@ class Guard:
         reason = None
         try:
             granted = self.gate.acquire(
-                timeout, asyncio_mode=bool(pool._is_asyncio), priority=priority, tag=tag,
+                timeout, asyncio_mode=is_asyncio(pool), priority=priority, tag=tag,
                 waiter=waiter,
             )
         except Refused as refused:
@@ -767,7 +723,7 @@ class Guard:
             if self.breakers_on:
                 self.breaker_record(error, waited, request)
             raise error
-        if pool._pre_ping:
+        if pre_ping(pool):
             # The pre-ping, still to come inside the checkout, gets what is
             # left of the acquire timeout and adds to this wait: recorded
             # once, by queries.count_ping.
@@ -1000,50 +956,6 @@ class Guard:
 
     # -- statements ------------------------------------------------------------
 
-    def query_fields(
-        self,
-        fp: Fingerprint,
-        duration: float,
-        rows: int,
-        hold: Hold | None,
-        parameters: Any,
-    ) -> dict[str, Any]:
-        """The fields of a query event (never parameter values unless opted in)."""
-        request = hold[REQUEST] if hold is not None else _current.get()
-        fields: dict[str, Any] = {
-            "fingerprint": fp.id,
-            "statement": fp.text,
-            "summary": fp.summary,
-            "duration_ms": round(duration * 1000, 3),
-            "rows": rows if rows >= 0 else None,
-            "wait_ms": round(hold[WAIT] * 1000, 3) if hold is not None else None,
-            "tag": request.tag if request is not None else None,
-        }
-        if self.config.log_parameters:
-            fields["parameters"] = repr(parameters)[:1000]
-        return fields
-
-    def on_slow_query(
-        self,
-        fp: Fingerprint,
-        duration: float,
-        rows: int,
-        hold: Hold | None,
-        statement: str,
-        parameters: Any,
-        cursor: Any,
-    ) -> None:
-        """Log ``query.slow`` with where it came from; EXPLAIN it once if asked."""
-        fields = self.query_fields(fp, duration, rows, hold, parameters)
-        fields["threshold_ms"] = round((self.config.slow_query_threshold or 0) * 1000, 3)
-        fields["site"] = current_site(3)
-        self.log.emit(logging.WARNING, "query.slow", **fields)
-        if self.config.explain_slow_queries and fp.id not in self._explained:
-            self._explained.add(fp.id)
-            from ._explain import explain
-
-            explain(self, cursor, fp, statement, parameters)
-
     def top_queries(self, n: int = 10, *, by: str = "total_time") -> list[QueryStats]:
         """The ``n`` statement shapes with the most ``by`` (a :class:`QueryStats` field)."""
         names = [f.name for f in dataclasses.fields(QueryStats)]
@@ -1076,14 +988,14 @@ class Guard:
         idle = 0
         if isinstance(pool, QueuePool):
             pool_size = pool.size()
-            max_overflow = pool._max_overflow
+            max_overflow = overflow_limit(pool)
             idle = pool.checkedin()
             in_use = pool.checkedout()
         else:
             in_use = gate.in_use
             if isinstance(pool, SingletonThreadPool):
                 pool_size = pool.size
-                idle = max(0, len(pool._all_conns) - in_use)
+                idle = max(0, len(singleton_connections(pool)) - in_use)
             elif isinstance(pool, StaticPool):
                 pool_size = 1
                 idle = int("connection" in pool.__dict__ and in_use == 0)

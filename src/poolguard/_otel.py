@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, NoOpMeterProvider, Observation
@@ -39,7 +39,11 @@ except ImportError:  # pragma: no cover - another API layout
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
-    from ._guard import Guard
+    from ._config import Config
+    from ._gate import Gate
+    from ._log import EventLog
+    from ._recorder import Recorder
+    from ._stats import PoolStats
 
 __all__ = ["DURATION_BUCKETS", "Exporter"]
 
@@ -51,10 +55,29 @@ POOL = "db.client.connection.pool.name"
 STATE = "db.client.connection.state"
 
 
+class MetricsSource(Protocol):
+    """What the exporter reads of its guard (:class:`poolguard.Guard` is one)."""
+
+    name: str
+    config: Config
+    gate: Gate
+    recorder: Recorder
+    log: EventLog
+    rejections: dict[tuple[str, str], int]
+    leak_warnings: int
+    exhaustion_events: int
+    exporter: Any
+
+    @property
+    def db_system(self) -> str: ...
+
+    def stats(self) -> PoolStats: ...
+
+
 def _version() -> str:
     # Not importlib.metadata: the distribution is named sqlalchemy-poolguard, and
     # an unrelated distribution named "poolguard" may be installed beside it.
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 
@@ -271,7 +294,7 @@ class Exporter:
     reports what happened since, within the buffers' bound.
     """
 
-    def __init__(self, guard: Guard) -> None:
+    def __init__(self, guard: MetricsSource) -> None:
         self.guard = guard
         self.legacy = guard.config.metrics_legacy_names
         self._provider = guard.config.meter_provider

@@ -31,6 +31,7 @@ from sqlalchemy.pool import (
     StaticPool,
 )
 
+from ._compat import logging_name, plain_return
 from ._context import _current
 from ._histogram import BOUNDS
 from ._queries import count_ping
@@ -78,7 +79,7 @@ class GuardedPoolMixin(Pool):
         super().__init_subclass__(**kwargs)
         plain = cls._poolguard_plain
         cls._poolguard_connect = staticmethod(plain.connect)
-        cls._poolguard_return = staticmethod(plain._do_return_conn)
+        cls._poolguard_return = staticmethod(plain_return(plain))
 
     def connect(self) -> PoolProxiedConnection:  # noqa: PLR0912, PLR0915 - the hot path, inlined
         gate = self._poolguard_gate
@@ -119,7 +120,7 @@ class GuardedPoolMixin(Pool):
             conn = connect(self)
             # Registered only now: a record SQLAlchemy returns during a failed
             # checkout must not release a permit that is released below.
-            record = conn._connection_record
+            record = conn._connection_record  # sqla-private
             out = gate.out
             if record in out:
                 # The record is already out under a permit: a nested checkout
@@ -129,7 +130,8 @@ class GuardedPoolMixin(Pool):
                 hold = out[record]
                 _give_back(gate, waiter)
                 return conn
-            if self._pre_ping:  # the ping ran inside the checkout: part of its wait
+            # the ping ran inside the checkout: part of its wait
+            if self._pre_ping:  # sqla-private
                 wait = count_ping(self._poolguard, conn, wait)  # type: ignore[arg-type]
             now = perf_counter()
             # recorder.new_hold(), spelled out: one list display, no call.
@@ -206,7 +208,7 @@ class GuardedPoolMixin(Pool):
                 # guard keeps the good ones, so later checkouts neither fail
                 # nor parse the environment again.
                 config, errors = Config._from_env()
-                guard = Guard(config, default_name=self._orig_logging_name or "pool")
+                guard = Guard(config, default_name=logging_name(self) or "pool")
                 guard._attach(self)
                 if errors:
                     guard.log.emit(logging.ERROR, "config.invalid",

@@ -30,14 +30,15 @@ import time
 from bisect import bisect_left
 from contextvars import ContextVar
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import event
 
+from ._compat import connection_record
 from ._context import _current
 from ._fingerprint import fingerprint
 from ._histogram import BOUNDS
-from ._recorder import REQUEST, RUNNING_SINCE, STATEMENT, TOP_STAT, TOP_TIME
+from ._recorder import REQUEST, RUNNING_SINCE, STATEMENT, TOP_STAT, TOP_TIME, WAIT
 from ._sites import current_site
 from ._timeouts import (
     KILL_GRACE,
@@ -59,8 +60,10 @@ if TYPE_CHECKING:
 
     from ._config import Config
     from ._context import RequestContext
-    from ._guard import Guard
-    from ._recorder import Hold, QueryStat
+    from ._fingerprint import Fingerprint
+    from ._gate import Gate
+    from ._log import EventLog
+    from ._recorder import Hold, QueryStat, Recorder
 
 __all__ = ["QueryTimer", "count_ping"]
 
@@ -80,6 +83,50 @@ _ENDS = {"do_commit": "COMMIT", "do_rollback": "ROLLBACK"}
 _gate_wait: ContextVar[float] = ContextVar("poolguard_gate_wait", default=0.0)
 #: (DBAPI connection, seconds) of the last pre-ping in this context.
 _pinged: ContextVar[tuple[Any, float] | None] = ContextVar("poolguard_pinged", default=None)
+
+
+class StatementGuard(Protocol):
+    """What the statement timer needs of its guard (:class:`poolguard.Guard` is one)."""
+
+    name: str
+    config: Config
+    gate: Gate
+    recorder: Recorder
+    log: EventLog
+    limits_on: bool
+    breakers_on: bool
+    slow_query_threshold: float | None
+    _interval_wait_max: float
+
+    @property
+    def db_system(self) -> str: ...
+
+    def acquire_timeout(self) -> float | None: ...
+
+    def breaker_record(
+        self, error: BaseException | None, duration: float,
+        request: RequestContext | None = None,
+    ) -> None: ...
+
+
+def query_fields(
+    config: Config, fp: Fingerprint, duration: float, rows: int, hold: Hold | None,
+    parameters: Any,
+) -> dict[str, Any]:
+    """The fields of a query event (never parameter values unless opted in)."""
+    request = hold[REQUEST] if hold is not None else _current.get()
+    fields: dict[str, Any] = {
+        "fingerprint": fp.id,
+        "statement": fp.text,
+        "summary": fp.summary,
+        "duration_ms": round(duration * 1000, 3),
+        "rows": rows if rows >= 0 else None,
+        "wait_ms": round(hold[WAIT] * 1000, 3) if hold is not None else None,
+        "tag": request.tag if request is not None else None,
+    }
+    if config.log_parameters:
+        fields["parameters"] = repr(parameters)[:1000]
+    return fields
 
 
 def _dbapi_connection(cursor: Any) -> Any:
@@ -106,7 +153,7 @@ def _statement_limit(request: RequestContext | None, config: Config) -> float | 
     return seconds or None
 
 
-def count_ping(guard: Guard, conn: Any, wait: float) -> float:
+def count_ping(guard: StatementGuard, conn: Any, wait: float) -> float:
     """A checkout with ``pool_pre_ping`` succeeded: its wait includes the ping.
 
     Called by the guarded pool's ``connect()`` (only with pre-ping on);
@@ -127,7 +174,7 @@ def count_ping(guard: Guard, conn: Any, wait: float) -> float:
 class QueryTimer:
     """Times the statements of one dialect for one guard; :meth:`remove` undoes it."""
 
-    def __init__(self, guard: Guard, engine: Engine) -> None:
+    def __init__(self, guard: StatementGuard, engine: Engine) -> None:
         dialect = engine.dialect
         self.guard = guard
         self.dialect = dialect
@@ -144,6 +191,7 @@ class QueryTimer:
             setattr(dialect, "do_ping", self._wrap_ping(dialect.do_ping))  # noqa: B010
         self.engine = engine
         self._converting = False
+        self._explained: set[str] = set()
         self._convert_lock = threading.Lock()
 
     def _convert_errors(self) -> None:
@@ -197,7 +245,8 @@ class QueryTimer:
         def timed(cursor: DBAPICursor, statement: str, *args: Any) -> Any:  # noqa: PLR0912
             try:
                 context = args[context_at]
-                hold = out.get(context.root_connection._dbapi_connection._connection_record)
+                dbapi_connection = context.root_connection._dbapi_connection  # sqla-private
+                hold = out.get(dbapi_connection._connection_record)  # sqla-private
             except (IndexError, AttributeError):  # no context, or not pooled
                 context = hold = None
             send, armed = statement, None
@@ -331,7 +380,7 @@ class QueryTimer:
         out = guard.gate.out
 
         def end(dbapi_connection: Any) -> None:
-            record = getattr(dbapi_connection, "_connection_record", None)
+            record = connection_record(dbapi_connection)
             hold = out.get(record) if record is not None else None
             request = hold[REQUEST] if hold is not None else _current.get()
             if request is None or request.deadline is None:
@@ -393,7 +442,8 @@ class QueryTimer:
             left = max(left, config.deadline_floor)
             seconds = left if seconds is None else min(seconds, left)
             if dbapi_connection is not None:
-                record = context.root_connection._dbapi_connection._connection_record
+                connection = context.root_connection._dbapi_connection  # sqla-private
+                record = connection._connection_record  # sqla-private
                 armed.append(watchdog.schedule(
                     perf_counter() + left + KILL_GRACE,
                     functools.partial(self._cut, dbapi_connection, context, record, hold),
@@ -497,15 +547,38 @@ class QueryTimer:
         parameters = args[0] if len(args) > 1 else None
         slow = config.slow_query_threshold
         if slow is not None and duration >= slow:
-            guard.on_slow_query(stat.fp, duration, rows, hold, statement, parameters, cursor)
+            self._on_slow_query(stat.fp, duration, rows, hold, statement, parameters, cursor)
             return
         rate = config.query_log_sample_rate
         if rate >= 1.0 or (rate > 0.0 and random.random() < rate):
             guard.log.emit(
                 logging.DEBUG,
                 "query",
-                **guard.query_fields(stat.fp, duration, rows, hold, parameters),
+                **query_fields(config, stat.fp, duration, rows, hold, parameters),
             )
+
+    def _on_slow_query(
+        self,
+        fp: Fingerprint,
+        duration: float,
+        rows: int,
+        hold: Hold | None,
+        statement: str,
+        parameters: Any,
+        cursor: Any,
+    ) -> None:
+        """Log ``query.slow`` with where it came from; EXPLAIN it once if asked."""
+        guard = self.guard
+        config = guard.config
+        fields = query_fields(config, fp, duration, rows, hold, parameters)
+        fields["threshold_ms"] = round((config.slow_query_threshold or 0) * 1000, 3)
+        fields["site"] = current_site(3)
+        guard.log.emit(logging.WARNING, "query.slow", **fields)
+        if config.explain_slow_queries and fp.id not in self._explained:
+            self._explained.add(fp.id)
+            from ._explain import explain
+
+            explain(guard.log, guard.db_system, cursor, fp, statement, parameters)
 
     def _failed(
         self, statement: str, duration: float, hold: Hold | None, exc: BaseException
@@ -528,7 +601,7 @@ class QueryTimer:
         if slow is not None and duration >= slow:
             # A slow statement that failed (often: cancelled at its time
             # limit) is still the slow statement on-call is looking for.
-            fields = guard.query_fields(stat.fp, duration, -1, hold, None)
+            fields = query_fields(guard.config, stat.fp, duration, -1, hold, None)
             guard.log.emit(
                 logging.WARNING,
                 "query.slow",
