@@ -25,7 +25,7 @@ import sys
 
 import sqlalchemy
 
-from poolguard import hotpath
+from poolguard.cli import _hotpath as hotpath
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from sqlalchemy.pool import NullPool, QueuePool
 
 import poolguard
-from poolguard import guard as guard_module
+from poolguard import _guard as guard_module
 from poolguard.breaker import (
     CLOSED,
     HALF_OPEN,

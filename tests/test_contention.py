@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from poolguard import hotpath
 from poolguard._gate import Gate, Refused
 from poolguard._policies import BACKGROUND, CRITICAL, NORMAL
+from poolguard.cli import _hotpath as hotpath
 
 
 def test_quick_contention_run_reports_every_case() -> None:

@@ -23,6 +23,7 @@ import poolguard
 from poolguard import Config
 from poolguard._context import RequestContext
 from poolguard._gate import Gate, Refused
+from poolguard._hold import new_hold
 from poolguard._policies import (
     BACKGROUND,
     CRITICAL,
@@ -37,7 +38,6 @@ from poolguard._policies import (
     reserve_size,
     tag_cap,
 )
-from poolguard._recorder import new_hold
 
 # Upper bound of any wait for another thread to get somewhere. It only stops a
 # broken test from hanging; no assertion is about elapsed time.

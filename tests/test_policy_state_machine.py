@@ -36,6 +36,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from poolguard._context import RequestContext
 from poolguard._gate import Gate, Refused, _Waiter
+from poolguard._hold import new_hold
 from poolguard._policies import (
     BACKGROUND,
     CRITICAL,
@@ -46,7 +47,6 @@ from poolguard._policies import (
     may_take,
     rank,
 )
-from poolguard._recorder import new_hold
 
 CAPACITY = 4
 CAPPED_TAGS = ("report", "search")

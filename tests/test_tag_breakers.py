@@ -18,8 +18,8 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from sqlalchemy.pool import NullPool
 
 import poolguard
-from poolguard import guard as guard_module
-from poolguard import queries as queries_module
+from poolguard import _guard as guard_module
+from poolguard import _queries as queries_module
 from poolguard._config import Config
 from poolguard._context import RequestContext
 from poolguard.breaker import CLOSED, HALF_OPEN, OPEN, BreakerConfig, TagBreaker

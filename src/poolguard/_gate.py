@@ -57,8 +57,8 @@ from collections.abc import Callable  # noqa: TC003 - used at run time for _disc
 from typing import Any
 
 from ._compat import await_only
+from ._hold import REQUEST
 from ._policies import CRITICAL, HEALTH, NORMAL, PRIORITIES, Codel, Gradient2, may_take, rank
-from ._recorder import REQUEST
 
 __all__ = ["Gate"]
 

@@ -33,21 +33,12 @@ from ._compat import (
 )
 from ._context import RequestContext, _current
 from ._gate import Gate, Refused, _Waiter
+from ._hold import SITE, T0, TASK, WARNED, Hold, new_hold
 from ._holders import Holder, HolderGroup, describe_groups, group_holders, holders
 from ._log import EventLog
 from ._policies import BACKGROUND, CRITICAL, NORMAL, Codel, Gradient2, reserve_size, tag_cap
 from ._queries import _gate_wait
-from ._recorder import (
-    SHED,
-    SITE,
-    T0,
-    TASK,
-    TIMED_OUT,
-    WARNED,
-    Hold,
-    Recorder,
-    new_hold,
-)
+from ._recorder import SHED, TIMED_OUT, Recorder
 from ._retries import RetryBudget, connect_with_retries
 from ._sites import current_site
 from ._stats import PoolStats, QueryStats

@@ -13,13 +13,13 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from ._fingerprint import fingerprint
-from ._recorder import REQUEST, RUNNING_SINCE, SITE, STATEMENT, T0, TASK, THREAD, WAIT
+from ._hold import REQUEST, RUNNING_SINCE, SITE, STATEMENT, T0, TASK, THREAD, WAIT
 from ._sites import task_site, thread_site
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from ._recorder import Hold
+    from ._hold import Hold
 
 __all__ = ["Holder", "HolderGroup", "describe_groups", "group_holders", "holders"]
 

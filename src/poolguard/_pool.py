@@ -34,8 +34,8 @@ from sqlalchemy.pool import (
 from ._compat import logging_name, plain_return
 from ._context import _current
 from ._histogram import BOUNDS
+from ._hold import REQUEST, T0, TOP_STAT, WARNED, Hold
 from ._queries import count_ping
-from ._recorder import REQUEST, T0, TOP_STAT, WARNED, Hold
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -134,7 +134,7 @@ class GuardedPoolMixin(Pool):
             if self._pre_ping:  # sqla-private
                 wait = count_ping(self._poolguard, conn, wait)  # type: ignore[arg-type]
             now = perf_counter()
-            # recorder.new_hold(), spelled out: one list display, no call.
+            # _hold.new_hold(), spelled out: one list display, no call.
             hold = out[record] = [now, wait, get_ident(), request, None, 0.0, None, -1.0,
                                   None, None, False]
         except BaseException as error:

@@ -38,7 +38,7 @@ from ._compat import connection_record
 from ._context import _current
 from ._fingerprint import fingerprint
 from ._histogram import BOUNDS
-from ._recorder import REQUEST, RUNNING_SINCE, STATEMENT, TOP_STAT, TOP_TIME, WAIT
+from ._hold import REQUEST, RUNNING_SINCE, STATEMENT, TOP_STAT, TOP_TIME, WAIT
 from ._sites import current_site
 from ._timeouts import (
     KILL_GRACE,
@@ -62,8 +62,9 @@ if TYPE_CHECKING:
     from ._context import RequestContext
     from ._fingerprint import Fingerprint
     from ._gate import Gate
+    from ._hold import Hold
     from ._log import EventLog
-    from ._recorder import Hold, QueryStat, Recorder
+    from ._recorder import QueryStat, Recorder
 
 __all__ = ["QueryTimer", "count_ping"]
 
