@@ -18,7 +18,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from sqlalchemy.pool import NullPool
 
 import poolguard
-from poolguard import _guard as guard_module
+from poolguard import _breakers as breakers_module
 from poolguard import _queries as queries_module
 from poolguard._config import Config
 from poolguard._context import RequestContext
@@ -145,10 +145,10 @@ def test_a_tags_breaker_opens_on_slow_calls_while_another_tags_stays_closed(
 
 def test_tag_breakers_are_bounded_in_number(make_engine: Callable[..., Engine]) -> None:
     guard = poolguard.get_guard(make_engine(**SETTINGS))
-    for i in range(guard_module._MAX_TAG_BREAKERS + 20):
+    for i in range(breakers_module.MAX_TAG_BREAKERS + 20):
         guard.breaker_record(None, 5.0, RequestContext(None, f"tag-{i}"))
-    assert len(guard.tag_breakers) == guard_module._MAX_TAG_BREAKERS
-    assert f"tag-{guard_module._MAX_TAG_BREAKERS}" not in guard.tag_breakers
+    assert len(guard.tag_breakers) == breakers_module.MAX_TAG_BREAKERS
+    assert f"tag-{breakers_module.MAX_TAG_BREAKERS}" not in guard.tag_breakers
 
 
 def test_a_half_open_tag_breaker_whose_probes_ran_nothing_probes_again() -> None:

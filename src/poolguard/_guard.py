@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import threading
 import time
-from contextvars import ContextVar
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +19,7 @@ from sqlalchemy import event
 from sqlalchemy.pool import NullPool, Pool, QueuePool, SingletonThreadPool, StaticPool
 
 from ._alerts import Alert, AlertEvent
+from ._breakers import Breakers
 from ._compat import (
     capacity,
     checked_out_records,
@@ -31,7 +31,7 @@ from ._compat import (
     set_creator,
     singleton_connections,
 )
-from ._context import RequestContext, _current
+from ._context import _current
 from ._gate import Gate, Refused, _Waiter
 from ._hold import SITE, T0, TASK, WARNED, Hold, new_hold
 from ._holders import Holder, HolderGroup, describe_groups, group_holders, holders
@@ -42,17 +42,7 @@ from ._recorder import SHED, TIMED_OUT, Recorder
 from ._retries import RetryBudget, connect_with_retries
 from ._sites import current_site
 from ._stats import PoolStats, QueryStats
-from ._timeouts import is_timeout_error
-from .breaker import (
-    CLOSED,
-    HALF_OPEN,
-    OPEN,
-    BreakerConfig,
-    CircuitBreaker,
-    TagBreaker,
-    default_classifier,
-)
-from .errors import CircuitOpen, LoadShed, PoolTimeout
+from .errors import LoadShed, PoolTimeout
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -62,6 +52,7 @@ if TYPE_CHECKING:
 
     from ._config import Config
     from ._queries import QueryTimer
+    from .breaker import CircuitBreaker, TagBreaker
 
 __all__ = ["Guard"]
 
@@ -70,17 +61,6 @@ _SCAN_INTERVAL = 1.0
 #: A holders report is reused for this long: a storm of timeouts builds one.
 _REPORT_TTL = 1.0
 _EXHAUSTED_LOG_INTERVAL = 10.0
-#: Tags with a breaker of their own (``breaker_per_tag``); later tags have none.
-_MAX_TAG_BREAKERS = 100
-
-
-#: The half-open probe slots the checkout under way in this context (thread,
-#: or asyncio task) took in :meth:`Guard.breaker_admit`: the guard, the
-#: breaker and the half-open period of its slot, the tag's breaker and its
-#: period. The checkout's outcome, or its forfeit, clears it: a probe that
-#: never gets an outcome must not keep its slot (a breaker half-open for good).
-_Probe = tuple["Guard", "CircuitBreaker | None", int, "TagBreaker | None", int]
-_probe: ContextVar[_Probe | None] = ContextVar("poolguard_probe", default=None)
 
 
 def _give_up_at(timeout: float | None) -> float | None:
@@ -114,16 +94,18 @@ class Guard:
         self.exhaustion_events = 0
         #: Checkouts refused before waiting, by (reason, priority).
         self.rejections: dict[tuple[str, str], int] = {}
-        #: The circuit breaker (``breaker=True``), else None.
-        self.breaker: CircuitBreaker | None = None
-        #: The breakers of request tags (``breaker_per_tag=True``), by tag.
-        self.tag_breakers: dict[str, TagBreaker] = {}
-        self._tag_settings: BreakerConfig | None = None
+        #: The circuit breakers, guard-wide and per tag.
+        self.breakers = Breakers(
+            self.log, changed=self._breaker_changed, tripped=lambda: self.gate.tripped,
+            in_use=lambda: self.gate.in_use, reject=self._reject,
+            acquire_timeout=self.acquire_timeout, dialect=self._dialect,
+            db_system=lambda: self.db_system,
+        )
+        # Bound once: the pool and the statement timer call these directly.
+        self.breaker_admit = self.breakers.admit
+        self.breaker_record = self.breakers.record
         #: Some breaker records outcomes (guard-wide or per tag): one check per statement.
         self.breakers_on = False
-        self._breaker_lock = threading.Lock()
-        self._classify: Callable[[BaseException], bool] = default_classifier
-        self._classifier_failed = False
         # Held while a pool is attached: a recreate() (engine.dispose()) or a
         # checkout racing wrap() waits for the whole gate, never half of it.
         self._attach_lock = threading.RLock()
@@ -164,256 +146,38 @@ class Guard:
             alerts.append(Alert("wait_time", cfg.alert_wait_time, cfg.alert_for))
         self._alerts = alerts
         self._apply_policies()
-        self._setup_breaker()
-        self._update_slow_at()
-
-    def _setup_breaker(self) -> None:
-        cfg = self.config
         if self.retry_budget is not None:
             self.retry_budget.ratio = cfg.retry_budget
-        classify = cfg.breaker_classifier or default_classifier
-        if classify is not self._classify:
-            self._classify = classify
-            self._classifier_failed = False
-        settings = BreakerConfig(
-            window=cfg.breaker_window,
-            window_size=cfg.breaker_window_size,
-            minimum_calls=cfg.breaker_minimum_calls,
-            failure_rate=cfg.breaker_failure_rate,
-            slow_call_rate=cfg.breaker_slow_call_rate,
-            slow_call_duration=cfg.breaker_slow_call_duration,
-            wait_in_open=cfg.breaker_wait_in_open,
-            half_open_calls=cfg.breaker_half_open_calls,
-        )
-        with self._breaker_lock:
-            if not cfg.breaker:
-                self.breaker = None
-            elif self.breaker is None or self.breaker.config != settings:
-                self.breaker = CircuitBreaker(settings)
-            if not cfg.breaker_per_tag or settings != self._tag_settings:
-                self.tag_breakers = {}
-            self._tag_settings = settings if cfg.breaker_per_tag else None
-        self.breakers_on = self.breaker is not None or self._tag_settings is not None
-        self._refresh_tripped()
+        self.breakers.configure(cfg)
+        self.breakers_on = self.breakers.on
+        self._update_slow_at()
 
     def _refresh_tripped(self) -> None:
         # Checkouts consult breaker_admit while any breaker is not closed.
-        breaker = self.breaker
-        self.gate.tripped = (breaker is not None and breaker.state != CLOSED) or any(
-            b.state != CLOSED for b in list(self.tag_breakers.values())
-        )
+        self.gate.tripped = self.breakers.not_closed()
 
-    def _tag_breaker(self, request: RequestContext | None) -> TagBreaker | None:
-        """The breaker of the request's tag, made on first use (under _breaker_lock)."""
-        if request is None or request.tag is None or self._tag_settings is None:
-            return None
-        breakers = self.tag_breakers
-        breaker = breakers.get(request.tag)
-        if breaker is None and len(breakers) < _MAX_TAG_BREAKERS:
-            breaker = breakers[request.tag] = TagBreaker(self._tag_settings)
-        return breaker
-
-    # -- the circuit breaker ----------------------------------------------------
-
-    def breaker_admit(self, pool: Pool) -> None:
-        """A checkout while a breaker is not closed: a probe, or CircuitOpen."""
-        breaker = self.breaker
-        request = _current.get()
-        now = perf_counter()
-        allowed, entered, tag_entered = True, None, None
-        retry_after = 0.0
-        probe: CircuitBreaker | None = None
-        tag_probe: TagBreaker | None = None
-        reclaimed = 0
-        with self._breaker_lock:
-            if breaker is not None:
-                if breaker.state == HALF_OPEN:
-                    # A probe has its acquire wait, then wait_in_open, to report.
-                    # (Waits without limit are given the pool's default 30 s.)
-                    acquire = self.acquire_timeout()
-                    reclaimed = breaker.reclaim(
-                        now, breaker.config.wait_in_open + (30.0 if acquire is None else acquire))
-                allowed, entered = breaker.allow(now)
-                retry_after = breaker.retry_after(now)
-                if allowed and breaker.state == HALF_OPEN:
-                    probe = breaker
-            tag_breaker = self.tag_breakers.get(request.tag) if (
-                allowed and request is not None and request.tag is not None) else None
-            if tag_breaker is not None and tag_breaker.state != CLOSED:
-                allowed, tag_entered = tag_breaker.allow(now)
-                retry_after = tag_breaker.retry_after(now)
-                if not allowed and probe is not None:
-                    probe.forfeit()  # its probe slot is not used after all
-                    probe = None
-                if allowed and tag_breaker.state == HALF_OPEN:
-                    tag_probe = tag_breaker
-                breaker = tag_breaker
-            # Tied to this checkout: its outcome or its forfeit frees the slots.
-            _probe.set(
-                (self, probe, probe.probe_round if probe is not None else 0,
-                 tag_probe, tag_probe.probe_round if tag_probe is not None else 0)
-                if probe is not None or tag_probe is not None else None
-            )
-        if reclaimed:
-            self.log.emit(logging.WARNING, "breaker.probes_reclaimed", probes=reclaimed)
-        if entered is not None:
-            self._breaker_changed(entered)
-        if tag_entered is not None:
-            self._breaker_changed(tag_entered, request.tag if request is not None else None)
-        if allowed or breaker is None:
-            return
-        priority = request.priority if request is not None else NORMAL
-        key = ("circuit_open", priority)
-        with self._lock:
-            self.rejections[key] = self.rejections.get(key, 0) + 1
-        retry_after = max(retry_after, 0.05)
-        if breaker is self.breaker:
-            message = (f"pool {self.name!r}: circuit breaker {breaker.state}, the database is "
-                       f"failing; not dialing it (retry after {retry_after:.1f}s)")
-        else:
-            tag = request.tag if request is not None else None
-            message = (f"pool {self.name!r}: circuit breaker of tag {tag!r} {breaker.state}, "
-                       f"its statements are slow or failing; not dialing the database "
-                       f"(retry after {retry_after:.1f}s)")
-        raise CircuitOpen(
-            message,
-            reason="circuit_open",
-            priority=priority,
-            retry_after=retry_after,
-            pool_name=self.name,
-        )
-
-    def breaker_record(
-        self,
-        error: BaseException | None,
-        duration: float,
-        request: RequestContext | None = None,
-    ) -> None:
-        """Record one call's outcome (``error`` None: success) with the breaker,
-        and with the breaker of ``request``'s tag (``breaker_per_tag``).
-
-        The classifier sees SQLAlchemy's exception (a driver error is wrapped
-        as SQLAlchemy wraps it). A call cancelled or interrupted (an exception
-        that is not an :class:`Exception`) is no outcome: a probe it was
-        gives its slot back.
-        """
-        if error is not None and not isinstance(error, Exception):
-            self._probe_forfeit()
-            return
-        if self.gate.tripped and _probe.get() is not None:
-            _probe.set(None)  # this checkout's outcome, recorded now
-        breaker = self.breaker
-        failed = error is not None and self._is_failure(error)
-        now = perf_counter()
-        entered = tag_entered = None
-        with self._breaker_lock:
-            if breaker is not None:
-                entered = breaker.record(failed, duration, now)
-            tag_breaker = self._tag_breaker(request)
-            if tag_breaker is not None:
-                tag_entered = tag_breaker.record(failed, duration, now)
-        if entered is not None:
-            self._breaker_changed(entered)
-        if tag_entered is not None and request is not None:
-            self._breaker_changed(tag_entered, request.tag)
-
-    def _probe_forfeit(self) -> None:
-        """The checkout under way gets no outcome (shed, cancelled, interrupted):
-        give back the probe slots it took, if any, of their half-open period."""
-        probe = _probe.get()
-        if probe is None:
-            return
-        _probe.set(None)
-        guard, breaker, probe_round, tag_breaker, tag_round = probe
-        if guard is not self:
-            return
-        with self._breaker_lock:
-            if breaker is not None:
-                breaker.forfeit(probe_round)
-            if tag_breaker is not None:
-                tag_breaker.forfeit(tag_round)
-
-    def _breaker_forfeit(self, request: RequestContext | None = None) -> None:
-        # The former name, kept for callers written against it.
-        self._probe_forfeit()
-
-    def _probe_succeeded(self) -> None:
-        # The checkout of a half-open probe got a working connection. A
-        # checkout that was no probe (it passed the gate before the breaker
-        # opened) is no evidence of recovery and records nothing.
-        probe = _probe.get()
-        if probe is None:
-            return
-        _probe.set(None)
-        guard, breaker, probe_round = probe[0], probe[1], probe[2]
-        if guard is not self or breaker is None:
-            return  # a tag's probe: its statements are its outcome
-        entered = None
-        with self._breaker_lock:
-            if (breaker is self.breaker and breaker.state == HALF_OPEN
-                    and breaker.probe_round == probe_round):
-                entered = breaker.record(False, 0.0, perf_counter())
-        if entered is not None:
-            self._breaker_changed(entered)
-
-    def _is_failure(self, error: BaseException) -> bool:
-        """The classifier's verdict on ``error``; the default's if it raises."""
-        error = self._sqlalchemy_error(error)
-        classify = self._classify
-        try:
-            return bool(classify(error))
-        except Exception:
-            # Never in place of the database error the caller is about to see.
-            if not self._classifier_failed:
-                self._classifier_failed = True
-                logging.getLogger("poolguard").exception(
-                    "pool %r: breaker_classifier %r raised on %s; the default classifier "
-                    "decides instead (logged once)",
-                    self.name, classify, type(error).__qualname__,
-                )
-            return default_classifier(error)
-
-    def _sqlalchemy_error(self, error: BaseException) -> BaseException:
-        """``error`` as SQLAlchemy raises it: a driver error wrapped in its
-        ``sqlalchemy.exc.DBAPIError`` subclass (the driver's in ``.orig``)."""
-        import sqlalchemy.exc as sa_exc
-
-        if isinstance(error, sa_exc.SQLAlchemyError) or not isinstance(error, Exception):
-            return error
-        engine = self._engine
-        dialect: Any = engine.dialect if engine is not None else pool_dialect(
-            self._pool)
-        base = getattr(getattr(dialect, "dbapi", None), "Error", None)
-        if not isinstance(base, type) or not isinstance(error, base):
-            return error  # not the driver's (an OSError, a poolguard error)
-        try:
-            # As SQLAlchemy decides it for a failed connect: the error alone.
-            invalidated = bool(dialect.is_disconnect(error, None, None))
-        except Exception:  # noqa: BLE001 - a dialect that needs a connection to tell
-            invalidated = False
-        if is_timeout_error(self.db_system, error):
-            # A statement cancelled on time is an OperationalError whatever
-            # class the driver gives it (asyncpg's adapter: a bare Error).
-            return sa_exc.OperationalError(
-                None, None, error, connection_invalidated=invalidated
-            )
-        return sa_exc.DBAPIError.instance(
-            None, None, error, base, connection_invalidated=invalidated, dialect=dialect
-        )
-
-    def _breaker_changed(self, state: str, tag: str | None = None) -> None:
+    def _breaker_changed(self) -> None:
         self._refresh_tripped()
         self._update_slow_at()
-        level = logging.WARNING if state == OPEN else logging.INFO
-        breaker = self.breaker if tag is None else self.tag_breakers.get(tag)
-        fields: dict[str, Any] = {} if tag is None else {"tag": tag}
-        self.log.emit(
-            level,
-            f"breaker.{state}",
-            **fields,
-            wait_in_open_s=breaker.config.wait_in_open if breaker else None,
-            in_use=self.gate.in_use,
-        )
+
+    @property
+    def breaker(self) -> CircuitBreaker | None:
+        """The circuit breaker (``breaker=True``), else None."""
+        return self.breakers.breaker
+
+    @property
+    def tag_breakers(self) -> dict[str, TagBreaker]:
+        """The breakers of request tags (``breaker_per_tag=True``), by tag."""
+        return self.breakers.tag_breakers
+
+    def _dialect(self) -> Any:
+        engine = self._engine
+        return engine.dialect if engine is not None else pool_dialect(self._pool)
+
+    def _reject(self, reason: str, priority: str) -> None:
+        key = (reason, priority)
+        with self._lock:
+            self.rejections[key] = self.rejections.get(key, 0) + 1
 
     def _apply_policies(self) -> None:
         cfg = self.config
@@ -697,14 +461,14 @@ class Guard:
         except BaseException:
             # Cancelled or interrupted while waiting: a half-open probe that
             # never reaches the database would hold its probe slot forever.
-            self._probe_forfeit()
+            self.breakers.probe_forfeit()
             raise
         if reason is not None:
             # Raised here, not in the handler: no misleading "during handling
             # of the above exception" chain in the traceback.
             if reason == "queue_delay":  # it waited, then was shed: still a wait
                 self.recorder.add_wait(perf_counter() - start, SHED)
-            self._probe_forfeit()
+            self.breakers.probe_forfeit()
             raise self._shed(reason, priority)
         waited = perf_counter() - start
         self._interval_wait_max = max(self._interval_wait_max, waited)
@@ -734,9 +498,7 @@ class Guard:
         return min(30.0, max(0.1, mean * (gate.waiting + 1) / capacity))
 
     def _shed(self, reason: str, priority: str) -> LoadShed:
-        key = (reason, priority)
-        with self._lock:
-            self.rejections[key] = self.rejections.get(key, 0) + 1
+        self._reject(reason, priority)
         gate = self.gate
         in_use, capacity, waiting = gate.in_use, gate.capacity, gate.waiting
         retry_after = self.retry_after()
@@ -788,7 +550,7 @@ class Guard:
         if self.config.capture_call_sites:
             hold[SITE] = current_site(3)
         if self.gate.tripped:  # a half-open probe got a working connection
-            self._probe_succeeded()
+            self.breakers.probe_succeeded()
         self.maybe_scan(now)
 
     def after_checkin(self, hold: Hold, held: float) -> None:
