@@ -26,6 +26,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from sqlalchemy.pool import NullPool, QueuePool
 
 import poolguard
+from poolguard import _breakers as breakers_module
 from poolguard import _guard as guard_module
 from poolguard.breaker import (
     CLOSED,
@@ -336,6 +337,7 @@ class Clock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
     monkeypatch.setattr(guard_module, "perf_counter", fake)
+    monkeypatch.setattr(breakers_module, "perf_counter", fake)
     return fake
 
 

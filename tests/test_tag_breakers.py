@@ -19,6 +19,7 @@ from sqlalchemy.pool import NullPool
 
 import poolguard
 from poolguard import _breakers as breakers_module
+from poolguard import _guard as guard_module
 from poolguard import _queries as queries_module
 from poolguard._config import Config
 from poolguard._context import RequestContext
@@ -80,6 +81,7 @@ class Dialer:
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
     monkeypatch.setattr(guard_module, "perf_counter", fake)
+    monkeypatch.setattr(breakers_module, "perf_counter", fake)
     monkeypatch.setattr(queries_module, "perf_counter", fake)
     return fake
 
