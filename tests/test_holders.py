@@ -505,7 +505,7 @@ def test_holders_report_is_reused_for_a_second_unless_fresh(
     engine = make_engine(sqlite_url, 2)
     guard = poolguard.get_guard(engine)
     now = [time.perf_counter() + 100.0]
-    monkeypatch.setattr("poolguard._guard.perf_counter", lambda: now[0])
+    monkeypatch.setattr("poolguard._diagnostics.perf_counter", lambda: now[0])
     first = engine.connect()
     second = None
     try:

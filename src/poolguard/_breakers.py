@@ -71,7 +71,7 @@ class Breakers:
         self._in_use = in_use
         self._reject = reject
         self._acquire_timeout = acquire_timeout
-        self._dialect = dialect
+        self._driver_dialect = dialect
         self._db_system = db_system
         #: The circuit breaker (``breaker=True``), else None.
         self.breaker: CircuitBreaker | None = None
@@ -288,7 +288,7 @@ class Breakers:
 
         if isinstance(error, sa_exc.SQLAlchemyError) or not isinstance(error, Exception):
             return error
-        dialect: Any = self._dialect()
+        dialect: Any = self._driver_dialect()
         base = getattr(getattr(dialect, "dbapi", None), "Error", None)
         if not isinstance(base, type) or not isinstance(error, base):
             return error  # not the driver's (an OSError, a poolguard error)

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event
 from sqlalchemy.pool import NullPool, Pool, QueuePool, SingletonThreadPool, StaticPool
 
-from ._alerts import Alert, AlertEvent
 from ._breakers import Breakers
 from ._compat import (
     capacity,
@@ -32,9 +31,10 @@ from ._compat import (
     singleton_connections,
 )
 from ._context import _current
+from ._diagnostics import Diagnostics
 from ._gate import Gate, Refused, _Waiter
-from ._hold import SITE, T0, TASK, WARNED, Hold, new_hold
-from ._holders import Holder, HolderGroup, describe_groups, group_holders, holders
+from ._hold import SITE, TASK, Hold, new_hold
+from ._holders import Holder, HolderGroup, describe_groups
 from ._log import EventLog
 from ._policies import BACKGROUND, CRITICAL, NORMAL, Codel, Gradient2, reserve_size, tag_cap
 from ._queries import _gate_wait
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
     from tenacity import RetryCallState
 
+    from ._alerts import AlertEvent
     from ._config import Config
     from ._queries import QueryTimer
     from .breaker import CircuitBreaker, TagBreaker
@@ -58,9 +59,6 @@ __all__ = ["Guard"]
 
 _EVENTS = ("connect", "close", "close_detached", "invalidate")
 _SCAN_INTERVAL = 1.0
-#: A holders report is reused for this long: a storm of timeouts builds one.
-_REPORT_TTL = 1.0
-_EXHAUSTED_LOG_INTERVAL = 10.0
 
 
 def _give_up_at(timeout: float | None) -> float | None:
@@ -90,15 +88,20 @@ class Guard:
         self._opened = 0
         self._closed = 0
         self._invalidated = 0
-        self.leak_warnings = 0
-        self.exhaustion_events = 0
         #: Checkouts refused before waiting, by (reason, priority).
         self.rejections: dict[tuple[str, str], int] = {}
+        #: Leak warnings, alerts and the holders report.
+        self.diagnostics = Diagnostics(
+            self.log, gate=lambda: self.gate, config=lambda: self.config,
+            db_system=lambda: self.db_system,
+        )
+        # Bound once: the pool calls it directly.
+        self.after_checkin = self.diagnostics.returned_after_warning
         #: The circuit breakers, guard-wide and per tag.
         self.breakers = Breakers(
             self.log, changed=self._breaker_changed, tripped=lambda: self.gate.tripped,
             in_use=lambda: self.gate.in_use, reject=self._reject,
-            acquire_timeout=self.acquire_timeout, dialect=self._dialect,
+            acquire_timeout=self.acquire_timeout, dialect=self._driver_dialect,
             db_system=lambda: self.db_system,
         )
         # Bound once: the pool and the statement timer call these directly.
@@ -110,11 +113,7 @@ class Guard:
         # checkout racing wrap() waits for the whole gate, never half of it.
         self._attach_lock = threading.RLock()
         self.retry_budget: RetryBudget | None = None
-        self._alert_callbacks: list[Callable[[AlertEvent], None]] = []
-        self._alerts: list[Alert] = []
         self._interval_wait_max = 0.0
-        self._report: tuple[float, list[HolderGroup]] | None = None
-        self._exhausted_logged_at = -_EXHAUSTED_LOG_INTERVAL
         self._scan_lock = threading.Lock()
         self._next_scan = 0.0
         self._async = False
@@ -139,12 +138,7 @@ class Guard:
         #: Some statement time limit is configured guard-wide or per tag.
         # statement_timeout=0 means no limit.
         self.limits_on = bool(cfg.statement_timeout) or bool(cfg.tag_statement_timeouts)
-        alerts = []
-        if cfg.alert_utilization is not None:
-            alerts.append(Alert("utilization", cfg.alert_utilization, cfg.alert_for))
-        if cfg.alert_wait_time is not None:
-            alerts.append(Alert("wait_time", cfg.alert_wait_time, cfg.alert_for))
-        self._alerts = alerts
+        self.diagnostics.configure(cfg)
         self._apply_policies()
         if self.retry_budget is not None:
             self.retry_budget.ratio = cfg.retry_budget
@@ -170,7 +164,7 @@ class Guard:
         """The breakers of request tags (``breaker_per_tag=True``), by tag."""
         return self.breakers.tag_breakers
 
-    def _dialect(self) -> Any:
+    def _driver_dialect(self) -> Any:
         engine = self._engine
         return engine.dialect if engine is not None else pool_dialect(self._pool)
 
@@ -413,7 +407,7 @@ class Guard:
         Callbacks run on the thread that noticed the change, once per change;
         an exception in one is logged and does not affect the others.
         """
-        self._alert_callbacks.append(callback)
+        self.diagnostics.alert_callbacks.append(callback)
         return callback
 
     # -- the slow path of a checkout -----------------------------------------
@@ -520,7 +514,7 @@ class Guard:
         gate = self.gate
         in_use, capacity, waiting = gate.in_use, gate.capacity, gate.waiting
         limit = "the request's deadline" if by_deadline else "acquire_timeout"
-        groups = self.exhausted("timeout")
+        groups = self.diagnostics.exhausted("timeout")
         held = f"; held by: {describe_groups(groups)}" if groups else ""
         message = (
             f"pool {self.name!r}: no connection within {timeout:.3f}s (limited by {limit}); "
@@ -553,15 +547,6 @@ class Guard:
             self.breakers.probe_succeeded()
         self.maybe_scan(now)
 
-    def after_checkin(self, hold: Hold, held: float) -> None:
-        """A connection that was reported as held too long came back."""
-        self.log.emit(
-            logging.INFO,
-            "connection.returned_after_warning",
-            held_ms=round(held * 1000, 1),
-            site=hold[SITE],
-        )
-
     # -- the once-a-second scan ----------------------------------------------
 
     def maybe_scan(self, now: float) -> None:
@@ -578,82 +563,19 @@ class Guard:
     def scan(self, now: float | None = None) -> None:
         """Check for connections held too long and evaluate the alerts."""
         now = perf_counter() if now is None else now
-        threshold = self.config.leak_threshold
-        if threshold is not None:
-            holds: list[Hold] = list(self.gate.out.values())
-            for hold in holds:
-                if not hold[WARNED] and now - hold[T0] >= threshold:
-                    self._warn_leak(hold, now)
+        self.diagnostics.scan_leaks(now)
         self.log.refresh()
         exporter = self.exporter
         if exporter is not None:
             exporter.poll()  # an SDK installed since wrap(): keep samples from now on
-        self._check_alerts(now)
-
-    def _warn_leak(self, hold: Hold, now: float) -> None:
-        hold[WARNED] = True
-        with self._lock:
-            self.leak_warnings += 1
-        (item,) = holders([hold], now, self.db_system)
-        self.log.emit(
-            logging.WARNING,
-            "connection.held_too_long",
-            held_ms=round(item.age * 1000, 1),
-            threshold_ms=round((self.config.leak_threshold or 0) * 1000, 1),
-            tag=item.tag,
-            fingerprint=item.fingerprint,
-            statement=item.statement,
-            running=item.running,
-            idle_in_transaction=item.idle_in_transaction,
-            site=item.site,
-            site_kind="checkout" if hold[SITE] else "now",
-        )
-
-    def _check_alerts(self, now: float) -> None:
-        capacity = self.gate.capacity
         wait_max, self._interval_wait_max = self._interval_wait_max, 0.0
-        for alert in self._alerts:
-            if alert.name == "utilization":
-                if not capacity:
-                    continue
-                value = self.gate.in_use / capacity
-            else:
-                value = wait_max
-            changed = alert.update(value, now)
-            if changed is None:
-                continue
-            ev = AlertEvent(
-                pool=self.name,
-                name=alert.name,
-                firing=changed,
-                value=value,
-                threshold=alert.threshold,
-                since=now,
-            )
-            self.log.emit(
-                logging.WARNING if changed else logging.INFO,
-                f"alert.{alert.name}",
-                state="firing" if changed else "cleared",
-                value=round(value, 4),
-                threshold=alert.threshold,
-                in_use=self.gate.in_use,
-                capacity=capacity,
-                waiting=self.gate.waiting,
-            )
-            if changed and alert.name == "utilization":
-                self.exhausted("utilization")
-            for callback in list(self._alert_callbacks):
-                try:
-                    callback(ev)
-                except Exception:  # noqa: PERF203 - one failing callback must not stop the rest
-                    logging.getLogger("poolguard").exception("alert callback %r failed", callback)
+        self.diagnostics.check_alerts(now, wait_max)
 
     # -- diagnostics ----------------------------------------------------------
 
     def holders(self) -> list[Holder]:
         """Every connection checked out now: age, statement, tag, site."""
-        holds: list[Hold] = list(self.gate.out.values())
-        return holders(holds, perf_counter(), self.db_system)
+        return self.diagnostics.holders()
 
     def holders_report(self, *, fresh: bool = False) -> list[HolderGroup]:
         """Holders grouped by statement and site, biggest group first.
@@ -661,51 +583,17 @@ class Guard:
         Reused for up to a second unless ``fresh``: a storm of timeouts
         builds it once.
         """
-        now = perf_counter()
-        cached = self._report
-        if not fresh and cached is not None and now - cached[0] < _REPORT_TTL:
-            return cached[1]
-        groups = group_holders(self.holders())
-        self._report = (now, groups)
-        return groups
+        return self.diagnostics.holders_report(fresh=fresh)
 
-    def exhausted(self, reason: str) -> list[HolderGroup]:
-        """The pool ran dry: build the holders report, and log ``pool.exhausted``
-        (at most every 10 s; ``exhaustion_events`` counts the events logged)."""
-        groups = self.holders_report()
-        now = perf_counter()
-        with self._lock:
-            # Decided under the lock: two threads timing out together log one event.
-            due = now - self._exhausted_logged_at >= _EXHAUSTED_LOG_INTERVAL
-            if due:
-                self._exhausted_logged_at = now
-                self.exhaustion_events += 1
-        if due:
-            gate = self.gate
-            self.log.emit(
-                logging.WARNING,
-                "pool.exhausted",
-                reason=reason,
-                in_use=gate.in_use,
-                capacity=gate.capacity,
-                waiting=gate.waiting,
-                top_holders=[
-                    {
-                        "count": g.count,
-                        "fingerprint": g.fingerprint,
-                        "statement": g.statement,
-                        "site": g.site,
-                        "oldest_s": round(g.oldest, 3),
-                        "youngest_s": round(g.youngest, 3),
-                        "running": g.running,
-                        "idle_in_transaction": g.idle_in_transaction,
-                        "tags": list(g.tags),
-                    }
-                    for g in groups[:5]
-                ],
-                summary=describe_groups(groups),
-            )
-        return groups
+    @property
+    def leak_warnings(self) -> int:
+        """``connection.held_too_long`` warnings logged so far."""
+        return self.diagnostics.leak_warnings
+
+    @property
+    def exhaustion_events(self) -> int:
+        """``pool.exhausted`` events logged so far."""
+        return self.diagnostics.exhaustion_events
 
     # -- statements ------------------------------------------------------------
 
@@ -769,7 +657,6 @@ class Guard:
         )
         with self._lock:
             opened, closed, invalidated = self._opened, self._closed, self._invalidated
-            leaks = self.leak_warnings
         return PoolStats(
             name=self.name,
             pool_class=type(pool).__name__ if pool is not None else "",
@@ -790,7 +677,7 @@ class Guard:
             connections_opened=opened,
             connections_closed=closed,
             connections_invalidated=invalidated,
-            leak_warnings=leaks,
+            leak_warnings=self.diagnostics.leak_warnings,
             use_time=self.recorder.use.snapshot(),
             wait_time=wait_time,
             create_time=self.recorder.create.snapshot(),

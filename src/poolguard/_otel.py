@@ -64,9 +64,13 @@ class MetricsSource(Protocol):
     recorder: Recorder
     log: EventLog
     rejections: dict[tuple[str, str], int]
-    leak_warnings: int
-    exhaustion_events: int
     exporter: Any
+
+    @property
+    def leak_warnings(self) -> int: ...
+
+    @property
+    def exhaustion_events(self) -> int: ...
 
     @property
     def db_system(self) -> str: ...
