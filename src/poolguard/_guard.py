@@ -19,6 +19,7 @@ from sqlalchemy import event
 from sqlalchemy.pool import NullPool, Pool, QueuePool, SingletonThreadPool, StaticPool
 
 from ._breakers import Breakers
+from ._checkout import SlowCheckout
 from ._compat import (
     capacity,
     checked_out_records,
@@ -26,23 +27,18 @@ from ._compat import (
     is_asyncio,
     overflow_limit,
     pool_dialect,
-    pre_ping,
     set_creator,
     singleton_connections,
 )
-from ._context import _current
 from ._diagnostics import Diagnostics
-from ._gate import Gate, Refused, _Waiter
+from ._gate import Gate
 from ._hold import SITE, TASK, Hold, new_hold
-from ._holders import Holder, HolderGroup, describe_groups
 from ._log import EventLog
 from ._policies import BACKGROUND, CRITICAL, NORMAL, Codel, Gradient2, reserve_size, tag_cap
-from ._queries import _gate_wait
-from ._recorder import SHED, TIMED_OUT, Recorder
+from ._recorder import Recorder
 from ._retries import RetryBudget, connect_with_retries
 from ._sites import current_site
 from ._stats import PoolStats, QueryStats
-from .errors import LoadShed, PoolTimeout
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -52,6 +48,7 @@ if TYPE_CHECKING:
 
     from ._alerts import AlertEvent
     from ._config import Config
+    from ._holders import Holder, HolderGroup
     from ._queries import QueryTimer
     from .breaker import CircuitBreaker, TagBreaker
 
@@ -104,6 +101,14 @@ class Guard:
             acquire_timeout=self.acquire_timeout, dialect=self._driver_dialect,
             db_system=lambda: self.db_system,
         )
+        #: The slow path of a checkout (wait, shed, time out).
+        self.checkout = SlowCheckout(
+            self.log, self.recorder, self.breakers, gate=lambda: self.gate,
+            acquire_timeout=self.acquire_timeout, maybe_scan=self.maybe_scan,
+            note_wait=self._note_wait, reject=self._reject,
+            exhausted=self.diagnostics.exhausted,
+        )
+        self.acquire_slow = self.checkout.acquire
         # Bound once: the pool and the statement timer call these directly.
         self.breaker_admit = self.breakers.admit
         self.breaker_record = self.breakers.record
@@ -167,6 +172,13 @@ class Guard:
     def _driver_dialect(self) -> Any:
         engine = self._engine
         return engine.dialect if engine is not None else pool_dialect(self._pool)
+
+    def _note_wait(self, waited: float) -> None:
+        self._interval_wait_max = max(self._interval_wait_max, waited)
+
+    def retry_after(self) -> float:
+        """Seconds after which a shed request has a fair chance (0.1 s to 30 s)."""
+        return self.checkout.retry_after()
 
     def _reject(self, reason: str, priority: str) -> None:
         key = (reason, priority)
@@ -422,113 +434,6 @@ class Guard:
         if isinstance(pool, QueuePool):
             return pool.timeout()
         return 30.0
-
-    def acquire_slow(self, pool: Pool, waiter: _Waiter | None = None) -> float:
-        """Wait for a permit, bounded by the acquire timeout and the request's deadline.
-
-        Returns the seconds waited; raises :class:`PoolTimeout` (or
-        :class:`LoadShed`). With ``waiter`` (:meth:`Gate.new_waiter`), an
-        exception that reaches the caller while ``waiter.granted`` is true
-        leaves the caller holding the permit, to give back.
-        """
-        timeout = self.acquire_timeout()
-        by_deadline = False
-        request = _current.get()
-        priority, tag = NORMAL, None
-        if request is not None:
-            priority, tag = request.priority, request.tag
-            if request.deadline is not None:
-                left = request.deadline - time.monotonic()
-                if timeout is None or left < timeout:
-                    timeout = max(0.0, left)
-                    by_deadline = True
-        start = perf_counter()
-        self.maybe_scan(start)
-        reason = None
-        try:
-            granted = self.gate.acquire(
-                timeout, asyncio_mode=is_asyncio(pool), priority=priority, tag=tag,
-                waiter=waiter,
-            )
-        except Refused as refused:
-            reason = refused.reason
-        except BaseException:
-            # Cancelled or interrupted while waiting: a half-open probe that
-            # never reaches the database would hold its probe slot forever.
-            self.breakers.probe_forfeit()
-            raise
-        if reason is not None:
-            # Raised here, not in the handler: no misleading "during handling
-            # of the above exception" chain in the traceback.
-            if reason == "queue_delay":  # it waited, then was shed: still a wait
-                self.recorder.add_wait(perf_counter() - start, SHED)
-            self.breakers.probe_forfeit()
-            raise self._shed(reason, priority)
-        waited = perf_counter() - start
-        self._interval_wait_max = max(self._interval_wait_max, waited)
-        if not granted:
-            self.recorder.add_wait(waited, TIMED_OUT)
-            error = self._timeout_error(timeout if timeout is not None else waited, by_deadline)
-            if self.breakers_on:
-                self.breaker_record(error, waited, request)
-            raise error
-        if pre_ping(pool):
-            # The pre-ping, still to come inside the checkout, gets what is
-            # left of the acquire timeout and adds to this wait: recorded
-            # once, by queries.count_ping.
-            _gate_wait.set(waited)
-            return waited
-        self.recorder.add_wait(waited)
-        return waited
-
-    def retry_after(self) -> float:
-        """Seconds after which a shed request has a fair chance: the queue ahead
-        drained at the pool's mean hold time (0.1 s to 30 s)."""
-        gate = self.gate
-        use = self.recorder.use
-        count = use.count
-        mean = use.sum / count if count else 0.0  # not snapshot(): no quantiles on a shed
-        capacity = gate.capacity or 1
-        return min(30.0, max(0.1, mean * (gate.waiting + 1) / capacity))
-
-    def _shed(self, reason: str, priority: str) -> LoadShed:
-        self._reject(reason, priority)
-        gate = self.gate
-        in_use, capacity, waiting = gate.in_use, gate.capacity, gate.waiting
-        retry_after = self.retry_after()
-        if self.log.debug:
-            self.log.emit(
-                logging.DEBUG, "request.shed", reason=reason, priority=priority,
-                in_use=in_use, capacity=capacity, waiting=waiting,
-            )
-        return LoadShed(
-            f"pool {self.name!r}: {priority} request shed ({reason}); "
-            f"{in_use}/{capacity} in use, {waiting} waiting; retry after {retry_after:.1f}s",
-            reason=reason,
-            priority=priority,
-            retry_after=retry_after,
-            pool_name=self.name,
-        )
-
-    def _timeout_error(self, timeout: float, by_deadline: bool) -> PoolTimeout:
-        gate = self.gate
-        in_use, capacity, waiting = gate.in_use, gate.capacity, gate.waiting
-        limit = "the request's deadline" if by_deadline else "acquire_timeout"
-        groups = self.diagnostics.exhausted("timeout")
-        held = f"; held by: {describe_groups(groups)}" if groups else ""
-        message = (
-            f"pool {self.name!r}: no connection within {timeout:.3f}s (limited by {limit}); "
-            f"{in_use}/{capacity if capacity is not None else 'unbounded'} in use, "
-            f"{waiting} waiting{held}"
-        )
-        return PoolTimeout(
-            message,
-            pool_name=self.name,
-            timeout=timeout,
-            in_use=in_use,
-            capacity=capacity,
-            waiting=waiting,
-        )
 
     # -- per checkout and checkin, off the fast path -------------------------
 
