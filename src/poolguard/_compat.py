@@ -12,7 +12,7 @@ import gc
 import weakref
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy.pool import Pool, QueuePool
+from sqlalchemy.pool import NullPool, Pool, QueuePool, SingletonThreadPool, StaticPool
 
 # `await_only` exists under this name in 2.0 and 2.1 (2.1 adds `await_`): it
 # suspends the greenlet SQLAlchemy runs pool code in and lets the event loop
@@ -34,6 +34,7 @@ __all__ = [
     "is_asyncio",
     "overflow_limit",
     "pool_dialect",
+    "pool_gauges",
     "pre_ping",
     "set_creator",
     "singleton_connections",
@@ -141,3 +142,21 @@ def checked_out_records(pool: Pool) -> list[object]:
 def connection_record(dbapi_connection: Any) -> Any:
     """The pool record a proxied DBAPI connection belongs to (None: not pooled)."""
     return getattr(dbapi_connection, "_connection_record", None)
+
+
+def pool_gauges(pool: Pool | None, permits: int) -> tuple[int | None, int | None, int, int]:
+    """``(pool_size, max_overflow, idle, in_use)`` as ``pool``'s class knows them.
+
+    A QueuePool counts its own; the others are read from what they keep, with
+    the gate's ``permits`` as the connections in use.
+    """
+    if isinstance(pool, QueuePool):
+        return pool.size(), overflow_limit(pool), pool.checkedin(), pool.checkedout()
+    in_use = permits
+    if isinstance(pool, SingletonThreadPool):
+        return pool.size, None, max(0, len(singleton_connections(pool)) - in_use), in_use
+    if isinstance(pool, StaticPool):
+        return 1, None, int("connection" in pool.__dict__ and in_use == 0), in_use
+    if isinstance(pool, NullPool):
+        return 0, None, 0, in_use
+    return None, None, 0, in_use

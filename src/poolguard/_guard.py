@@ -11,24 +11,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-import time
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event
-from sqlalchemy.pool import NullPool, Pool, QueuePool, SingletonThreadPool, StaticPool
+from sqlalchemy.pool import Pool, QueuePool
 
+from ._attach import ConnectionEvents, time_creator, untime_creator
 from ._breakers import Breakers
 from ._checkout import SlowCheckout
 from ._compat import (
     capacity,
     checked_out_records,
-    creator,
     is_asyncio,
-    overflow_limit,
     pool_dialect,
-    set_creator,
-    singleton_connections,
+    pool_gauges,
 )
 from ._diagnostics import Diagnostics
 from ._gate import Gate
@@ -36,7 +32,7 @@ from ._hold import SITE, TASK, Hold, new_hold
 from ._log import EventLog
 from ._policies import BACKGROUND, CRITICAL, NORMAL, Codel, Gradient2, reserve_size, tag_cap
 from ._recorder import Recorder
-from ._retries import RetryBudget, connect_with_retries
+from ._retries import RetryBudget
 from ._sites import current_site
 from ._stats import PoolStats, QueryStats
 
@@ -44,7 +40,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from sqlalchemy.engine import Engine
-    from tenacity import RetryCallState
 
     from ._alerts import AlertEvent
     from ._config import Config
@@ -54,13 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Guard"]
 
-_EVENTS = ("connect", "close", "close_detached", "invalidate")
 _SCAN_INTERVAL = 1.0
-
-
-def _give_up_at(timeout: float | None) -> float | None:
-    """The ``time.monotonic()`` past which no retry starts (None: no limit)."""
-    return None if timeout is None else time.monotonic() + timeout
 
 
 class Guard:
@@ -80,11 +69,9 @@ class Guard:
         self._pool: Pool | None = None
         self._engine: Engine | None = None
         self._queries: QueryTimer | None = None
-        self._listeners: list[tuple[str, Callable[..., None]]] = []
+        #: Connections opened, closed and invalidated (the pool's events).
+        self.connections = ConnectionEvents()
         self._lock = threading.Lock()
-        self._opened = 0
-        self._closed = 0
-        self._invalidated = 0
         #: Checkouts refused before waiting, by (reason, priority).
         self.rejections: dict[tuple[str, str], int] = {}
         #: Leak warnings, alerts and the holders report.
@@ -260,17 +247,15 @@ class Guard:
                 self.gate = gate
                 self.retry_budget = RetryBudget(self.config.retry_budget, lambda: gate.acquired)
                 self._apply_policies()
-                self._listen(pool)
+                self.connections.listen(pool)
             else:
-                # A copy made by a plain recreate() before the listeners were
-                # added (dispose() racing wrap()) lacks them.
-                for name, fn in self._listeners:
-                    # (event.contains() does not see listeners copied by recreate())
-                    if fn not in list(getattr(pool.dispatch, name)):
-                        event.listen(pool, name, fn, asyncio=False)
+                self.connections.relisten(pool)
             self._pool = pool
             self._async = is_asyncio(pool)
-            self._time_creator(pool)
+            time_creator(
+                pool, self.recorder, self.log, retries=lambda: self.config.connect_retries,
+                budget=lambda: self.retry_budget, acquire_timeout=self.acquire_timeout,
+            )
             self._update_slow_at()
             # An adopted connection returned before the gate is published goes
             # back without its permit: give it back here, once. Swept before
@@ -319,90 +304,13 @@ class Guard:
             self.exporter = Exporter(self)
         self._exporter_settings = wanted
 
-    def _time_creator(self, pool: Pool) -> None:
-        # Connection set-up (db.client.connection.create_time), retried within
-        # the budget: wrap the function every record calls to open its DBAPI
-        # connection.
-        inner = creator(pool)
-        if getattr(inner, "_poolguard_timed", False):
-            return
-        recorder = self.recorder
-
-        def timed(record: Any) -> Any:
-            start = perf_counter()
-            try:
-                retries = self.config.connect_retries
-                budget = self.retry_budget
-                if retries and budget is not None:
-                    # A checkout takes at most the acquire timeout, retries
-                    # included (the request's deadline, if sooner, also ends them).
-                    return connect_with_retries(
-                        inner, record, retries=retries, budget=budget, on_retry=self._on_retry,
-                        give_up_at=_give_up_at(self.acquire_timeout()),
-                    )
-                return inner(record)
-            finally:
-                elapsed = perf_counter() - start
-                recorder.create.add(elapsed)
-                buf = recorder.export_create
-                if buf is not None:
-                    buf.append(elapsed)
-
-        timed._poolguard_timed = True  # type: ignore[attr-defined]
-        timed._poolguard_inner = inner  # type: ignore[attr-defined]
-        set_creator(pool, timed)
-
-    def _on_retry(self, state: RetryCallState) -> None:
-        error = state.outcome.exception() if state.outcome is not None else None
-        self.log.emit(
-            logging.INFO,
-            "connect.retry",
-            attempt=state.attempt_number,
-            error_type=type(error).__qualname__ if error is not None else None,
-            sleep_ms=round((state.upcoming_sleep or 0.0) * 1000, 1),
-        )
-
-    def _listen(self, pool: Pool) -> None:
-        def on_connect(dbapi_conn: Any, record: Any) -> None:
-            with self._lock:
-                self._opened += 1
-
-        def on_close(dbapi_conn: Any, record: Any = None) -> None:
-            with self._lock:
-                self._closed += 1
-
-        def on_invalidate(dbapi_conn: Any, record: Any, exc: Any) -> None:
-            with self._lock:
-                self._invalidated += 1
-
-        handlers: dict[str, Callable[..., None]] = {
-            "connect": on_connect,
-            "close": on_close,
-            "close_detached": on_close,
-            "invalidate": on_invalidate,
-        }
-        for name in _EVENTS:
-            # asyncio=False: these counters never await, so they need no
-            # asyncio-aware run-once mutex on the event. Left to its default
-            # (the pool's asyncio flag read now, at the first checkout of a pool built
-            # with poolclass=Guarded...), it would give that mutex to a pool
-            # whose own listeners were added while it was sync, and its first
-            # connect outside a greenlet fails with MissingGreenlet. An async
-            # pool's engine has set the flag already: it never goes back.
-            event.listen(pool, name, handlers[name], asyncio=False)
-            self._listeners.append((name, handlers[name]))
-
     def _detach(self) -> None:
         """Stop guarding: listeners off, waiters let through to the pool."""
         pool = self._pool
         if pool is not None:
-            for name, fn in self._listeners:
-                if event.contains(pool, name, fn):
-                    event.remove(pool, name, fn)
-            inner = getattr(creator(pool), "_poolguard_inner", None)
-            if inner is not None:
-                set_creator(pool, inner)
-        self._listeners.clear()
+            self.connections.unlisten(pool)
+            untime_creator(pool)
+        self.connections.clear()
         if self._queries is not None:
             self._queries.remove()
             self._queries = None
@@ -529,24 +437,7 @@ class Guard:
         """An immutable snapshot of the pool's gauges and the guard's counters."""
         pool = self._pool
         gate = self.gate
-        pool_size: int | None = None
-        max_overflow: int | None = None
-        idle = 0
-        if isinstance(pool, QueuePool):
-            pool_size = pool.size()
-            max_overflow = overflow_limit(pool)
-            idle = pool.checkedin()
-            in_use = pool.checkedout()
-        else:
-            in_use = gate.in_use
-            if isinstance(pool, SingletonThreadPool):
-                pool_size = pool.size
-                idle = max(0, len(singleton_connections(pool)) - in_use)
-            elif isinstance(pool, StaticPool):
-                pool_size = 1
-                idle = int("connection" in pool.__dict__ and in_use == 0)
-            elif isinstance(pool, NullPool):
-                pool_size = 0
+        pool_size, max_overflow, idle, in_use = pool_gauges(pool, gate.in_use)
         permits = gate.in_use
         acquisitions = gate.acquired
         with gate._lock:
@@ -560,8 +451,7 @@ class Guard:
         wait_time = recorder.wait_snapshot(
             max(0, recorder.use.count + len(gate.out) - recorder.wait.count)
         )
-        with self._lock:
-            opened, closed, invalidated = self._opened, self._closed, self._invalidated
+        opened, closed, invalidated = self.connections.counts()
         return PoolStats(
             name=self.name,
             pool_class=type(pool).__name__ if pool is not None else "",
