@@ -426,7 +426,7 @@ def test_open_breaker_fails_fast_without_dialing_then_recovers(
     assert opened.levelno == logging.WARNING
     stats = guard.stats()
     assert stats.permits == 0
-    assert guard.gate.tripped is False
+    assert guard.hooks.tripped is False
 
 
 def test_half_open_lets_exactly_the_probes_dial_and_failed_probes_reopen(

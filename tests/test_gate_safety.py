@@ -457,8 +457,8 @@ def test_an_exception_right_after_a_permit_moves_loses_no_permit(
         else:
             gate.take = fault
     elif where == "give":
-        fault = _Faulty(gate._give, 1)
-        gate._give = fault
+        fault = _Faulty(gate.give, 1)
+        gate.give = fault
     else:
         fault = _Faulty(type(waiter).wake, 1)
         monkeypatch.setattr(type(waiter), "wake", lambda self: fault(self))  # noqa: PLW0108 - a method
@@ -469,7 +469,7 @@ def test_an_exception_right_after_a_permit_moves_loses_no_permit(
     gate.take = gate._take_token if not policy else gate.take
     thread.join(0.3)
     if thread.is_alive():
-        gate._wake()
+        gate.wake()
     thread.join(SAFETY_TIMEOUT)
     assert results == [True]
     assert gate.waiting == 0
@@ -621,7 +621,7 @@ def _half_open(engine: Engine) -> Any:
     breaker._enter(HALF_OPEN, time.perf_counter())
     guard._refresh_tripped()
     guard._update_slow_at()
-    assert guard.gate.tripped
+    assert guard.hooks.tripped
     return breaker
 
 

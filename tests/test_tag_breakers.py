@@ -138,7 +138,7 @@ def test_a_tags_breaker_opens_on_slow_calls_while_another_tags_stays_closed(
     assert guard.breaker is None
     assert guard.tag_breakers["report"].state == OPEN
     assert guard.tag_breakers["login"].state == CLOSED
-    assert guard.gate.tripped is True  # checkouts now consult breaker_admit
+    assert guard.hooks.tripped is True  # checkouts now consult breaker_admit
     # Untagged outcomes make no breaker.
     guard.breaker_record(None, 5.0, RequestContext(None))
     guard.breaker_record(None, 5.0, None)
@@ -206,7 +206,7 @@ def test_slow_report_tag_is_shed_without_dialing_while_login_is_served_then_reco
     for _ in range(2):  # the two probes: fast again
         assert _run(engine, "report") == 1
     assert report.state == CLOSED
-    assert guard.gate.tripped is False
+    assert guard.hooks.tripped is False
     assert report.transitions == {OPEN: 1, HALF_OPEN: 1, CLOSED: 1}
     assert _events(caplog) == [
         ("breaker.open", "report"), ("breaker.half_open", "report"),
@@ -319,7 +319,7 @@ def test_option_off_tags_change_nothing(
         with pytest.raises(poolguard.CircuitOpen, match="the database is failing"):
             _run(engine, "login")
     else:
-        assert guard.gate.tripped is False
+        assert guard.hooks.tripped is False
         assert _run(engine, "report") == 1
         assert dialer.dials == 5
 
@@ -331,9 +331,9 @@ def test_turning_the_option_off_drops_the_tag_breakers(
     guard = poolguard.get_guard(engine)
     for _ in range(4):
         _run(engine, "report", "SELECT slow(1)")
-    assert guard.gate.tripped is True
+    assert guard.hooks.tripped is True
     guard.configure(Config.from_options(guard.config, breaker_per_tag=False))
     assert guard.tag_breakers == {}
     assert guard.breakers_on is False
-    assert guard.gate.tripped is False
+    assert guard.hooks.tripped is False
     assert _run(engine, "report") == 1

@@ -181,6 +181,7 @@ class Gate:
         *,
         adopted: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        checkins: Callable[[], int] = _zero,
     ) -> None:
         # Re-entrant: a GC finaliser may return a connection on a thread that
         # is inside a locked section (see the module docstring).
@@ -211,34 +212,29 @@ class Gate:
         self._owed: dict[str, int] = {}
         #: Connection records out under a permit of this gate, to their holds.
         self.out: dict[object, Any] = {}
-        #: perf_counter() time from which the next checkout calls the guard's
-        #: after_checkout() (set by the guard: its next scan, or -inf).
-        self.slow_at = 0.0
-        #: The guard's recorder, for the checkin path (set by the guard).
-        self.recorder: Any = None
-        #: The guard's circuit breaker is not closed: checkouts must ask it.
-        self.tripped = False
         self.adopted = adopted
         self.closed = False
         self.take: Callable[[], object]
-        self._give: Callable[[object], None]
+        #: Put one permit back (a C call on a bounded gate): the pool's checkin
+        #: path calls it inline, then :meth:`returned` or counts it itself.
+        self.give: Callable[[object], None]
         self._tokens: deque[object] | None = None
         self._released = itertools.count()
         #: How many permits the pool's checkin path gave back without
         #: :meth:`release` (it counts them itself, as the use-time
-        #: histogram's count); set by the guard.
-        self.checkins: Callable[[], int] = _zero
+        #: histogram's count).
+        self.checkins: Callable[[], int] = checkins
         if capacity is None:
             # No limit: taking always succeeds (and only counts), giving back
             # discards. The count is the number of permits granted.
             self._granted = itertools.count()
             self.take = self._granted.__next__
-            self._give = _discard
+            self.give = _discard
         else:
             # Free permits are tokens; permits granted are derived on read.
             self._tokens = deque([None] * max(0, capacity - adopted))
             self.take = self._tokens.pop
-            self._give = self._tokens.append
+            self.give = self._tokens.append
         self._take_token = self.take
         # Admission policies (configure_policy); off: the fast path stays lock-free.
         self.policy_on = False
@@ -476,14 +472,24 @@ class Gate:
     def release(self, tag: str | None = None) -> None:
         """Give back one granted permit (to the first waiter, if any)."""
         # The permit first: an interrupt after it loses a count, not a permit.
-        self._give(None)
+        self.give(None)
         next(self._released)
         if self.tag_caps:
             self.untag(tag)
         if self.waiters:
-            self._wake()
+            self.wake()
 
-    def _wake(self) -> None:
+    def returned(self) -> None:
+        """Count a permit the pool put back with :attr:`give`, and wake a waiter.
+
+        The pool's own release path: ``give(None)`` (one C call: once it
+        returns the permit is back, whatever interrupts next), then this.
+        """
+        next(self._released)
+        if self.waiters:
+            self.wake()
+
+    def wake(self) -> None:
         """Hand free permits to waiters (after a release)."""
         with self._lock:
             if self._busy:  # re-entered (a GC finaliser): after the section
@@ -808,7 +814,7 @@ class Gate:
                         counts[tag] -= 1
                 if waiter.granted:
                     waiter.granted = False
-                    self._give(None)  # the permit is back once this returns
+                    self.give(None)  # the permit is back once this returns
                     if counted:  # a permit acquire() returned: a release
                         next(self._released)
                 if self.waiters and self._tokens:  # its wake-up, passed on
@@ -896,7 +902,7 @@ class Gate:
                 self.policy_on = False
                 self.policy_checkin = False
                 self.take = itertools.repeat(None).__next__
-                self._give = _discard
+                self.give = _discard
                 self.out.clear()
                 for lane in self._lane.values():
                     lane.clear()

@@ -29,6 +29,7 @@ from ._compat import (
 from ._diagnostics import Diagnostics
 from ._gate import Gate
 from ._hold import SITE, TASK, Hold, new_hold
+from ._hooks import CheckoutHooks
 from ._log import EventLog
 from ._policies import BACKGROUND, CRITICAL, NORMAL, Codel, Gradient2, reserve_size, tag_cap
 from ._recorder import Recorder
@@ -64,6 +65,8 @@ class Guard:
         self.name = config.name or default_name
         self.gate = Gate(None)
         self.recorder = Recorder()
+        #: What the guarded pool reads of this guard on each checkout and checkin.
+        self.hooks = CheckoutHooks(self.recorder)
         self.log = EventLog(self.name)
         self.log.refresh()
         self._pool: Pool | None = None
@@ -83,7 +86,7 @@ class Guard:
         self.after_checkin = self.diagnostics.returned_after_warning
         #: The circuit breakers, guard-wide and per tag.
         self.breakers = Breakers(
-            self.log, changed=self._breaker_changed, tripped=lambda: self.gate.tripped,
+            self.log, changed=self._breaker_changed, tripped=lambda: self.hooks.tripped,
             in_use=lambda: self.gate.in_use, reject=self._reject,
             acquire_timeout=self.acquire_timeout, dialect=self._driver_dialect,
             db_system=lambda: self.db_system,
@@ -140,7 +143,7 @@ class Guard:
 
     def _refresh_tripped(self) -> None:
         # Checkouts consult breaker_admit while any breaker is not closed.
-        self.gate.tripped = self.breakers.not_closed()
+        self.hooks.tripped = self.breakers.not_closed()
 
     def _breaker_changed(self) -> None:
         self._refresh_tripped()
@@ -195,8 +198,8 @@ class Guard:
 
     def _update_slow_at(self) -> None:
         # tripped: a half-open probe's checkout records its outcome there.
-        extras = self.config.capture_call_sites or self._async or self.gate.tripped
-        self.gate.slow_at = float("-inf") if extras else self._next_scan
+        extras = self.config.capture_call_sites or self._async or self.hooks.tripped
+        self.hooks.slow_at = float("-inf") if extras else self._next_scan
 
     @property
     def db_system(self) -> str:
@@ -230,20 +233,18 @@ class Guard:
             # Known first, so that a recreate() meanwhile attaches its copy
             # here (and waits for this attach) instead of leaving it unguarded.
             pool._poolguard = self  # type: ignore[attr-defined]
+            pool._poolguard_hooks = self.hooks  # type: ignore[attr-defined]
             adopted: dict[object, Hold] = {}
             if first:
                 # Connections already checked out (wrap() of a busy engine)
                 # hold capacity without a permit: adopt them, so that their
                 # return gives the permit back like any other.
                 records = checked_out_records(pool)
-                gate = Gate(capacity(pool), adopted=len(records))
-                gate.recorder = self.recorder
                 use = self.recorder.use
-                gate.checkins = lambda: use.count
+                gate = Gate(capacity(pool), adopted=len(records), checkins=lambda: use.count)
                 now = perf_counter()
                 for record in records:
                     adopted[record] = gate.out[record] = new_hold(now, 0.0, 0, None)
-                gate.tripped = self.gate.tripped
                 self.gate = gate
                 self.retry_budget = RetryBudget(self.config.retry_budget, lambda: gate.acquired)
                 self._apply_policies()
@@ -356,7 +357,7 @@ class Guard:
                 hold[TASK] = None
         if self.config.capture_call_sites:
             hold[SITE] = current_site(3)
-        if self.gate.tripped:  # a half-open probe got a working connection
+        if self.hooks.tripped:  # a half-open probe got a working connection
             self.breakers.probe_succeeded()
         self.maybe_scan(now)
 

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
     from ._gate import Gate, _Waiter
     from ._guard import Guard
+    from ._hooks import CheckoutHooks
 
 __all__ = [
     "GuardedAsyncAdaptedQueuePool",
@@ -69,6 +70,8 @@ class GuardedPoolMixin(Pool):
 
     _poolguard: Guard | None = None
     _poolguard_gate: Gate | None = None
+    # Set with _poolguard, before the gate is published.
+    _poolguard_hooks: CheckoutHooks
     _poolguard_plain: type[Pool] = Pool
     # The plain class's methods, bound once per class: calling them is
     # cheaper than building a super() object on every checkout.
@@ -90,7 +93,8 @@ class GuardedPoolMixin(Pool):
         request = _current.get()
         if request is not None and request.deadline is not None:
             _check_deadline(request.deadline, gate)
-        if gate.tripped:  # circuit breaker open or probing: CircuitOpen, or a probe
+        hooks = self._poolguard_hooks
+        if hooks.tripped:  # circuit breaker open or probing: CircuitOpen, or a probe
             self._poolguard.breaker_admit(self)  # type: ignore[union-attr]
         # A signal's exception may land after any call: each step below is
         # covered by a handler that knows whether the permit is held, and
@@ -101,8 +105,8 @@ class GuardedPoolMixin(Pool):
         except IndexError:
             waiter = gate.new_waiter()
         except BaseException:
-            gate._give(None)  # inline: the permit is back once this C call returns
-            _after_give(gate)
+            gate.give(None)  # inline: the permit is back once this C call returns
+            gate.returned()
             raise
         wait = 0.0
         if waiter is not None:
@@ -140,15 +144,15 @@ class GuardedPoolMixin(Pool):
         except BaseException as error:
             if hold is None:  # the permit did not reach a record: this is its release
                 if waiter is None:
-                    gate._give(None)  # inline, as above
-                    _after_give(gate)
+                    gate.give(None)  # inline, as above
+                    gate.returned()
                 else:
                     _give_back(gate, waiter)
                 guard = self._poolguard
                 if guard is not None and guard.breakers_on:
                     guard.breaker_record(error, 0.0, request)
             raise
-        if now >= gate.slow_at:  # a scan is due, or per-checkout extras are on
+        if now >= hooks.slow_at:  # a scan is due, or per-checkout extras are on
             self._poolguard.after_checkout(hold, now)  # type: ignore[union-attr]
         return conn
 
@@ -166,13 +170,13 @@ class GuardedPoolMixin(Pool):
                     del out[record]
                     # Gate.release(), inlined: this runs on every checkin. The
                     # use-time histogram below counts the release.
-                    gate._give(None)
+                    gate.give(None)
                     held = perf_counter() - hold[T0]
                     if gate.policy_checkin:  # tag bulkheads, adaptive limit
                         gate.on_checkin(hold[REQUEST], held)
                     if gate.waiters:
-                        gate._wake()
-                    recorder = gate.recorder
+                        gate.wake()
+                    recorder = self._poolguard_hooks.recorder
                     # Histogram.add(), inlined.
                     use = recorder.use
                     use.counts[bisect_left(BOUNDS, held)] += 1
@@ -227,8 +231,8 @@ def _give_back(gate: Gate, waiter: _Waiter | None) -> None:
     C call (fast path) or by the waiter's flags, which make retrying safe.
     """
     if waiter is None:
-        gate._give(None)  # the permit is back once this call returns
-        _after_give(gate)
+        gate.give(None)  # the permit is back once this call returns
+        gate.returned()
         return
     try:
         gate.give_back(waiter)
@@ -238,13 +242,6 @@ def _give_back(gate: Gate, waiter: _Waiter | None) -> None:
         finally:
             gate.give_back(waiter)
         raise
-
-
-def _after_give(gate: Gate) -> None:
-    # The bookkeeping of a release whose permit is back: count it, wake a waiter.
-    next(gate._released)
-    if gate.waiters:
-        gate._wake()
 
 
 def _check_deadline(deadline: float, gate: Gate) -> None:
