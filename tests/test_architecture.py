@@ -128,7 +128,6 @@ def _class_lines(path: Path, name: str) -> int:
     raise AssertionError(f"class {name} not found in {path}")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 item 1 not finished: Guard still carries jobs")
 def test_guard_is_a_thin_front() -> None:
     assert _class_lines(PACKAGE / "_guard.py", "Guard") < 300
 

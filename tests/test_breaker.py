@@ -27,7 +27,8 @@ from sqlalchemy.pool import NullPool, QueuePool
 
 import poolguard
 from poolguard import _breakers as breakers_module
-from poolguard import _guard as guard_module
+from poolguard import _checkout as checkout_module
+from poolguard import _scan as scan_module
 from poolguard.breaker import (
     CLOSED,
     HALF_OPEN,
@@ -336,7 +337,8 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
-    monkeypatch.setattr(guard_module, "perf_counter", fake)
+    monkeypatch.setattr(checkout_module, "perf_counter", fake)
+    monkeypatch.setattr(scan_module, "perf_counter", fake)
     monkeypatch.setattr(breakers_module, "perf_counter", fake)
     return fake
 

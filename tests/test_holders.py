@@ -534,7 +534,7 @@ def test_held_too_long_warns_once_and_again_on_return(
     caplog.set_level(logging.INFO, logger="poolguard")
     engine = make_engine(db_url, 2, leak_threshold=0.05, capture_call_sites=capture)
     guard = poolguard.get_guard(engine)
-    guard._next_scan = math.inf  # only the scans below run
+    guard.scanner.next_scan = math.inf  # only the scans below run
     with poolguard.request(tag="leaky"):
         conn = _leak(engine)
     try:
@@ -577,7 +577,7 @@ def test_connection_returned_in_time_never_warns(
     caplog.set_level(logging.INFO, logger="poolguard")
     engine = make_engine(sqlite_url, 1, leak_threshold=1.0)
     guard = poolguard.get_guard(engine)
-    guard._next_scan = math.inf
+    guard.scanner.next_scan = math.inf
     conn = engine.connect()
     guard.scan(time.perf_counter() - 10.0)  # a scan long before the threshold passes
     conn.close()

@@ -19,8 +19,9 @@ from sqlalchemy.pool import NullPool
 
 import poolguard
 from poolguard import _breakers as breakers_module
-from poolguard import _guard as guard_module
+from poolguard import _checkout as checkout_module
 from poolguard import _queries as queries_module
+from poolguard import _scan as scan_module
 from poolguard._config import Config
 from poolguard._context import RequestContext
 from poolguard.breaker import CLOSED, HALF_OPEN, OPEN, BreakerConfig, TagBreaker
@@ -80,7 +81,8 @@ class Dialer:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
-    monkeypatch.setattr(guard_module, "perf_counter", fake)
+    monkeypatch.setattr(checkout_module, "perf_counter", fake)
+    monkeypatch.setattr(scan_module, "perf_counter", fake)
     monkeypatch.setattr(breakers_module, "perf_counter", fake)
     monkeypatch.setattr(queries_module, "perf_counter", fake)
     return fake

@@ -1,5 +1,8 @@
-"""What the guard adds to each pool it attaches to: connection counters and creator timing.
+"""What the guard adds to a pool it attaches to: its gate, counters and creator timing.
 
+:func:`adopting_gate` builds the gate of the first pool, adopting the
+connections already checked out; :func:`release_returned` gives back the
+permits of adopted ones returned meanwhile.
 :class:`ConnectionEvents` counts connections opened, closed and invalidated
 through SQLAlchemy's pool events; :func:`time_creator` wraps the function
 every record calls to open its DBAPI connection, to time it
@@ -16,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 
-from ._compat import creator, set_creator
+from ._compat import capacity, checked_out_records, creator, set_creator
+from ._gate import Gate
+from ._hold import new_hold
 from ._retries import connect_with_retries
 
 if TYPE_CHECKING:
@@ -25,11 +30,18 @@ if TYPE_CHECKING:
     from sqlalchemy.pool import Pool
     from tenacity import RetryCallState
 
+    from ._hold import Hold
     from ._log import EventLog
     from ._recorder import Recorder
     from ._retries import RetryBudget
 
-__all__ = ["ConnectionEvents", "time_creator", "untime_creator"]
+__all__ = [
+    "ConnectionEvents",
+    "adopting_gate",
+    "release_returned",
+    "time_creator",
+    "untime_creator",
+]
 
 _EVENTS = ("connect", "close", "close_detached", "invalidate")
 
@@ -159,3 +171,33 @@ def untime_creator(pool: Pool) -> None:
     inner = getattr(creator(pool), "_poolguard_inner", None)
     if inner is not None:
         set_creator(pool, inner)
+
+
+def adopting_gate(pool: Pool, recorder: Recorder) -> tuple[Gate, dict[object, Hold]]:
+    """The gate of ``pool`` and the holds it adopted.
+
+    Connections already checked out (wrap() of a busy engine) hold capacity
+    without a permit: adopted, their return gives the permit back like any
+    other.
+    """
+    records = checked_out_records(pool)
+    use = recorder.use
+    gate = Gate(capacity(pool), adopted=len(records), checkins=lambda: use.count)
+    now = perf_counter()
+    adopted: dict[object, Hold] = {}
+    for record in records:
+        adopted[record] = gate.out[record] = new_hold(now, 0.0, 0, None)
+    return gate, adopted
+
+
+def release_returned(gate: Gate, adopted: dict[object, Hold]) -> None:
+    """Give back, once, the permit of each adopted connection already returned.
+
+    One returned before the gate is published went back without its permit.
+    """
+    out = gate.out
+    for record, hold in list(adopted.items()):
+        if getattr(record, "fairy_ref", None) is None and out.get(record) is hold:
+            del adopted[record]
+            if out.pop(record, None) is hold:
+                gate.release()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ._compat import is_asyncio, pre_ping
 from ._context import _current
-from ._gate import Refused
+from ._gate import AdmissionRefused
 from ._holders import describe_groups
 from ._policies import NORMAL
 from ._queries import _gate_wait
@@ -89,7 +89,7 @@ class SlowCheckout:
                 timeout, asyncio_mode=is_asyncio(pool), priority=priority, tag=tag,
                 waiter=waiter,
             )
-        except Refused as refused:
+        except AdmissionRefused as refused:
             reason = refused.reason
         except BaseException:
             # Cancelled or interrupted while waiting: a half-open probe that

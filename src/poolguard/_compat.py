@@ -31,10 +31,12 @@ __all__ = [
     "checked_out_records",
     "connection_record",
     "creator",
+    "db_system",
     "is_asyncio",
     "overflow_limit",
     "pool_dialect",
     "pool_gauges",
+    "pool_timeout",
     "pre_ping",
     "set_creator",
     "singleton_connections",
@@ -160,3 +162,17 @@ def pool_gauges(pool: Pool | None, permits: int) -> tuple[int | None, int | None
     if isinstance(pool, NullPool):
         return 0, None, 0, in_use
     return None, None, 0, in_use
+
+
+def db_system(dialect: Any) -> str:
+    """``db.system.name`` of a dialect's database (``postgresql``, ``mariadb``, ...)."""
+    name: str = dialect.name
+    if name == "mysql" and getattr(dialect, "is_mariadb", False):
+        return "mariadb"
+    return {"postgresql": "postgresql", "mysql": "mysql", "sqlite": "sqlite",
+            "mssql": "microsoft.sql_server", "oracle": "oracle.db"}.get(name, name)
+
+
+def pool_timeout(pool: Pool | None) -> float | None:
+    """How long ``pool`` itself lets a checkout wait (30 s where it has no say)."""
+    return pool.timeout() if isinstance(pool, QueuePool) else 30.0

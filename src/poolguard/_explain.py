@@ -60,11 +60,11 @@ _SQLITE_SCAN = re.compile(r"^SCAN (?:TABLE )?(\S+)(?!.*USING)", re.M)
 _PG_IDLE, _PG_INTRANS = 0, 2
 
 
-def full_scans(dialect: str, rows: list[tuple[Any, ...]], columns: list[str]) -> list[str]:
+def full_scans(db_system: str, rows: list[tuple[Any, ...]], columns: list[str]) -> list[str]:
     """Tables the plan reads in full."""
-    if dialect == "postgresql":
+    if db_system == "postgresql":
         return [m for row in rows for m in _PG_SEQ.findall(str(row[0]))]
-    if dialect == "sqlite":
+    if db_system == "sqlite":
         detail = "\n".join(str(row[-1]) for row in rows)
         return _SQLITE_SCAN.findall(detail)
     # MySQL/MariaDB: one row per table, access type ALL is a full scan.
@@ -89,14 +89,14 @@ def refusal(statement: str, operation: str, parameters: Any) -> str | None:
 
 
 def explain(
-    log: EventLog, dialect: str, used_cursor: Any, fp: Fingerprint, statement: str,
+    log: EventLog, db_system: str, used_cursor: Any, fp: Fingerprint, statement: str,
     parameters: Any,
 ) -> None:
     """Log ``query.explain`` for ``statement``, just run on ``used_cursor`` (never raises).
 
-    ``dialect`` is the database's ``db.system.name``; the events go to ``log``.
+    ``db_system`` is the database's ``db.system.name``; the events go to ``log``.
     """
-    prefix = _PREFIX.get(dialect)
+    prefix = _PREFIX.get(db_system)
     if prefix is None:
         return
     reason = refusal(statement, fp.operation, parameters)
@@ -114,10 +114,10 @@ def explain(
     try:
         cursor = connection.cursor()
         try:
-            if dialect == "sqlite":
+            if db_system == "sqlite":
                 rows, columns = _run(cursor, sql, parameters)
             else:
-                wrap = _wrapping(dialect, connection, cursor)
+                wrap = _wrapping(db_system, connection, cursor)
                 if wrap is None:
                     log.emit(logging.DEBUG, "query.explain_skipped", fingerprint=fp.id,
                                    reason="transaction state unknown")
@@ -142,8 +142,8 @@ def explain(
         "query.explain",
         fingerprint=fp.id,
         statement=fp.text,
-        plan=normalize(plan, dialect)[:4000] if dialect != "postgresql" else _pg_plan(plan),
-        full_scans=full_scans(dialect, rows, columns),
+        plan=normalize(plan, db_system)[:4000] if db_system != "postgresql" else _pg_plan(plan),
+        full_scans=full_scans(db_system, rows, columns),
     )
 
 
@@ -158,11 +158,11 @@ def _run(cursor: Any, sql: str, parameters: Any) -> tuple[list[tuple[Any, ...]],
     return rows, [d[0] for d in (cursor.description or [])]
 
 
-def _wrapping(dialect: str, connection: Any, cursor: Any) -> tuple[str, tuple[str, ...]] | None:
+def _wrapping(db_system: str, connection: Any, cursor: Any) -> tuple[str, tuple[str, ...]] | None:
     """What to run before and after the EXPLAIN, or ``None`` to run nothing."""
     savepoint = (f"SAVEPOINT {_SAVEPOINT}",
                  (f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}", f"RELEASE SAVEPOINT {_SAVEPOINT}"))
-    if dialect == "postgresql":
+    if db_system == "postgresql":
         info = getattr(connection, "info", None)  # psycopg 3
         status = getattr(info, "transaction_status", None)
         if status is None and hasattr(connection, "get_transaction_status"):  # psycopg2

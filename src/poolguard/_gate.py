@@ -77,7 +77,7 @@ def _count_value(counter: itertools.count[int]) -> int:
     return int(repr(counter)[6:-1])
 
 
-class Refused(Exception):
+class AdmissionRefused(Exception):
     """The admission policy turned a caller away without waiting (``reason``)."""
 
     def __init__(self, reason: str) -> None:
@@ -237,11 +237,11 @@ class Gate:
             self.give = self._tokens.append
         self._take_token = self.take
         # Admission policies (configure_policy); off: the fast path stays lock-free.
-        self.policy_on = False
+        self.policies_on = False
         self.reserved = 0
         self.max_waiting: dict[str, int | None] = {}
         self.codel: Codel | None = None
-        self.tag_caps: dict[str, int] = {}
+        self.tag_limits: dict[str, int] = {}
         self.tag_in_use: dict[str, int] = {}
         #: Adaptive limit below capacity for non-critical callers, or None.
         self.adaptive: Gradient2 | None = None
@@ -271,7 +271,7 @@ class Gate:
 
     def _set_take(self) -> None:
         # In a section, as the queue or the policy changes.
-        if not self.policy_on:
+        if not self.policies_on:
             if not self.closed:
                 self.take = self._take_token
         elif self._fast_policy and not self.waiters:
@@ -323,7 +323,7 @@ class Gate:
         reserved: int = 0,
         max_waiting: dict[str, int | None] | None = None,
         codel: Codel | None = None,
-        tag_caps: dict[str, int] | None = None,
+        tag_limits: dict[str, int] | None = None,
         adaptive: Gradient2 | None = None,
     ) -> None:
         """Turn admission policies on (or all off): see :mod:`poolguard._policies`.
@@ -337,31 +337,31 @@ class Gate:
                 self.reserved = reserved
                 self.max_waiting = dict(max_waiting or {})
                 self.codel = codel
-                old_caps, self.tag_caps = self.tag_caps, dict(tag_caps or {})
+                old_caps, self.tag_limits = self.tag_limits, dict(tag_limits or {})
                 # A tag that stays capped keeps its count; one capped anew is
                 # counted from the connections out now (uncapped, nothing counted).
                 counts = {t: n for t, n in self.tag_in_use.items() if t in old_caps}
-                fresh = self.tag_caps.keys() - old_caps.keys()
+                fresh = self.tag_limits.keys() - old_caps.keys()
                 for hold in list(self.out.values()) if fresh else ():
                     request = hold[REQUEST]
                     if request is not None and request.tag in fresh:
                         counts[request.tag] = counts.get(request.tag, 0) + 1
-                self.tag_in_use = {t: n for t, n in counts.items() if t in self.tag_caps}
+                self.tag_in_use = {t: n for t, n in counts.items() if t in self.tag_limits}
                 self.adaptive = adaptive
-                self.policy_checkin = bool(self.tag_caps) or adaptive is not None
+                self.policy_checkin = bool(self.tag_limits) or adaptive is not None
                 on = bool(
-                    reserved or codel or self.tag_caps or adaptive
+                    reserved or codel or self.tag_limits or adaptive
                     or any(v is not None for v in self.max_waiting.values())
                 )
-                self.policy_on = on and self._tokens is not None and not self.closed
+                self.policies_on = on and self._tokens is not None and not self.closed
                 # Bounded queues alone shape only who waits: with nobody
                 # waiting, a checkout may take a free permit without the lock.
-                self._fast_policy = self.policy_on and not (
-                    reserved or codel or self.tag_caps or adaptive
+                self._fast_policy = self.policies_on and not (
+                    reserved or codel or self.tag_limits or adaptive
                 )
                 for lane in self._lane.values():
                     lane.clear()
-                if self.policy_on:
+                if self.policies_on:
                     for waiter in self.waiters:
                         self._lane[waiter.priority].append(waiter)
                 self._set_take()
@@ -374,7 +374,7 @@ class Gate:
 
     def on_checkin(self, request: Any, held: float) -> None:
         """A connection comes back: its tag's slot, the adaptive limit's sample."""
-        if self.tag_caps and request is not None:
+        if self.tag_limits and request is not None:
             self.untag(request.tag)
         if self.adaptive is not None:
             self.sample_hold(held)
@@ -416,7 +416,7 @@ class Gate:
 
     def untag(self, tag: str | None) -> None:
         """A connection taken under ``tag`` came back (tag bulkheads)."""
-        if tag is None or tag not in self.tag_caps:
+        if tag is None or tag not in self.tag_limits:
             return
         with self._lock:
             if self._busy:  # re-entered (a GC finaliser): after the section
@@ -474,7 +474,7 @@ class Gate:
         # The permit first: an interrupt after it loses a count, not a permit.
         self.give(None)
         next(self._released)
-        if self.tag_caps:
+        if self.tag_limits:
             self.untag(tag)
         if self.waiters:
             self.wake()
@@ -509,7 +509,7 @@ class Gate:
         # and a running caller may take it first (no convoy of parked
         # threads, as in SQLAlchemy's own queue). A head that lost that race
         # once gets the next permit handed over: nobody is passed over twice.
-        if self.policy_on:
+        if self.policies_on:
             self._dispatch_by_policy()
             return
         waiters = self.waiters
@@ -593,7 +593,7 @@ class Gate:
 
     def _ready(self, lane: deque[_Waiter], lifo: bool) -> _Waiter | None:
         # The waiter of ``lane`` to serve first whose tag is not at its cap.
-        if not self.tag_caps:
+        if not self.tag_limits:
             return lane[-1] if lifo else lane[0]
         for waiter in reversed(lane) if lifo else lane:
             if waiter.granted or not self._tag_full(waiter.tag):
@@ -609,7 +609,7 @@ class Gate:
         waiter.granted = True
         tag = waiter.tag
         counts = self.tag_in_use
-        tagged = tag is not None and tag in self.tag_caps
+        tagged = tag is not None and tag in self.tag_limits
         if tagged:
             counts[tag] = (counts[tag] if tag in counts else 0) + 1  # type: ignore[index]  # noqa: SIM401 - no call
             waiter.tagged = True
@@ -625,17 +625,17 @@ class Gate:
 
     def _tag_full(self, tag: str | None, queued: int = 0) -> bool:
         # Under the lock: ``tag`` holds its cap (with ``queued`` of its waiters).
-        cap = self.tag_caps.get(tag) if tag is not None else None
+        cap = self.tag_limits.get(tag) if tag is not None else None
         return cap is not None and self.tag_in_use.get(tag, 0) + queued >= cap  # type: ignore[arg-type]
 
     def _admit_locked(self, waiter: _Waiter, now: float) -> bool:
-        """Policy admission without waiting; raises :class:`Refused` to shed."""
+        """Policy admission without waiting; raises :class:`AdmissionRefused` to shed."""
         tokens = self._tokens
         assert tokens is not None
         priority, tag = waiter.priority, waiter.tag
         # The tag's waiters count against its cap: each will hold a connection.
-        if tag in self.tag_caps and self._tag_full(tag, sum(w.tag == tag for w in self.waiters)):
-            raise Refused("tag_limit")
+        if tag in self.tag_limits and self._tag_full(tag, sum(w.tag == tag for w in self.waiters)):
+            raise AdmissionRefused("tag_limit")
         # Waiters of a better priority go first, and so do those owed a
         # hand-off; a newcomer may take a free permit ahead of waiters of its
         # own priority (the woken one among them takes the next, handed over).
@@ -645,10 +645,10 @@ class Gate:
                 self.codel.on_grant(0.0, now)
             return True
         if priority == HEALTH:
-            raise Refused("health_busy")
+            raise AdmissionRefused("health_busy")
         limit = self.max_waiting.get(priority)
         if limit is not None and len(self._lane[priority]) >= limit:
-            raise Refused("queue_full")
+            raise AdmissionRefused("queue_full")
         return False
 
 
@@ -670,7 +670,7 @@ class Gate:
         inside SQLAlchemy's greenlet on the event loop thread: the wait
         suspends the greenlet and lets the loop run, instead of blocking it.
         With a policy on, a caller can be turned away at once:
-        :class:`Refused` (with the reason).
+        :class:`AdmissionRefused` (with the reason).
 
         ``waiter`` (from :meth:`new_waiter`) lets the caller see, if an
         exception reaches it after the permit was granted, that it holds
@@ -722,7 +722,7 @@ class Gate:
                     self._abandon(waiter)
             raise
         if queued < limit:
-            raise Refused("queue_delay")
+            raise AdmissionRefused("queue_delay")
         return False
 
     @staticmethod
@@ -733,7 +733,7 @@ class Gate:
     def _enqueue_locked(self, waiter: _Waiter, timeout: float) -> float:
         """In a section: grant a permit at once (``waiter.granted``), or queue
         the waiter and return how long it may wait (not queued if <= 0)."""
-        if self.policy_on:
+        if self.policies_on:
             waiter.since = self._clock()
             if self._admit_locked(waiter, waiter.since):
                 return timeout
@@ -769,7 +769,7 @@ class Gate:
             self.waiters.pop()
             waiter.queued = False
             if waiter.priority == HEALTH:  # the health lane never waits, policy or not
-                raise Refused("health_busy")
+                raise AdmissionRefused("health_busy")
         return timeout
 
     def _wait(self, waiter: _Waiter, timeout: float) -> None:
@@ -834,7 +834,7 @@ class Gate:
                 self._busy = True
                 if waiter.granted:
                     pass
-                elif not self.policy_on:
+                elif not self.policies_on:
                     # Woken to take a free permit (or timed out while one is
                     # free): take it. The flag first, as in _enqueue_locked.
                     waiter.granted = True
@@ -899,7 +899,7 @@ class Gate:
             try:
                 self._busy = True
                 self.closed = True
-                self.policy_on = False
+                self.policies_on = False
                 self.policy_checkin = False
                 self.take = itertools.repeat(None).__next__
                 self.give = _discard

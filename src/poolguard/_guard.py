@@ -1,9 +1,11 @@
-"""The :class:`Guard`: one per guarded engine, shared by the pools it recreates.
+"""The :class:`Guard`, the front of one guarded engine: its documented API and the wiring.
 
-It owns the gate, the recorder (stats storage), the event log and the
-diagnostics, and it is where the hot path hands off anything that is not
-cheap: the slow path of a checkout, a slow statement, the once-a-second scan
-for leaks and alerts.
+One per guarded engine, shared by the pools it recreates. Each job lives in
+a module of its own, given narrow collaborators: ``_breakers`` (circuit
+breakers), ``_checkout`` (the slow path of a checkout), ``_scan`` and
+``_diagnostics`` (the periodic scan, leaks, alerts, exhaustion reports),
+``_attach`` (what a pool gets: gate, counters, creator timing),
+``_queries`` (statement timing and events), ``_otel`` (metrics).
 """
 
 from __future__ import annotations
@@ -11,46 +13,43 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.pool import Pool, QueuePool
-
-from ._attach import ConnectionEvents, time_creator, untime_creator
+from ._admission import admission
+from ._attach import (
+    ConnectionEvents,
+    adopting_gate,
+    release_returned,
+    time_creator,
+    untime_creator,
+)
 from ._breakers import Breakers
 from ._checkout import SlowCheckout
-from ._compat import (
-    capacity,
-    checked_out_records,
-    is_asyncio,
-    pool_dialect,
-    pool_gauges,
-)
+from ._compat import db_system, is_asyncio, pool_dialect, pool_timeout
 from ._diagnostics import Diagnostics
 from ._gate import Gate
-from ._hold import SITE, TASK, Hold, new_hold
 from ._hooks import CheckoutHooks
 from ._log import EventLog
-from ._policies import BACKGROUND, CRITICAL, NORMAL, Codel, Gradient2, reserve_size, tag_cap
 from ._recorder import Recorder
 from ._retries import RetryBudget
-from ._sites import current_site
-from ._stats import PoolStats, QueryStats
+from ._scan import Scanner
+from ._stats import PoolStats, QueryStats, pool_stats, top_queries
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from sqlalchemy.engine import Engine
+    from sqlalchemy.pool import Pool
 
     from ._alerts import AlertEvent
     from ._config import Config
+    from ._hold import Hold
     from ._holders import Holder, HolderGroup
     from ._queries import QueryTimer
     from .breaker import CircuitBreaker, TagBreaker
 
 __all__ = ["Guard"]
 
-_SCAN_INTERVAL = 1.0
 
 
 class Guard:
@@ -91,11 +90,20 @@ class Guard:
             acquire_timeout=self.acquire_timeout, dialect=self._driver_dialect,
             db_system=lambda: self.db_system,
         )
+        #: The once-a-second scan, and the extras of a checkout that ride on it.
+        self.scanner = Scanner(
+            self.hooks, self.log, self.diagnostics, self.breakers,
+            config=lambda: self.config, is_async=lambda: self._async,
+            exporter=lambda: self.exporter,
+        )
+        self.after_checkout = self.scanner.after_checkout
+        self.maybe_scan = self.scanner.maybe_scan
+        self.note_wait = self.scanner.note_wait
         #: The slow path of a checkout (wait, shed, time out).
         self.checkout = SlowCheckout(
             self.log, self.recorder, self.breakers, gate=lambda: self.gate,
             acquire_timeout=self.acquire_timeout, maybe_scan=self.maybe_scan,
-            note_wait=self._note_wait, reject=self._reject,
+            note_wait=self.note_wait, reject=self._reject,
             exhausted=self.diagnostics.exhausted,
         )
         self.acquire_slow = self.checkout.acquire
@@ -108,9 +116,6 @@ class Guard:
         # checkout racing wrap() waits for the whole gate, never half of it.
         self._attach_lock = threading.RLock()
         self.retry_budget: RetryBudget | None = None
-        self._interval_wait_max = 0.0
-        self._scan_lock = threading.Lock()
-        self._next_scan = 0.0
         self._async = False
         self.exporter: Any = None
         self._exporter_settings: tuple[Any, ...] = ()
@@ -163,9 +168,6 @@ class Guard:
         engine = self._engine
         return engine.dialect if engine is not None else pool_dialect(self._pool)
 
-    def _note_wait(self, waited: float) -> None:
-        self._interval_wait_max = max(self._interval_wait_max, waited)
-
     def retry_after(self) -> float:
         """Seconds after which a shed request has a fair chance (0.1 s to 30 s)."""
         return self.checkout.retry_after()
@@ -176,43 +178,21 @@ class Guard:
             self.rejections[key] = self.rejections.get(key, 0) + 1
 
     def _apply_policies(self) -> None:
-        cfg = self.config
         gate = self.gate
-        capacity = gate.capacity
-        if not cfg.policies_on or capacity is None:
-            gate.configure_policy()
-            return
-        gate.configure_policy(
-            reserved=reserve_size(cfg.reserved_critical, capacity),
-            max_waiting={
-                CRITICAL: cfg.max_waiting_critical,
-                NORMAL: cfg.max_waiting_normal,
-                BACKGROUND: cfg.max_waiting_background,
-            },
-            codel=Codel(cfg.codel_target, cfg.codel_interval) if cfg.codel else None,
-            tag_caps={
-                tag: tag_cap(limit, capacity) for tag, limit in (cfg.tag_limits or {}).items()
-            },
-            adaptive=Gradient2(capacity) if cfg.adaptive_limit else None,
-        )
+        gate.configure_policy(**admission(self.config, gate.capacity))
 
     def _update_slow_at(self) -> None:
-        # tripped: a half-open probe's checkout records its outcome there.
-        extras = self.config.capture_call_sites or self._async or self.hooks.tripped
-        self.hooks.slow_at = float("-inf") if extras else self._next_scan
+        self.scanner.update_slow_at()
+
+    def scan(self, now: float | None = None) -> None:
+        """Check for connections held too long and evaluate the alerts."""
+        self.scanner.scan(now)
 
     @property
     def db_system(self) -> str:
         """``db.system.name`` of the engine's database (``postgresql``, ``mariadb``, ...)."""
         engine = self._engine
-        if engine is None:
-            return "other_sql"
-        dialect = engine.dialect
-        if dialect.name == "mysql" and getattr(dialect, "is_mariadb", False):
-            return "mariadb"
-        return {"postgresql": "postgresql", "mysql": "mysql", "sqlite": "sqlite",
-                "mssql": "microsoft.sql_server", "oracle": "oracle.db"}.get(dialect.name,
-                                                                            dialect.name)
+        return "other_sql" if engine is None else db_system(engine.dialect)
 
     @property
     def pool(self) -> Pool:
@@ -236,15 +216,7 @@ class Guard:
             pool._poolguard_hooks = self.hooks  # type: ignore[attr-defined]
             adopted: dict[object, Hold] = {}
             if first:
-                # Connections already checked out (wrap() of a busy engine)
-                # hold capacity without a permit: adopt them, so that their
-                # return gives the permit back like any other.
-                records = checked_out_records(pool)
-                use = self.recorder.use
-                gate = Gate(capacity(pool), adopted=len(records), checkins=lambda: use.count)
-                now = perf_counter()
-                for record in records:
-                    adopted[record] = gate.out[record] = new_hold(now, 0.0, 0, None)
+                gate, adopted = adopting_gate(pool, self.recorder)
                 self.gate = gate
                 self.retry_budget = RetryBudget(self.config.retry_budget, lambda: gate.acquired)
                 self._apply_policies()
@@ -262,18 +234,10 @@ class Guard:
             # back without its permit: give it back here, once. Swept before
             # publishing (nobody else touches these holds yet) and after (for
             # one returned in between).
-            self._release_returned(adopted)
+            release_returned(self.gate, adopted)
             # Published last: a checkout or checkin sees the whole gate or none.
             pool._poolguard_gate = self.gate  # type: ignore[attr-defined]
-            self._release_returned(adopted)
-
-    def _release_returned(self, adopted: dict[object, Hold]) -> None:
-        out = self.gate.out
-        for record, hold in list(adopted.items()):
-            if getattr(record, "fairy_ref", None) is None and out.get(record) is hold:
-                del adopted[record]
-                if out.pop(record, None) is hold:
-                    self.gate.release()
+            release_returned(self.gate, adopted)
 
     def _wait_attached(self) -> None:
         """Return once no attach is under way (the gate is whole)."""
@@ -292,18 +256,10 @@ class Guard:
         self._setup_exporter()
 
     def _setup_exporter(self) -> None:
-        # A second wrap() may change metrics, metrics_legacy_names or
-        # meter_provider: start over with the new ones.
-        cfg = self.config
-        wanted = (cfg.metrics, cfg.metrics_legacy_names, cfg.meter_provider)
-        if self.exporter is not None and self._exporter_settings != wanted:
-            self.exporter.close()
-            self.exporter = None
-        if cfg.metrics and self.exporter is None:
-            from ._otel import Exporter
+        from ._otel import refresh_exporter
 
-            self.exporter = Exporter(self)
-        self._exporter_settings = wanted
+        self.exporter, self._exporter_settings = refresh_exporter(
+            self, self.exporter, self._exporter_settings)
 
     def _detach(self) -> None:
         """Stop guarding: listeners off, waiters let through to the pool."""
@@ -331,59 +287,11 @@ class Guard:
         self.diagnostics.alert_callbacks.append(callback)
         return callback
 
-    # -- the slow path of a checkout -----------------------------------------
-
     def acquire_timeout(self) -> float | None:
         """The guard-wide acquire timeout in seconds (the pool's own if unset);
         ``None``: wait as long as it takes (SQLAlchemy's ``pool_timeout=None``)."""
         timeout = self.config.acquire_timeout
-        if timeout is not None:
-            return timeout
-        pool = self._pool
-        if isinstance(pool, QueuePool):
-            return pool.timeout()
-        return 30.0
-
-    # -- per checkout and checkin, off the fast path -------------------------
-
-    def after_checkout(self, hold: Hold, now: float) -> None:
-        """Extras of a checkout: asyncio task, call site, the periodic scan."""
-        if self._async:
-            import asyncio
-
-            try:
-                hold[TASK] = asyncio.current_task()
-            except RuntimeError:
-                hold[TASK] = None
-        if self.config.capture_call_sites:
-            hold[SITE] = current_site(3)
-        if self.hooks.tripped:  # a half-open probe got a working connection
-            self.breakers.probe_succeeded()
-        self.maybe_scan(now)
-
-    # -- the once-a-second scan ----------------------------------------------
-
-    def maybe_scan(self, now: float) -> None:
-        """Run :meth:`scan` if a second has passed since the last one."""
-        if now >= self._next_scan and self._scan_lock.acquire(blocking=False):
-            try:
-                if now >= self._next_scan:
-                    self._next_scan = now + _SCAN_INTERVAL
-                    self._update_slow_at()
-                    self.scan(now)
-            finally:
-                self._scan_lock.release()
-
-    def scan(self, now: float | None = None) -> None:
-        """Check for connections held too long and evaluate the alerts."""
-        now = perf_counter() if now is None else now
-        self.diagnostics.scan_leaks(now)
-        self.log.refresh()
-        exporter = self.exporter
-        if exporter is not None:
-            exporter.poll()  # an SDK installed since wrap(): keep samples from now on
-        wait_max, self._interval_wait_max = self._interval_wait_max, 0.0
-        self.diagnostics.check_alerts(now, wait_max)
+        return timeout if timeout is not None else pool_timeout(self._pool)
 
     # -- diagnostics ----------------------------------------------------------
 
@@ -413,13 +321,7 @@ class Guard:
 
     def top_queries(self, n: int = 10, *, by: str = "total_time") -> list[QueryStats]:
         """The ``n`` statement shapes with the most ``by`` (a :class:`QueryStats` field)."""
-        names = [f.name for f in dataclasses.fields(QueryStats)]
-        if by not in names:  # checked whatever the data: a typo fails on an idle guard too
-            expected = ", ".join(names)
-            raise ValueError(f"top_queries by={by!r} is invalid: expected one of {expected}")
-        rows = [QueryStats.of(stat) for stat in list(self.recorder.queries.values())]
-        rows.sort(key=lambda r: getattr(r, by), reverse=True)
-        return rows[:n]
+        return top_queries(list(self.recorder.queries.values()), n, by)
 
     def log_top_queries(self, n: int = 10, *, by: str = "total_time") -> list[QueryStats]:
         """Log ``queries.top`` with :meth:`top_queries` and return them."""
@@ -436,47 +338,9 @@ class Guard:
 
     def stats(self) -> PoolStats:
         """An immutable snapshot of the pool's gauges and the guard's counters."""
-        pool = self._pool
-        gate = self.gate
-        pool_size, max_overflow, idle, in_use = pool_gauges(pool, gate.in_use)
-        permits = gate.in_use
-        acquisitions = gate.acquired
-        with gate._lock:
-            waiting = gate.waiting
-            waits = gate.waits
-        recorder = self.recorder
-        # Every wait, granted or not, plus the checkouts that never waited as
-        # 0 s: returned ones and those out now, less those that waited (the
-        # exporter counts alike). wait_time_total and wait_time_max are read
-        # from it, so they are the histogram's sum and max by construction.
-        wait_time = recorder.wait_snapshot(
-            max(0, recorder.use.count + len(gate.out) - recorder.wait.count)
-        )
-        opened, closed, invalidated = self.connections.counts()
-        return PoolStats(
-            name=self.name,
-            pool_class=type(pool).__name__ if pool is not None else "",
-            pool_size=pool_size,
-            max_overflow=max_overflow,
-            capacity=gate.capacity,
-            in_use=in_use,
-            idle=idle,
-            waiting=waiting,
-            permits=permits,
-            acquisitions=acquisitions,
-            waits=waits,
-            wait_time_total=wait_time.sum,
-            wait_time_max=wait_time.max,
-            # PoolTimeouts raised: the gate's own count also has queue_delay
-            # sheds, which are rejections.
-            timeouts=recorder.timeouts,
-            connections_opened=opened,
-            connections_closed=closed,
-            connections_invalidated=invalidated,
-            leak_warnings=self.diagnostics.leak_warnings,
-            use_time=self.recorder.use.snapshot(),
-            wait_time=wait_time,
-            create_time=self.recorder.create.snapshot(),
+        return pool_stats(
+            self.name, self._pool, self.gate, self.recorder, self.connections.counts(),
+            self.diagnostics.leak_warnings,
         )
 
     def __repr__(self) -> str:

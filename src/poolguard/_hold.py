@@ -42,7 +42,7 @@ REQUEST = 3
 STATEMENT = 4
 #: perf_counter() when the running statement started; 0.0 when none runs.
 RUNNING_SINCE = 5
-#: Stats row (QueryStat) of the longest statement so far, and its duration.
+#: Stats row (QueryTotals) of the longest statement so far, and its duration.
 TOP_STAT = 6
 TOP_TIME = 7
 #: asyncio.Task that checked it out (asyncio pools only).

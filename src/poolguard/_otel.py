@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from ._recorder import Recorder
     from ._stats import PoolStats
 
-__all__ = ["DURATION_BUCKETS", "Exporter"]
+__all__ = ["DURATION_BUCKETS", "Exporter", "refresh_exporter"]
 
 #: Bucket boundaries the conventions advise for database client durations (s).
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
@@ -524,3 +524,21 @@ class Exporter:
         base = self._legacy_base()
         yield Observation(used, {**base, "state": "used"})
         yield Observation(idle, {**base, "state": "idle"})
+
+
+def refresh_exporter(
+    source: MetricsSource, exporter: Exporter | None, settings: tuple[Any, ...]
+) -> tuple[Exporter | None, tuple[Any, ...]]:
+    """The exporter ``source``'s options ask for, and the settings it was made with.
+
+    A second wrap() may change metrics, metrics_legacy_names or
+    meter_provider: the old exporter closes and a new one starts.
+    """
+    cfg = source.config
+    wanted = (cfg.metrics, cfg.metrics_legacy_names, cfg.meter_provider)
+    if exporter is not None and settings != wanted:
+        exporter.close()
+        exporter = None
+    if cfg.metrics and exporter is None:
+        exporter = Exporter(source)
+    return exporter, wanted

@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from ._gate import Gate
     from ._hold import Hold
     from ._log import EventLog
-    from ._recorder import QueryStat, Recorder
+    from ._recorder import QueryTotals, Recorder
 
 __all__ = ["QueryTimer", "count_ping"]
 
@@ -97,12 +97,13 @@ class StatementGuard(Protocol):
     limits_on: bool
     breakers_on: bool
     slow_query_threshold: float | None
-    _interval_wait_max: float
 
     @property
     def db_system(self) -> str: ...
 
     def acquire_timeout(self) -> float | None: ...
+
+    def note_wait(self, waited: float) -> None: ...
 
     def breaker_record(
         self, error: BaseException | None, duration: float,
@@ -168,7 +169,7 @@ def count_ping(guard: StatementGuard, conn: Any, wait: float) -> float:
     if _gate_wait.get():
         _gate_wait.set(0.0)
     guard.recorder.add_wait(wait)
-    guard._interval_wait_max = max(guard._interval_wait_max, wait)
+    guard.note_wait(wait)
     return wait
 
 
@@ -182,7 +183,7 @@ class QueryTimer:
         # Statement string -> its stats row. SQLAlchemy passes the same string
         # object for every run of a compiled statement, so this is one lookup
         # of a string whose hash is cached.
-        self._stats: dict[str, QueryStat] = {}
+        self._stats: dict[str, QueryTotals] = {}
         attrs = dialect.__dict__
         for name, context_at in _METHODS.items():
             if name in attrs:  # another wrapper (or a test double) is there: leave it
@@ -220,7 +221,7 @@ class QueryTimer:
             if fn is not None and getattr(fn, "_poolguard_timer", None) is self:
                 del attrs[name]
 
-    def _stat(self, statement: str) -> QueryStat:
+    def _stat(self, statement: str) -> QueryTotals:
         stats = self._stats
         if len(stats) >= _STATEMENTS_MAX:
             stats.clear()  # statements with inlined literals: start over, stay bounded
@@ -453,9 +454,9 @@ class QueryTimer:
             return statement, armed
         if context is not None:
             context.__dict__[LIMIT] = seconds
-        system = guard.db_system
+        db_system = guard.db_system
         try:
-            interrupt = interrupter(dbapi_connection) if system == "sqlite" else None
+            interrupt = interrupter(dbapi_connection) if db_system == "sqlite" else None
             if interrupt is not None:
                 # In whole milliseconds, at least one, as on the servers.
                 armed.append(watchdog.schedule(perf_counter() + limit_ms(seconds) / 1000,
@@ -463,10 +464,10 @@ class QueryTimer:
             # Under autocommit there is no transaction for SET LOCAL to end
             # with (PostgreSQL ignores it, with a warning): set it for the
             # session and reset it after the statement.
-            autocommit = system == "postgresql" and bool(
+            autocommit = db_system == "postgresql" and bool(
                 getattr(dbapi_connection, "autocommit", False)
             )
-            send = limited_statement(system, statement, seconds, cursor, autocommit=autocommit)
+            send = limited_statement(db_system, statement, seconds, cursor, autocommit=autocommit)
             if autocommit:
                 armed.append(PG_RESET)
         except BaseException:
@@ -540,7 +541,7 @@ class QueryTimer:
         args: tuple[Any, ...],
         duration: float,
         rows: int,
-        stat: QueryStat,
+        stat: QueryTotals,
         hold: Hold | None,
     ) -> None:
         guard = self.guard

@@ -14,7 +14,7 @@ from typing import Any
 from ._fingerprint import Fingerprint
 from ._histogram import Histogram, HistogramSnapshot
 
-__all__ = ["GRANTED", "SHED", "TIMED_OUT", "QueryStat", "Recorder"]
+__all__ = ["GRANTED", "SHED", "TIMED_OUT", "QueryTotals", "Recorder"]
 
 #: Samples kept for the OpenTelemetry exporter between two collections.
 EXPORT_BUFFER_MAX = 65536
@@ -26,7 +26,7 @@ GRANTED, TIMED_OUT, SHED = "granted", "timed_out", "shed"
 OTHER = Fingerprint(id="other", text="(other)", operation="", collection="")
 
 
-class QueryStat:
+class QueryTotals:
     """Running totals of one statement shape (like a ``pg_stat_statements`` row)."""
 
     __slots__ = ("errors", "fp", "held", "hist", "rows")
@@ -62,7 +62,7 @@ class Recorder:
         self.timeouts = 0
         self.use = Histogram()
         self.create = Histogram(track_min=True)
-        self.queries: dict[str, QueryStat] = {}
+        self.queries: dict[str, QueryTotals] = {}
         self._queries_lock = threading.Lock()
         self.export_use: deque[float] | None = None
         self.export_wait: deque[float] | None = None
@@ -95,7 +95,7 @@ class Recorder:
         """Statements counted so far (what ``export_ops`` was given)."""
         return sum(stat.hist.count for stat in list(self.queries.values()))
 
-    def query(self, fp: Fingerprint, limit: int) -> QueryStat:
+    def query(self, fp: Fingerprint, limit: int) -> QueryTotals:
         """The stats row of ``fp``, created on first use; past ``limit`` rows, ``(other)``."""
         stat = self.queries.get(fp.id)
         if stat is None:
@@ -104,7 +104,7 @@ class Recorder:
                 if stat is None:
                     if len(self.queries) >= limit:
                         fp = OTHER
-                    stat = self.queries.setdefault(fp.id, QueryStat(fp))
+                    stat = self.queries.setdefault(fp.id, QueryTotals(fp))
         return stat
 
     def start_export(self) -> None:

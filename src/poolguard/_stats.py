@@ -1,17 +1,24 @@
-"""Immutable snapshots: :class:`PoolStats` from :meth:`poolguard.Guard.stats`
-and :class:`QueryStats` rows from :meth:`poolguard.Guard.top_queries`."""
+"""Immutable snapshots of a guard: :class:`PoolStats` and :class:`QueryStats` rows.
+
+:func:`pool_stats` reads them for :meth:`poolguard.Guard.stats`,
+:func:`top_queries` ranks the rows for :meth:`poolguard.Guard.top_queries`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from ._compat import pool_gauges
 from ._histogram import HistogramSnapshot
 
 if TYPE_CHECKING:
-    from ._recorder import QueryStat
+    from sqlalchemy.pool import Pool
 
-__all__ = ["HistogramSnapshot", "PoolStats", "QueryStats"]
+    from ._gate import Gate
+    from ._recorder import QueryTotals, Recorder
+
+__all__ = ["HistogramSnapshot", "PoolStats", "QueryStats", "pool_stats", "top_queries"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -69,7 +76,7 @@ class QueryStats:
     held_time: float
 
     @classmethod
-    def of(cls, stat: QueryStat) -> QueryStats:
+    def of(cls, stat: QueryTotals) -> QueryStats:
         """Snapshot a recorder row."""
         snap = stat.hist.snapshot()
         return cls(
@@ -86,3 +93,67 @@ class QueryStats:
             p99_time=snap.p99,
             held_time=stat.held,
         )
+
+
+def pool_stats(
+    name: str,
+    pool: Pool | None,
+    gate: Gate,
+    recorder: Recorder,
+    connections: tuple[int, int, int],
+    leak_warnings: int,
+) -> PoolStats:
+    """One :class:`PoolStats` reading of ``pool`` behind ``gate``.
+
+    ``connections``: opened, closed and invalidated so far.
+    """
+    pool_size, max_overflow, idle, in_use = pool_gauges(pool, gate.in_use)
+    permits = gate.in_use
+    acquisitions = gate.acquired
+    with gate._lock:
+        waiting = gate.waiting
+        waits = gate.waits
+    # Every wait, granted or not, plus the checkouts that never waited as
+    # 0 s: returned ones and those out now, less those that waited (the
+    # exporter counts alike). wait_time_total and wait_time_max are read
+    # from it, so they are the histogram's sum and max by construction.
+    wait_time = recorder.wait_snapshot(
+        max(0, recorder.use.count + len(gate.out) - recorder.wait.count)
+    )
+    opened, closed, invalidated = connections
+    return PoolStats(
+        name=name,
+        pool_class=type(pool).__name__ if pool is not None else "",
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        capacity=gate.capacity,
+        in_use=in_use,
+        idle=idle,
+        waiting=waiting,
+        permits=permits,
+        acquisitions=acquisitions,
+        waits=waits,
+        wait_time_total=wait_time.sum,
+        wait_time_max=wait_time.max,
+        # PoolTimeouts raised: the gate's own count also has queue_delay
+        # sheds, which are rejections.
+        timeouts=recorder.timeouts,
+        connections_opened=opened,
+        connections_closed=closed,
+        connections_invalidated=invalidated,
+        leak_warnings=leak_warnings,
+        use_time=recorder.use.snapshot(),
+        wait_time=wait_time,
+        create_time=recorder.create.snapshot(),
+    )
+
+
+def top_queries(stats: list[QueryTotals], n: int, by: str) -> list[QueryStats]:
+    """The ``n`` rows of ``stats`` with the most ``by`` (a :class:`QueryStats` field)."""
+    names = [f.name for f in dataclasses.fields(QueryStats)]
+    if by not in names:  # checked whatever the data: a typo fails on an idle guard too
+        expected = ", ".join(names)
+        raise ValueError(f"top_queries by={by!r} is invalid: expected one of {expected}")
+    rows = [QueryStats.of(stat) for stat in stats]
+    rows.sort(key=lambda r: getattr(r, by), reverse=True)
+    return rows[:n]
