@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from poolguard import hotpath
+from poolguard.cli import _hotpath as hotpath
 
 
 def main(argv: list[str] | None = None) -> int:

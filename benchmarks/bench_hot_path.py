@@ -5,7 +5,7 @@
 Cases: engine.connect()/close(), pool.connect()/close(), and connect +
 SELECT 1 + close, on a SQLite file. The two sides alternate round by round
 and the reported ratio is the median of the per-round ratios guarded/plain
-(poolguard.hotpath explains why that is robust on a noisy machine), pooled
+(poolguard.cli._hotpath explains why that is robust on a noisy machine), pooled
 over several fresh processes.
 
 Why not pyperf or pytest-benchmark: both time one benchmark after the other,
@@ -25,7 +25,7 @@ import sys
 
 import sqlalchemy
 
-from poolguard import hotpath
+from poolguard.cli import _hotpath as hotpath
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 import poolguard
-from poolguard import guard as guard_module
+from poolguard import _compat as compat_module
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
             engine = sa.create_engine(url, pool_size=5, max_overflow=0)
             held = [engine.connect() for _ in range(3)]
             start = time.perf_counter()
-            records = guard_module._checked_out_records(engine.pool)
+            records = compat_module.checked_out_records(engine.pool)
             lookup_ms.append((time.perf_counter() - start) * 1000)
             assert len(records) == 3
             start = time.perf_counter()

@@ -8,8 +8,8 @@ import pytest
 import sqlalchemy as sa
 
 import poolguard
-from poolguard.gate import Gate
-from poolguard.policies import CRITICAL, NORMAL, Gradient2
+from poolguard._gate import Gate
+from poolguard._policies import CRITICAL, NORMAL, Gradient2
 
 
 def test_steady_hold_times_keep_the_limit_at_capacity() -> None:

@@ -1,10 +1,10 @@
 """Threshold alerts: the pure state machine, and the guard's utilisation and wait-time alerts.
 
-:class:`poolguard.alerts.Alert` is fed explicit times (no sleeping): it fires once a
+:class:`poolguard._alerts.Alert` is fed explicit times (no sleeping): it fires once a
 value has stayed at or above the threshold for ``hold_for`` seconds and clears once it
 has stayed below ``clear_ratio`` x threshold as long. The guard evaluates its alerts in
 :meth:`Guard.scan`, which takes ``now`` on the ``perf_counter`` clock; the tests turn the
-periodic scan off (``guard._next_scan = inf``) and call ``scan`` with synthetic times.
+periodic scan off (``guard.scanner.next_scan = inf``) and call ``scan`` with synthetic times.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import poolguard
 from poolguard import AlertEvent
-from poolguard.alerts import Alert
+from poolguard._alerts import Alert
 
 #: Events go to the stdlib logger: structlog not configured (see conftest).
 pytestmark = pytest.mark.usefixtures("structlog_unconfigured")
@@ -196,7 +196,7 @@ def make_engine() -> Iterator[Callable[..., Engine]]:
 def _manual_scans(engine: Engine) -> Guard:
     """The engine's guard, with the periodic scan off: only the test's scan() calls run."""
     guard = poolguard.get_guard(engine)
-    guard._next_scan = math.inf
+    guard.scanner.next_scan = math.inf
     return guard
 
 

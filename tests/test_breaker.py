@@ -26,7 +26,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from sqlalchemy.pool import NullPool, QueuePool
 
 import poolguard
-from poolguard import guard as guard_module
+from poolguard import _breakers as breakers_module
+from poolguard import _checkout as checkout_module
+from poolguard import _scan as scan_module
 from poolguard.breaker import (
     CLOSED,
     HALF_OPEN,
@@ -335,7 +337,9 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
-    monkeypatch.setattr(guard_module, "perf_counter", fake)
+    monkeypatch.setattr(checkout_module, "perf_counter", fake)
+    monkeypatch.setattr(scan_module, "perf_counter", fake)
+    monkeypatch.setattr(breakers_module, "perf_counter", fake)
     return fake
 
 
@@ -424,7 +428,7 @@ def test_open_breaker_fails_fast_without_dialing_then_recovers(
     assert opened.levelno == logging.WARNING
     stats = guard.stats()
     assert stats.permits == 0
-    assert guard.gate.tripped is False
+    assert guard.hooks.tripped is False
 
 
 def test_half_open_lets_exactly_the_probes_dial_and_failed_probes_reopen(

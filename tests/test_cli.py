@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
+from poolguard._policies import tag_limit
 from poolguard.cli import bench
 from poolguard.cli._db import UsageError
-from poolguard.policies import tag_cap
 
 #: Upper bound of one command (a hang fails the test instead of the suite).
 RUN_TIMEOUT = 240
@@ -165,7 +165,7 @@ def test_demo_names_the_culprit_and_its_call_site(demo: dict[str, Any]) -> None:
 
 def test_demo_guard_cut_and_capped_the_scan(demo: dict[str, Any]) -> None:
     options = demo["guarded_options"]
-    cap = tag_cap(options["tag_limits"]["auth-token-scan"], demo["traffic"]["pool_size"])
+    cap = tag_limit(options["tag_limits"]["auth-token-scan"], demo["traffic"]["pool_size"])
     guarded, plain = demo["sides"]["guarded"], demo["sides"]["plain"]
     assert 0 < guarded["peak_scans_running"]["storm"] <= cap
     assert plain["peak_scans_running"]["storm"] > cap

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from poolguard import hotpath
-from poolguard.gate import Gate, Refused
-from poolguard.policies import BACKGROUND, CRITICAL, NORMAL
+from poolguard._gate import AdmissionRefused, Gate
+from poolguard._policies import BACKGROUND, CRITICAL, NORMAL
+from poolguard.cli import _hotpath as hotpath
 
 
 def test_quick_contention_run_reports_every_case() -> None:
@@ -59,7 +59,7 @@ def test_bench_hot_path_contention_cli_json() -> None:
 def test_bounded_queue_policy_takes_without_the_lock_only_while_nobody_waits() -> None:
     gate = Gate(1)
     gate.configure_policy(max_waiting={NORMAL: 5})
-    assert gate.policy_on
+    assert gate.policies_on
     assert gate.take == gate._take_token  # nobody waits: the fast path
     gate.take()
     results: list[bool] = []
@@ -85,7 +85,7 @@ def test_bounded_queue_policy_takes_without_the_lock_only_while_nobody_waits() -
 
 @pytest.mark.parametrize(
     "policy",
-    [{"reserved": 1}, {"tag_caps": {"t": 1}}],
+    [{"reserved": 1}, {"tag_limits": {"t": 1}}],
     ids=["reserve", "tag-cap"],
 )
 def test_policies_that_shape_who_takes_keep_every_checkout_under_the_lock(
@@ -114,7 +114,7 @@ def test_lanes_serve_by_priority_then_arrival_and_bound_each_queue() -> None:
         stop = threading.Event()
         while gate.waiting < i + 1 and not stop.wait(0.001):
             pass
-    with pytest.raises(Refused) as refused:  # the normal queue holds two already
+    with pytest.raises(AdmissionRefused) as refused:  # the normal queue holds two already
         gate.acquire(10.0, asyncio_mode=False, priority=NORMAL)
     assert refused.value.reason == "queue_full"
     gate.release()

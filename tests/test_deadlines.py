@@ -36,7 +36,7 @@ from sqlalchemy.engine import make_url
 
 import poolguard
 from _proxy import Proxy
-from poolguard.timeouts import KILL_GRACE, Watchdog, watchdog
+from poolguard._timeouts import KILL_GRACE, Watchdog, watchdog
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from pymysql.constants import CLIENT
 
 import poolguard
-from poolguard.explain import refusal
+from poolguard._explain import refusal
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

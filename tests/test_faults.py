@@ -53,8 +53,8 @@ from sqlalchemy.pool import NullPool
 
 import poolguard
 from _proxy import Proxy
+from poolguard._timeouts import KILL_GRACE
 from poolguard.breaker import CLOSED, HALF_OPEN, OPEN
-from poolguard.timeouts import KILL_GRACE
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

@@ -1,4 +1,4 @@
-"""Statement fingerprints: ``poolguard.fingerprint.normalize`` and ``fingerprint``.
+"""Statement fingerprints: ``poolguard._fingerprint.normalize`` and ``fingerprint``.
 
 A fingerprint is the key of every per-statement stat and the statement text
 that goes into logs, so two promises are tested here: statements of one shape
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import poolguard.fingerprint as fpmod
-from poolguard.fingerprint import fingerprint, normalize
+import poolguard._fingerprint as fpmod
+from poolguard._fingerprint import fingerprint, normalize
 
 # -- literals ------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Unit tests of :class:`poolguard.gate.Gate` as a component (no database).
+"""Unit tests of :class:`poolguard._gate.Gate` as a component (no database).
 
 Waits that are measured use an injected clock, so the wait-time counters are
 exact. Real time is used only to make things happen (a short timeout runs
@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy.util import greenlet_spawn
 
-from poolguard.gate import Gate
+from poolguard._gate import Gate
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 import poolguard
 from poolguard import LoadShed, PoolTimeout
-from poolguard.gate import Gate, Refused
+from poolguard._gate import AdmissionRefused, Gate
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -197,8 +197,8 @@ def test_a_release_re_entering_a_locked_section_is_deferred_to_its_end() -> None
     for policy in (False, True):
         gate = Gate(1)
         if policy:
-            gate.configure_policy(tag_caps={"t": 2}, reserved=0, max_waiting={"normal": 5})
-            assert gate.policy_on
+            gate.configure_policy(tag_limits={"t": 2}, reserved=0, max_waiting={"normal": 5})
+            assert gate.policies_on
         assert gate.acquire(0, asyncio_mode=False, tag="t") is True
         original = gate._enqueue_locked
         seen: list[int] = []
@@ -249,7 +249,7 @@ def test_interrupt_barrage_on_gate_acquire_leaves_it_consistent(policy: bool) ->
     capacity = 2
     gate = Gate(capacity)
     if policy:
-        gate.configure_policy(reserved=1, max_waiting={"normal": 100}, tag_caps={"t": 9})
+        gate.configure_policy(reserved=1, max_waiting={"normal": 100}, tag_limits={"t": 9})
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -286,7 +286,7 @@ def test_interrupt_barrage_on_gate_acquire_leaves_it_consistent(policy: bool) ->
                         waiter = None
                     except Interrupted:  # noqa: PERF203 - the point of the test
                         interrupts += 1
-            except Refused:
+            except AdmissionRefused:
                 pass
     finally:
         _stop(old)
@@ -397,7 +397,7 @@ class _Faulty:
 def _held_gate(policy: bool) -> Gate:
     gate = Gate(2)
     if policy:
-        gate.configure_policy(reserved=0, tag_caps={"t": 9}, max_waiting={"normal": 9})
+        gate.configure_policy(reserved=0, tag_limits={"t": 9}, max_waiting={"normal": 9})
     assert gate.acquire(0, asyncio_mode=False, tag="t")
     assert gate.acquire(0, asyncio_mode=False, tag="t")
     return gate
@@ -457,8 +457,8 @@ def test_an_exception_right_after_a_permit_moves_loses_no_permit(
         else:
             gate.take = fault
     elif where == "give":
-        fault = _Faulty(gate._give, 1)
-        gate._give = fault
+        fault = _Faulty(gate.give, 1)
+        gate.give = fault
     else:
         fault = _Faulty(type(waiter).wake, 1)
         monkeypatch.setattr(type(waiter), "wake", lambda self: fault(self))  # noqa: PLW0108 - a method
@@ -469,7 +469,7 @@ def test_an_exception_right_after_a_permit_moves_loses_no_permit(
     gate.take = gate._take_token if not policy else gate.take
     thread.join(0.3)
     if thread.is_alive():
-        gate._wake()
+        gate.wake()
     thread.join(SAFETY_TIMEOUT)
     assert results == [True]
     assert gate.waiting == 0
@@ -575,7 +575,7 @@ def _no_context(error: BaseException) -> None:
     text = "".join(traceback.format_exception(error))
     assert "IndexError" not in text
     assert "During handling" not in text
-    assert "Refused" not in text
+    assert "AdmissionRefused" not in text
 
 
 def test_pool_timeout_has_no_index_error_context(busy_engine: Callable[..., Engine]) -> None:
@@ -621,7 +621,7 @@ def _half_open(engine: Engine) -> Any:
     breaker._enter(HALF_OPEN, time.perf_counter())
     guard._refresh_tripped()
     guard._update_slow_at()
-    assert guard.gate.tripped
+    assert guard.hooks.tripped
     return breaker
 
 

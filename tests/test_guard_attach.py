@@ -17,8 +17,8 @@ import pytest
 import sqlalchemy as sa
 
 import poolguard
-from poolguard import engine as engine_module
-from poolguard import guard as guard_module
+from poolguard import _attach as attach_module
+from poolguard import _engine as engine_module
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
@@ -86,14 +86,14 @@ def test_an_adopted_connection_returned_during_wrap_gives_its_permit_back_once(
     engine = sa.create_engine(db_url, pool_size=2, max_overflow=0, pool_timeout=5)
     try:
         first, second = engine.connect(), engine.connect()
-        real = guard_module._checked_out_records
+        real = attach_module.checked_out_records
 
         def returned_meanwhile(pool: Any) -> list[object]:
             records = real(pool)
             first.close()  # back before the gate is published: no permit given back yet
             return records
 
-        monkeypatch.setattr(guard_module, "_checked_out_records", returned_meanwhile)
+        monkeypatch.setattr(attach_module, "checked_out_records", returned_meanwhile)
         poolguard.wrap(engine, acquire_timeout=0.2)
         guard = poolguard.get_guard(engine)
         assert guard.gate.in_use == 1
@@ -117,7 +117,7 @@ def test_dispose_racing_the_adoption_in_wrap_leaves_no_half_built_gate(
     disposers: list[threading.Thread] = []
     try:
         held = engine.connect()
-        real = guard_module._checked_out_records
+        real = attach_module.checked_out_records
 
         def dispose_meanwhile(pool: Any) -> list[object]:
             records = real(pool)
@@ -127,7 +127,7 @@ def test_dispose_racing_the_adoption_in_wrap_leaves_no_half_built_gate(
             disposer.join(1.0)  # finished, or waiting for this attach to finish
             return records
 
-        monkeypatch.setattr(guard_module, "_checked_out_records", dispose_meanwhile)
+        monkeypatch.setattr(attach_module, "checked_out_records", dispose_meanwhile)
         poolguard.wrap(engine, acquire_timeout=0.2)
         (disposer,) = disposers
         disposer.join(30.0)
@@ -196,7 +196,7 @@ def test_a_checkout_during_a_second_wrap_waits_for_the_new_gate(
     conns: list[Connection] = []
     try:
         poolguard.unwrap(poolguard.wrap(engine))
-        real = guard_module._checked_out_records
+        real = attach_module.checked_out_records
 
         def checkout_meanwhile(pool: Any) -> list[object]:
             records = real(pool)
@@ -206,7 +206,7 @@ def test_a_checkout_during_a_second_wrap_waits_for_the_new_gate(
             thread.join(1.0)  # checked out, or waiting for this attach to finish
             return records
 
-        monkeypatch.setattr(guard_module, "_checked_out_records", checkout_meanwhile)
+        monkeypatch.setattr(attach_module, "checked_out_records", checkout_meanwhile)
         poolguard.wrap(engine, acquire_timeout=0.2)
         (thread,) = threads
         thread.join(30.0)

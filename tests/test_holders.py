@@ -25,8 +25,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
 
 import poolguard
-from poolguard.fingerprint import fingerprint
-from poolguard.holders import Holder, describe_groups, group_holders
+from poolguard._fingerprint import fingerprint
+from poolguard._holders import Holder, describe_groups, group_holders
 
 #: Events go to the stdlib logger: structlog not configured (see conftest).
 pytestmark = pytest.mark.usefixtures("structlog_unconfigured")
@@ -505,7 +505,7 @@ def test_holders_report_is_reused_for_a_second_unless_fresh(
     engine = make_engine(sqlite_url, 2)
     guard = poolguard.get_guard(engine)
     now = [time.perf_counter() + 100.0]
-    monkeypatch.setattr("poolguard.guard.perf_counter", lambda: now[0])
+    monkeypatch.setattr("poolguard._diagnostics.perf_counter", lambda: now[0])
     first = engine.connect()
     second = None
     try:
@@ -534,7 +534,7 @@ def test_held_too_long_warns_once_and_again_on_return(
     caplog.set_level(logging.INFO, logger="poolguard")
     engine = make_engine(db_url, 2, leak_threshold=0.05, capture_call_sites=capture)
     guard = poolguard.get_guard(engine)
-    guard._next_scan = math.inf  # only the scans below run
+    guard.scanner.next_scan = math.inf  # only the scans below run
     with poolguard.request(tag="leaky"):
         conn = _leak(engine)
     try:
@@ -577,7 +577,7 @@ def test_connection_returned_in_time_never_warns(
     caplog.set_level(logging.INFO, logger="poolguard")
     engine = make_engine(sqlite_url, 1, leak_threshold=1.0)
     guard = poolguard.get_guard(engine)
-    guard._next_scan = math.inf
+    guard.scanner.next_scan = math.inf
     conn = engine.connect()
     guard.scan(time.perf_counter() - 10.0)  # a scan long before the threshold passes
     conn.close()

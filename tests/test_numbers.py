@@ -19,7 +19,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 
 import poolguard
-from poolguard.histogram import BOUNDS, Histogram
+from poolguard._histogram import BOUNDS, Histogram
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

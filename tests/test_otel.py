@@ -48,9 +48,9 @@ from opentelemetry.sdk.metrics.export import (
 )
 
 import poolguard
-from poolguard import histogram as pg_histogram
-from poolguard.fingerprint import fingerprint
-from poolguard.otel import DURATION_BUCKETS
+from poolguard import _histogram as pg_histogram
+from poolguard._fingerprint import fingerprint
+from poolguard._otel import DURATION_BUCKETS
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping
@@ -666,7 +666,7 @@ def test_export_buffers_are_bounded_without_checkouts_or_collections(
     # The regression: the bound was enforced by the scan, which runs only on
     # checkouts; one connection held while it ran statements grew the buffer
     # without limit.
-    from poolguard import recorder as recorder_module
+    from poolguard import _recorder as recorder_module
 
     monkeypatch.setattr(recorder_module, "EXPORT_BUFFER_MAX", 10)
     engine = make_engine(sqlite_url)

@@ -1,7 +1,7 @@
 """Admission policies: the pure functions, their enforcement by the gate, the
 options that configure them, and load shedding through a real engine.
 
-The pure policies (:mod:`poolguard.policies`) are tested with explicit times.
+The pure policies (:mod:`poolguard._policies`) are tested with explicit times.
 The gate is tested with a fake clock and threads: real time only makes things
 happen (a waiter queues, a short slough timeout runs out); no assertion is
 about how long anything took.
@@ -21,9 +21,10 @@ import sqlalchemy.exc
 
 import poolguard
 from poolguard import Config
-from poolguard.context import RequestContext
-from poolguard.gate import Gate, Refused
-from poolguard.policies import (
+from poolguard._context import RequestContext
+from poolguard._gate import AdmissionRefused, Gate
+from poolguard._hold import new_hold
+from poolguard._policies import (
     BACKGROUND,
     CRITICAL,
     HEALTH,
@@ -35,9 +36,8 @@ from poolguard.policies import (
     parse_tag_limits,
     rank,
     reserve_size,
-    tag_cap,
+    tag_limit,
 )
-from poolguard.recorder import new_hold
 
 # Upper bound of any wait for another thread to get somewhere. It only stops a
 # broken test from hanging; no assertion is about elapsed time.
@@ -67,7 +67,7 @@ class Waiters:
     """Threads that wait at a gate; each appends ``(name, outcome)`` when through.
 
     The outcome is ``True`` (granted), ``False`` (timed out) or the reason of
-    a :class:`Refused`.
+    a :class:`AdmissionRefused`.
     """
 
     def __init__(self, gate: Gate) -> None:
@@ -93,7 +93,7 @@ class Waiters:
                 outcome: object = self.gate.acquire(
                     timeout, asyncio_mode=False, priority=priority, tag=tag
                 )
-            except Refused as refused:
+            except AdmissionRefused as refused:
                 outcome = refused.reason
             with self._lock:
                 self.results.append((name, outcome))
@@ -135,7 +135,7 @@ def waiters() -> Iterator[Callable[[Gate], Waiters]]:
 def policy_gate(capacity: int, clock: FakeClock | None = None, **policy: Any) -> Gate:
     gate = Gate(capacity, clock=clock or FakeClock())
     gate.configure_policy(**policy)
-    assert gate.policy_on
+    assert gate.policies_on
     return gate
 
 
@@ -143,7 +143,7 @@ def take(gate: Gate, priority: str = NORMAL, tag: str | None = None) -> object:
     """One attempt that never waits: True, False or the refusal's reason."""
     try:
         return gate.acquire(0, asyncio_mode=False, priority=priority, tag=tag)
-    except Refused as refused:
+    except AdmissionRefused as refused:
         return refused.reason
 
 
@@ -207,7 +207,7 @@ def test_may_take_lets_critical_take_the_last_permit() -> None:
     [(2, 10, 2), (2.0, 10, 2), (0.25, 10, 2), (0.5, 10, 5), (0.05, 10, 1), (0.99, 10, 9)],
 )
 def test_tag_cap(limit: float, capacity: int, expected: int) -> None:
-    assert tag_cap(limit, capacity) == expected
+    assert tag_limit(limit, capacity) == expected
 
 
 def test_parse_tag_limits_reads_pairs() -> None:
@@ -410,12 +410,12 @@ def test_max_waiting_per_priority_refuses_at_once(
     assert take(gate, CRITICAL) is True
     # A long timeout: a refused caller must not wait for it (or it would time
     # out after SAFETY_TIMEOUT and return False instead of raising).
-    with pytest.raises(Refused) as info:
+    with pytest.raises(AdmissionRefused) as info:
         gate.acquire(SAFETY_TIMEOUT, asyncio_mode=False, priority=BACKGROUND)
     assert info.value.reason == "queue_full"
     w = waiters(gate)
     w.start("normal-1")
-    with pytest.raises(Refused) as info:
+    with pytest.raises(AdmissionRefused) as info:
         gate.acquire(SAFETY_TIMEOUT, asyncio_mode=False, priority=NORMAL)
     assert info.value.reason == "queue_full"
     assert str(info.value) == "queue_full"
@@ -435,18 +435,18 @@ def test_health_never_waits() -> None:
     gate.release()
     assert take(gate, CRITICAL) is True
     # One free, and it is the reserve: health is refused, with a long timeout.
-    with pytest.raises(Refused) as info:
+    with pytest.raises(AdmissionRefused) as info:
         gate.acquire(SAFETY_TIMEOUT, asyncio_mode=False, priority=HEALTH)
     assert info.value.reason == "health_busy"
     assert take(gate, CRITICAL) is True
-    with pytest.raises(Refused, match="health_busy"):
+    with pytest.raises(AdmissionRefused, match="health_busy"):
         gate.acquire(SAFETY_TIMEOUT, asyncio_mode=False, priority=HEALTH)
     assert gate.waiting == 0
     assert gate.in_use == 2
 
 
 def test_tag_cap_refuses_past_the_cap_and_release_frees_the_slot() -> None:
-    gate = policy_gate(5, tag_caps={"report": 2})
+    gate = policy_gate(5, tag_limits={"report": 2})
     assert take(gate, NORMAL, "report") is True
     assert take(gate, BACKGROUND, "report") is True
     assert gate.tag_in_use == {"report": 2}
@@ -468,14 +468,14 @@ def test_tag_cap_holds_for_callers_that_waited(waiters: Callable[[Gate], Waiters
     # The pool is full of other work; callers of a capped tag arrive while
     # fewer than its cap run. Once permits come back, the tag must still hold
     # at most its cap.
-    gate = policy_gate(4, tag_caps={"report": 1})
+    gate = policy_gate(4, tag_limits={"report": 1})
     for _ in range(4):
         assert take(gate, NORMAL) is True
     w = waiters(gate)
     w.start("report-1", tag="report")
     # Cap 1 and one report already waiting for it: the next one is shed now,
     # not queued to take a second report connection later.
-    with pytest.raises(Refused) as info:
+    with pytest.raises(AdmissionRefused) as info:
         gate.acquire(SAFETY_TIMEOUT, asyncio_mode=False, tag="report")
     assert info.value.reason == "tag_limit"
     for _ in range(4):
@@ -491,7 +491,7 @@ def test_slough_timeout_refuses_a_non_critical_waiter_with_queue_delay() -> None
     gate = policy_gate(1, clock, codel=codel)
     assert take(gate, CRITICAL) is True
     overload(codel, clock)
-    with pytest.raises(Refused) as info:
+    with pytest.raises(AdmissionRefused) as info:
         gate.acquire(SAFETY_TIMEOUT, asyncio_mode=False, priority=NORMAL)
     assert info.value.reason == "queue_delay"
     assert gate.waiting == 0
@@ -499,7 +499,7 @@ def test_slough_timeout_refuses_a_non_critical_waiter_with_queue_delay() -> None
     assert gate.timeouts == 1
     assert not codel.overloaded  # the queue emptied
     overload(codel, clock)
-    with pytest.raises(Refused, match="queue_delay"):
+    with pytest.raises(AdmissionRefused, match="queue_delay"):
         gate.acquire(SAFETY_TIMEOUT, asyncio_mode=False, priority=BACKGROUND)
     # A caller whose own timeout is shorter than the slough timeout just times out.
     overload(codel, clock)
@@ -523,15 +523,15 @@ def test_configure_policy_with_nothing_turns_the_fast_path_back_on() -> None:
     fast = gate.take
     assert fast == gate._tokens.pop  # type: ignore[union-attr]
     gate.configure_policy(reserved=1)
-    assert gate.policy_on
+    assert gate.policies_on
     assert gate.take != fast
     with pytest.raises(IndexError):  # with a policy, every caller goes through acquire()
         gate.take()
     assert gate.in_use == 0
     gate.configure_policy()
-    assert not gate.policy_on
+    assert not gate.policies_on
     assert gate.take == gate._tokens.pop  # type: ignore[union-attr]
-    assert (gate.reserved, gate.max_waiting, gate.codel, gate.tag_caps) == (0, {}, None, {})
+    assert (gate.reserved, gate.max_waiting, gate.codel, gate.tag_limits) == (0, {}, None, {})
     gate.take()
     gate.take()
     assert gate.in_use == 2
@@ -540,15 +540,15 @@ def test_configure_policy_with_nothing_turns_the_fast_path_back_on() -> None:
 def test_max_waiting_of_none_alone_is_no_policy() -> None:
     gate = Gate(2, clock=FakeClock())
     gate.configure_policy(max_waiting={NORMAL: None, BACKGROUND: None})
-    assert not gate.policy_on
+    assert not gate.policies_on
     gate.configure_policy(max_waiting={BACKGROUND: 0})
-    assert gate.policy_on
+    assert gate.policies_on
 
 
 def test_gate_without_a_limit_ignores_policies() -> None:
     gate = Gate(None, clock=FakeClock())
-    gate.configure_policy(reserved=1, tag_caps={"report": 1})
-    assert not gate.policy_on
+    gate.configure_policy(reserved=1, tag_limits={"report": 1})
+    assert not gate.policies_on
     assert gate.acquire(0, asyncio_mode=False, tag="report") is True
 
 
@@ -557,7 +557,7 @@ def test_reconfiguring_caps_off_and_on_keeps_the_count_true() -> None:
     # The pool registers each connection it hands out in gate.out with the
     # request it was taken under; the gate recounts a tag from there when its
     # cap is (re)introduced, so no count goes stale.
-    gate = policy_gate(3, tag_caps={"report": 1})
+    gate = policy_gate(3, tag_limits={"report": 1})
     assert take(gate, NORMAL, "report") is True
     held = object()
     gate.out[held] = new_hold(0.0, 0.0, 0, RequestContext(None, "report", NORMAL))
@@ -566,7 +566,7 @@ def test_reconfiguring_caps_off_and_on_keeps_the_count_true() -> None:
     gate.release("report")
     gate.out.pop(held)
     gate.release("report")
-    gate.configure_policy(tag_caps={"report": 1})  # cap back on, nothing held
+    gate.configure_policy(tag_limits={"report": 1})  # cap back on, nothing held
     assert take(gate, NORMAL, "report") is True  # not refused by a stale count
     assert gate.tag_in_use == {"report": 1}
 
@@ -576,7 +576,7 @@ def test_reconfiguring_a_cap_counts_connections_already_out() -> None:
     assert take(gate, NORMAL, "report") is True
     gate.out[object()] = new_hold(0.0, 0.0, 0, RequestContext(None, "report", NORMAL))
     gate.out[object()] = new_hold(0.0, 0.0, 0, None)  # no request
-    gate.configure_policy(tag_caps={"report": 1})
+    gate.configure_policy(tag_limits={"report": 1})
     assert gate.tag_in_use == {"report": 1}
     assert take(gate, NORMAL, "report") == "tag_limit"
 
@@ -899,9 +899,9 @@ def test_rewrap_without_policies_turns_them_off(sqlite_url: str) -> None:
     )
     try:
         guard = poolguard.get_guard(engine)
-        assert guard.gate.policy_on
+        assert guard.gate.policies_on
         poolguard.wrap(engine)  # reconfigured without policies
-        assert not guard.gate.policy_on
+        assert not guard.gate.policies_on
         assert guard.gate.take == guard.gate._tokens.pop  # type: ignore[union-attr]
         with engine.connect() as conn:
             assert conn.execute(sa.text("SELECT 1")).scalar() == 1
@@ -918,7 +918,7 @@ def test_health_never_waits_even_without_policies(sqlite_url: str) -> None:
     )
     try:
         guard = poolguard.get_guard(engine)
-        assert not guard.gate.policy_on
+        assert not guard.gate.policies_on
         with poolguard.request(priority=HEALTH):
             with engine.connect() as conn:  # a free connection: served
                 assert conn.execute(sa.text("SELECT 1")).scalar() == 1

@@ -1,6 +1,6 @@
 """Stateful test of the gate with every admission policy combined.
 
-A Hypothesis state machine drives one :class:`poolguard.gate.Gate` (capacity
+A Hypothesis state machine drives one :class:`poolguard._gate.Gate` (capacity
 4, a fake clock, no threads, no sleeping) through:
 
 * attempts with a random priority and tag and timeout 0: each one is granted,
@@ -34,9 +34,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from poolguard.context import RequestContext
-from poolguard.gate import Gate, Refused, _Waiter
-from poolguard.policies import (
+from poolguard._context import RequestContext
+from poolguard._gate import AdmissionRefused, Gate, _Waiter
+from poolguard._hold import new_hold
+from poolguard._policies import (
     BACKGROUND,
     CRITICAL,
     HEALTH,
@@ -46,7 +47,6 @@ from poolguard.policies import (
     may_take,
     rank,
 )
-from poolguard.recorder import new_hold
 
 CAPACITY = 4
 CAPPED_TAGS = ("report", "search")
@@ -62,7 +62,7 @@ policies = st.fixed_dictionaries({
         for p in (CRITICAL, NORMAL, BACKGROUND)
     }),
     "codel": st.booleans(),
-    "tag_caps": st.dictionaries(
+    "tag_limits": st.dictionaries(
         st.sampled_from(CAPPED_TAGS), st.integers(min_value=1, max_value=CAPACITY)
     ),
 })
@@ -107,7 +107,7 @@ class PolicyGateMachine(RuleBasedStateMachine):
         self.allowance: dict[str, int] = {}
         self.configure_gate(
             {"reserved": 1, "max_waiting": {BACKGROUND: 1}, "codel": True,
-             "tag_caps": {"report": 2}}
+             "tag_limits": {"report": 2}}
         )
 
     # -- helpers --------------------------------------------------------------
@@ -123,12 +123,12 @@ class PolicyGateMachine(RuleBasedStateMachine):
         return [w for w in self.parked if not w.granted]
 
     def tag_full(self, tag: str | None, queued: int = 0) -> bool:
-        cap = self.gate.tag_caps.get(tag) if tag is not None else None
+        cap = self.gate.tag_limits.get(tag) if tag is not None else None
         return cap is not None and self.held_with(tag) + queued >= cap  # type: ignore[arg-type]
 
     def may_take_now(self, priority: str, tag: str | None) -> bool:
         """Whether a caller may take a free permit now (the policy, from the model)."""
-        if not self.gate.policy_on:
+        if not self.gate.policies_on:
             return self.free > 0
         return may_take(priority, self.free, self.gate.reserved) and not self.tag_full(tag)
 
@@ -139,7 +139,7 @@ class PolicyGateMachine(RuleBasedStateMachine):
             self.violations.append(
                 f"{priority} got a permit with {free_before} free, {self.gate.reserved} reserved"
             )
-        cap = self.gate.tag_caps.get(tag) if tag is not None else None
+        cap = self.gate.tag_limits.get(tag) if tag is not None else None
         if cap is not None and self.gate.tag_in_use.get(tag, 0) > cap:  # type: ignore[arg-type]
             self.violations.append(f"a grant took tag {tag!r} past its cap {cap}")
         self.held[key] = (priority, tag)
@@ -173,7 +173,7 @@ class PolicyGateMachine(RuleBasedStateMachine):
         )
 
     def configure_gate(self, policy: dict[str, Any]) -> None:
-        caps = policy["tag_caps"]
+        caps = policy["tag_limits"]
         for tag, cap in caps.items():
             held = self.held_with(tag)
             self.allowance[tag] = held if held > cap else 0
@@ -181,7 +181,7 @@ class PolicyGateMachine(RuleBasedStateMachine):
             reserved=policy["reserved"],
             max_waiting=policy["max_waiting"],
             codel=Codel(target=0.005, interval=0.1) if policy["codel"] else None,
-            tag_caps=caps,
+            tag_limits=caps,
         )
 
     # -- rules -------------------------------------------------------------------
@@ -193,7 +193,7 @@ class PolicyGateMachine(RuleBasedStateMachine):
         key = object()
         try:
             granted = self.gate.acquire(0, asyncio_mode=False, priority=priority, tag=tag)
-        except Refused as refused:
+        except AdmissionRefused as refused:
             self.check_refusal(refused.reason, priority, tag)
             return
         if granted:
@@ -210,7 +210,7 @@ class PolicyGateMachine(RuleBasedStateMachine):
         try:
             with self.gate._lock:
                 left = self.gate._enqueue_locked(waiter, WAIT)
-        except Refused as refused:
+        except AdmissionRefused as refused:
             self.check_refusal(refused.reason, priority, tag)
             return
         if waiter.granted:  # a permit at once, without queueing
@@ -252,8 +252,8 @@ class PolicyGateMachine(RuleBasedStateMachine):
 
     @rule()
     def all_off(self) -> None:
-        self.configure_gate({"reserved": 0, "max_waiting": {}, "codel": False, "tag_caps": {}})
-        assert not self.gate.policy_on
+        self.configure_gate({"reserved": 0, "max_waiting": {}, "codel": False, "tag_limits": {}})
+        assert not self.gate.policies_on
 
     @precondition(lambda self: self.gate.codel is not None)
     @rule()
@@ -296,7 +296,7 @@ class PolicyGateMachine(RuleBasedStateMachine):
     @invariant()
     def tag_counts_match_and_respect_caps(self) -> None:
         for tag in CAPPED_TAGS:
-            cap = self.gate.tag_caps.get(tag)
+            cap = self.gate.tag_limits.get(tag)
             count = self.gate.tag_in_use.get(tag, 0)
             if cap is None:
                 assert tag not in self.gate.tag_in_use
@@ -320,7 +320,7 @@ class PolicyGateMachine(RuleBasedStateMachine):
         for waiter in self.waiting():
             assert not self.may_take_now(waiter.priority, waiter.tag), (
                 f"{waiter.priority}/{waiter.tag} waits with {self.free} free, "
-                f"{self.gate.reserved} reserved, caps {self.gate.tag_caps}, "
+                f"{self.gate.reserved} reserved, caps {self.gate.tag_limits}, "
                 f"in use {self.gate.tag_in_use}"
             )
 

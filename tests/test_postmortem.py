@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 import poolguard
-from poolguard.fingerprint import fingerprint
+from poolguard._fingerprint import fingerprint
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -192,7 +192,7 @@ def test_utilization_alert_names_the_unoptimized_query_before_any_timeout(
     caplog.set_level(logging.INFO, logger="poolguard")
     engine = auth_engine(alert_utilization=1.0, alert_for=0, alert_wait_time=None)
     guard = poolguard.get_guard(engine)
-    guard._next_scan = math.inf  # the periodic scan off: the one below is the one that sees it
+    guard.scanner.next_scan = math.inf  # the periodic scan off: the one below sees it
     alerts: list[poolguard.AlertEvent] = []
     guard.on_alert(alerts.append)
     storm = Storm(engine)

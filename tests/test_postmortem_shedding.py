@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from poolguard.policies import CRITICAL, tag_cap
+from poolguard._policies import CRITICAL, tag_limit
 
 # The benchmark's scenario itself, not a copy of it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -37,7 +37,7 @@ TRAFFIC = postmortem.Traffic(
     drain_timeout=60.0,
 )
 SHED_REASONS = {"tag_limit", "queue_full", "queue_delay"}
-REPORT_CAP = tag_cap(postmortem.GUARDED_OPTIONS["tag_limits"]["report"], postmortem.POOL_SIZE)
+REPORT_CAP = tag_limit(postmortem.GUARDED_OPTIONS["tag_limits"]["report"], postmortem.POOL_SIZE)
 
 
 @pytest.fixture(scope="module")

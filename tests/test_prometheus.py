@@ -358,8 +358,8 @@ def test_dashboard_and_rules_name_only_exported_metrics(
     )
     try:
         guard = poolguard.get_guard(engine)
-        with guard._breaker_lock:  # a tag's breaker, as its first outcome would make it
-            guard._tag_breaker(poolguard.RequestContext(None, tag="report"))
+        with guard.breakers.lock:  # a tag's breaker, as its first outcome would make it
+            guard.breakers.tag_breaker(poolguard.RequestContext(None, tag="report"))
         generate_latest(registry)  # the first collection: samples are kept from now on
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))

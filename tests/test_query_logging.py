@@ -20,7 +20,7 @@ import sqlalchemy as sa
 import structlog
 
 import poolguard
-from poolguard.fingerprint import fingerprint
+from poolguard._fingerprint import fingerprint
 
 #: Events go to the stdlib logger: structlog not configured (see conftest).
 pytestmark = pytest.mark.usefixtures("structlog_unconfigured")

@@ -19,8 +19,8 @@ import sqlalchemy as sa
 
 import poolguard
 from poolguard import recommended
+from poolguard._config import Config
 from poolguard.cli import demo, scenario
-from poolguard.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 

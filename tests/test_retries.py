@@ -1,6 +1,6 @@
 """Connection retries within a retry budget.
 
-:class:`poolguard.retries.RetryBudget` on its own (a fake ``acquired()``
+:class:`poolguard._retries.RetryBudget` on its own (a fake ``acquired()``
 counter), then through engines whose ``creator`` fails: the dials are
 counted, and must stay within the budget, stop at the request's deadline,
 skip errors that are not transient, and never repeat a statement.
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
 import poolguard
-from poolguard.retries import RetryBudget
+from poolguard._retries import RetryBudget
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

@@ -18,11 +18,13 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from sqlalchemy.pool import NullPool
 
 import poolguard
-from poolguard import guard as guard_module
-from poolguard import queries as queries_module
+from poolguard import _breakers as breakers_module
+from poolguard import _checkout as checkout_module
+from poolguard import _queries as queries_module
+from poolguard import _scan as scan_module
+from poolguard._config import Config
+from poolguard._context import RequestContext
 from poolguard.breaker import CLOSED, HALF_OPEN, OPEN, BreakerConfig, TagBreaker
-from poolguard.config import Config
-from poolguard.context import RequestContext
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -79,7 +81,9 @@ class Dialer:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
-    monkeypatch.setattr(guard_module, "perf_counter", fake)
+    monkeypatch.setattr(checkout_module, "perf_counter", fake)
+    monkeypatch.setattr(scan_module, "perf_counter", fake)
+    monkeypatch.setattr(breakers_module, "perf_counter", fake)
     monkeypatch.setattr(queries_module, "perf_counter", fake)
     return fake
 
@@ -136,7 +140,7 @@ def test_a_tags_breaker_opens_on_slow_calls_while_another_tags_stays_closed(
     assert guard.breaker is None
     assert guard.tag_breakers["report"].state == OPEN
     assert guard.tag_breakers["login"].state == CLOSED
-    assert guard.gate.tripped is True  # checkouts now consult breaker_admit
+    assert guard.hooks.tripped is True  # checkouts now consult breaker_admit
     # Untagged outcomes make no breaker.
     guard.breaker_record(None, 5.0, RequestContext(None))
     guard.breaker_record(None, 5.0, None)
@@ -145,10 +149,10 @@ def test_a_tags_breaker_opens_on_slow_calls_while_another_tags_stays_closed(
 
 def test_tag_breakers_are_bounded_in_number(make_engine: Callable[..., Engine]) -> None:
     guard = poolguard.get_guard(make_engine(**SETTINGS))
-    for i in range(guard_module._MAX_TAG_BREAKERS + 20):
+    for i in range(breakers_module.MAX_TAG_BREAKERS + 20):
         guard.breaker_record(None, 5.0, RequestContext(None, f"tag-{i}"))
-    assert len(guard.tag_breakers) == guard_module._MAX_TAG_BREAKERS
-    assert f"tag-{guard_module._MAX_TAG_BREAKERS}" not in guard.tag_breakers
+    assert len(guard.tag_breakers) == breakers_module.MAX_TAG_BREAKERS
+    assert f"tag-{breakers_module.MAX_TAG_BREAKERS}" not in guard.tag_breakers
 
 
 def test_a_half_open_tag_breaker_whose_probes_ran_nothing_probes_again() -> None:
@@ -204,7 +208,7 @@ def test_slow_report_tag_is_shed_without_dialing_while_login_is_served_then_reco
     for _ in range(2):  # the two probes: fast again
         assert _run(engine, "report") == 1
     assert report.state == CLOSED
-    assert guard.gate.tripped is False
+    assert guard.hooks.tripped is False
     assert report.transitions == {OPEN: 1, HALF_OPEN: 1, CLOSED: 1}
     assert _events(caplog) == [
         ("breaker.open", "report"), ("breaker.half_open", "report"),
@@ -317,7 +321,7 @@ def test_option_off_tags_change_nothing(
         with pytest.raises(poolguard.CircuitOpen, match="the database is failing"):
             _run(engine, "login")
     else:
-        assert guard.gate.tripped is False
+        assert guard.hooks.tripped is False
         assert _run(engine, "report") == 1
         assert dialer.dials == 5
 
@@ -329,9 +333,9 @@ def test_turning_the_option_off_drops_the_tag_breakers(
     guard = poolguard.get_guard(engine)
     for _ in range(4):
         _run(engine, "report", "SELECT slow(1)")
-    assert guard.gate.tripped is True
+    assert guard.hooks.tripped is True
     guard.configure(Config.from_options(guard.config, breaker_per_tag=False))
     assert guard.tag_breakers == {}
     assert guard.breakers_on is False
-    assert guard.gate.tripped is False
+    assert guard.hooks.tripped is False
     assert _run(engine, "report") == 1

@@ -19,9 +19,9 @@ import pytest
 import sqlalchemy as sa
 
 import poolguard
+from poolguard._context import MAX_TAG_CHARS, RequestContext, current_request
+from poolguard._log import EventLog
 from poolguard.cli._db import describe_error, shown, url_secrets
-from poolguard.context import MAX_TAG_CHARS, RequestContext, current_request
-from poolguard.log import EventLog
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -29,8 +29,8 @@ import sqlalchemy.pool.impl
 from sqlalchemy import create_engine
 
 import poolguard
-from poolguard.guard import Guard
-from poolguard.pool import GuardedQueuePool
+from poolguard._guard import Guard
+from poolguard._pool import GuardedQueuePool
 
 # Pools built with poolclass=Guarded... configure from POOLGUARD_* variables;
 # the suite must run on the defaults, whatever the calling environment says.

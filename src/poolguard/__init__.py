@@ -8,10 +8,25 @@ connections when the pool runs dry.
 
 from __future__ import annotations
 
-from .alerts import AlertEvent
-from .config import Config
-from .context import RequestContext, current_request, request
-from .engine import get_guard, unwrap, wrap
+from ._alerts import AlertEvent
+from ._config import Config
+from ._context import RequestContext, current_request, request
+from ._engine import get_guard, unwrap, wrap
+from ._fallback import fallback
+from ._guard import Guard
+from ._histogram import HistogramSnapshot
+from ._holders import Holder, HolderGroup
+from ._pool import (
+    GuardedAsyncAdaptedQueuePool,
+    GuardedNullPool,
+    GuardedPoolMixin,
+    GuardedQueuePool,
+    GuardedSingletonThreadPool,
+    GuardedStaticPool,
+    guarded_class,
+)
+from ._stats import PoolStats, QueryStats
+from ._version import __version__ as __version__
 from .errors import (
     CircuitOpen,
     DeadlineExceeded,
@@ -21,22 +36,6 @@ from .errors import (
     Rejected,
     StatementTimeout,
 )
-from .fallback import fallback
-from .guard import Guard
-from .histogram import HistogramSnapshot
-from .holders import Holder, HolderGroup
-from .pool import (
-    GuardedAsyncAdaptedQueuePool,
-    GuardedNullPool,
-    GuardedPoolMixin,
-    GuardedQueuePool,
-    GuardedSingletonThreadPool,
-    GuardedStaticPool,
-    guarded_class,
-)
-from .stats import PoolStats, QueryStats
-
-__version__ = "0.1.0.dev0"
 
 __all__ = [
     # set-up

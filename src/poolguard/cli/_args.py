@@ -13,7 +13,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
-from poolguard.config import Config
+from poolguard._config import Config
 
 from ._db import UsageError
 

@@ -13,7 +13,7 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING
 
-from poolguard.policies import NORMAL, PRIORITIES
+from poolguard._policies import NORMAL, PRIORITIES
 
 from ._db import UsageError, describe_error, sleep_sql
 

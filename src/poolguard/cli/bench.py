@@ -30,7 +30,7 @@ The pieces live apart: the workload in :mod:`._workload`, a measured run in
 :mod:`._output`.
 
 ``--hot-path`` instead runs the acquire/release microbenchmark
-(``poolguard.hotpath``): plain SQLAlchemy against guarded, one process,
+(``poolguard.cli._hotpath``): plain SQLAlchemy against guarded, one process,
 alternating rounds, with the ratio guarded/plain per case (``--otel``: with
 the guarded engine reporting to an OpenTelemetry SDK).
 """
@@ -399,7 +399,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def _hot_path(args: argparse.Namespace) -> int:
-    from poolguard import hotpath
+    from . import _hotpath as hotpath
 
     if args.contention:
         return hotpath.contention_main(as_json=args.json, quick=args.quick)

@@ -44,7 +44,7 @@ import sqlalchemy as sa
 
 import poolguard
 from poolguard import recommended
-from poolguard.policies import BACKGROUND, CRITICAL, NORMAL
+from poolguard._policies import BACKGROUND, CRITICAL, NORMAL
 
 from ._db import create_engine, sleep_sql
 from ._output import ms, percentile

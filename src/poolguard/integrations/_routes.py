@@ -28,7 +28,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..context import request
+from .._context import request
 from ..errors import PoolTimeout, Rejected
 
 __all__ = ["Route", "RouteMap", "RoutesLike", "rejection_response", "route_map"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any
 
-from ..context import RequestContext, _current
+from .._context import RequestContext, _current
 from ._routes import Route, RoutesLike, catch_types, rejection_response, route_map
 
 if TYPE_CHECKING:

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.engine import Engine
 
-from .config import Config
-from .guard import Guard
-from .pool import GuardedPoolMixin, guarded_class
+from ._config import Config
+from ._guard import Guard
+from ._pool import GuardedPoolMixin, guarded_class
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -67,7 +67,7 @@ def wrap(engine: E, config: Config | None = None, **options: Any) -> E:
         # Swap the class in place: idle connections, overflow counts, listeners
         # and everything already checked out stay exactly where they are.
         pool.__class__ = guarded_class(type(pool))
-        guard._attach(pool)  # type: ignore[arg-type]  # its class was just swapped
+        guard._attach(pool)
         current = sync_engine.pool
         if current is pool or getattr(current, "_poolguard", None) is guard:
             break

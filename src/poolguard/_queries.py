@@ -30,17 +30,17 @@ import time
 from bisect import bisect_left
 from contextvars import ContextVar
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import event
 
-from .context import _current
-from .errors import DeadlineExceeded, PoolTimeout, StatementTimeout
-from .fingerprint import fingerprint
-from .histogram import BOUNDS
-from .recorder import REQUEST, RUNNING_SINCE, STATEMENT, TOP_STAT, TOP_TIME
-from .sites import current_site
-from .timeouts import (
+from ._compat import connection_record
+from ._context import _current
+from ._fingerprint import fingerprint
+from ._histogram import BOUNDS
+from ._hold import REQUEST, RUNNING_SINCE, STATEMENT, TOP_STAT, TOP_TIME, WAIT
+from ._sites import current_site
+from ._timeouts import (
     KILL_GRACE,
     PG_RESET,
     interrupter,
@@ -50,6 +50,7 @@ from .timeouts import (
     limited_statement,
     watchdog,
 )
+from .errors import DeadlineExceeded, PoolTimeout, StatementTimeout
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -57,10 +58,13 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine, ExceptionContext
     from sqlalchemy.engine.interfaces import DBAPICursor
 
-    from .config import Config
-    from .context import RequestContext
-    from .guard import Guard
-    from .recorder import Hold, QueryStat
+    from ._config import Config
+    from ._context import RequestContext
+    from ._fingerprint import Fingerprint
+    from ._gate import Gate
+    from ._hold import Hold
+    from ._log import EventLog
+    from ._recorder import QueryTotals, Recorder
 
 __all__ = ["QueryTimer", "count_ping"]
 
@@ -80,6 +84,51 @@ _ENDS = {"do_commit": "COMMIT", "do_rollback": "ROLLBACK"}
 _gate_wait: ContextVar[float] = ContextVar("poolguard_gate_wait", default=0.0)
 #: (DBAPI connection, seconds) of the last pre-ping in this context.
 _pinged: ContextVar[tuple[Any, float] | None] = ContextVar("poolguard_pinged", default=None)
+
+
+class StatementGuard(Protocol):
+    """What the statement timer needs of its guard (:class:`poolguard.Guard` is one)."""
+
+    name: str
+    config: Config
+    gate: Gate
+    recorder: Recorder
+    log: EventLog
+    limits_on: bool
+    breakers_on: bool
+    slow_query_threshold: float | None
+
+    @property
+    def db_system(self) -> str: ...
+
+    def acquire_timeout(self) -> float | None: ...
+
+    def note_wait(self, waited: float) -> None: ...
+
+    def breaker_record(
+        self, error: BaseException | None, duration: float,
+        request: RequestContext | None = None,
+    ) -> None: ...
+
+
+def query_fields(
+    config: Config, fp: Fingerprint, duration: float, rows: int, hold: Hold | None,
+    parameters: Any,
+) -> dict[str, Any]:
+    """The fields of a query event (never parameter values unless opted in)."""
+    request = hold[REQUEST] if hold is not None else _current.get()
+    fields: dict[str, Any] = {
+        "fingerprint": fp.id,
+        "statement": fp.text,
+        "summary": fp.summary,
+        "duration_ms": round(duration * 1000, 3),
+        "rows": rows if rows >= 0 else None,
+        "wait_ms": round(hold[WAIT] * 1000, 3) if hold is not None else None,
+        "tag": request.tag if request is not None else None,
+    }
+    if config.log_parameters:
+        fields["parameters"] = repr(parameters)[:1000]
+    return fields
 
 
 def _dbapi_connection(cursor: Any) -> Any:
@@ -106,7 +155,7 @@ def _statement_limit(request: RequestContext | None, config: Config) -> float | 
     return seconds or None
 
 
-def count_ping(guard: Guard, conn: Any, wait: float) -> float:
+def count_ping(guard: StatementGuard, conn: Any, wait: float) -> float:
     """A checkout with ``pool_pre_ping`` succeeded: its wait includes the ping.
 
     Called by the guarded pool's ``connect()`` (only with pre-ping on);
@@ -120,21 +169,21 @@ def count_ping(guard: Guard, conn: Any, wait: float) -> float:
     if _gate_wait.get():
         _gate_wait.set(0.0)
     guard.recorder.add_wait(wait)
-    guard._interval_wait_max = max(guard._interval_wait_max, wait)
+    guard.note_wait(wait)
     return wait
 
 
 class QueryTimer:
     """Times the statements of one dialect for one guard; :meth:`remove` undoes it."""
 
-    def __init__(self, guard: Guard, engine: Engine) -> None:
+    def __init__(self, guard: StatementGuard, engine: Engine) -> None:
         dialect = engine.dialect
         self.guard = guard
         self.dialect = dialect
         # Statement string -> its stats row. SQLAlchemy passes the same string
         # object for every run of a compiled statement, so this is one lookup
         # of a string whose hash is cached.
-        self._stats: dict[str, QueryStat] = {}
+        self._stats: dict[str, QueryTotals] = {}
         attrs = dialect.__dict__
         for name, context_at in _METHODS.items():
             if name in attrs:  # another wrapper (or a test double) is there: leave it
@@ -144,6 +193,7 @@ class QueryTimer:
             setattr(dialect, "do_ping", self._wrap_ping(dialect.do_ping))  # noqa: B010
         self.engine = engine
         self._converting = False
+        self._explained: set[str] = set()
         self._convert_lock = threading.Lock()
 
     def _convert_errors(self) -> None:
@@ -171,7 +221,7 @@ class QueryTimer:
             if fn is not None and getattr(fn, "_poolguard_timer", None) is self:
                 del attrs[name]
 
-    def _stat(self, statement: str) -> QueryStat:
+    def _stat(self, statement: str) -> QueryTotals:
         stats = self._stats
         if len(stats) >= _STATEMENTS_MAX:
             stats.clear()  # statements with inlined literals: start over, stay bounded
@@ -197,7 +247,8 @@ class QueryTimer:
         def timed(cursor: DBAPICursor, statement: str, *args: Any) -> Any:  # noqa: PLR0912
             try:
                 context = args[context_at]
-                hold = out.get(context.root_connection._dbapi_connection._connection_record)
+                dbapi_connection = context.root_connection._dbapi_connection  # sqla-private
+                hold = out.get(dbapi_connection._connection_record)  # sqla-private
             except (IndexError, AttributeError):  # no context, or not pooled
                 context = hold = None
             send, armed = statement, None
@@ -331,7 +382,7 @@ class QueryTimer:
         out = guard.gate.out
 
         def end(dbapi_connection: Any) -> None:
-            record = getattr(dbapi_connection, "_connection_record", None)
+            record = connection_record(dbapi_connection)
             hold = out.get(record) if record is not None else None
             request = hold[REQUEST] if hold is not None else _current.get()
             if request is None or request.deadline is None:
@@ -393,7 +444,8 @@ class QueryTimer:
             left = max(left, config.deadline_floor)
             seconds = left if seconds is None else min(seconds, left)
             if dbapi_connection is not None:
-                record = context.root_connection._dbapi_connection._connection_record
+                connection = context.root_connection._dbapi_connection  # sqla-private
+                record = connection._connection_record  # sqla-private
                 armed.append(watchdog.schedule(
                     perf_counter() + left + KILL_GRACE,
                     functools.partial(self._cut, dbapi_connection, context, record, hold),
@@ -402,9 +454,9 @@ class QueryTimer:
             return statement, armed
         if context is not None:
             context.__dict__[LIMIT] = seconds
-        system = guard.db_system
+        db_system = guard.db_system
         try:
-            interrupt = interrupter(dbapi_connection) if system == "sqlite" else None
+            interrupt = interrupter(dbapi_connection) if db_system == "sqlite" else None
             if interrupt is not None:
                 # In whole milliseconds, at least one, as on the servers.
                 armed.append(watchdog.schedule(perf_counter() + limit_ms(seconds) / 1000,
@@ -412,10 +464,10 @@ class QueryTimer:
             # Under autocommit there is no transaction for SET LOCAL to end
             # with (PostgreSQL ignores it, with a warning): set it for the
             # session and reset it after the statement.
-            autocommit = system == "postgresql" and bool(
+            autocommit = db_system == "postgresql" and bool(
                 getattr(dbapi_connection, "autocommit", False)
             )
-            send = limited_statement(system, statement, seconds, cursor, autocommit=autocommit)
+            send = limited_statement(db_system, statement, seconds, cursor, autocommit=autocommit)
             if autocommit:
                 armed.append(PG_RESET)
         except BaseException:
@@ -489,7 +541,7 @@ class QueryTimer:
         args: tuple[Any, ...],
         duration: float,
         rows: int,
-        stat: QueryStat,
+        stat: QueryTotals,
         hold: Hold | None,
     ) -> None:
         guard = self.guard
@@ -497,15 +549,38 @@ class QueryTimer:
         parameters = args[0] if len(args) > 1 else None
         slow = config.slow_query_threshold
         if slow is not None and duration >= slow:
-            guard.on_slow_query(stat.fp, duration, rows, hold, statement, parameters, cursor)
+            self._on_slow_query(stat.fp, duration, rows, hold, statement, parameters, cursor)
             return
         rate = config.query_log_sample_rate
         if rate >= 1.0 or (rate > 0.0 and random.random() < rate):
             guard.log.emit(
                 logging.DEBUG,
                 "query",
-                **guard.query_fields(stat.fp, duration, rows, hold, parameters),
+                **query_fields(config, stat.fp, duration, rows, hold, parameters),
             )
+
+    def _on_slow_query(
+        self,
+        fp: Fingerprint,
+        duration: float,
+        rows: int,
+        hold: Hold | None,
+        statement: str,
+        parameters: Any,
+        cursor: Any,
+    ) -> None:
+        """Log ``query.slow`` with where it came from; EXPLAIN it once if asked."""
+        guard = self.guard
+        config = guard.config
+        fields = query_fields(config, fp, duration, rows, hold, parameters)
+        fields["threshold_ms"] = round((config.slow_query_threshold or 0) * 1000, 3)
+        fields["site"] = current_site(3)
+        guard.log.emit(logging.WARNING, "query.slow", **fields)
+        if config.explain_slow_queries and fp.id not in self._explained:
+            self._explained.add(fp.id)
+            from ._explain import explain
+
+            explain(guard.log, guard.db_system, cursor, fp, statement, parameters)
 
     def _failed(
         self, statement: str, duration: float, hold: Hold | None, exc: BaseException
@@ -528,7 +603,7 @@ class QueryTimer:
         if slow is not None and duration >= slow:
             # A slow statement that failed (often: cancelled at its time
             # limit) is still the slow statement on-call is looking for.
-            fields = guard.query_fields(stat.fp, duration, -1, hold, None)
+            fields = query_fields(guard.config, stat.fp, duration, -1, hold, None)
             guard.log.emit(
                 logging.WARNING,
                 "query.slow",

@@ -57,8 +57,8 @@ from collections.abc import Callable  # noqa: TC003 - used at run time for _disc
 from typing import Any
 
 from ._compat import await_only
-from .policies import CRITICAL, HEALTH, NORMAL, PRIORITIES, Codel, Gradient2, may_take, rank
-from .recorder import REQUEST
+from ._hold import REQUEST
+from ._policies import CRITICAL, HEALTH, NORMAL, PRIORITIES, Codel, Gradient2, may_take, rank
 
 __all__ = ["Gate"]
 
@@ -77,7 +77,7 @@ def _count_value(counter: itertools.count[int]) -> int:
     return int(repr(counter)[6:-1])
 
 
-class Refused(Exception):
+class AdmissionRefused(Exception):
     """The admission policy turned a caller away without waiting (``reason``)."""
 
     def __init__(self, reason: str) -> None:
@@ -181,6 +181,7 @@ class Gate:
         *,
         adopted: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        checkins: Callable[[], int] = _zero,
     ) -> None:
         # Re-entrant: a GC finaliser may return a connection on a thread that
         # is inside a locked section (see the module docstring).
@@ -211,41 +212,36 @@ class Gate:
         self._owed: dict[str, int] = {}
         #: Connection records out under a permit of this gate, to their holds.
         self.out: dict[object, Any] = {}
-        #: perf_counter() time from which the next checkout calls the guard's
-        #: after_checkout() (set by the guard: its next scan, or -inf).
-        self.slow_at = 0.0
-        #: The guard's recorder, for the checkin path (set by the guard).
-        self.recorder: Any = None
-        #: The guard's circuit breaker is not closed: checkouts must ask it.
-        self.tripped = False
         self.adopted = adopted
         self.closed = False
         self.take: Callable[[], object]
-        self._give: Callable[[object], None]
+        #: Put one permit back (a C call on a bounded gate): the pool's checkin
+        #: path calls it inline, then :meth:`returned` or counts it itself.
+        self.give: Callable[[object], None]
         self._tokens: deque[object] | None = None
         self._released = itertools.count()
         #: How many permits the pool's checkin path gave back without
         #: :meth:`release` (it counts them itself, as the use-time
-        #: histogram's count); set by the guard.
-        self.checkins: Callable[[], int] = _zero
+        #: histogram's count).
+        self.checkins: Callable[[], int] = checkins
         if capacity is None:
             # No limit: taking always succeeds (and only counts), giving back
             # discards. The count is the number of permits granted.
             self._granted = itertools.count()
             self.take = self._granted.__next__
-            self._give = _discard
+            self.give = _discard
         else:
             # Free permits are tokens; permits granted are derived on read.
             self._tokens = deque([None] * max(0, capacity - adopted))
             self.take = self._tokens.pop
-            self._give = self._tokens.append
+            self.give = self._tokens.append
         self._take_token = self.take
         # Admission policies (configure_policy); off: the fast path stays lock-free.
-        self.policy_on = False
+        self.policies_on = False
         self.reserved = 0
         self.max_waiting: dict[str, int | None] = {}
         self.codel: Codel | None = None
-        self.tag_caps: dict[str, int] = {}
+        self.tag_limits: dict[str, int] = {}
         self.tag_in_use: dict[str, int] = {}
         #: Adaptive limit below capacity for non-critical callers, or None.
         self.adaptive: Gradient2 | None = None
@@ -275,7 +271,7 @@ class Gate:
 
     def _set_take(self) -> None:
         # In a section, as the queue or the policy changes.
-        if not self.policy_on:
+        if not self.policies_on:
             if not self.closed:
                 self.take = self._take_token
         elif self._fast_policy and not self.waiters:
@@ -327,10 +323,10 @@ class Gate:
         reserved: int = 0,
         max_waiting: dict[str, int | None] | None = None,
         codel: Codel | None = None,
-        tag_caps: dict[str, int] | None = None,
+        tag_limits: dict[str, int] | None = None,
         adaptive: Gradient2 | None = None,
     ) -> None:
-        """Turn admission policies on (or all off): see :mod:`poolguard.policies`.
+        """Turn admission policies on (or all off): see :mod:`poolguard._policies`.
 
         Policies apply to a gate with a capacity; a gate without a limit
         never makes anybody wait, so there is nothing to order or shed.
@@ -341,31 +337,31 @@ class Gate:
                 self.reserved = reserved
                 self.max_waiting = dict(max_waiting or {})
                 self.codel = codel
-                old_caps, self.tag_caps = self.tag_caps, dict(tag_caps or {})
+                old_caps, self.tag_limits = self.tag_limits, dict(tag_limits or {})
                 # A tag that stays capped keeps its count; one capped anew is
                 # counted from the connections out now (uncapped, nothing counted).
                 counts = {t: n for t, n in self.tag_in_use.items() if t in old_caps}
-                fresh = self.tag_caps.keys() - old_caps.keys()
+                fresh = self.tag_limits.keys() - old_caps.keys()
                 for hold in list(self.out.values()) if fresh else ():
                     request = hold[REQUEST]
                     if request is not None and request.tag in fresh:
                         counts[request.tag] = counts.get(request.tag, 0) + 1
-                self.tag_in_use = {t: n for t, n in counts.items() if t in self.tag_caps}
+                self.tag_in_use = {t: n for t, n in counts.items() if t in self.tag_limits}
                 self.adaptive = adaptive
-                self.policy_checkin = bool(self.tag_caps) or adaptive is not None
+                self.policy_checkin = bool(self.tag_limits) or adaptive is not None
                 on = bool(
-                    reserved or codel or self.tag_caps or adaptive
+                    reserved or codel or self.tag_limits or adaptive
                     or any(v is not None for v in self.max_waiting.values())
                 )
-                self.policy_on = on and self._tokens is not None and not self.closed
+                self.policies_on = on and self._tokens is not None and not self.closed
                 # Bounded queues alone shape only who waits: with nobody
                 # waiting, a checkout may take a free permit without the lock.
-                self._fast_policy = self.policy_on and not (
-                    reserved or codel or self.tag_caps or adaptive
+                self._fast_policy = self.policies_on and not (
+                    reserved or codel or self.tag_limits or adaptive
                 )
                 for lane in self._lane.values():
                     lane.clear()
-                if self.policy_on:
+                if self.policies_on:
                     for waiter in self.waiters:
                         self._lane[waiter.priority].append(waiter)
                 self._set_take()
@@ -378,7 +374,7 @@ class Gate:
 
     def on_checkin(self, request: Any, held: float) -> None:
         """A connection comes back: its tag's slot, the adaptive limit's sample."""
-        if self.tag_caps and request is not None:
+        if self.tag_limits and request is not None:
             self.untag(request.tag)
         if self.adaptive is not None:
             self.sample_hold(held)
@@ -420,7 +416,7 @@ class Gate:
 
     def untag(self, tag: str | None) -> None:
         """A connection taken under ``tag`` came back (tag bulkheads)."""
-        if tag is None or tag not in self.tag_caps:
+        if tag is None or tag not in self.tag_limits:
             return
         with self._lock:
             if self._busy:  # re-entered (a GC finaliser): after the section
@@ -476,14 +472,24 @@ class Gate:
     def release(self, tag: str | None = None) -> None:
         """Give back one granted permit (to the first waiter, if any)."""
         # The permit first: an interrupt after it loses a count, not a permit.
-        self._give(None)
+        self.give(None)
         next(self._released)
-        if self.tag_caps:
+        if self.tag_limits:
             self.untag(tag)
         if self.waiters:
-            self._wake()
+            self.wake()
 
-    def _wake(self) -> None:
+    def returned(self) -> None:
+        """Count a permit the pool put back with :attr:`give`, and wake a waiter.
+
+        The pool's own release path: ``give(None)`` (one C call: once it
+        returns the permit is back, whatever interrupts next), then this.
+        """
+        next(self._released)
+        if self.waiters:
+            self.wake()
+
+    def wake(self) -> None:
         """Hand free permits to waiters (after a release)."""
         with self._lock:
             if self._busy:  # re-entered (a GC finaliser): after the section
@@ -503,7 +509,7 @@ class Gate:
         # and a running caller may take it first (no convoy of parked
         # threads, as in SQLAlchemy's own queue). A head that lost that race
         # once gets the next permit handed over: nobody is passed over twice.
-        if self.policy_on:
+        if self.policies_on:
             self._dispatch_by_policy()
             return
         waiters = self.waiters
@@ -587,7 +593,7 @@ class Gate:
 
     def _ready(self, lane: deque[_Waiter], lifo: bool) -> _Waiter | None:
         # The waiter of ``lane`` to serve first whose tag is not at its cap.
-        if not self.tag_caps:
+        if not self.tag_limits:
             return lane[-1] if lifo else lane[0]
         for waiter in reversed(lane) if lifo else lane:
             if waiter.granted or not self._tag_full(waiter.tag):
@@ -603,7 +609,7 @@ class Gate:
         waiter.granted = True
         tag = waiter.tag
         counts = self.tag_in_use
-        tagged = tag is not None and tag in self.tag_caps
+        tagged = tag is not None and tag in self.tag_limits
         if tagged:
             counts[tag] = (counts[tag] if tag in counts else 0) + 1  # type: ignore[index]  # noqa: SIM401 - no call
             waiter.tagged = True
@@ -619,17 +625,17 @@ class Gate:
 
     def _tag_full(self, tag: str | None, queued: int = 0) -> bool:
         # Under the lock: ``tag`` holds its cap (with ``queued`` of its waiters).
-        cap = self.tag_caps.get(tag) if tag is not None else None
+        cap = self.tag_limits.get(tag) if tag is not None else None
         return cap is not None and self.tag_in_use.get(tag, 0) + queued >= cap  # type: ignore[arg-type]
 
     def _admit_locked(self, waiter: _Waiter, now: float) -> bool:
-        """Policy admission without waiting; raises :class:`Refused` to shed."""
+        """Policy admission without waiting; raises :class:`AdmissionRefused` to shed."""
         tokens = self._tokens
         assert tokens is not None
         priority, tag = waiter.priority, waiter.tag
         # The tag's waiters count against its cap: each will hold a connection.
-        if tag in self.tag_caps and self._tag_full(tag, sum(w.tag == tag for w in self.waiters)):
-            raise Refused("tag_limit")
+        if tag in self.tag_limits and self._tag_full(tag, sum(w.tag == tag for w in self.waiters)):
+            raise AdmissionRefused("tag_limit")
         # Waiters of a better priority go first, and so do those owed a
         # hand-off; a newcomer may take a free permit ahead of waiters of its
         # own priority (the woken one among them takes the next, handed over).
@@ -639,10 +645,10 @@ class Gate:
                 self.codel.on_grant(0.0, now)
             return True
         if priority == HEALTH:
-            raise Refused("health_busy")
+            raise AdmissionRefused("health_busy")
         limit = self.max_waiting.get(priority)
         if limit is not None and len(self._lane[priority]) >= limit:
-            raise Refused("queue_full")
+            raise AdmissionRefused("queue_full")
         return False
 
 
@@ -664,7 +670,7 @@ class Gate:
         inside SQLAlchemy's greenlet on the event loop thread: the wait
         suspends the greenlet and lets the loop run, instead of blocking it.
         With a policy on, a caller can be turned away at once:
-        :class:`Refused` (with the reason).
+        :class:`AdmissionRefused` (with the reason).
 
         ``waiter`` (from :meth:`new_waiter`) lets the caller see, if an
         exception reaches it after the permit was granted, that it holds
@@ -716,7 +722,7 @@ class Gate:
                     self._abandon(waiter)
             raise
         if queued < limit:
-            raise Refused("queue_delay")
+            raise AdmissionRefused("queue_delay")
         return False
 
     @staticmethod
@@ -727,7 +733,7 @@ class Gate:
     def _enqueue_locked(self, waiter: _Waiter, timeout: float) -> float:
         """In a section: grant a permit at once (``waiter.granted``), or queue
         the waiter and return how long it may wait (not queued if <= 0)."""
-        if self.policy_on:
+        if self.policies_on:
             waiter.since = self._clock()
             if self._admit_locked(waiter, waiter.since):
                 return timeout
@@ -763,7 +769,7 @@ class Gate:
             self.waiters.pop()
             waiter.queued = False
             if waiter.priority == HEALTH:  # the health lane never waits, policy or not
-                raise Refused("health_busy")
+                raise AdmissionRefused("health_busy")
         return timeout
 
     def _wait(self, waiter: _Waiter, timeout: float) -> None:
@@ -808,7 +814,7 @@ class Gate:
                         counts[tag] -= 1
                 if waiter.granted:
                     waiter.granted = False
-                    self._give(None)  # the permit is back once this returns
+                    self.give(None)  # the permit is back once this returns
                     if counted:  # a permit acquire() returned: a release
                         next(self._released)
                 if self.waiters and self._tokens:  # its wake-up, passed on
@@ -828,7 +834,7 @@ class Gate:
                 self._busy = True
                 if waiter.granted:
                     pass
-                elif not self.policy_on:
+                elif not self.policies_on:
                     # Woken to take a free permit (or timed out while one is
                     # free): take it. The flag first, as in _enqueue_locked.
                     waiter.granted = True
@@ -893,10 +899,10 @@ class Gate:
             try:
                 self._busy = True
                 self.closed = True
-                self.policy_on = False
+                self.policies_on = False
                 self.policy_checkin = False
                 self.take = itertools.repeat(None).__next__
-                self._give = _discard
+                self.give = _discard
                 self.out.clear()
                 for lane in self._lane.values():
                     lane.clear()

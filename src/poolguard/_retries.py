@@ -23,8 +23,8 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
+from ._context import _current
 from .breaker import default_classifier
-from .context import _current
 
 if TYPE_CHECKING:
     from collections.abc import Callable

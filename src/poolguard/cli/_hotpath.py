@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from .engine import wrap
+from .._engine import wrap
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -219,7 +219,7 @@ def run(
             [sample(rounds=rounds, iterations=iterations, cases=cases, url=url, otel=otel)],
             iterations,
         )
-    args = [sys.executable, "-m", "poolguard.hotpath", "--rounds", str(rounds),
+    args = [sys.executable, "-m", "poolguard.cli._hotpath", "--rounds", str(rounds),
             "--iterations", str(iterations)]
     for case in cases or []:
         args += ["--case", case]

@@ -12,8 +12,8 @@ import time
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
 
-from .config import _seconds
-from .policies import NORMAL, PRIORITIES
+from ._config import _seconds
+from ._policies import NORMAL, PRIORITIES
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any
 
-from .fingerprint import Fingerprint
-from .histogram import Histogram, HistogramSnapshot
+from ._fingerprint import Fingerprint
+from ._histogram import Histogram, HistogramSnapshot
 
-if TYPE_CHECKING:
-    from .context import RequestContext
-
-__all__ = ["GRANTED", "SHED", "TIMED_OUT", "Hold", "QueryStat", "Recorder", "new_hold"]
+__all__ = ["GRANTED", "SHED", "TIMED_OUT", "QueryTotals", "Recorder"]
 
 #: Samples kept for the OpenTelemetry exporter between two collections.
 EXPORT_BUFFER_MAX = 65536
@@ -29,39 +26,7 @@ GRANTED, TIMED_OUT, SHED = "granted", "timed_out", "shed"
 OTHER = Fingerprint(id="other", text="(other)", operation="", collection="")
 
 
-# One checked-out connection, as a list: the checkout builds it with a single
-# list display (no __init__ call), and fields are read by these indexes.
-#: perf_counter() at checkout.
-T0 = 0
-#: Seconds the checkout waited for a permit.
-WAIT = 1
-#: threading.get_ident() of the thread that checked it out.
-THREAD = 2
-#: The RequestContext it was taken under, or None.
-REQUEST = 3
-#: The statement running now or last run (raw; normalise before showing).
-STATEMENT = 4
-#: perf_counter() when the running statement started; 0.0 when none runs.
-RUNNING_SINCE = 5
-#: Stats row (QueryStat) of the longest statement so far, and its duration.
-TOP_STAT = 6
-TOP_TIME = 7
-#: asyncio.Task that checked it out (asyncio pools only).
-TASK = 8
-#: Where it was checked out (capture_call_sites only).
-SITE = 9
-#: The held-too-long warning was logged.
-WARNED = 10
-
-Hold: TypeAlias = "list[Any]"  # [T0, WAIT, THREAD, REQUEST, STATEMENT, ...]
-
-
-def new_hold(t0: float, wait: float, thread: int, request: RequestContext | None) -> Hold:
-    """A hold as the checkout builds it (pool.py spells the same list out inline)."""
-    return [t0, wait, thread, request, None, 0.0, None, -1.0, None, None, False]
-
-
-class QueryStat:
+class QueryTotals:
     """Running totals of one statement shape (like a ``pg_stat_statements`` row)."""
 
     __slots__ = ("errors", "fp", "held", "hist", "rows")
@@ -97,7 +62,7 @@ class Recorder:
         self.timeouts = 0
         self.use = Histogram()
         self.create = Histogram(track_min=True)
-        self.queries: dict[str, QueryStat] = {}
+        self.queries: dict[str, QueryTotals] = {}
         self._queries_lock = threading.Lock()
         self.export_use: deque[float] | None = None
         self.export_wait: deque[float] | None = None
@@ -130,7 +95,7 @@ class Recorder:
         """Statements counted so far (what ``export_ops`` was given)."""
         return sum(stat.hist.count for stat in list(self.queries.values()))
 
-    def query(self, fp: Fingerprint, limit: int) -> QueryStat:
+    def query(self, fp: Fingerprint, limit: int) -> QueryTotals:
         """The stats row of ``fp``, created on first use; past ``limit`` rows, ``(other)``."""
         stat = self.queries.get(fp.id)
         if stat is None:
@@ -139,7 +104,7 @@ class Recorder:
                 if stat is None:
                     if len(self.queries) >= limit:
                         fp = OTHER
-                    stat = self.queries.setdefault(fp.id, QueryStat(fp))
+                    stat = self.queries.setdefault(fp.id, QueryTotals(fp))
         return stat
 
     def start_export(self) -> None:

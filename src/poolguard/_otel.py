@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, NoOpMeterProvider, Observation
@@ -39,9 +39,13 @@ except ImportError:  # pragma: no cover - another API layout
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
-    from .guard import Guard
+    from ._config import Config
+    from ._gate import Gate
+    from ._log import EventLog
+    from ._recorder import Recorder
+    from ._stats import PoolStats
 
-__all__ = ["DURATION_BUCKETS", "Exporter"]
+__all__ = ["DURATION_BUCKETS", "Exporter", "refresh_exporter"]
 
 #: Bucket boundaries the conventions advise for database client durations (s).
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
@@ -51,10 +55,33 @@ POOL = "db.client.connection.pool.name"
 STATE = "db.client.connection.state"
 
 
+class MetricsSource(Protocol):
+    """What the exporter reads of its guard (:class:`poolguard.Guard` is one)."""
+
+    name: str
+    config: Config
+    gate: Gate
+    recorder: Recorder
+    log: EventLog
+    rejections: dict[tuple[str, str], int]
+    exporter: Any
+
+    @property
+    def leak_warnings(self) -> int: ...
+
+    @property
+    def exhaustion_events(self) -> int: ...
+
+    @property
+    def db_system(self) -> str: ...
+
+    def stats(self) -> PoolStats: ...
+
+
 def _version() -> str:
     # Not importlib.metadata: the distribution is named sqlalchemy-poolguard, and
     # an unrelated distribution named "poolguard" may be installed beside it.
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 
@@ -271,7 +298,7 @@ class Exporter:
     reports what happened since, within the buffers' bound.
     """
 
-    def __init__(self, guard: Guard) -> None:
+    def __init__(self, guard: MetricsSource) -> None:
         self.guard = guard
         self.legacy = guard.config.metrics_legacy_names
         self._provider = guard.config.meter_provider
@@ -497,3 +524,21 @@ class Exporter:
         base = self._legacy_base()
         yield Observation(used, {**base, "state": "used"})
         yield Observation(idle, {**base, "state": "idle"})
+
+
+def refresh_exporter(
+    source: MetricsSource, exporter: Exporter | None, settings: tuple[Any, ...]
+) -> tuple[Exporter | None, tuple[Any, ...]]:
+    """The exporter ``source``'s options ask for, and the settings it was made with.
+
+    A second wrap() may change metrics, metrics_legacy_names or
+    meter_provider: the old exporter closes and a new one starts.
+    """
+    cfg = source.config
+    wanted = (cfg.metrics, cfg.metrics_legacy_names, cfg.meter_provider)
+    if exporter is not None and settings != wanted:
+        exporter.close()
+        exporter = None
+    if cfg.metrics and exporter is None:
+        exporter = Exporter(source)
+    return exporter, wanted

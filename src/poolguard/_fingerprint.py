@@ -139,17 +139,17 @@ def _strip(text: str, lexers: tuple[re.Pattern[str], ...]) -> str:
     return "".join(out)
 
 
-def normalize(statement: str, dialect: str | None = None) -> str:
+def normalize(statement: str, db_system: str | None = None) -> str:
     """The statement with literals, parameters and list lengths replaced by ``?``.
 
-    ``dialect`` (``postgresql``, ``mysql``, ``mariadb``, ``sqlite``...) says how
+    ``db_system`` (``postgresql``, ``mysql``, ``mariadb``, ``sqlite``...) says how
     to read quotes and comments: on MySQL/MariaDB ``"..."`` is a string and
     ``#`` starts a comment, on PostgreSQL ``"..."`` is a name, on SQLite a
-    string unless a table name must stand there. Without a dialect, or for one
+    string unless a table name must stand there. Without a system, or for one
     without a reading of its own, every reading applies, so whatever any of
     them takes for a literal is replaced.
     """
-    text = _strip(statement, _READINGS.get(dialect or "", _ANY))
+    text = _strip(statement, _READINGS.get(db_system or "", _ANY))
     text = _NUMBER.sub("?", text)
     text = _PARAM.sub("?", text)
     text = _LIST.sub(r"\1 (?...)", text)
@@ -163,13 +163,13 @@ _caches: dict[str | None, dict[str, Fingerprint]] = {}
 _cache_lock = threading.Lock()
 
 
-def fingerprint(statement: str, dialect: str | None = None) -> Fingerprint:
-    """The :class:`Fingerprint` of ``statement`` on ``dialect`` (cached; see :func:`normalize`)."""
+def fingerprint(statement: str, db_system: str | None = None) -> Fingerprint:
+    """The :class:`Fingerprint` of ``statement`` on ``db_system`` (cached: :func:`normalize`)."""
     try:
-        return _caches[dialect][statement]
+        return _caches[db_system][statement]
     except KeyError:
         pass
-    text = normalize(statement, dialect)
+    text = normalize(statement, db_system)
     op = _OPERATION.match(text)
     coll = _COLLECTION.search(text)
     result = Fingerprint(
@@ -179,7 +179,7 @@ def fingerprint(statement: str, dialect: str | None = None) -> Fingerprint:
         collection=re.sub(r'["`\[\]]', "", coll.group(1)) if coll else "",
     )
     with _cache_lock:
-        cache = _caches.setdefault(dialect, {})
+        cache = _caches.setdefault(db_system, {})
         if len(cache) >= _CACHE_MAX:
             # Unbounded distinct statements (literals inlined by the app):
             # start over rather than grow without limit.

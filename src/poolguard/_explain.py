@@ -34,11 +34,11 @@ import logging
 import re
 from typing import TYPE_CHECKING, Any
 
-from .fingerprint import normalize
+from ._fingerprint import normalize
 
 if TYPE_CHECKING:
-    from .fingerprint import Fingerprint
-    from .guard import Guard
+    from ._fingerprint import Fingerprint
+    from ._log import EventLog
 
 __all__ = ["explain", "full_scans", "refusal"]
 
@@ -60,11 +60,11 @@ _SQLITE_SCAN = re.compile(r"^SCAN (?:TABLE )?(\S+)(?!.*USING)", re.M)
 _PG_IDLE, _PG_INTRANS = 0, 2
 
 
-def full_scans(dialect: str, rows: list[tuple[Any, ...]], columns: list[str]) -> list[str]:
+def full_scans(db_system: str, rows: list[tuple[Any, ...]], columns: list[str]) -> list[str]:
     """Tables the plan reads in full."""
-    if dialect == "postgresql":
+    if db_system == "postgresql":
         return [m for row in rows for m in _PG_SEQ.findall(str(row[0]))]
-    if dialect == "sqlite":
+    if db_system == "sqlite":
         detail = "\n".join(str(row[-1]) for row in rows)
         return _SQLITE_SCAN.findall(detail)
     # MySQL/MariaDB: one row per table, access type ALL is a full scan.
@@ -89,11 +89,14 @@ def refusal(statement: str, operation: str, parameters: Any) -> str | None:
 
 
 def explain(
-    guard: Guard, used_cursor: Any, fp: Fingerprint, statement: str, parameters: Any
+    log: EventLog, db_system: str, used_cursor: Any, fp: Fingerprint, statement: str,
+    parameters: Any,
 ) -> None:
-    """Log ``query.explain`` for ``statement``, just run on ``used_cursor`` (never raises)."""
-    dialect = guard.db_system
-    prefix = _PREFIX.get(dialect)
+    """Log ``query.explain`` for ``statement``, just run on ``used_cursor`` (never raises).
+
+    ``db_system`` is the database's ``db.system.name``; the events go to ``log``.
+    """
+    prefix = _PREFIX.get(db_system)
     if prefix is None:
         return
     reason = refusal(statement, fp.operation, parameters)
@@ -105,18 +108,18 @@ def explain(
         # connection would read (and drop) the rows the application is reading.
         reason = "unbuffered cursor"
     if reason is not None:
-        guard.log.emit(logging.DEBUG, "query.explain_skipped", fingerprint=fp.id, reason=reason)
+        log.emit(logging.DEBUG, "query.explain_skipped", fingerprint=fp.id, reason=reason)
         return
     sql = prefix + statement
     try:
         cursor = connection.cursor()
         try:
-            if dialect == "sqlite":
+            if db_system == "sqlite":
                 rows, columns = _run(cursor, sql, parameters)
             else:
-                wrap = _wrapping(dialect, connection, cursor)
+                wrap = _wrapping(db_system, connection, cursor)
                 if wrap is None:
-                    guard.log.emit(logging.DEBUG, "query.explain_skipped", fingerprint=fp.id,
+                    log.emit(logging.DEBUG, "query.explain_skipped", fingerprint=fp.id,
                                    reason="transaction state unknown")
                     return
                 begin, end = wrap
@@ -130,17 +133,17 @@ def explain(
         finally:
             cursor.close()
     except Exception as exc:  # noqa: BLE001 - a diagnostic must not break the request
-        guard.log.emit(logging.DEBUG, "query.explain_failed", fingerprint=fp.id,
+        log.emit(logging.DEBUG, "query.explain_failed", fingerprint=fp.id,
                        error_type=type(exc).__qualname__)
         return
     plan = "\n".join(" | ".join(str(v) for v in row) for row in rows)
-    guard.log.emit(
+    log.emit(
         logging.WARNING,
         "query.explain",
         fingerprint=fp.id,
         statement=fp.text,
-        plan=normalize(plan, dialect)[:4000] if dialect != "postgresql" else _pg_plan(plan),
-        full_scans=full_scans(dialect, rows, columns),
+        plan=normalize(plan, db_system)[:4000] if db_system != "postgresql" else _pg_plan(plan),
+        full_scans=full_scans(db_system, rows, columns),
     )
 
 
@@ -155,11 +158,11 @@ def _run(cursor: Any, sql: str, parameters: Any) -> tuple[list[tuple[Any, ...]],
     return rows, [d[0] for d in (cursor.description or [])]
 
 
-def _wrapping(dialect: str, connection: Any, cursor: Any) -> tuple[str, tuple[str, ...]] | None:
+def _wrapping(db_system: str, connection: Any, cursor: Any) -> tuple[str, tuple[str, ...]] | None:
     """What to run before and after the EXPLAIN, or ``None`` to run nothing."""
     savepoint = (f"SAVEPOINT {_SAVEPOINT}",
                  (f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}", f"RELEASE SAVEPOINT {_SAVEPOINT}"))
-    if dialect == "postgresql":
+    if db_system == "postgresql":
         info = getattr(connection, "info", None)  # psycopg 3
         status = getattr(info, "transaction_status", None)
         if status is None and hasattr(connection, "get_transaction_status"):  # psycopg2

@@ -251,9 +251,9 @@ PG_RESET = "SET statement_timeout TO DEFAULT"
 
 
 def limited_statement(
-    system: str, statement: str, limit: float, cursor: Any, *, autocommit: bool = False
+    db_system: str, statement: str, limit: float, cursor: Any, *, autocommit: bool = False
 ) -> str:
-    """Apply ``limit`` (seconds, > 0) for ``system``; returns the statement to send.
+    """Apply ``limit`` (seconds, > 0) for ``db_system``; returns the statement to send.
 
     Values are clamped to what each database accepts (PostgreSQL: 24.8
     days; MariaDB: one year). With ``autocommit`` (PostgreSQL), the limit is
@@ -261,26 +261,26 @@ def limited_statement(
     the statement.
     """
     ms = limit_ms(limit)
-    if system == "postgresql":
+    if db_system == "postgresql":
         scope = "" if autocommit else "LOCAL "
         cursor.execute(f"SET {scope}statement_timeout = {ms}")
         return statement
-    if system == "mariadb":
+    if db_system == "mariadb":
         seconds = min(ms, MARIADB_MAX_S * 1000) / 1000
         return f"SET STATEMENT max_statement_time={seconds:.3f} FOR {statement}"
-    if system == "mysql" and statement.lstrip()[:6].upper() == "SELECT":
+    if db_system == "mysql" and statement.lstrip()[:6].upper() == "SELECT":
         cursor.execute(f"SET SESSION max_execution_time = {min(ms, MYSQL_MAX_MS)}")
     return statement
 
 
-def is_timeout_error(system: str, error: BaseException) -> bool:
+def is_timeout_error(db_system: str, error: BaseException) -> bool:
     """Whether ``error`` (a DBAPI error) is the database cancelling a statement on time."""
-    if system == "postgresql":
+    if db_system == "postgresql":
         code = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
         return code == "57014" or type(error).__name__ in {"QueryCanceled", "QueryCanceledError"}
-    if system in ("mariadb", "mysql"):
+    if db_system in ("mariadb", "mysql"):
         args: tuple[Any, ...] = tuple(getattr(error, "args", ()))
         return bool(args) and args[0] in (1969, 3024)
-    if system == "sqlite":
+    if db_system == "sqlite":
         return "interrupted" in str(error)
     return False

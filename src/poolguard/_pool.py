@@ -31,18 +31,20 @@ from sqlalchemy.pool import (
     StaticPool,
 )
 
-from .context import _current
-from .histogram import BOUNDS
-from .queries import count_ping
-from .recorder import REQUEST, T0, TOP_STAT, WARNED, Hold
+from ._compat import logging_name, plain_return
+from ._context import _current
+from ._histogram import BOUNDS
+from ._hold import REQUEST, T0, TOP_STAT, WARNED, Hold
+from ._queries import count_ping
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from sqlalchemy.pool.base import ConnectionPoolEntry, PoolProxiedConnection
 
-    from .gate import Gate, _Waiter
-    from .guard import Guard
+    from ._gate import Gate, _Waiter
+    from ._guard import Guard
+    from ._hooks import CheckoutHooks
 
 __all__ = [
     "GuardedAsyncAdaptedQueuePool",
@@ -68,6 +70,8 @@ class GuardedPoolMixin(Pool):
 
     _poolguard: Guard | None = None
     _poolguard_gate: Gate | None = None
+    # Set with _poolguard, before the gate is published.
+    _poolguard_hooks: CheckoutHooks
     _poolguard_plain: type[Pool] = Pool
     # The plain class's methods, bound once per class: calling them is
     # cheaper than building a super() object on every checkout.
@@ -78,7 +82,7 @@ class GuardedPoolMixin(Pool):
         super().__init_subclass__(**kwargs)
         plain = cls._poolguard_plain
         cls._poolguard_connect = staticmethod(plain.connect)
-        cls._poolguard_return = staticmethod(plain._do_return_conn)
+        cls._poolguard_return = staticmethod(plain_return(plain))
 
     def connect(self) -> PoolProxiedConnection:  # noqa: PLR0912, PLR0915 - the hot path, inlined
         gate = self._poolguard_gate
@@ -89,7 +93,8 @@ class GuardedPoolMixin(Pool):
         request = _current.get()
         if request is not None and request.deadline is not None:
             _check_deadline(request.deadline, gate)
-        if gate.tripped:  # circuit breaker open or probing: CircuitOpen, or a probe
+        hooks = self._poolguard_hooks
+        if hooks.tripped:  # circuit breaker open or probing: CircuitOpen, or a probe
             self._poolguard.breaker_admit(self)  # type: ignore[union-attr]
         # A signal's exception may land after any call: each step below is
         # covered by a handler that knows whether the permit is held, and
@@ -100,8 +105,8 @@ class GuardedPoolMixin(Pool):
         except IndexError:
             waiter = gate.new_waiter()
         except BaseException:
-            gate._give(None)  # inline: the permit is back once this C call returns
-            _after_give(gate)
+            gate.give(None)  # inline: the permit is back once this C call returns
+            gate.returned()
             raise
         wait = 0.0
         if waiter is not None:
@@ -119,7 +124,7 @@ class GuardedPoolMixin(Pool):
             conn = connect(self)
             # Registered only now: a record SQLAlchemy returns during a failed
             # checkout must not release a permit that is released below.
-            record = conn._connection_record
+            record = conn._connection_record  # sqla-private
             out = gate.out
             if record in out:
                 # The record is already out under a permit: a nested checkout
@@ -129,24 +134,25 @@ class GuardedPoolMixin(Pool):
                 hold = out[record]
                 _give_back(gate, waiter)
                 return conn
-            if self._pre_ping:  # the ping ran inside the checkout: part of its wait
+            # the ping ran inside the checkout: part of its wait
+            if self._pre_ping:  # sqla-private
                 wait = count_ping(self._poolguard, conn, wait)  # type: ignore[arg-type]
             now = perf_counter()
-            # recorder.new_hold(), spelled out: one list display, no call.
+            # _hold.new_hold(), spelled out: one list display, no call.
             hold = out[record] = [now, wait, get_ident(), request, None, 0.0, None, -1.0,
                                   None, None, False]
         except BaseException as error:
             if hold is None:  # the permit did not reach a record: this is its release
                 if waiter is None:
-                    gate._give(None)  # inline, as above
-                    _after_give(gate)
+                    gate.give(None)  # inline, as above
+                    gate.returned()
                 else:
                     _give_back(gate, waiter)
                 guard = self._poolguard
                 if guard is not None and guard.breakers_on:
                     guard.breaker_record(error, 0.0, request)
             raise
-        if now >= gate.slow_at:  # a scan is due, or per-checkout extras are on
+        if now >= hooks.slow_at:  # a scan is due, or per-checkout extras are on
             self._poolguard.after_checkout(hold, now)  # type: ignore[union-attr]
         return conn
 
@@ -164,13 +170,13 @@ class GuardedPoolMixin(Pool):
                     del out[record]
                     # Gate.release(), inlined: this runs on every checkin. The
                     # use-time histogram below counts the release.
-                    gate._give(None)
+                    gate.give(None)
                     held = perf_counter() - hold[T0]
                     if gate.policy_checkin:  # tag bulkheads, adaptive limit
                         gate.on_checkin(hold[REQUEST], held)
                     if gate.waiters:
-                        gate._wake()
-                    recorder = gate.recorder
+                        gate.wake()
+                    recorder = self._poolguard_hooks.recorder
                     # Histogram.add(), inlined.
                     use = recorder.use
                     use.counts[bisect_left(BOUNDS, held)] += 1
@@ -196,8 +202,8 @@ class GuardedPoolMixin(Pool):
     def _poolguard_default(self) -> Guard:
         # Built with poolclass=Guarded...: configure from the environment. Or
         # a checkout while wrap() attaches: wait for that guard instead.
-        from .config import Config
-        from .guard import Guard
+        from ._config import Config
+        from ._guard import Guard
 
         with _DEFAULT_LOCK:
             guard = self._poolguard
@@ -206,7 +212,7 @@ class GuardedPoolMixin(Pool):
                 # guard keeps the good ones, so later checkouts neither fail
                 # nor parse the environment again.
                 config, errors = Config._from_env()
-                guard = Guard(config, default_name=self._orig_logging_name or "pool")
+                guard = Guard(config, default_name=logging_name(self) or "pool")
                 guard._attach(self)
                 if errors:
                     guard.log.emit(logging.ERROR, "config.invalid",
@@ -225,8 +231,8 @@ def _give_back(gate: Gate, waiter: _Waiter | None) -> None:
     C call (fast path) or by the waiter's flags, which make retrying safe.
     """
     if waiter is None:
-        gate._give(None)  # the permit is back once this call returns
-        _after_give(gate)
+        gate.give(None)  # the permit is back once this call returns
+        gate.returned()
         return
     try:
         gate.give_back(waiter)
@@ -236,13 +242,6 @@ def _give_back(gate: Gate, waiter: _Waiter | None) -> None:
         finally:
             gate.give_back(waiter)
         raise
-
-
-def _after_give(gate: Gate) -> None:
-    # The bookkeeping of a release whose permit is back: count it, wake a waiter.
-    next(gate._released)
-    if gate.waiters:
-        gate._wake()
 
 
 def _check_deadline(deadline: float, gate: Gate) -> None:

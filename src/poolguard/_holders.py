@@ -12,14 +12,14 @@ import dataclasses
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
-from .fingerprint import fingerprint
-from .recorder import REQUEST, RUNNING_SINCE, SITE, STATEMENT, T0, TASK, THREAD, WAIT
-from .sites import task_site, thread_site
+from ._fingerprint import fingerprint
+from ._hold import REQUEST, RUNNING_SINCE, SITE, STATEMENT, T0, TASK, THREAD, WAIT
+from ._sites import task_site, thread_site
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from .recorder import Hold
+    from ._hold import Hold
 
 __all__ = ["Holder", "HolderGroup", "describe_groups", "group_holders", "holders"]
 
@@ -68,15 +68,15 @@ class HolderGroup:
     tags: tuple[str, ...]
 
 
-def holders(holds: Iterable[Hold], now: float, dialect: str | None = None) -> list[Holder]:
+def holders(holds: Iterable[Hold], now: float, db_system: str | None = None) -> list[Holder]:
     """Describe each hold (``now`` on the same clock as the holds' ``T0``).
 
-    ``dialect`` says how to read the statements (see :func:`.fingerprint`).
+    ``db_system`` says how to read the statements (see :func:`.fingerprint`).
     """
     result = []
     for hold in holds:
         statement = hold[STATEMENT]
-        fp = fingerprint(statement, dialect) if statement is not None else None
+        fp = fingerprint(statement, db_system) if statement is not None else None
         since = hold[RUNNING_SINCE]
         running = bool(since)
         site = hold[SITE]

@@ -150,7 +150,7 @@ class Config:
             per ten checkouts, plus a small burst), so that retries never
             multiply the load during an outage.
         statement_timeout: Time limit (seconds) of every statement, enforced
-            by the database (see :mod:`poolguard.timeouts`); ``None`` or
+            by the database (see :mod:`poolguard._timeouts`); ``None`` or
             ``0``: none. Counted in whole milliseconds (at least 1) and
             clamped to what the database accepts.
         tag_statement_timeouts: Time limits by request tag, e.g.
@@ -415,7 +415,7 @@ def _check_tag_seconds(option: str, value: Any) -> Mapping[str, float]:
 
 
 def _check_tags(option: str, value: Any) -> Mapping[str, float]:
-    from .policies import check_tag_limits
+    from ._policies import check_tag_limits
 
     if not isinstance(value, Mapping):
         raise _bad(option, value, _ALLOWED[_TAGS])
@@ -474,7 +474,7 @@ def _parse(kind: str, raw: str, default: Any) -> Any:  # noqa: PLR0911
     if kind == _NAME:
         return raw
     if kind in (_TAGS, _TAG_SECONDS):
-        from .policies import parse_tag_limits
+        from ._policies import parse_tag_limits
 
         return parse_tag_limits(raw)
     if kind == _FLAG:

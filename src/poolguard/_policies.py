@@ -30,7 +30,7 @@ __all__ = [
     "may_take",
     "rank",
     "reserve_size",
-    "tag_cap",
+    "tag_limit",
 ]
 
 CRITICAL = "critical"
@@ -64,7 +64,7 @@ def may_take(priority: str, free: int, reserved: int) -> bool:
     return free > reserved
 
 
-def tag_cap(limit: float, capacity: int) -> int:
+def tag_limit(limit: float, capacity: int) -> int:
     """Connections one tag may hold: a count (>= 1) or a share of capacity (< 1)."""
     if limit >= 1:
         return int(limit)

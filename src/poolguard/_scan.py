@@ -1,0 +1,106 @@
+"""The guard's once-a-second scan, and the per-checkout extras that ride on it.
+
+The guarded pool calls :meth:`Scanner.after_checkout` only from the time in
+``hooks.slow_at`` on: the next scan, or always while some per-checkout extra
+is on (asyncio task, call site, a half-open breaker's probe). The scan warns
+about leaks, keeps the log and the exporter current and evaluates the alerts.
+"""
+
+from __future__ import annotations
+
+import threading
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+
+from ._hold import SITE, TASK
+from ._sites import current_site
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ._breakers import Breakers
+    from ._config import Config
+    from ._diagnostics import Diagnostics
+    from ._hold import Hold
+    from ._hooks import CheckoutHooks
+    from ._log import EventLog
+
+__all__ = ["Scanner"]
+
+_SCAN_INTERVAL = 1.0
+
+
+class Scanner:
+    """Runs one guard's periodic scan and its checkouts' extras."""
+
+    def __init__(
+        self,
+        hooks: CheckoutHooks,
+        log: EventLog,
+        diagnostics: Diagnostics,
+        breakers: Breakers,
+        *,
+        config: Callable[[], Config],
+        is_async: Callable[[], bool],
+        exporter: Callable[[], Any],
+    ) -> None:
+        self._hooks = hooks
+        self._log = log
+        self._diagnostics = diagnostics
+        self._breakers = breakers
+        self._config = config
+        self._is_async = is_async
+        self._exporter = exporter
+        self._lock = threading.Lock()
+        #: perf_counter() time of the next scan (``inf``: none, tests run it by hand).
+        self.next_scan = 0.0
+        #: The longest checkout wait since the last scan (the wait_time alert).
+        self.wait_max = 0.0
+
+    def note_wait(self, waited: float) -> None:
+        """A checkout waited ``waited`` seconds."""
+        self.wait_max = max(self.wait_max, waited)
+
+    def update_slow_at(self) -> None:
+        """Tell the pool from when on a checkout must call :meth:`after_checkout`."""
+        hooks = self._hooks
+        # tripped: a half-open probe's checkout records its outcome there.
+        extras = self._config().capture_call_sites or self._is_async() or hooks.tripped
+        hooks.slow_at = float("-inf") if extras else self.next_scan
+
+    def after_checkout(self, hold: Hold, now: float) -> None:
+        """Extras of a checkout: asyncio task, call site, the periodic scan."""
+        if self._is_async():
+            import asyncio
+
+            try:
+                hold[TASK] = asyncio.current_task()
+            except RuntimeError:
+                hold[TASK] = None
+        if self._config().capture_call_sites:
+            hold[SITE] = current_site(3)
+        if self._hooks.tripped:  # a half-open probe got a working connection
+            self._breakers.probe_succeeded()
+        self.maybe_scan(now)
+
+    def maybe_scan(self, now: float) -> None:
+        """Run :meth:`scan` if a second has passed since the last one."""
+        if now >= self.next_scan and self._lock.acquire(blocking=False):
+            try:
+                if now >= self.next_scan:
+                    self.next_scan = now + _SCAN_INTERVAL
+                    self.update_slow_at()
+                    self.scan(now)
+            finally:
+                self._lock.release()
+
+    def scan(self, now: float | None = None) -> None:
+        """Check for connections held too long and evaluate the alerts."""
+        now = perf_counter() if now is None else now
+        self._diagnostics.scan_leaks(now)
+        self._log.refresh()
+        exporter = self._exporter()
+        if exporter is not None:
+            exporter.poll()  # an SDK installed since wrap(): keep samples from now on
+        wait_max, self.wait_max = self.wait_max, 0.0
+        self._diagnostics.check_alerts(now, wait_max)
