@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 import traceback
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -680,3 +681,41 @@ def test_probe_shed_frees_its_slot(busy_engine: Callable[..., Engine]) -> None:
 
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
     raise Interrupted
+
+
+
+def test_gc_finalising_a_dropped_connection_inside_the_connection_counters_lock(
+    aiosqlite_url: str,
+) -> None:
+    # The guard counts connections closed from the pool's events. Under
+    # asyncio, a collection terminates a dropped connection at once, so a
+    # collection that starts inside one of those counter updates re-enters
+    # it on the same thread (the loop's): as with the gate's lock.
+    async def scenario() -> tuple[int, int]:
+        engine = poolguard.wrap(create_async_engine(aiosqlite_url, pool_size=1, max_overflow=0))
+        counters = poolguard.get_guard(engine).connections
+        try:
+            conn = await engine.connect()
+            await conn.execute(sa.text("SELECT 1"))
+            leak(conn)
+            del conn
+            with counters._lock:
+                found = gc.collect()
+            async with engine.connect() as again:
+                assert (await again.execute(sa.text("SELECT 2"))).scalar() == 2
+            return found, counters.counts()[1]
+        finally:
+            await engine.dispose()
+
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", sa.exc.SAWarning)  # "non-checked-in connection"
+            found, closed = run_bounded(lambda: asyncio.run(scenario()),
+                                        "gc inside the counters' lock")
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    assert found > 0
+    assert closed >= 1  # the dropped connection was terminated and counted

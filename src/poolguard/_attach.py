@@ -50,7 +50,10 @@ class ConnectionEvents:
     """Counts the connections a guard's pools open, close and invalidate."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: under asyncio a garbage collection terminates a dropped
+        # connection at once, firing "close" on whichever thread collects,
+        # possibly inside one of these updates (an increment is safe to nest).
+        self._lock = threading.RLock()
         self.opened = 0
         self.closed = 0
         self.invalidated = 0
