@@ -53,6 +53,7 @@ from sqlalchemy.pool import NullPool
 
 import poolguard
 from _proxy import Proxy
+from _support import SAFETY_TIMEOUT, wait_until
 from poolguard.breaker import CLOSED, HALF_OPEN, OPEN
 from poolguard.timeouts import KILL_GRACE
 
@@ -144,24 +145,57 @@ def _bounded(proxy: Proxy, seconds: float = 10.0) -> Iterator[None]:
         timer.cancel()
 
 
+@pytest.mark.timing
 def test_proxy_modes_at_the_socket_level(proxy: Proxy) -> None:
-    # The test tool itself: what a raw client sees in each mode.
-    with socket.create_connection((proxy.host, proxy.port), timeout=2) as sock:
+    # The test tool itself: what a raw client sees in each mode. The timeouts
+    # that expect an answer are generous (the proxy's threads may wait for a
+    # loaded machine's scheduler); the blackhole's only has to run out.
+    with socket.create_connection((proxy.host, proxy.port), timeout=SAFETY_TIMEOUT) as sock:
         proxy.set_mode("reset")
         with pytest.raises(ConnectionResetError):
             sock.recv(1)
     proxy.set_mode("refuse")
     with pytest.raises(ConnectionRefusedError):
-        socket.create_connection((proxy.host, proxy.port), timeout=2)
+        socket.create_connection((proxy.host, proxy.port), timeout=SAFETY_TIMEOUT)
     proxy.set_mode("blackhole")
-    with socket.create_connection((proxy.host, proxy.port), timeout=0.3) as sock:
+    with socket.create_connection((proxy.host, proxy.port), timeout=SAFETY_TIMEOUT) as sock:
+        sock.settimeout(0.5)
         sock.sendall(b"\x00\x00\x00\x08\x04\xd2\x16\x2f")  # PostgreSQL's SSLRequest
         with pytest.raises(TimeoutError):
             sock.recv(1)
     proxy.set_mode("pass")
-    with socket.create_connection((proxy.host, proxy.port), timeout=2) as sock:
+    with socket.create_connection((proxy.host, proxy.port), timeout=SAFETY_TIMEOUT) as sock:
         sock.sendall(b"\x00\x00\x00\x08\x04\xd2\x16\x2f")
         assert sock.recv(1) in (b"S", b"N")  # the server answers through the proxy
+
+
+def test_proxy_resets_a_connection_it_was_setting_up_during_a_reset(
+    proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The proxy is dialling the server for a new client when the mode goes to
+    # reset and straight back to pass: that connection is reset all the same
+    # (it was open, from the client's side, when the reset came).
+    dialling, release = threading.Event(), threading.Event()
+    dial = socket.create_connection
+
+    def held_dial(*args: Any, **kwargs: Any) -> socket.socket:
+        dialling.set()
+        release.wait(SAFETY_TIMEOUT)
+        return dial(*args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", held_dial)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(SAFETY_TIMEOUT)
+        try:
+            sock.connect((proxy.host, proxy.port))
+            wait_until(dialling.is_set, "the proxy dialling the server")
+            proxy.set_mode("reset")
+            proxy.set_mode("pass")
+        finally:
+            release.set()
+        sock.sendall(b"\x00\x00\x00\x08\x04\xd2\x16\x2f")  # PostgreSQL's SSLRequest
+        with pytest.raises(ConnectionResetError):
+            sock.recv(1)
 
 
 def test_pass_works(proxied: Callable[..., Engine], proxy: Proxy) -> None:
