@@ -9,7 +9,9 @@
   test naming what did not happen. Their timeout only stops a broken test
   from hanging; no assertion is about elapsed time.
 
-Events are captured with the public :func:`poolguard.testing.capture_events`.
+Events are captured with the public :func:`poolguard.testing.capture_events`
+(the ``events`` and ``debug_events`` fixtures open one for the whole test);
+:func:`named` picks some out.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ __all__ = [
     "EngineFactory",
     "FakeClock",
     "async_wait_until",
+    "named",
     "wait_until",
 ]
 
@@ -180,3 +183,8 @@ async def async_wait_until(
         if time.monotonic() > give_up:
             pytest.fail(f"gave up waiting for {what} ({timeout:g}s)")
         await asyncio.sleep(_POLL_INTERVAL)
+
+
+def named(events: list[dict[str, Any]], *names: str) -> list[dict[str, Any]]:
+    """The captured events called one of ``names``, in order."""
+    return [e for e in events if e["event"] in names]

@@ -339,6 +339,27 @@ async def make_async_engine() -> AsyncIterator[AsyncEngineFactory]:
     await factory.dispose_all()
 
 
+@pytest.fixture
+def events() -> Iterator[list[dict[str, Any]]]:
+    """poolguard's INFO-and-up events during the test, as dicts
+    (``poolguard.testing.capture_events(logging.INFO)``)."""
+    import logging
+
+    from poolguard.testing import capture_events
+
+    with capture_events(logging.INFO) as captured:
+        yield captured
+
+
+@pytest.fixture
+def debug_events() -> Iterator[list[dict[str, Any]]]:
+    """poolguard's events during the test, DEBUG ones too (which turns them on)."""
+    from poolguard.testing import capture_events
+
+    with capture_events() as captured:
+        yield captured
+
+
 # --- PgBouncer: the suite's own instance, transaction mode, free loopback port. ---
 
 
