@@ -28,8 +28,10 @@ import poolguard
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-    from sqlalchemy.engine import Engine
+    from sqlalchemy.engine import URL, Engine
     from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from _proxy import Proxy
 
 __all__ = [
     "SAFETY_TIMEOUT",
@@ -38,6 +40,7 @@ __all__ = [
     "FakeClock",
     "async_wait_until",
     "named",
+    "through_proxy",
     "wait_until",
 ]
 
@@ -56,9 +59,10 @@ DEFAULT_POOL: Mapping[str, Any] = {"pool_size": 1, "max_overflow": 0}
 
 
 class EngineFactory:
-    """``make(url="sqlite://", pool_size=None, *, max_overflow=None, pool=None, **options)``.
+    """``make(url=None, pool_size=None, *, max_overflow=None, pool=None, **options)``.
 
-    Creates ``sa.create_engine(url, **pool_args)`` and returns it wrapped with
+    Creates ``sa.create_engine(url, **pool_args)`` (``url``: the factory's,
+    ``sqlite://`` unless :meth:`using` set one) and returns it wrapped with
     ``poolguard.wrap(engine, **options)``. ``pool_args`` are the factory's
     (:data:`DEFAULT_POOL` unless :meth:`using` replaced them) updated with
     ``pool``, then ``pool_size`` / ``max_overflow`` when given. ``options`` go
@@ -71,21 +75,32 @@ class EngineFactory:
         made: list[Engine] | None = None,
         pool: Mapping[str, Any] = DEFAULT_POOL,
         options: Mapping[str, Any] | None = None,
+        url: str | URL = "sqlite://",
     ) -> None:
         self.made: list[Engine] = [] if made is None else made
         self.pool = dict(pool)
         self.options = dict(options or {})
+        self.url = url
 
-    def using(self, *, pool: Mapping[str, Any] | None = None, **options: Any) -> EngineFactory:
-        """A factory with ``pool`` instead of this one's pool arguments and
-        ``options`` over its wrap options, disposing into the same list."""
+    def using(
+        self,
+        *,
+        url: str | URL | None = None,
+        pool: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> EngineFactory:
+        """A factory with ``url`` and ``pool`` instead of this one's and ``options``
+        over its wrap options, disposing into the same list."""
         return EngineFactory(
-            self.made, self.pool if pool is None else pool, {**self.options, **options}
+            self.made,
+            self.pool if pool is None else pool,
+            {**self.options, **options},
+            self.url if url is None else url,
         )
 
     def __call__(
         self,
-        url: str = "sqlite://",
+        url: str | URL | None = None,
         pool_size: int | None = None,
         *,
         max_overflow: int | None = None,
@@ -99,7 +114,7 @@ class EngineFactory:
 
     def plain(
         self,
-        url: str = "sqlite://",
+        url: str | URL | None = None,
         pool_size: int | None = None,
         *,
         max_overflow: int | None = None,
@@ -113,7 +128,7 @@ class EngineFactory:
             args["pool_size"] = pool_size
         if max_overflow is not None:
             args["max_overflow"] = max_overflow
-        engine = sa.create_engine(url, **args)
+        engine = sa.create_engine(self.url if url is None else url, **args)
         self.made.append(engine)
         return engine
 
@@ -121,6 +136,24 @@ class EngineFactory:
         """Dispose every engine made, newest first."""
         while self.made:
             self.made.pop().dispose()
+
+
+PROXY_CONNECT_TIMEOUT = 2
+"""psycopg's ``connect_timeout`` through the fault proxy (libpq raises less to 2 s)."""
+
+
+def through_proxy(
+    make_engine: EngineFactory, postgresql_url: str, proxy: Proxy, *, pool_size: int
+) -> EngineFactory:
+    """``proxied(pool=..., **wrap_options)``: guarded engines to PostgreSQL through
+    ``proxy`` (``pool_size`` connections, no overflow, no TLS, no connect retries)."""
+    url = sa.make_url(postgresql_url).set(host=proxy.host, port=proxy.port)
+    pool = {
+        "pool_size": pool_size,
+        "max_overflow": 0,
+        "connect_args": {"connect_timeout": PROXY_CONNECT_TIMEOUT, "sslmode": "disable"},
+    }
+    return make_engine.using(url=url, pool=pool, connect_retries=0)
 
 
 class AsyncEngineFactory:
