@@ -22,6 +22,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqlalchemy.pool import NullPool, QueuePool, SingletonThreadPool, StaticPool
 
 import poolguard
+from _support import EngineFactory
 from poolguard import GuardedPoolMixin, PoolTimeout
 
 if TYPE_CHECKING:
@@ -72,18 +73,10 @@ def _wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0)
 
 
 @pytest.fixture
-def make_engine() -> Iterator[Callable[..., Engine]]:
-    """``create_engine`` that disposes every engine it made when the test ends."""
-    created: list[Engine] = []
-
-    def make(url: str, **kwargs: Any) -> Engine:
-        engine = sa.create_engine(url, **kwargs)
-        created.append(engine)
-        return engine
-
-    yield make
-    for engine in created:
-        engine.dispose()
+def make_engine(make_engine: EngineFactory) -> Callable[..., Engine]:
+    """``create_engine(url, **kwargs)``, unguarded (the test wraps it), disposed when the
+    test ends."""
+    return make_engine.using(pool={}).plain
 
 
 @pytest.fixture
