@@ -9,7 +9,6 @@ the histogram's arithmetic is checked on its own.
 from __future__ import annotations
 
 import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -18,7 +17,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 
 import poolguard
-from _support import EngineFactory, named
+from _support import EngineFactory, named, wait_until
 from poolguard.histogram import BOUNDS, Histogram
 
 if TYPE_CHECKING:
@@ -163,10 +162,7 @@ def test_timed_out_waits_count_in_the_histogram_and_the_total_alike(
         with pytest.raises(poolguard.PoolTimeout):
             engine.connect()  # waits its whole timeout
         waiter, errors = _checkout_in_thread(engine)
-        deadline = time.monotonic() + SAFETY_TIMEOUT
-        while guard.gate.waiting != 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        wait_until(lambda: guard.gate.waiting == 1, "the thread to wait at the gate")
     waiter.join(SAFETY_TIMEOUT)  # granted once the holder returned its connection
     assert not waiter.is_alive()
     assert errors == []
