@@ -117,6 +117,7 @@ async def test_wrap_async_engine_and_session(
     assert guard.stats().acquisitions == 2 + 1 + 3 + 2
 
 
+@pytest.mark.timing
 async def test_many_tasks_share_a_small_pool(
     async_db_url: str, make_engine: Callable[..., AsyncEngine]
 ) -> None:
@@ -175,6 +176,7 @@ async def test_acquire_timeout_on_full_pool_in_request(one_conn_engine: AsyncEng
     _assert_balanced(engine)
 
 
+@pytest.mark.timing
 async def test_wait_does_not_block_loop_and_succeeds_on_release(
     async_db_url: str, make_engine: Callable[..., AsyncEngine]
 ) -> None:

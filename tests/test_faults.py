@@ -204,6 +204,7 @@ def test_delay_that_fits_the_budget_works(
     _no_leaks(engine)
 
 
+@pytest.mark.timing
 def test_delay_past_the_statement_limit_is_cancelled_by_the_server(
     proxied: EngineFactory, proxy: Proxy,
 ) -> None:
@@ -221,6 +222,7 @@ def test_delay_past_the_statement_limit_is_cancelled_by_the_server(
     _no_leaks(engine)
 
 
+@pytest.mark.timing
 def test_delay_past_the_deadline_is_cut_by_the_watchdog(
     proxied: EngineFactory, proxy: Proxy,
 ) -> None:
@@ -238,6 +240,7 @@ def test_delay_past_the_deadline_is_cut_by_the_watchdog(
     _no_leaks(engine)
 
 
+@pytest.mark.timing
 def test_blackhole_on_a_pooled_connection_ends_at_the_deadline(
     proxied: EngineFactory, proxy: Proxy,
 ) -> None:
@@ -261,6 +264,7 @@ def test_blackhole_on_a_pooled_connection_ends_at_the_deadline(
     _no_leaks(engine)
 
 
+@pytest.mark.timing
 def test_blackhole_with_pre_ping_ends_at_the_deadline(
     proxied: EngineFactory, proxy: Proxy,
 ) -> None:
@@ -284,6 +288,7 @@ def test_blackhole_with_pre_ping_ends_at_the_deadline(
     assert "do_ping" not in engine.dialect.__dict__
 
 
+@pytest.mark.timing
 def test_blackhole_on_connect_is_bounded_by_connect_timeout_only(
     proxied: EngineFactory, proxy: Proxy,
 ) -> None:
@@ -308,6 +313,7 @@ def test_blackhole_on_connect_is_bounded_by_connect_timeout_only(
     _no_leaks(engine)
 
 
+@pytest.mark.timing
 def test_reset_is_a_disconnect_and_the_pool_recovers(
     proxied: EngineFactory, proxy: Proxy,
 ) -> None:
@@ -371,6 +377,7 @@ def test_refuse_fails_with_the_connect_error_then_the_breaker_opens(
     _no_leaks(engine)
 
 
+@pytest.mark.timing
 def test_refuse_with_retries_ends_within_the_deadline(
     proxied: EngineFactory, proxy: Proxy,
 ) -> None:

@@ -194,6 +194,7 @@ def test_holder_fields_age_wait_tag_statement_site(
     assert guard.holders() == []
 
 
+@pytest.mark.timing
 def test_holder_wait_is_the_time_its_checkout_waited(
     sqlite_url: str, make_engine: EngineFactory, threads: Threads
 ) -> None:
@@ -501,6 +502,7 @@ def test_holders_report_is_reused_for_a_second_unless_fresh(
 
 
 @pytest.mark.parametrize("capture", [False, True], ids=["site-now", "checkout-site"])
+@pytest.mark.timing
 def test_held_too_long_warns_once_and_again_on_return(
     db_url: str, capture: bool, make_engine: EngineFactory, events: list[dict[str, Any]],
 ) -> None:

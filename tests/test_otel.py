@@ -366,6 +366,7 @@ def test_pool_and_operation_metrics_after_workload(
         }
 
 
+@pytest.mark.timing
 def test_pending_requests_and_wait_time_of_a_waiting_checkout(
     db_url: str, make_engine: EngineFactory, reader: InMemoryMetricReader
 ) -> None:

@@ -807,12 +807,14 @@ def _errors_and_context(base: str, *, async_endpoint: bool) -> None:
             assert 0 < body["remaining"] <= 30
 
 
+@pytest.mark.timing
 def test_asgi_real_server_storm(tmp_path: Path) -> None:
     with _uvicorn_webapp(f"sqlite:///{tmp_path / 'web.sqlite3'}") as base:
         _storm(base)
         _errors_and_context(base, async_endpoint=True)
 
 
+@pytest.mark.timing
 def test_wsgi_real_server_storm(tmp_path: Path) -> None:
     app = _webapp.create_flask_app(f"sqlite:///{tmp_path / 'web.sqlite3'}")
     try:
