@@ -155,6 +155,12 @@ def test_proxy_modes_at_the_socket_level(proxy: Proxy) -> None:
         assert sock.recv(1) in (b"S", b"N")  # the server answers through the proxy
 
 
+def _ask_for_ssl(sock: socket.socket) -> bytes:
+    """Send PostgreSQL's SSLRequest; its one-byte answer."""
+    sock.sendall(b"\x00\x00\x00\x08\x04\xd2\x16\x2f")
+    return sock.recv(1)
+
+
 def test_proxy_resets_a_connection_it_was_setting_up_during_a_reset(
     proxy: Proxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -181,8 +187,7 @@ def test_proxy_resets_a_connection_it_was_setting_up_during_a_reset(
             release.set()
         # Reset: the send or the read after it fails (whichever meets the RST).
         with pytest.raises(ConnectionResetError):
-            sock.sendall(b"\x00\x00\x00\x08\x04\xd2\x16\x2f")  # PostgreSQL's SSLRequest
-            sock.recv(1)
+            _ask_for_ssl(sock)
 
 
 def test_pass_works(proxied: EngineFactory, proxy: Proxy) -> None:
