@@ -11,7 +11,9 @@ After a quiet phase, a storm of an unoptimized query (a slow scan, tag
 as soon as they can (after ``Retry-After`` when they are shed). The same
 traffic runs twice in one process: against plain SQLAlchemy (a ``QueuePool``
 with its defaults: waiters queue for up to 30 s), then against the same pool
-behind ``poolguard.wrap(engine, **GUARDED_OPTIONS)``.
+behind ``poolguard.wrap(engine, **GUARDED_OPTIONS)``: the recommended setting
+(``poolguard.recommended.options()``) plus a tag limit on ``report``, the one
+option that names the culprit in advance (``scenario.named_in_advance``).
 
 Per side and per phase (pre-storm, storm) it measures for each kind of work:
 requests served, failed (timeouts, errors) and shed (by reason), p50/p99

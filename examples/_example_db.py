@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 import poolguard
+from poolguard import recommended
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -42,15 +43,14 @@ products = sa.Table(
 
 
 def make_engine(url: str, pool_size: int) -> sa.Engine:
-    """A guarded engine with the README's load-shedding policies, and its tables."""
+    """A guarded engine with the recommended setting, and its tables."""
     engine = poolguard.wrap(
         sa.create_engine(url, pool_size=pool_size, max_overflow=0),
         name="example-db",
-        acquire_timeout=2,
-        reserved_critical=2,  # connections only critical work (logins) may take
-        tag_limits={"reports": 0.5},  # reports hold at most half the pool
-        max_waiting_background=0,  # background work never queues
-        codel=True,  # shed queue delay; newest first while overloaded
+        **recommended.options(),
+        # This service's own choice, next to the recommended setting: its
+        # reports (a known heavy query class) hold at most half the pool.
+        tag_limits={"reports": 0.5},
     )
     metadata.create_all(engine)
     with engine.begin() as conn:

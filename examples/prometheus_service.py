@@ -18,7 +18,7 @@ then a statement fails. Everything is bounded by ``--duration``; the threads
 mostly sleep, so the load on the machine is small.
 
 Point ``alerts/poolguard-rules.yml`` and ``dashboards/poolguard.json`` at it
-(see the README, "Dashboards and alerts").
+(see docs/monitoring.md).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def prime_exporter() -> None:
     """Collect once now, so the samples of the first connections are exported too.
 
     poolguard keeps histogram samples only once a collection has happened
-    (see the README, "Metrics"); this does the first one before any work.
+    (see docs/observability.md, "Metrics"); this does the first one before any work.
     """
     from prometheus_client import REGISTRY, generate_latest
 

@@ -308,8 +308,9 @@ async def test_waiter_cancelled_right_after_its_grant(one_conn_engine: AsyncEngi
     task = asyncio.create_task(waiter())
     try:
         await async_wait_until(lambda: guard.stats().waiting == 1, "the waiter to queue")
-        await holder.close()  # grants the permit to the waiter
-        assert guard.stats().waiting == 0
+        # Wakes the waiter to take the free permit (without a policy, the
+        # gate wakes the head waiter instead of handing the permit over).
+        await holder.close()
         task.cancel()  # before the waiter ran again
         await asyncio.wait({task}, timeout=TASK_TIMEOUT_S)
         assert task.done()

@@ -188,7 +188,7 @@ def test_negative_timeout_is_treated_as_zero() -> None:
 # -- waiting (threads) --------------------------------------------------------
 
 
-def test_release_hands_the_permit_to_the_waiter() -> None:
+def test_release_wakes_the_waiter_which_takes_the_permit() -> None:
     gate = Gate(1)
     gate.take()
     results: list[Any] = []
@@ -196,12 +196,9 @@ def test_release_hands_the_permit_to_the_waiter() -> None:
     try:
         wait_until(lambda: gate.waiting == 1, "the waiter to queue")
         gate.release()
-        # Handed over inside release(): a newcomer cannot barge in.
+        wait_until(lambda: bool(results), "the waiter to get through")
         assert gate.in_use == 1
         assert gate.waiting == 0
-        with pytest.raises(IndexError):
-            gate.take()
-        wait_until(lambda: bool(results), "the waiter to get through")
         assert results == [("a", True)]
         assert gate.acquired == 2
         assert gate.timeouts == 0
@@ -488,6 +485,13 @@ def spawn_async_waiter(gate: Gate, timeout: float = SAFETY_TIMEOUT) -> asyncio.T
     return asyncio.ensure_future(greenlet_spawn(gate.acquire, timeout, asyncio_mode=True))
 
 
+async def lose_one_race(gate: Gate) -> None:
+    """Make the (one) queued async waiter lose a permit to a running caller."""
+    gate.release()  # wakes the waiter, which has not run yet
+    gate.take()  # a running caller takes the permit first (no await in between)
+    await async_wait_until(lambda: gate.waiters[0].handoff, "the waiter to lose the race")
+
+
 async def test_async_waiter_is_woken_by_a_release_from_another_task() -> None:
     gate = Gate(1)
     gate.take()
@@ -500,7 +504,6 @@ async def test_async_waiter_is_woken_by_a_release_from_another_task() -> None:
             gate.release()
 
         await asyncio.create_task(releaser())
-        assert gate.in_use == 1  # handed over, not left free
         assert await asyncio.wait_for(waiter, SAFETY_TIMEOUT) is True
         assert gate.waiting == 0
         assert gate.timeouts == 0
@@ -591,6 +594,7 @@ async def test_async_waiter_cancelled_after_being_granted_gives_the_permit_back(
     gate.take()
     waiter = spawn_async_waiter(gate)
     await async_wait_until(lambda: gate.waiting == 1, "the async waiter to queue")
+    await lose_one_race(gate)  # so the next permit is handed over, not just offered
     gate.release()  # granted to the waiter, which has not run since
     assert gate.in_use == 1
     for _ in range(loop_turns):
@@ -650,3 +654,26 @@ def test_waiter_interrupted_right_after_queueing_leaves_nothing_behind() -> None
     assert gate.waiting == 0
     gate.release()
     assert gate.in_use == 0
+
+
+async def test_a_running_caller_may_take_a_woken_waiters_permit_once() -> None:
+    # No policy: a release wakes the head waiter to take the free permit
+    # itself, and a caller already running may take it first (no convoy). The
+    # waiter that lost the race gets the next permit handed over: it is passed
+    # over at most once.
+    gate = Gate(1)
+    gate.take()
+    waiter = spawn_async_waiter(gate)
+    await async_wait_until(lambda: gate.waiting == 1, "the async waiter to queue")
+    gate.release()  # wakes the waiter, which has not run yet
+    assert gate.in_use == 0
+    gate.take()  # a running caller barges in (no await in between)
+    await asyncio.sleep(0.01)  # the waiter runs, finds nothing, waits again
+    assert not waiter.done()
+    assert gate.waiting == 1
+    gate.release()  # handed over this time
+    assert gate.in_use == 1
+    with pytest.raises(IndexError):
+        gate.take()  # no second barge
+    assert await asyncio.wait_for(waiter, SAFETY_TIMEOUT) is True
+    assert (gate.in_use, gate.waiting, gate.timeouts) == (1, 0, 0)

@@ -85,8 +85,12 @@ class Parked(_Waiter):
         self.key = object()
 
     def wake(self) -> None:
-        # Called by the gate under its lock, right after it took the token.
-        self.machine.on_grant(self.key, self.priority, self.tag)
+        # Called by the gate under its lock: right after it took the token
+        # for this waiter, or (no policy) to let it take a free one itself.
+        if self.granted:
+            self.machine.on_grant(self.key, self.priority, self.tag)
+        else:
+            self.woken = True
 
 
 class PolicyGateMachine(RuleBasedStateMachine):
@@ -209,7 +213,7 @@ class PolicyGateMachine(RuleBasedStateMachine):
         except Refused as refused:
             self.check_refusal(refused.reason, priority, tag)
             return
-        if left is None:  # a permit at once, without queueing
+        if waiter.granted:  # a permit at once, without queueing
             self.on_grant(waiter.key, priority, tag)
             return
         assert priority != HEALTH, "health must never wait"
@@ -222,8 +226,13 @@ class PolicyGateMachine(RuleBasedStateMachine):
     def finish(self, pick: int, waited: float) -> None:
         """A parked caller wakes up: with its permit, or timed out."""
         waiter = self.parked.pop(pick % len(self.parked))
+        handed = waiter.granted
         granted = self.gate._finish(waiter, waited)
         assert granted is waiter.granted
+        if granted and not handed:
+            # Woken to take a free permit (or, no policy, done waiting with
+            # one free), it took the permit itself.
+            self.on_grant(waiter.key, waiter.priority, waiter.tag)
         assert (waiter.key in self.held) is granted
 
     @precondition(lambda self: self.held)
@@ -299,6 +308,15 @@ class PolicyGateMachine(RuleBasedStateMachine):
 
     @invariant()
     def no_waiter_left_behind_a_free_permit(self) -> None:
+        blocked = [w for w in self.waiting() if self.may_take_now(w.priority, w.tag)]
+        if blocked:
+            # A free permit one of them may take: a waiter is woken to take it
+            # itself (one at a time; a running caller may take it first). It
+            # is in flight, not lost.
+            signalled = self.gate._signalled
+            assert signalled is not None, "a free permit and nobody woken for it"
+            assert signalled.woken
+            return
         for waiter in self.waiting():
             assert not self.may_take_now(waiter.priority, waiter.tag), (
                 f"{waiter.priority}/{waiter.tag} waits with {self.free} free, "

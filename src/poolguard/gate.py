@@ -9,12 +9,39 @@ The hot path takes no lock. Free permits are tokens in a :class:`deque`,
 whose ``pop`` and ``append`` are atomic, so taking a free permit is one
 ``pop`` and giving one back is one ``append``. The lock guards only the
 waiters: a caller that finds no token queues itself under the lock and then
-tries once more, and a release that sees waiters hands tokens to them under
-the lock, so no wake-up is lost between the two.
+tries once more, and a release that sees waiters wakes one under the lock,
+so no wake-up is lost between the two.
+
+Under contention the gate does not hand each free permit to a parked
+waiter (a convoy: every checkout would park and be scheduled again).
+Instead the release wakes the first waiter in line to take the permit
+itself, one waiter at a time, and a caller already running may take it
+first, as in SQLAlchemy's own queue. A woken waiter that lost that race is
+owed the next permit, which is handed to it directly, so nobody is passed
+over twice. With a policy on, waiters queue by priority (one lane each),
+only newcomers of the woken waiter's priority or better may pass it, and
+while nobody waits a policy of bounded queues only takes permits without
+the lock.
 
 The caller keeps track of which permits it holds (the pool marks each
 checked-out record with its permit and pops the mark to release it, so each
 permit is released once).
+
+Two hazards shape the locked sections:
+
+* Re-entry. A connection dropped without ``close()`` comes back when the
+  garbage collector finalises it, on whatever thread allocated at that
+  moment, possibly inside one of the gate's own locked sections. The lock is
+  re-entrant, and a checkin that finds its own thread inside a section
+  (``_busy``) only records what it owes (a wake-up, an untag, a hold sample);
+  the section pays it when it ends (:meth:`Gate._drain`).
+* Interrupts. A signal handler may raise at any bytecode boundary where
+  CPython checks for pending calls (a function's entry, a loop's back edge,
+  the end of a call). State that must change together is changed with
+  attribute and item stores, which never check, with a C call (whose effect
+  is complete when it returns) as the last step, and each waiter carries
+  its own state (``granted``, ``tagged``) so an interrupted acquire can undo
+  exactly what happened, however far it got.
 """
 
 from __future__ import annotations
@@ -22,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import threading
 import time
 from collections import deque
@@ -29,7 +57,7 @@ from collections.abc import Callable  # noqa: TC003 - used at run time for _disc
 from typing import Any
 
 from ._compat import await_only
-from .policies import CRITICAL, HEALTH, NORMAL, Codel, Gradient2, may_take, rank
+from .policies import CRITICAL, HEALTH, NORMAL, PRIORITIES, Codel, Gradient2, may_take, rank
 from .recorder import REQUEST
 
 __all__ = ["Gate"]
@@ -57,17 +85,42 @@ class Refused(Exception):
         self.reason = reason
 
 
-def _empty() -> object:
-    # The fast path's take() while a policy is on: every caller goes through
-    # acquire(), where the policy is applied under the lock.
-    raise IndexError
+# The fast path's take() while a policy is on: every caller goes through
+# acquire(), where the policy is applied under the lock. A C callable, so no
+# interrupt can land inside it.
+_empty: Callable[[], object] = deque[object](maxlen=0).pop
+
+
+def _wait_seconds(timeout: float) -> float | None:
+    """A timeout as the blocking primitives take it: None for "forever", else
+    at most ``threading.TIMEOUT_MAX`` (beyond which ``Lock.acquire`` raises)."""
+    if timeout >= threading.TIMEOUT_MAX:
+        return None
+    return timeout
 
 
 class _Waiter:
-    __slots__ = ("event", "future", "granted", "loop", "priority", "since", "tag")
+    """One caller's claim on a permit.
+
+    ``granted`` is true while the caller holds a permit it got through this
+    waiter and has not passed on: whoever holds the waiter gives the permit
+    back if an exception cuts the checkout short. ``tagged``: its tag's
+    in-use count includes it.
+    """
+
+    __slots__ = ("event", "future", "granted", "handoff", "loop", "priority", "queued", "since",
+                 "tag", "tagged", "woken")
 
     def __init__(self, priority: str = NORMAL, tag: str | None = None, since: float = 0.0) -> None:
         self.granted = False
+        self.tagged = False
+        self.woken = False
+        #: False: not in the queue. True: in it, or just removed (the flag is
+        #: set before the append and cleared after the removal).
+        self.queued = False
+        #: It was woken to take a free permit and a running caller took it
+        #: first: the next permit is handed to it directly.
+        self.handoff = False
         self.priority = priority
         self.tag = tag
         self.since = since
@@ -85,9 +138,18 @@ class _Waiter:
             self.event.acquire()
 
     def wake(self) -> None:
+        # Once only: an interrupted dispatch may wake the same waiter again.
+        if self.woken:
+            return
+        self.woken = True
         if self.event is not None:
             self.event.release()
         elif self.loop is not None and self.future is not None:
+            if asyncio._get_running_loop() is self.loop:
+                # From the loop's own thread (a task released): no need to
+                # wake the selector through its self-pipe (a syscall each).
+                self.loop.call_soon(_resolve, self.future)
+                return
             # A closed loop raises RuntimeError: nobody waits on it any more.
             with contextlib.suppress(RuntimeError):
                 self.loop.call_soon_threadsafe(_resolve, self.future)
@@ -120,10 +182,33 @@ class Gate:
         adopted: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._lock = threading.Lock()
+        # Re-entrant: a GC finaliser may return a connection on a thread that
+        # is inside a locked section (see the module docstring).
+        self._lock = threading.RLock()
+        #: A locked section is running (read under the lock: on this thread).
+        self._busy = False
+        #: Work a re-entrant checkin left for the end of the running section.
+        self._rewake = False
+        self._deferred: list[tuple[str | None, float]] = []
         self._clock = clock
         self.capacity = capacity
+        #: Every waiter, in arrival order.
         self.waiters: deque[_Waiter] = deque()
+        #: With a policy on, the same waiters by priority, best first: the
+        #: dispatch looks at the heads of a few queues, not at every waiter.
+        self._lanes: tuple[tuple[str, deque[_Waiter]], ...] = tuple(
+            (p, deque()) for p in sorted(PRIORITIES, key=rank)
+        )
+        self._lane = dict(self._lanes)
+        #: The policy needs no lock while nobody waits (bounded queues only):
+        #: take() is the lock-free pop whenever the queue is empty.
+        self._fast_policy = False
+        #: The waiter woken to take a free permit itself, not yet run (no
+        #: policy): one at a time, so a release wakes nobody in vain.
+        self._signalled: _Waiter | None = None
+        #: Queued waiters owed a hand-off (they lost a race once), by
+        #: priority; newcomers of that priority or worse queue behind them.
+        self._owed: dict[str, int] = {}
         #: Connection records out under a permit of this gate, to their holds.
         self.out: dict[object, Any] = {}
         #: perf_counter() time from which the next checkout calls the guard's
@@ -172,6 +257,70 @@ class Gate:
         self.wait_max = 0.0
         self.timeouts = 0
 
+    # -- locked sections --------------------------------------------------------
+    #
+    # Each one is written out as
+    #
+    #     with self._lock:
+    #         try:
+    #             self._busy = True
+    #             ...
+    #         finally:
+    #             self._busy = False
+    #             if self._rewake or self._deferred:
+    #                 self._drain()
+    #
+    # (a helper would be a Python call, where an interrupt may land between
+    # taking the lock and the try).
+
+    def _set_take(self) -> None:
+        # In a section, as the queue or the policy changes.
+        if not self.policy_on:
+            if not self.closed:
+                self.take = self._take_token
+        elif self._fast_policy and not self.waiters:
+            self.take = self._take_token
+        else:
+            self.take = _empty
+
+    def _dequeue(self, waiter: _Waiter) -> None:
+        # In a section: out of the queue (and its lane), wherever it is.
+        if waiter.queued:
+            with contextlib.suppress(ValueError):
+                self.waiters.remove(waiter)
+            with contextlib.suppress(ValueError):
+                self._lane[waiter.priority].remove(waiter)
+            waiter.queued = False
+            if not self.waiters:
+                self._owed.clear()
+                if self._fast_policy:
+                    self.take = self._take_token
+        if waiter.handoff:
+            waiter.handoff = False
+            owed = self._owed
+            priority = waiter.priority
+            if priority in owed and owed[priority] > 0:
+                owed[priority] -= 1
+        if self._signalled is waiter:
+            self._signalled = None
+
+    def _drain(self) -> None:
+        # Under the lock, between sections: pay what re-entrant checkins left.
+        while self._rewake or self._deferred:
+            try:
+                self._busy = True
+                deferred, self._deferred = self._deferred, []
+                self._rewake = False
+                for tag, held in deferred:
+                    if tag is not None:
+                        self._untag_locked(tag)
+                    else:
+                        self._sample_locked(held)
+                if self.waiters:
+                    self._dispatch()
+            finally:
+                self._busy = False
+
     def configure_policy(
         self,
         *,
@@ -187,29 +336,45 @@ class Gate:
         never makes anybody wait, so there is nothing to order or shed.
         """
         with self._lock:
-            self.reserved = reserved
-            self.max_waiting = dict(max_waiting or {})
-            self.codel = codel
-            old_caps, self.tag_caps = self.tag_caps, dict(tag_caps or {})
-            # A tag that stays capped keeps its count; one capped anew is
-            # counted from the connections out now (uncapped, nothing counted).
-            counts = {t: n for t, n in self.tag_in_use.items() if t in old_caps}
-            fresh = self.tag_caps.keys() - old_caps.keys()
-            for hold in list(self.out.values()) if fresh else ():
-                request = hold[REQUEST]
-                if request is not None and request.tag in fresh:
-                    counts[request.tag] = counts.get(request.tag, 0) + 1
-            self.tag_in_use = {t: n for t, n in counts.items() if t in self.tag_caps}
-            self.adaptive = adaptive
-            self.policy_checkin = bool(self.tag_caps) or adaptive is not None
-            on = bool(
-                reserved or codel or self.tag_caps or adaptive
-                or any(v is not None for v in self.max_waiting.values())
-            )
-            self.policy_on = on and self._tokens is not None and not self.closed
-            self.take = _empty if self.policy_on else self._take_token
-        if self.waiters:  # a relaxed policy may let waiters through now
-            self._wake()
+            try:
+                self._busy = True
+                self.reserved = reserved
+                self.max_waiting = dict(max_waiting or {})
+                self.codel = codel
+                old_caps, self.tag_caps = self.tag_caps, dict(tag_caps or {})
+                # A tag that stays capped keeps its count; one capped anew is
+                # counted from the connections out now (uncapped, nothing counted).
+                counts = {t: n for t, n in self.tag_in_use.items() if t in old_caps}
+                fresh = self.tag_caps.keys() - old_caps.keys()
+                for hold in list(self.out.values()) if fresh else ():
+                    request = hold[REQUEST]
+                    if request is not None and request.tag in fresh:
+                        counts[request.tag] = counts.get(request.tag, 0) + 1
+                self.tag_in_use = {t: n for t, n in counts.items() if t in self.tag_caps}
+                self.adaptive = adaptive
+                self.policy_checkin = bool(self.tag_caps) or adaptive is not None
+                on = bool(
+                    reserved or codel or self.tag_caps or adaptive
+                    or any(v is not None for v in self.max_waiting.values())
+                )
+                self.policy_on = on and self._tokens is not None and not self.closed
+                # Bounded queues alone shape only who waits: with nobody
+                # waiting, a checkout may take a free permit without the lock.
+                self._fast_policy = self.policy_on and not (
+                    reserved or codel or self.tag_caps or adaptive
+                )
+                for lane in self._lane.values():
+                    lane.clear()
+                if self.policy_on:
+                    for waiter in self.waiters:
+                        self._lane[waiter.priority].append(waiter)
+                self._set_take()
+                # A relaxed policy may let waiters through now.
+                self._rewake = bool(self.waiters)
+            finally:
+                self._busy = False
+                if self._rewake or self._deferred:
+                    self._drain()
 
     def on_checkin(self, request: Any, held: float) -> None:
         """A connection comes back: its tag's slot, the adaptive limit's sample."""
@@ -220,15 +385,28 @@ class Gate:
 
     def sample_hold(self, held: float) -> None:
         """Feed a hold time to the adaptive limit (when on)."""
+        if self.adaptive is None:
+            return
+        with self._lock:
+            if self._busy:  # re-entered (a GC finaliser): after the section
+                self._deferred.append((None, held))
+                return
+            try:
+                self._busy = True
+                self._sample_locked(held)
+            finally:
+                self._busy = False
+                if self._rewake or self._deferred:
+                    self._drain()
+
+    def _sample_locked(self, held: float) -> None:
         adaptive = self.adaptive
         if adaptive is None:
             return
-        with self._lock:
-            before = adaptive.limit
-            adaptive.update(held)
-            grew = adaptive.limit > before
-        if grew and self.waiters:
-            self._wake()
+        before = adaptive.limit
+        adaptive.update(held)
+        if adaptive.limit > before and self.waiters:
+            self._rewake = True
 
     def _eligible(self, priority: str, free: int) -> bool:
         # Under the lock: reserve, then the adaptive limit (critical is exempt).
@@ -242,11 +420,26 @@ class Gate:
 
     def untag(self, tag: str | None) -> None:
         """A connection taken under ``tag`` came back (tag bulkheads)."""
-        if tag is not None and tag in self.tag_caps:
-            with self._lock:
-                n = self.tag_in_use.get(tag, 0)
-                if n > 0:
-                    self.tag_in_use[tag] = n - 1
+        if tag is None or tag not in self.tag_caps:
+            return
+        with self._lock:
+            if self._busy:  # re-entered (a GC finaliser): after the section
+                self._deferred.append((tag, 0.0))
+                return
+            try:
+                self._busy = True
+                self._untag_locked(tag)
+            finally:
+                self._busy = False
+                if self._rewake or self._deferred:
+                    self._drain()
+
+    def _untag_locked(self, tag: str) -> None:
+        counts = self.tag_in_use
+        if tag in counts and counts[tag] > 0:
+            counts[tag] -= 1
+            if self.waiters:  # a waiter of that tag may go now
+                self._rewake = True
 
     # -- reading --------------------------------------------------------------
 
@@ -282,139 +475,262 @@ class Gate:
 
     def release(self, tag: str | None = None) -> None:
         """Give back one granted permit (to the first waiter, if any)."""
+        # The permit first: an interrupt after it loses a count, not a permit.
+        self._give(None)
         next(self._released)
         if self.tag_caps:
             self.untag(tag)
-        self._give(None)
         if self.waiters:
             self._wake()
 
     def _wake(self) -> None:
+        """Hand free permits to waiters (after a release)."""
         with self._lock:
-            if self.policy_on:
-                self._wake_by_policy()
+            if self._busy:  # re-entered (a GC finaliser): after the section
+                self._rewake = True
                 return
-            while self.waiters:
-                try:
-                    self.take()
-                except IndexError:
-                    return
-                waiter = self.waiters.popleft()
-                waiter.granted = True
-                waiter.wake()
+            try:
+                self._busy = True
+                self._dispatch()
+            finally:
+                self._busy = False
+                if self._rewake or self._deferred:
+                    self._drain()
 
-    def _wake_by_policy(self) -> None:
-        # Under the lock. Best eligible waiter first: by priority, then in
-        # arrival order, or newest first while CoDel finds a standing queue.
+    def _dispatch(self) -> None:
+        # Under the lock, in a section. Without a policy, a free permit is
+        # not handed to the head waiter: the head is woken to take it itself,
+        # and a running caller may take it first (no convoy of parked
+        # threads, as in SQLAlchemy's own queue). A head that lost that race
+        # once gets the next permit handed over: nobody is passed over twice.
+        if self.policy_on:
+            self._dispatch_by_policy()
+            return
+        waiters = self.waiters
+        take = self.take
+        while waiters:
+            waiter = waiters[0]
+            if not waiter.granted:
+                if not waiter.handoff:
+                    if self._signalled is None and self._tokens:
+                        waiter.wake()
+                        self._signalled = waiter
+                    return
+                waiter.granted = True
+                try:
+                    take()
+                except IndexError:
+                    waiter.granted = False
+                    return
+            # Woken before it leaves the queue: an interrupt in between leaves
+            # a granted waiter at the head, which the next pass finishes.
+            waiter.wake()
+            if waiters and waiters[0] is waiter:
+                waiters.popleft()
+                waiter.queued = False
+
+    def _dispatch_by_policy(self) -> None:
+        # Best eligible waiter first: by priority, then in arrival order, or
+        # newest first while CoDel finds a standing queue. Only the heads of
+        # the lanes are looked at (and past a head only for tag caps).
         tokens = self._tokens
         assert tokens is not None
         now = self._clock()
         lifo = self.codel is not None and self.codel.overloaded
-        while self.waiters and tokens:
+        while tokens:
             free = len(tokens)
             best: _Waiter | None = None
-            for waiter in self.waiters:
-                if not self._eligible(waiter.priority, free) or self._tag_full(waiter.tag):
-                    continue
-                if best is None or rank(waiter.priority) < rank(best.priority) or (
-                    lifo and rank(waiter.priority) == rank(best.priority)
-                ):
-                    best = waiter
+            for priority, lane in self._lanes:
+                if lane and self._eligible(priority, free):
+                    best = self._ready(lane, lifo)
+                    if best is not None:
+                        break
             if best is None:
-                return
-            tokens.pop()
-            self.waiters.remove(best)
-            self._count_tag(best.tag)
-            if self.codel is not None:
-                self.codel.on_grant(now - best.since, now)
-            best.granted = True
+                break
+            if not best.granted:
+                signalled = self._signalled
+                if not best.handoff and (
+                    signalled is None
+                    or signalled is best
+                    or rank(signalled.priority) <= rank(best.priority)
+                ):
+                    # Woken to take the permit itself, one waiter at a time:
+                    # a running caller of its priority or better may take it
+                    # first (no convoy); if so, it is handed the next one.
+                    if signalled is None:
+                        best.wake()
+                        self._signalled = best
+                    break
+                if not self._grant(best):
+                    break
+                if self.codel is not None:
+                    self.codel.on_grant(now - best.since, now)
             best.wake()
+            self._dequeue(best)
         if not self.waiters and self.codel is not None:
             self.codel.on_empty(now)
+
+    def _owed_at_or_above(self, priority: str) -> bool:
+        # In a section: a waiter of this priority or better is owed a hand-off.
+        my_rank = rank(priority)
+        return any(n > 0 and rank(p) <= my_rank for p, n in self._owed.items())
+
+    def _better_waiting(self, priority: str) -> bool:
+        # In a section: a waiter of a better priority could be served now.
+        my_rank = rank(priority)
+        for p, lane in self._lanes:
+            if rank(p) >= my_rank:
+                return False
+            if lane and self._ready(lane, False) is not None:
+                return True
+        return False
+
+    def _ready(self, lane: deque[_Waiter], lifo: bool) -> _Waiter | None:
+        # The waiter of ``lane`` to serve first whose tag is not at its cap.
+        if not self.tag_caps:
+            return lane[-1] if lifo else lane[0]
+        for waiter in reversed(lane) if lifo else lane:
+            if waiter.granted or not self._tag_full(waiter.tag):
+                return waiter
+        return None
+
+    def _grant(self, waiter: _Waiter) -> bool:
+        # In a section, policy on: take a token for ``waiter``. Stores first,
+        # the pop last: no interrupt can split them. The pop fails only when
+        # a lock-free take (a bounded-queue policy, nobody queued) won it.
+        tokens = self._tokens
+        assert tokens is not None
+        waiter.granted = True
+        tag = waiter.tag
+        counts = self.tag_in_use
+        tagged = tag is not None and tag in self.tag_caps
+        if tagged:
+            counts[tag] = (counts[tag] if tag in counts else 0) + 1  # type: ignore[index]  # noqa: SIM401 - no call
+            waiter.tagged = True
+        try:
+            tokens.pop()
+        except IndexError:
+            if tagged:
+                counts[tag] -= 1  # type: ignore[index]
+                waiter.tagged = False
+            waiter.granted = False
+            return False
+        return True
 
     def _tag_full(self, tag: str | None, queued: int = 0) -> bool:
         # Under the lock: ``tag`` holds its cap (with ``queued`` of its waiters).
         cap = self.tag_caps.get(tag) if tag is not None else None
         return cap is not None and self.tag_in_use.get(tag, 0) + queued >= cap  # type: ignore[arg-type]
 
-    def _count_tag(self, tag: str | None) -> None:
-        if tag is not None and tag in self.tag_caps:
-            self.tag_in_use[tag] = self.tag_in_use.get(tag, 0) + 1
-
-    def _admit_locked(self, priority: str, tag: str | None, now: float) -> bool:
+    def _admit_locked(self, waiter: _Waiter, now: float) -> bool:
         """Policy admission without waiting; raises :class:`Refused` to shed."""
         tokens = self._tokens
         assert tokens is not None
+        priority, tag = waiter.priority, waiter.tag
         # The tag's waiters count against its cap: each will hold a connection.
         if tag in self.tag_caps and self._tag_full(tag, sum(w.tag == tag for w in self.waiters)):
             raise Refused("tag_limit")
-        my_rank = rank(priority)
-        queued_ahead = any(
-            rank(w.priority) <= my_rank and not self._tag_full(w.tag) for w in self.waiters
-        )
-        if not queued_ahead and self._eligible(priority, len(tokens)):
-            tokens.pop()
-            self._count_tag(tag)
+        # Waiters of a better priority go first, and so do those owed a
+        # hand-off; a newcomer may take a free permit ahead of waiters of its
+        # own priority (the woken one among them takes the next, handed over).
+        queued_ahead = self._better_waiting(priority) or self._owed_at_or_above(priority)
+        if not queued_ahead and self._eligible(priority, len(tokens)) and self._grant(waiter):
             if self.codel is not None:
                 self.codel.on_grant(0.0, now)
             return True
         if priority == HEALTH:
             raise Refused("health_busy")
         limit = self.max_waiting.get(priority)
-        if limit is not None and sum(w.priority == priority for w in self.waiters) >= limit:
+        if limit is not None and len(self._lane[priority]) >= limit:
             raise Refused("queue_full")
         return False
 
 
     # -- waiting ----------------------------------------------------------------
 
-    def acquire(
+    def acquire(  # noqa: PLR0912 - one frame: its handler covers every step
         self,
-        timeout: float,
+        timeout: float | None,
         *,
         asyncio_mode: bool,
         priority: str = NORMAL,
         tag: str | None = None,
+        waiter: _Waiter | None = None,
     ) -> bool:
         """Take a permit, waiting up to ``timeout`` seconds; ``False`` on timeout.
 
-        With ``asyncio_mode`` the caller must run inside SQLAlchemy's greenlet
-        on the event loop thread: the wait suspends the greenlet and lets the
-        loop run, instead of blocking it. With a policy on, a caller can be
-        turned away at once: :class:`Refused` (with the reason).
+        ``timeout=None`` waits as long as it takes (SQLAlchemy's
+        ``pool_timeout=None``). With ``asyncio_mode`` the caller must run
+        inside SQLAlchemy's greenlet on the event loop thread: the wait
+        suspends the greenlet and lets the loop run, instead of blocking it.
+        With a policy on, a caller can be turned away at once:
+        :class:`Refused` (with the reason).
+
+        ``waiter`` (from :meth:`new_waiter`) lets the caller see, if an
+        exception reaches it after the permit was granted, that it holds
+        one (``waiter.granted``). An exception raised out of ``acquire``
+        itself leaves nothing behind: no queued waiter, no permit.
         """
-        waiter = _Waiter(priority, tag)
-        with self._lock:
-            queued = self._enqueue_locked(waiter, timeout)
-            if queued is None or queued <= 0:
-                if queued is not None:  # no time to wait: a timeout
-                    self.timeouts += 1
-                return queued is None
-            slough = queued < timeout
-            try:
-                waiter.arm(asyncio_mode)
-            except BaseException:
-                self.waiters.remove(waiter)  # a queued waiter nobody waits on leaks
-                raise
+        if waiter is None:
+            waiter = _Waiter(priority, tag)
+        else:
+            waiter.priority, waiter.tag = priority, tag
+        limit = math.inf if timeout is None else timeout
         try:
-            start = self._clock()  # inside: an exception here must unqueue too
-            self._wait(waiter, queued)
+            with self._lock:
+                try:
+                    self._busy = True
+                    queued = self._enqueue_locked(waiter, limit)
+                    if queued > 0 and not waiter.granted:
+                        waiter.arm(asyncio_mode)
+                finally:
+                    self._busy = False
+                    if self._rewake or self._deferred:
+                        self._drain()
+            if waiter.granted:
+                return True
+            if queued <= 0:  # no time to wait: a timeout
+                with self._lock:
+                    self.timeouts += 1
+                return False
+            start = self._clock()
+            left = queued
+            while True:
+                self._wait(waiter, left)
+                waited = self._clock() - start
+                verdict = self._finish(waiter, waited, queued)
+                if verdict is not None:
+                    break
+                left = queued - waited  # woken, but a running caller took the permit
+            if verdict:
+                return True
         except BaseException:
-            self._abandon(waiter)
+            # However far it got (a signal's exception can land between any
+            # two steps, even in the clean-up): undo it, again if interrupted.
+            try:
+                self._abandon(waiter)
+            except BaseException:  # noqa: BLE001 - a second interrupt: the first one propagates
+                try:
+                    self._abandon(waiter)
+                except BaseException:  # noqa: BLE001
+                    self._abandon(waiter)
             raise
-        if self._finish(waiter, self._clock() - start):
-            return True
-        if slough:
+        if queued < limit:
             raise Refused("queue_delay")
         return False
 
-    def _enqueue_locked(self, waiter: _Waiter, timeout: float) -> float | None:
-        """Under the lock: ``None`` if a permit was taken at once, else the
-        time the (now queued, unless <= 0) waiter may wait."""
+    @staticmethod
+    def new_waiter() -> _Waiter:
+        """A waiter for :meth:`acquire`'s ``waiter`` argument."""
+        return _Waiter()
+
+    def _enqueue_locked(self, waiter: _Waiter, timeout: float) -> float:
+        """In a section: grant a permit at once (``waiter.granted``), or queue
+        the waiter and return how long it may wait (not queued if <= 0)."""
         if self.policy_on:
             waiter.since = self._clock()
-            if self._admit_locked(waiter.priority, waiter.tag, waiter.since):
-                return None
+            if self._admit_locked(waiter, waiter.since):
+                return timeout
             codel = self.codel
             if (
                 codel is not None
@@ -425,74 +741,170 @@ class Gate:
                 # A standing queue: don't wait behind it for long.
                 timeout = codel.slough_timeout
             if timeout > 0:
+                waiter.queued = True
                 self.waiters.append(waiter)
+                self._lane[waiter.priority].append(waiter)
+                self.take = _empty  # queued callers first
             return timeout
         # Queue first, then try again: a release between our failed take and
         # now either left its token for this take or sees us queued.
+        waiter.queued = True
         self.waiters.append(waiter)
+        waiter.granted = True  # true once the take below returns
         try:
             self.take()
         except IndexError:
-            pass
+            waiter.granted = False
         else:
-            self.waiters.pop()  # ours: appends happen only under the lock
-            return None
+            self.waiters.pop()  # ours: appends happen only in sections
+            waiter.queued = False
+            return timeout
         if timeout <= 0 or waiter.priority == HEALTH:
             self.waiters.pop()
+            waiter.queued = False
             if waiter.priority == HEALTH:  # the health lane never waits, policy or not
                 raise Refused("health_busy")
         return timeout
 
     def _wait(self, waiter: _Waiter, timeout: float) -> None:
+        seconds = _wait_seconds(timeout)
         if waiter.event is not None:
-            waiter.event.acquire(timeout=timeout)
+            if seconds is None:
+                waiter.event.acquire()
+            else:
+                waiter.event.acquire(timeout=seconds)
             return
         assert waiter.loop is not None
         assert waiter.future is not None
+        if seconds is None:
+            await_only(waiter.future)
+            return
         # Not asyncio.wait_for(): before Python 3.12 it swallows a
         # cancellation that comes once the future is resolved (gh-86296).
-        timer = waiter.loop.call_later(timeout, _resolve, waiter.future)
+        timer = waiter.loop.call_later(seconds, _resolve, waiter.future)
         try:
             await_only(waiter.future)
         finally:
             timer.cancel()
 
-    def _abandon(self, waiter: _Waiter) -> None:
-        # Interrupted (a signal, a cancelled task): leave nothing behind.
-        with self._lock:
-            granted = waiter.granted
-            if not granted:
-                self.waiters.remove(waiter)
-        if granted:
-            if self.tag_caps:
-                self.untag(waiter.tag)
-            self._give(None)
-            if self.waiters:
-                self._wake()
+    def give_back(self, waiter: _Waiter) -> None:
+        """Give back the permit ``waiter`` was granted and the caller never
+        passed on (a checkout that failed after its wait). Idempotent: a call
+        cut short by an interrupt can simply run again."""
+        self._abandon(waiter, counted=True)
 
-    def _finish(self, waiter: _Waiter, waited: float) -> bool:
+    def _abandon(self, waiter: _Waiter, *, counted: bool = False) -> None:
+        # Interrupted (a signal, a cancelled task): leave nothing behind.
+        # Idempotent: the waiter's flags say what is left to undo.
         with self._lock:
-            self.waits += 1
-            self.wait_total += waited
-            self.wait_max = max(self.wait_max, waited)
-            if waiter.granted:
-                return True
-            self.waiters.remove(waiter)
-            self.timeouts += 1
-            if not self.waiters and self.codel is not None:
-                self.codel.on_empty(self._clock())
-            return False
+            try:
+                self._busy = True
+                self._dequeue(waiter)
+                if waiter.tagged:
+                    waiter.tagged = False
+                    tag = waiter.tag
+                    counts = self.tag_in_use
+                    if tag in counts and counts[tag] > 0:
+                        counts[tag] -= 1
+                if waiter.granted:
+                    waiter.granted = False
+                    self._give(None)  # the permit is back once this returns
+                    if counted:  # a permit acquire() returned: a release
+                        next(self._released)
+                if self.waiters and self._tokens:  # its wake-up, passed on
+                    self._rewake = True
+            finally:
+                self._busy = False
+                if self._rewake or self._deferred:
+                    self._drain()
+
+    def _finish(  # noqa: PLR0912 - one locked section
+        self, waiter: _Waiter, waited: float, timeout: float = 0.0
+    ) -> bool | None:
+        """After a wait: True (a permit), False (timed out), or None: woken
+        without a permit, to wait again (no policy: a running caller took it)."""
+        with self._lock:
+            try:
+                self._busy = True
+                if waiter.granted:
+                    pass
+                elif not self.policy_on:
+                    # Woken to take a free permit (or timed out while one is
+                    # free): take it. The flag first, as in _enqueue_locked.
+                    waiter.granted = True
+                    try:
+                        self.take()
+                    except IndexError:
+                        waiter.granted = False
+                elif waiter.woken and self._take_as_woken(waiter):
+                    codel = self.codel
+                    if codel is not None:
+                        codel.on_grant(waited, self._clock())
+                if not waiter.granted and waited < timeout and waiter.woken and not self.closed:
+                    # Lost the race: wait again, first in line for a hand-off.
+                    if self._signalled is waiter:
+                        self._signalled = None
+                    if not waiter.handoff:
+                        waiter.handoff = True
+                        owed, mine = self._owed, waiter.priority
+                        owed[mine] = (owed[mine] if mine in owed else 0) + 1  # noqa: SIM401 - no call
+                    waiter.woken = False
+                    if waiter.future is not None:
+                        waiter.arm(True)
+                    self._rewake = bool(self._tokens)
+                    return None
+                # Granted or not: an interrupted dispatch may leave a granted
+                # waiter queued (its wake-up lost, not its permit).
+                self._dequeue(waiter)
+                self.waits += 1
+                self.wait_total += waited
+                if waited > self.wait_max:
+                    self.wait_max = waited
+                if self.waiters and self._tokens:  # pass the wake-up on
+                    self._rewake = True
+                if waiter.granted:
+                    if self._signalled is None and not self.waiters and self.codel is not None:
+                        self.codel.on_empty(self._clock())  # took the last queued permit itself
+                    return True
+                self.timeouts += 1
+                if not self.waiters and self.codel is not None:
+                    self.codel.on_empty(self._clock())
+                return False
+            finally:
+                self._busy = False
+                if self._rewake or self._deferred:
+                    self._drain()
+
+    def _take_as_woken(self, waiter: _Waiter) -> bool:
+        # In a section, policy on: a waiter woken to take a free permit takes
+        # it, if the policy still lets it (nobody better queued meanwhile).
+        tokens = self._tokens
+        assert tokens is not None
+        return (
+            not self._better_waiting(waiter.priority)
+            and not self._tag_full(waiter.tag)
+            and self._eligible(waiter.priority, len(tokens))
+            and self._grant(waiter)
+        )
 
     def close(self) -> None:
         """Stop gating: let every waiter through now and every caller from now on."""
         with self._lock:
-            self.closed = True
-            self.policy_on = False
-            self.policy_checkin = False
-            self.take = itertools.repeat(None).__next__
-            self._give = _discard
-            self.out.clear()
-            while self.waiters:
-                waiter = self.waiters.popleft()
-                waiter.granted = True
-                waiter.wake()
+            try:
+                self._busy = True
+                self.closed = True
+                self.policy_on = False
+                self.policy_checkin = False
+                self.take = itertools.repeat(None).__next__
+                self._give = _discard
+                self.out.clear()
+                for lane in self._lane.values():
+                    lane.clear()
+                while self.waiters:
+                    waiter = self.waiters[0]
+                    waiter.granted = True
+                    waiter.wake()
+                    self.waiters.popleft()
+                    waiter.queued = False
+            finally:
+                self._busy = False

@@ -33,7 +33,7 @@ from .breaker import (
 )
 from .context import RequestContext, _current
 from .errors import CircuitOpen, LoadShed, PoolTimeout
-from .gate import Gate, Refused
+from .gate import Gate, Refused, _Waiter
 from .holders import Holder, HolderGroup, describe_groups, group_holders, holders
 from .log import EventLog
 from .policies import BACKGROUND, CRITICAL, NORMAL, Codel, Gradient2, reserve_size, tag_cap
@@ -133,6 +133,11 @@ def _checked_out_records(pool: Pool) -> list[object]:
 #: never gets an outcome must not keep its slot (a breaker half-open for good).
 _Probe = tuple["Guard", "CircuitBreaker | None", int, "TagBreaker | None", int]
 _probe: ContextVar[_Probe | None] = ContextVar("poolguard_probe", default=None)
+
+
+def _give_up_at(timeout: float | None) -> float | None:
+    """The ``time.monotonic()`` past which no retry starts (None: no limit)."""
+    return None if timeout is None else time.monotonic() + timeout
 
 
 class Guard:
@@ -277,8 +282,10 @@ class Guard:
             if breaker is not None:
                 if breaker.state == HALF_OPEN:
                     # A probe has its acquire wait, then wait_in_open, to report.
+                    # (Waits without limit are given the pool's default 30 s.)
+                    acquire = self.acquire_timeout()
                     reclaimed = breaker.reclaim(
-                        now, breaker.config.wait_in_open + self.acquire_timeout())
+                        now, breaker.config.wait_in_open + (30.0 if acquire is None else acquire))
                 allowed, entered = breaker.allow(now)
                 retry_after = breaker.retry_after(now)
                 if allowed and breaker.state == HALF_OPEN:
@@ -614,7 +621,7 @@ class Guard:
                     # included (the request's deadline, if sooner, also ends them).
                     return connect_with_retries(
                         inner, record, retries=retries, budget=budget, on_retry=self._on_retry,
-                        give_up_at=time.monotonic() + self.acquire_timeout(),
+                        give_up_at=_give_up_at(self.acquire_timeout()),
                     )
                 return inner(record)
             finally:
@@ -700,8 +707,9 @@ class Guard:
 
     # -- the slow path of a checkout -----------------------------------------
 
-    def acquire_timeout(self) -> float:
-        """The guard-wide acquire timeout in seconds (the pool's own if unset)."""
+    def acquire_timeout(self) -> float | None:
+        """The guard-wide acquire timeout in seconds (the pool's own if unset);
+        ``None``: wait as long as it takes (SQLAlchemy's ``pool_timeout=None``)."""
         timeout = self.config.acquire_timeout
         if timeout is not None:
             return timeout
@@ -710,10 +718,13 @@ class Guard:
             return pool.timeout()
         return 30.0
 
-    def acquire_slow(self, pool: Pool) -> float:
+    def acquire_slow(self, pool: Pool, waiter: _Waiter | None = None) -> float:
         """Wait for a permit, bounded by the acquire timeout and the request's deadline.
 
-        Returns the seconds waited; raises :class:`PoolTimeout`.
+        Returns the seconds waited; raises :class:`PoolTimeout` (or
+        :class:`LoadShed`). With ``waiter`` (:meth:`Gate.new_waiter`), an
+        exception that reaches the caller while ``waiter.granted`` is true
+        leaves the caller holding the permit, to give back.
         """
         timeout = self.acquire_timeout()
         by_deadline = False
@@ -723,30 +734,36 @@ class Guard:
             priority, tag = request.priority, request.tag
             if request.deadline is not None:
                 left = request.deadline - time.monotonic()
-                if left < timeout:
+                if timeout is None or left < timeout:
                     timeout = max(0.0, left)
                     by_deadline = True
         start = perf_counter()
         self.maybe_scan(start)
+        reason = None
         try:
             granted = self.gate.acquire(
-                timeout, asyncio_mode=bool(pool._is_asyncio), priority=priority, tag=tag
+                timeout, asyncio_mode=bool(pool._is_asyncio), priority=priority, tag=tag,
+                waiter=waiter,
             )
         except Refused as refused:
-            if refused.reason == "queue_delay":  # it waited, then was shed: still a wait
-                self.recorder.add_wait(perf_counter() - start, SHED)
-            # A half-open probe shed before it reached the database would
-            # otherwise hold its probe slot forever.
-            self._probe_forfeit()
-            raise self._shed(refused.reason, priority) from None
+            reason = refused.reason
         except BaseException:
-            self._probe_forfeit()  # cancelled or interrupted while waiting: likewise
+            # Cancelled or interrupted while waiting: a half-open probe that
+            # never reaches the database would hold its probe slot forever.
+            self._probe_forfeit()
             raise
+        if reason is not None:
+            # Raised here, not in the handler: no misleading "during handling
+            # of the above exception" chain in the traceback.
+            if reason == "queue_delay":  # it waited, then was shed: still a wait
+                self.recorder.add_wait(perf_counter() - start, SHED)
+            self._probe_forfeit()
+            raise self._shed(reason, priority)
         waited = perf_counter() - start
         self._interval_wait_max = max(self._interval_wait_max, waited)
         if not granted:
             self.recorder.add_wait(waited, TIMED_OUT)
-            error = self._timeout_error(timeout, by_deadline)
+            error = self._timeout_error(timeout if timeout is not None else waited, by_deadline)
             if self.breakers_on:
                 self.breaker_record(error, waited, request)
             raise error

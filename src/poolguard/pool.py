@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.pool.base import ConnectionPoolEntry, PoolProxiedConnection
 
-    from .gate import Gate
+    from .gate import Gate, _Waiter
     from .guard import Guard
 
 __all__ = [
@@ -80,7 +80,7 @@ class GuardedPoolMixin(Pool):
         cls._poolguard_connect = staticmethod(plain.connect)
         cls._poolguard_return = staticmethod(plain._do_return_conn)
 
-    def connect(self) -> PoolProxiedConnection:
+    def connect(self) -> PoolProxiedConnection:  # noqa: PLR0912, PLR0915 - the hot path, inlined
         gate = self._poolguard_gate
         if gate is None:
             gate = self._poolguard_default().gate
@@ -91,40 +91,61 @@ class GuardedPoolMixin(Pool):
             _check_deadline(request.deadline, gate)
         if gate.tripped:  # circuit breaker open or probing: CircuitOpen, or a probe
             self._poolguard.breaker_admit(self)  # type: ignore[union-attr]
+        # A signal's exception may land after any call: each step below is
+        # covered by a handler that knows whether the permit is held, and
+        # nothing between two of them checks for one (no calls, no loops).
+        waiter = None
         try:
-            gate.take()
-            wait = 0.0
+            gate.take()  # a C call: an exception after it means it took a permit
         except IndexError:
-            wait = self._poolguard.acquire_slow(self)  # type: ignore[union-attr]
+            waiter = gate.new_waiter()
+        except BaseException:
+            gate._give(None)  # inline: the permit is back once this C call returns
+            _after_give(gate)
+            raise
+        wait = 0.0
+        if waiter is not None:
+            # Outside the IndexError handler: a PoolTimeout must not carry it
+            # as its context.
+            try:
+                wait = self._poolguard.acquire_slow(self, waiter)  # type: ignore[union-attr]
+            except BaseException:
+                _give_back(gate, waiter)  # granted, then interrupted on the way here
+                raise
             if gate.closed:  # unwrapped while we waited: plain checkout
                 return connect(self)
+        hold = None
         try:
             conn = connect(self)
+            # Registered only now: a record SQLAlchemy returns during a failed
+            # checkout must not release a permit that is released below.
+            record = conn._connection_record
+            out = gate.out
+            if record in out:
+                # The record is already out under a permit: a nested checkout
+                # of the thread's connection (SingletonThreadPool), or
+                # StaticPool handing its one record to a second caller. One
+                # record, one permit.
+                hold = out[record]
+                _give_back(gate, waiter)
+                return conn
+            if self._pre_ping:  # the ping ran inside the checkout: part of its wait
+                wait = count_ping(self._poolguard, conn, wait)  # type: ignore[arg-type]
+            now = perf_counter()
+            # recorder.new_hold(), spelled out: one list display, no call.
+            hold = out[record] = [now, wait, get_ident(), request, None, 0.0, None, -1.0,
+                                  None, None, False]
         except BaseException as error:
-            # A record taken by the failed checkout went back unregistered,
-            # so this is the one release of the permit.
-            request = _current.get()
-            gate.release(request.tag if request is not None else None)
-            guard = self._poolguard
-            if guard is not None and guard.breakers_on:
-                guard.breaker_record(error, 0.0, request)
+            if hold is None:  # the permit did not reach a record: this is its release
+                if waiter is None:
+                    gate._give(None)  # inline, as above
+                    _after_give(gate)
+                else:
+                    _give_back(gate, waiter)
+                guard = self._poolguard
+                if guard is not None and guard.breakers_on:
+                    guard.breaker_record(error, 0.0, request)
             raise
-        # Registered only now: a record SQLAlchemy returns during a failed
-        # checkout must not release a permit that is released above.
-        record = conn._connection_record
-        out = gate.out
-        if record in out:
-            # The record is already out under a permit: a nested checkout of
-            # the thread's connection (SingletonThreadPool), or StaticPool
-            # handing its one record to a second caller. One record, one permit.
-            gate.release()
-            return conn
-        if self._pre_ping:  # the ping ran inside the checkout: part of its wait
-            wait = count_ping(self._poolguard, conn, wait)  # type: ignore[arg-type]
-        now = perf_counter()
-        # recorder.new_hold(), spelled out: one list display, no call.
-        hold = out[record] = [now, wait, get_ident(), request, None, 0.0, None, -1.0,
-                              None, None, False]
         if now >= gate.slow_at:  # a scan is due, or per-checkout extras are on
             self._poolguard.after_checkout(hold, now)  # type: ignore[union-attr]
         return conn
@@ -135,14 +156,18 @@ class GuardedPoolMixin(Pool):
         finally:
             gate = self._poolguard_gate
             if gate is not None:
-                hold: Hold | None = gate.out.pop(record, None)
-                if hold is not None:
-                    held = perf_counter() - hold[T0]
-                    if gate.policy_checkin:  # tag bulkheads, adaptive limit
-                        gate.on_checkin(hold[REQUEST], held)
+                out = gate.out
+                if record in out:
+                    # Item reads and deletes, not dict.pop(): no interrupt can
+                    # land between the record leaving and its permit coming back.
+                    hold: Hold = out[record]
+                    del out[record]
                     # Gate.release(), inlined: this runs on every checkin. The
                     # use-time histogram below counts the release.
                     gate._give(None)
+                    held = perf_counter() - hold[T0]
+                    if gate.policy_checkin:  # tag bulkheads, adaptive limit
+                        gate.on_checkin(hold[REQUEST], held)
                     if gate.waiters:
                         gate._wake()
                     recorder = gate.recorder
@@ -190,6 +215,34 @@ class GuardedPoolMixin(Pool):
                 return guard
         guard._wait_attached()
         return guard
+
+
+def _give_back(gate: Gate, waiter: _Waiter | None) -> None:
+    """Release the permit of a checkout that did not reach a record.
+
+    ``waiter`` None: the permit came from the fast path (``take()``). An
+    interrupt may cut this short anywhere: the permit itself goes back in one
+    C call (fast path) or by the waiter's flags, which make retrying safe.
+    """
+    if waiter is None:
+        gate._give(None)  # the permit is back once this call returns
+        _after_give(gate)
+        return
+    try:
+        gate.give_back(waiter)
+    except BaseException:
+        try:
+            gate.give_back(waiter)
+        finally:
+            gate.give_back(waiter)
+        raise
+
+
+def _after_give(gate: Gate) -> None:
+    # The bookkeeping of a release whose permit is back: count it, wake a waiter.
+    next(gate._released)
+    if gate.waiters:
+        gate._wake()
 
 
 def _check_deadline(deadline: float, gate: Gate) -> None:

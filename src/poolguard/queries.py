@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import random
 import threading
 import time
@@ -271,7 +272,8 @@ class QueryTimer:
             waited = _gate_wait.get()
             if waited:
                 _gate_wait.set(0.0)
-            budget = guard.acquire_timeout() - waited
+            acquire = guard.acquire_timeout()
+            budget = math.inf if acquire is None else acquire - waited
             by_deadline = False
             request = _current.get()
             if request is not None and request.deadline is not None:

@@ -2,7 +2,9 @@
 
 The scenario (:mod:`poolguard.cli.scenario`) runs twice at the same time, on
 two pools of the same size: one plain SQLAlchemy, one behind
-``poolguard.wrap()`` configured as the README recommends. Steady logins
+``poolguard.wrap()`` with the recommended setting (:mod:`poolguard.recommended`),
+a tag limit on the culprit named in advance, and thresholds set to the demo's
+clock (:func:`option_parts`). Steady logins
 (critical) and other work (normal, background) run; then an unoptimized
 query (:func:`~poolguard.cli.scenario.scan_auth_tokens`, tag
 ``auth-token-scan``) starts holding connections; then the fix stops it.
@@ -19,26 +21,35 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
-import shutil
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from collections import Counter
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, TextIO
 
+from poolguard import recommended
+
 from ._db import parse_url, ping, shown
-from .scenario import KINDS, PhaseStats, Sample, SideResult, Traffic, run_side
+from ._events import Event, EventCapture, describe_event, event_key, short
+from ._output import StatusLine, fit, ms, rounded, wrap
+from .scenario import (
+    KINDS,
+    PhaseStats,
+    Sample,
+    SideResult,
+    Traffic,
+    named_in_advance,
+    run_side,
+)
 
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable
 
-__all__ = ["QUICK", "STANDARD", "add_arguments", "guard_options", "run"]
+__all__ = ["QUICK", "STANDARD", "add_arguments", "guard_options", "option_parts", "run"]
 
 SCAN_TAG = "auth-token-scan"
 #: The default run: under a minute (both sides run at once).
@@ -50,87 +61,38 @@ QUICK = Traffic(pre=1.0, storm=2.5, after=1.0, report_query=1.0, report_tag=SCAN
 
 #: Events that name the statement holding the pool (and its call site).
 CULPRIT_EVENTS = ("pool.exhausted", "query.slow", "connection.held_too_long")
-#: At most this many events are kept (counted all the same).
-_MAX_EVENTS = 5000
 _SIDES = ("plain", "guarded")
 _LABEL = {"login": "login", "api": "api", "batch": "batch", "report": SCAN_TAG}
 
 
 def guard_options(traffic: Traffic) -> dict[str, Any]:
-    """The guarded side's ``poolguard.wrap`` options, as the README recommends them."""
+    """The guarded side's ``poolguard.wrap`` options: :func:`option_parts` in one dict."""
+    options: dict[str, Any] = {"name": "auth-db"}
+    for part in option_parts(traffic).values():
+        options.update(part)
+    return options
+
+
+def option_parts(traffic: Traffic) -> dict[str, dict[str, Any]]:
+    """The guarded side's options by where they come from.
+
+    ``recommended``: the recommended setting (:mod:`poolguard.recommended`),
+    as is. ``named in advance``: the scan's tag, which only a guard told
+    about the culprit beforehand could name (see :func:`scenario.named_in_advance`).
+    ``demo clock``: thresholds scaled to the demo's seconds-long scan; a
+    service sets its own from its slowest legitimate statement.
+    """
     return {
-        "name": "auth-db",
-        # Nothing waits 30 s to fail.
-        "acquire_timeout": 1.0,
-        # 2 of the 10 connections only logins may take.
-        "reserved_critical": 2,
-        # One query class never holds more than half of the pool.
-        "tag_limits": {traffic.report_tag: 0.5},
-        # Background jobs never queue behind a full pool.
-        "max_waiting_background": 0,
-        # A standing queue sheds non-critical waits and serves the newest first.
-        "codel": True,
-        # The database cancels a statement running past this (the scan takes longer).
-        "statement_timeout": round(traffic.report_query * 0.75, 3),
-        # Requests of this service take milliseconds: a longer hold is worth a warning.
-        "leak_threshold": round(traffic.report_query / 4, 3),
-        "slow_query_threshold": 0.25,
-        "capture_call_sites": True,
-        # Opens only if the database itself fails (here it never does).
-        "breaker": True,
+        "recommended": recommended.options(),
+        "named in advance": named_in_advance(traffic),
+        "demo clock": {
+            # The database cancels a statement running past this (the scan takes longer).
+            "statement_timeout": round(traffic.report_query * 0.75, 3),
+            # Requests of this service take milliseconds: a longer hold is worth a warning.
+            "leak_threshold": round(traffic.report_query / 4, 3),
+            "slow_query_threshold": 0.25,
+        },
     }
-
-
-# -- capturing poolguard's events -------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Event:
-    """One event poolguard logged, with the time it was logged."""
-
-    at: float  # perf_counter()
-    level: str
-    name: str
-    fields: dict[str, Any]
-
-
-class EventCapture(logging.Handler):
-    """A handler on the ``poolguard`` logger that keeps its structured events."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.events: list[Event] = []
-        self.counts: Counter[str] = Counter()
-        self._lock_events = threading.Lock()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        fields = getattr(record, "poolguard", None)
-        if not isinstance(fields, dict):
-            return
-        name = str(fields.get("event", record.getMessage().split(" ", 1)[0]))
-        rest = {k: v for k, v in fields.items() if k != "event"}
-        with self._lock_events:
-            self.counts[name] += 1
-            if len(self.events) < _MAX_EVENTS:
-                self.events.append(Event(perf_counter(), record.levelname, name, rest))
-
-    def snapshot(self) -> list[Event]:
-        with self._lock_events:
-            return list(self.events)
-
-    def __enter__(self) -> EventCapture:
-        logger = logging.getLogger("poolguard")
-        self._saved = (logger.level, logger.propagate)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False  # the demo prints them itself
-        logger.addHandler(self)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        logger = logging.getLogger("poolguard")
-        logger.removeHandler(self)
-        logger.setLevel(self._saved[0])
-        logger.propagate = self._saved[1]
 
 
 def _names_culprit(event: Event) -> bool:
@@ -208,88 +170,29 @@ class Live:
         return notes
 
 
-def _short(text: object, width: int = 70) -> str:
-    value = str(text)
-    return value if len(value) <= width else value[: width - 3] + "..."
-
-
-def describe_event(event: Event) -> str:
-    """One line for an event, the fields that matter for it first."""
-    f = event.fields
-    name = event.name
-    if name in ("connection.held_too_long", "query.slow"):
-        took = f.get("held_ms") if name == "connection.held_too_long" else f.get("duration_ms")
-        return (f"{name}: {_short(f.get('statement'))!r} at {f.get('site')} "
-                f"(tag {f.get('tag')}, {took} ms)")
-    if name == "pool.exhausted":
-        return (f"{name} ({f.get('reason')}): {f.get('in_use')}/{f.get('capacity')} in use, "
-                f"{f.get('waiting')} waiting; held by {_short(f.get('summary'), 90)}")
-    if name == "query.error":
-        return (f"{name}: {f.get('error_type')} after {f.get('duration_ms')} ms in "
-                f"{_short(f.get('statement'), 50)!r} at {f.get('site')}")
-    text = " ".join(f"{k}={v}" for k, v in f.items() if k != "pool" and v is not None)
-    return f"{name}: {_short(text, 110)}"
-
-
-def _event_key(event: Event) -> tuple[str, ...]:
-    f = event.fields
-    if event.name.startswith(("breaker.", "alert.")):
-        return (event.name, str(event.at))  # every transition
-    return (event.name, str(f.get("fingerprint")), str(f.get("error_type")))
-
-
-#: Text output stays within this many columns (an 80-column terminal).
-WIDTH = 79
-#: Without a terminal, a progress line at most this often.
-PLAIN_EVERY = 5.0
-
-
-def _columns(stream: TextIO) -> int:
-    """Columns of the terminal ``stream`` writes to (less one: no wrap at the edge)."""
-    try:
-        return os.get_terminal_size(stream.fileno()).columns - 1
-    except (AttributeError, OSError, ValueError):
-        return shutil.get_terminal_size().columns - 1
 
 
 class Display:
-    """The demo's story (notes) on ``out``; its progress on ``err``: a live line
-    on a terminal, a plain line every :data:`PLAIN_EVERY` s otherwise."""
+    """The demo's story (notes) on ``out``; its progress on ``err`` (a
+    :class:`~poolguard.cli._output.StatusLine`: live on a terminal, plain lines
+    otherwise)."""
 
-    def __init__(
-        self,
-        out: TextIO,
-        traffic: Traffic,
-        *,
-        story: bool = True,
-        progress: bool = True,
-        err: TextIO | None = None,
-    ) -> None:
+    def __init__(self, out: TextIO, traffic: Traffic, status_line: StatusLine,
+                 *, story: bool = True) -> None:
         self.out = out
-        self.err = sys.stderr if err is None else err
         self.traffic = traffic
         self.story = story
-        self.progress = progress
-        self.tty = self.err.isatty()
-        self._line = False
-        self._last_plain = -PLAIN_EVERY
-
-    def _clear(self) -> None:
-        if self._line:
-            self.err.write("\r" + " " * _columns(self.err) + "\r")
-            self.err.flush()
-            self._line = False
+        self.status_line = status_line
+        self.tty = status_line.tty
 
     def note(self, at: float, text: str) -> None:
         if not self.story:
             return
-        self._clear()
+        self.status_line.clear()
         self.out.write(fit(f"{'+' + format(at, '.2f') + 's':>9}  {text}", 11) + "\n")
         self.out.flush()
 
     def status(self, elapsed: float, live: Live) -> None:
-        if not self.progress:
-            return
         t = self.traffic
         phase = "before" if elapsed < t.pre else "storm" if elapsed < t.pre + t.storm else "fixed"
         totals = live.totals
@@ -297,23 +200,16 @@ class Display:
         def pair(key: str) -> str:
             return f"{totals['plain'][key]}|{totals['guarded'][key]}"
 
-        line = (
+        self.status_line.show(
             f"[{phase} {elapsed:.1f}s] plain|guarded logins/s "
             f"{live.logins_per_second('plain', elapsed)}|"
             f"{live.logins_per_second('guarded', elapsed)} ok {pair('ok')} "
-            f"failed {pair('failed')} shed {pair('shed')}"
+            f"failed {pair('failed')} shed {pair('shed')}",
+            elapsed,
         )
-        if self.tty:
-            width = _columns(self.err)
-            self.err.write("\r" + line[:width].ljust(width))
-            self._line = True
-        elif elapsed - self._last_plain >= PLAIN_EVERY:
-            self._last_plain = elapsed
-            self.err.write(line + "\n")
-        self.err.flush()
 
     def done(self) -> None:
-        self._clear()
+        self.status_line.clear()
         self.out.flush()
 
 
@@ -349,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
             where = "SQLite, a file in a temporary folder"
         server = ping(urls["guarded"])
         options = guard_options(traffic)
-        display = Display(out, traffic, story=not args.json, progress=not args.quiet)
+        display = Display(out, traffic, StatusLine(on=not args.quiet), story=not args.json)
         if not args.json:
             out.write(_intro(where, server, traffic))
             out.flush()
@@ -367,13 +263,14 @@ def _intro(where: str, server: str, traffic: Traffic) -> str:
     text = (
         f"poolguard demo: the postmortem, replayed on {where} ({server}). "
         f"Two copies of one service, each with a {traffic.pool_size}-connection pool, run the "
-        f"same traffic at the same time: plain SQLAlchemy, and poolguard.wrap() as the README "
-        f"recommends. Logins (critical), API calls (normal) and batch jobs (background) run "
+        f"same traffic at the same time: plain SQLAlchemy, and poolguard.wrap() with the "
+        f"recommended setting, plus a tag limit on the unoptimized query named in advance. "
+        f"Logins (critical), API calls (normal) and batch jobs (background) run "
         f"steadily; after {traffic.pre:g} s, {traffic.report_threads} callers start an "
         f"unoptimized query ({SCAN_TAG}, {traffic.report_query:g} s a run) and retry as fast "
         f"as they may; {traffic.storm:g} s later the fix stops it. (Progress on stderr.)"
     )
-    return textwrap.fill(text, WIDTH, break_on_hyphens=False) + "\n\n"
+    return wrap(text) + "\n\n"
 
 
 def _run_both(
@@ -415,7 +312,7 @@ def _run_both(
                 phases_told += 1
             events = capture.snapshot()
             for event in events[seen_events:]:
-                key = _event_key(event)
+                key = event_key(event)
                 if key not in shown_keys:
                     shown_keys.add(key)
                     notes.append((event.at - start_at,
@@ -434,10 +331,6 @@ def _run_both(
 # -- the report -----------------------------------------------------------------
 
 
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 2)
-
-
 def _stats_dict(st: PhaseStats) -> dict[str, Any]:
     return {
         "attempted": st.requests,
@@ -446,8 +339,8 @@ def _stats_dict(st: PhaseStats) -> dict[str, Any]:
         "shed": st.shed,
         "shed_reasons": st.shed_reasons,
         "errors": st.errors,
-        "p50_ms": _round(st.p50_ms),
-        "p99_ms": _round(st.p99_ms),
+        "p50_ms": rounded(st.p50_ms, 2),
+        "p99_ms": rounded(st.p99_ms, 2),
         "per_second": round(st.per_second, 2),
     }
 
@@ -472,7 +365,7 @@ def build_report(
     firsts: list[dict[str, Any]] = []
     keys: set[tuple[str, ...]] = set()
     for event in events:
-        key = _event_key(event)
+        key = event_key(event)
         if key in keys or event.name == "connection.returned_after_warning":
             continue
         keys.add(key)
@@ -508,7 +401,7 @@ def build_report(
     storm = {side: results[side].priorities["storm"][KINDS["login"][0]] for side in _SIDES}
     headline = {
         "storm_critical_served": {side: storm[side].served for side in _SIDES},
-        "storm_critical_p99_ms": {side: _round(storm[side].p99_ms) for side in _SIDES},
+        "storm_critical_p99_ms": {side: rounded(storm[side].p99_ms, 2) for side in _SIDES},
         "time_to_culprit_s": {"plain": None,
                               "guarded": culprit["after_storm_s"] if culprit else None},
     }
@@ -517,6 +410,7 @@ def build_report(
         "database": {"where": where, "server": server},
         "traffic": dataclasses.asdict(traffic),
         "guarded_options": options,
+        "guarded_option_parts": option_parts(traffic),
         "headline": headline,
         "sides": sides,
         "breaker": breaker,
@@ -525,24 +419,10 @@ def build_report(
     }
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
 def format_summary(report: dict[str, Any]) -> str:
     """The report as text: the storm side by side, then what the guard said."""
     lines = [*_storm_lines(report), "", *_guard_lines(report)]
     return "\n".join(fit(line.rstrip()) for line in lines) + "\n"
-
-
-def fit(line: str, indent: int = 4) -> str:
-    """``line`` wrapped within :data:`WIDTH`, continued ``indent`` further in."""
-    if len(line) <= WIDTH:
-        return line
-    lead = " " * (len(line) - len(line.lstrip()))
-    return textwrap.fill(line.strip(), WIDTH, initial_indent=lead,
-                         subsequent_indent=lead + " " * indent,
-                         break_on_hyphens=False, break_long_words=True)
 
 
 def _storm_lines(report: dict[str, Any]) -> list[str]:
@@ -559,7 +439,7 @@ def _storm_lines(report: dict[str, Any]) -> list[str]:
         for i, side in enumerate(_SIDES):
             st = sides[side]["phases"]["storm"]["by_kind"][label]
             row += ("   " if i else " ") + (
-                f"{st['served']:>6} {st['failed']:>6} {st['shed']:>6} {_ms(st['p99_ms']):>7}"
+                f"{st['served']:>6} {st['failed']:>6} {st['shed']:>6} {ms(st['p99_ms']):>7}"
             )
         lines.append(row)
     by_priority: dict[str, list[str]] = {}
@@ -573,8 +453,8 @@ def _storm_lines(report: dict[str, Any]) -> list[str]:
     served, p99 = head["storm_critical_served"], head["storm_critical_p99_ms"]
     lines.append(
         f"Logins (critical) served during the storm: plain {served['plain']} "
-        f"(p99 {_ms(p99['plain'])} ms), guarded {served['guarded']} "
-        f"(p99 {_ms(p99['guarded'])} ms)."
+        f"(p99 {ms(p99['plain'])} ms), guarded {served['guarded']} "
+        f"(p99 {ms(p99['guarded'])} ms)."
     )
     lines.append(
         "Logins served in each second of the storm: plain "
@@ -585,8 +465,8 @@ def _storm_lines(report: dict[str, Any]) -> list[str]:
         if phase in sides["plain"]["phases"]:
             crit = {s: sides[s]["phases"][phase]["by_priority"]["critical"] for s in _SIDES}
             lines.append(
-                f"Login p99 {label}: plain {_ms(crit['plain']['p99_ms'])} ms, "
-                f"guarded {_ms(crit['guarded']['p99_ms'])} ms."
+                f"Login p99 {label}: plain {ms(crit['plain']['p99_ms'])} ms, "
+                f"guarded {ms(crit['guarded']['p99_ms'])} ms."
             )
     return lines
 
@@ -602,7 +482,7 @@ def _guard_lines(report: dict[str, Any]) -> list[str]:
     else:
         lines.append(
             f"  guarded: {culprit['after_storm_s']:.2f} s after the storm began, "
-            f"{culprit['event']} named {_short(culprit['statement'], 200)!r} "
+            f"{culprit['event']} named {short(culprit['statement'], 200)!r} "
             f"at {culprit['site']} (tag {culprit['tag']})."
         )
     lines.append("")
@@ -618,7 +498,7 @@ def _guard_lines(report: dict[str, Any]) -> list[str]:
     )
     peak = {s: sides[s]["peak_scans_running"]["storm"] for s in _SIDES}
     lines.append(f"Most scans holding connections at once: plain {peak['plain']}, "
-                 f"guarded {peak['guarded']} (tag limit).")
+                 f"guarded {peak['guarded']} (tag limit, named in advance).")
     if report["breaker"]:
         moves = ", ".join(f"{b['state']} at +{b['t_s']:.1f}s" for b in report["breaker"])
         lines.append(f"Circuit breaker: {moves}.")
@@ -636,6 +516,11 @@ def _guard_lines(report: dict[str, Any]) -> list[str]:
         stamp = "+" + format(event["t_s"], ".2f") + "s"
         lines.append(f"{stamp:>9}  {event['level']:<7} {described}")
     lines.append("")
-    opts = " ".join(f"{k}={v}" for k, v in report["guarded_options"].items())
-    lines.append(f"Guard options: {opts}")
+    lines.append(f"Guard options (name={report['guarded_options']['name']}):")
+    labels = {"recommended": "the recommended setting (poolguard.recommended)",
+              "named in advance": "named in advance (only a guard told of the culprit has it)",
+              "demo clock": "set to the demo's clock (a service sets its own)"}
+    for part, options in report["guarded_option_parts"].items():
+        opts = " ".join(f"{k}={v}" for k, v in options.items())
+        lines.append(f"  {labels.get(part, part)}: {opts}")
     return lines

@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import statistics
 import threading
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -44,9 +43,11 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 import poolguard
+from poolguard import recommended
 from poolguard.policies import BACKGROUND, CRITICAL, NORMAL
 
 from ._db import create_engine, sleep_sql
+from ._output import ms, percentile
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -62,6 +63,8 @@ __all__ = [
     "Traffic",
     "as_json",
     "format_report",
+    "guarded_options",
+    "named_in_advance",
     "run",
     "run_side",
     "next_start",
@@ -72,23 +75,24 @@ __all__ = [
 
 POOL_SIZE = 10
 
-#: The guard as the README recommends it for this service:
-#: - ``reserved_critical=2``: 2 of the 10 connections only critical work (logins) may take;
-#: - ``tag_limits={"report": 0.5}``: one query class never holds more than half of the pool,
-#:   and its callers beyond that (running or queued) are shed at once (``tag_limit``);
-#: - ``max_waiting_background=0``: background jobs never queue; they run when a connection
-#:   is free and are shed otherwise (``queue_full``), to retry later;
-#: - ``codel=True``: a standing queue (every wait over 5 ms for 100 ms) cuts non-critical
-#:   waits to 10 ms (``queue_delay``) and serves the newest waiter first;
-#: - ``acquire_timeout=1.0``: nothing waits 30 s to fail (the critical reserve and
-#:   priority order keep logins' waits far below it).
-GUARDED_OPTIONS: dict[str, Any] = {
-    "reserved_critical": 2,
-    "tag_limits": {"report": 0.5},
-    "max_waiting_background": 0,
-    "codel": True,
-    "acquire_timeout": 1.0,
-}
+
+
+def named_in_advance(traffic: Traffic) -> dict[str, Any]:
+    """Options that name the storm's query before it ever ran: a bulkhead on its tag.
+
+    Only a guard told about the culprit beforehand could have it: one query
+    class may hold at most half of the pool, and its callers beyond that
+    (running or queued) are shed at once (``tag_limit``). It is kept apart
+    from the recommended setting, which names no tag.
+    """
+    return {"tag_limits": {traffic.report_tag: 0.5}}
+
+
+def guarded_options(traffic: Traffic | None = None) -> dict[str, Any]:
+    """The guarded side's options: the recommended setting
+    (:func:`poolguard.recommended.options`) and :func:`named_in_advance`."""
+    return {**recommended.options(), **named_in_advance(traffic or Traffic())}
+
 
 #: kind of work -> (priority, tag); the storm's tag is ``Traffic.report_tag``.
 KINDS: dict[str, tuple[str, str]] = {
@@ -148,6 +152,10 @@ class Traffic:
     def end(self) -> float:
         """When the last request may start, seconds from the run's start."""
         return self.pre + self.storm + self.after
+
+
+#: The guarded side's options for the default :class:`Traffic` (see :func:`guarded_options`).
+GUARDED_OPTIONS: dict[str, Any] = guarded_options()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,14 +239,6 @@ class _Active:
     def leave(self) -> None:
         with self.lock:
             self.now -= 1
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
 # -- the application: one function per kind of request -------------------------
@@ -376,11 +376,11 @@ def _stats(mine: list[Sample], priority: str, seconds: float) -> PhaseStats:
         shed=sum(shed.values()),
         shed_reasons=shed,
         errors=errors,
-        p50_ms=_percentile(served, 50),
-        p99_ms=_percentile(served, 99),
+        p50_ms=percentile(served, 50),
+        p99_ms=percentile(served, 99),
         max_ms=max(served) if served else None,
         per_second=len(served) / seconds if seconds > 0 else 0.0,
-        shed_p99_ms=_percentile(shed_ms, 99),
+        shed_p99_ms=percentile(shed_ms, 99),
     )
 
 
@@ -446,7 +446,7 @@ def run_side(  # noqa: PLR0915 - one schedule, kept in one place
 
     Args:
         options: ``poolguard.wrap`` options of the guarded side
-            (default :data:`GUARDED_OPTIONS`).
+            (default: :func:`guarded_options` of ``traffic``).
         name: the guarded pool's name.
         start_at: ``perf_counter()`` time at which the schedule starts (after
             the warm-up), so that two sides run in step; default: at once.
@@ -457,7 +457,7 @@ def run_side(  # noqa: PLR0915 - one schedule, kept in one place
         url, poolclass=sa.QueuePool, pool_size=traffic.pool_size, max_overflow=0
     )
     if guarded:
-        wrap_options = dict(GUARDED_OPTIONS if options is None else options)
+        wrap_options = dict(guarded_options(traffic) if options is None else options)
         wrap_options.setdefault("name", name)
         poolguard.wrap(engine, **wrap_options)
     stmts = statements(engine.dialect.name, traffic)
@@ -547,10 +547,6 @@ def run(
     }
 
 
-def _ms(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def format_report(results: dict[str, SideResult]) -> str:
     """Both sides as aligned text tables, and the login summary."""
     lines: list[str] = []
@@ -569,8 +565,8 @@ def format_report(results: dict[str, SideResult]) -> str:
                 lines.append(
                     f"{side:<8} {phase:<6} {kind:<7} {st.priority:<10} {st.requests:>6} "
                     f"{st.served:>7} {st.per_second:>7.1f} {st.failed:>7} {st.shed:>6} "
-                    f"{_ms(st.p50_ms):>9} {_ms(st.p99_ms):>9} {_ms(st.max_ms):>9} "
-                    f"{_ms(st.shed_p99_ms, 3):>9}  {reasons}"
+                    f"{ms(st.p50_ms):>9} {ms(st.p99_ms):>9} {ms(st.max_ms):>9} "
+                    f"{ms(st.shed_p99_ms, 3):>9}  {reasons}"
                 )
     lines.append("")
     for side, result in results.items():
@@ -583,7 +579,7 @@ def format_report(results: dict[str, SideResult]) -> str:
         )
         lines.append(
             f"{side}: logins {pre.per_second:.1f}/s before, {storm.per_second:.1f}/s during "
-            f"the storm ({kept:.0%} kept); login p99 {_ms(pre.p99_ms)} -> {_ms(storm.p99_ms)} ms "
+            f"the storm ({kept:.0%} kept); login p99 {ms(pre.p99_ms)} -> {ms(storm.p99_ms)} ms "
             f"({p99:.1f}x); logins per storm second {result.storm_logins_per_second}; "
             f"most reports at once {result.peak_reports['storm']}; "
             f"left over {result.leftover}"
@@ -595,10 +591,11 @@ def format_report(results: dict[str, SideResult]) -> str:
 
 def as_json(results: dict[str, SideResult], options: Mapping[str, Any] | None = None) -> str:
     """Both sides as JSON (the options of the guarded side included)."""
+    traffic = next(iter(results.values())).traffic if results else Traffic()
     return json.dumps(
         {
-            "pool_size": next(iter(results.values())).traffic.pool_size if results else POOL_SIZE,
-            "guarded_options": dict(GUARDED_OPTIONS if options is None else options),
+            "pool_size": traffic.pool_size,
+            "guarded_options": dict(guarded_options(traffic) if options is None else options),
             **{side: dataclasses.asdict(r) for side, r in results.items()},
         },
         indent=2,

@@ -1,0 +1,194 @@
+"""The contention benchmark runs end to end, tiny (its structure, never its timings),
+and the gate's policy fast path keeps what the queue promises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import pytest
+
+from poolguard import hotpath
+from poolguard.gate import Gate, Refused
+from poolguard.policies import BACKGROUND, CRITICAL, NORMAL
+
+
+def test_quick_contention_run_reports_every_case() -> None:
+    results = hotpath.run_contention(quick=True, callers=(1, 3))
+    cases = {(r.mode, r.callers, r.policy) for r in results}
+    assert cases == {(m, n, p) for m in ("threads", "asyncio") for n in (1, 3)
+                     for p in (False, True)}
+    for r in results:
+        assert r.rounds == 1
+        assert r.plain_us > 0
+        assert r.guarded_us > 0
+        assert r.ratio > 0
+        assert r.ratio_p25 <= r.ratio <= r.ratio_p75
+        assert r.plain_ops_s > 0
+        assert r.guarded_ops_s > 0
+        assert r.guarded_max_wait_ms >= r.guarded_p99_wait_ms >= 0
+        assert r.guarded_wait_cv >= 0
+    table = hotpath.format_contention(results)
+    assert table.count("\n") == len(results) + 1
+    assert "p99 wait" in table
+
+
+def test_bench_hot_path_contention_cli_json() -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(
+        [sys.executable, "-m", "poolguard.cli", "bench", "--hot-path", "--contention", "--quick",
+         "--json"],
+        capture_output=True, text=True, timeout=300, check=False, env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    report: dict[str, Any] = json.loads(done.stdout)
+    assert report["command"] == "bench --hot-path --contention"
+    assert report["meta"]["quick"] is True
+    assert {r["callers"] for r in report["results"]} == {1, 4}
+    assert {r["mode"] for r in report["results"]} == {"threads", "asyncio"}
+
+
+# -- the lock-free take of a bounded-queue policy ---------------------------------------
+
+
+def test_bounded_queue_policy_takes_without_the_lock_only_while_nobody_waits() -> None:
+    gate = Gate(1)
+    gate.configure_policy(max_waiting={NORMAL: 5})
+    assert gate.policy_on
+    assert gate.take == gate._take_token  # nobody waits: the fast path
+    gate.take()
+    results: list[bool] = []
+    thread = threading.Thread(
+        target=lambda: results.append(gate.acquire(10.0, asyncio_mode=False)), daemon=True
+    )
+    thread.start()
+    deadline = threading.Event()
+    while gate.waiting == 0 and not deadline.wait(0.001):
+        pass
+    # Someone waits: a newcomer must queue behind it, not take the next permit.
+    assert gate.take != gate._take_token
+    with pytest.raises(IndexError):
+        gate.take()
+    gate.release()
+    thread.join(10.0)
+    assert results == [True]
+    assert (gate.in_use, gate.waiting) == (1, 0)
+    assert gate.take == gate._take_token  # the queue is empty again
+    gate.release()
+    assert gate.in_use == 0
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [{"reserved": 1}, {"tag_caps": {"t": 1}}],
+    ids=["reserve", "tag-cap"],
+)
+def test_policies_that_shape_who_takes_keep_every_checkout_under_the_lock(
+    policy: dict[str, Any],
+) -> None:
+    gate = Gate(2)
+    gate.configure_policy(**policy)
+    with pytest.raises(IndexError):
+        gate.take()
+
+
+def test_lanes_serve_by_priority_then_arrival_and_bound_each_queue() -> None:
+    gate = Gate(1)
+    gate.configure_policy(max_waiting={BACKGROUND: 1, NORMAL: 2})
+    gate.take()
+    order: list[str] = []
+    threads = []
+    for i, priority in enumerate([BACKGROUND, NORMAL, NORMAL, CRITICAL]):
+        def run(priority: str = priority, i: int = i) -> None:
+            if gate.acquire(10.0, asyncio_mode=False, priority=priority):
+                order.append(f"{priority}{i}")
+                gate.release()
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        threads.append(thread)
+        stop = threading.Event()
+        while gate.waiting < i + 1 and not stop.wait(0.001):
+            pass
+    with pytest.raises(Refused) as refused:  # the normal queue holds two already
+        gate.acquire(10.0, asyncio_mode=False, priority=NORMAL)
+    assert refused.value.reason == "queue_full"
+    gate.release()
+    for thread in threads:
+        thread.join(10.0)
+    assert order == ["critical3", "normal1", "normal2", "background0"]
+    assert (gate.in_use, gate.waiting) == (0, 0)
+
+
+async def test_policy_lets_a_newcomer_take_a_woken_waiters_permit_only_at_its_priority() -> None:
+    import asyncio
+
+    from sqlalchemy.util import greenlet_spawn
+
+    gate = Gate(1)
+    gate.configure_policy(max_waiting={NORMAL: 5, BACKGROUND: 5})
+    assert gate.acquire(0, asyncio_mode=False) is True
+    waiter = asyncio.ensure_future(greenlet_spawn(gate.acquire, 10.0, asyncio_mode=True))
+    while gate.waiting == 0:
+        await asyncio.sleep(0.001)
+    gate.release()  # wakes the normal waiter, which has not run yet
+    assert gate.in_use == 0
+    # A worse priority may not pass it; the same priority may (no convoy).
+    assert gate.acquire(0, asyncio_mode=False, priority=BACKGROUND) is False
+    assert gate.acquire(0, asyncio_mode=False, priority=NORMAL) is True
+    await asyncio.sleep(0.01)  # the waiter runs, finds nothing, waits again
+    assert not waiter.done()
+    # Owed a hand-off now: its own priority may not pass it again, a better one may.
+    with gate._lock:
+        assert gate._owed_at_or_above(NORMAL)
+        assert not gate._owed_at_or_above(CRITICAL)
+    gate.release()  # handed over
+    assert gate.in_use == 1
+    assert gate.acquire(0, asyncio_mode=False, priority=NORMAL) is False
+    assert await asyncio.wait_for(waiter, 10.0) is True
+    assert (gate.in_use, gate.waiting) == (1, 0)
+    with gate._lock:
+        assert not gate._owed_at_or_above(BACKGROUND)  # settled once it left the queue
+
+
+@pytest.mark.timing
+@pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "policy"])
+def test_no_waiter_starves_with_many_threads_on_few_permits(policy: bool) -> None:
+    # 64 threads share 2 permits in a closed loop: every acquire must succeed
+    # well within its (generous) timeout, barging or not.
+    import time
+
+    gate = Gate(2)
+    if policy:
+        gate.configure_policy(max_waiting={NORMAL: 1000})
+    stop = threading.Event()
+    failures: list[str] = []
+    counts: list[int] = []
+
+    def worker() -> None:
+        n = 0
+        while not stop.is_set():
+            if not gate.acquire(20.0, asyncio_mode=False):
+                failures.append("timed out")
+                return
+            n += 1
+            gate.release()
+            time.sleep(0)
+        counts.append(n)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(64)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    stop.set()
+    for thread in threads:
+        thread.join(30.0)
+    assert not any(t.is_alive() for t in threads)
+    assert failures == []
+    assert len(counts) == 64
+    assert (gate.in_use, gate.waiting) == (0, 0)
+    assert gate.timeouts == 0

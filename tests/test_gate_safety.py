@@ -1,0 +1,682 @@
+"""The gate under hostile timing: garbage-collector re-entry, interrupts,
+unbounded timeouts, and the exceptions a checkout raises.
+
+Every test that could hang on a regression runs its checkouts on a helper
+thread and gives up after SAFETY_TIMEOUT, so a deadlock fails the test instead
+of hanging the suite (the stuck daemon thread is left behind).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import signal
+import threading
+import time
+import traceback
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import poolguard
+from poolguard import LoadShed, PoolTimeout
+from poolguard.gate import Gate, Refused
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from types import FrameType
+
+    from sqlalchemy.engine import Engine
+
+SAFETY_TIMEOUT = 20.0
+
+
+class Interrupted(BaseException):
+    """What the tests' signal handlers and injected faults raise (a
+    BaseException, as KeyboardInterrupt: SQLAlchemy does not wrap it)."""
+
+
+def run_bounded(fn: Callable[[], Any], what: str, timeout: float = SAFETY_TIMEOUT) -> Any:
+    """Run ``fn`` on a daemon thread; fail (not hang) if it has not returned in time."""
+    result: list[Any] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:
+            error.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True, name=what)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        pytest.fail(f"{what}: still blocked after {timeout}s (deadlock)")
+    if error:
+        raise error[0]
+    return result[0] if result else None
+
+
+def wait_until(predicate: Callable[[], bool], what: str) -> None:
+    give_up = time.monotonic() + SAFETY_TIMEOUT
+    while not predicate():
+        if time.monotonic() > give_up:
+            pytest.fail(f"gave up waiting for {what}")
+        time.sleep(0.002)
+
+
+def leak(conn: Any) -> None:
+    """Drop ``conn`` without closing it, in a reference cycle: only the
+    garbage collector can return it (the README's "dropped" return path)."""
+    cycle: list[Any] = [conn]
+    cycle.append(cycle)
+
+
+def collect_inside_enqueue(gate: Gate, *, after: bool) -> list[int]:
+    """Make the next waits run ``gc.collect()`` inside the gate's locked section
+    (before or after queueing the caller); returns the count of collections."""
+    original = gate._enqueue_locked
+    ran: list[int] = []
+
+    def enqueue(waiter: Any, timeout: float) -> float:
+        if not after:
+            ran.append(gc.collect())
+        left = original(waiter, timeout)
+        if after:
+            ran.append(gc.collect())
+        return left
+
+    gate._enqueue_locked = enqueue  # type: ignore[method-assign]
+    return ran
+
+
+POLICIES: dict[str, dict[str, Any]] = {
+    "no policy": {},
+    "policy": {"tag_limits": {"report": 1}, "reserved_critical": 0, "max_waiting_normal": 50,
+               "adaptive_limit": True},
+}
+
+
+# -- 1. garbage-collector re-entry ------------------------------------------------
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before-queueing", "after-queueing"])
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_gc_finalising_a_dropped_connection_inside_the_gate_lock_does_not_deadlock(
+    sqlite_url: str, policy: str, after: bool
+) -> None:
+    engine = poolguard.wrap(
+        sa.create_engine(sqlite_url, pool_size=1, max_overflow=0), acquire_timeout=SAFETY_TIMEOUT,
+        **POLICIES[policy],
+    )
+    gate = poolguard.get_guard(engine).gate
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # only the forced collection may finalise the dropped connection
+    try:
+        with poolguard.request(tag="report"):
+            leak(engine.connect())
+        assert gate.in_use == 1
+        # One waiter queued behind the leaked connection.
+        first: list[bool] = []
+
+        def waiter() -> None:
+            with engine.connect() as conn:
+                first.append(conn.execute(sa.text("SELECT 1")).scalar() == 1)
+
+        waiting = threading.Thread(target=waiter, daemon=True)
+        waiting.start()
+        wait_until(lambda: gate.waiting == 1, "the first waiter to queue")
+        ran = collect_inside_enqueue(gate, after=after)
+
+        def second() -> int:
+            with engine.connect() as conn:
+                return int(conn.execute(sa.text("SELECT 2")).scalar())
+
+        assert run_bounded(second, "checkout with gc inside the gate lock") == 2
+        assert ran, "the collection ran"
+        assert ran[0] > 0, "the collection found the dropped connection"
+        waiting.join(SAFETY_TIMEOUT)
+        assert not waiting.is_alive()
+        assert first == [True]
+        assert (gate.in_use, gate.waiting, len(gate.out)) == (0, 0, 0)
+        assert gate.tag_in_use.get("report", 0) == 0
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+        engine.dispose()
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_gc_finalising_inside_the_gate_lock_under_asyncio(aiosqlite_url: str, policy: str) -> None:
+    async def scenario() -> None:
+        engine = poolguard.wrap(
+            create_async_engine(aiosqlite_url, pool_size=1, max_overflow=0),
+            acquire_timeout=SAFETY_TIMEOUT, **POLICIES[policy],
+        )
+        gate = poolguard.get_guard(engine).gate
+        try:
+            with poolguard.request(tag="report"):
+                conn = await engine.connect()
+                await conn.execute(sa.text("SELECT 1"))
+            leak(conn)
+            del conn
+            first = asyncio.ensure_future(_select(engine, 1))
+            while gate.waiting < 1:
+                await asyncio.sleep(0.001)
+            ran = collect_inside_enqueue(gate, after=True)
+            assert await asyncio.wait_for(_select(engine, 2), SAFETY_TIMEOUT) == 2
+            assert await asyncio.wait_for(first, SAFETY_TIMEOUT) == 1
+            assert ran
+            assert ran[0] > 0
+            assert (gate.in_use, gate.waiting, len(gate.out)) == (0, 0, 0)
+        finally:
+            await engine.dispose()
+
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        # On a thread of its own: a frozen loop fails the test instead of hanging it.
+        run_bounded(lambda: asyncio.run(scenario()), "event loop with gc inside the gate lock")
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+async def _select(engine: Any, n: int) -> int:
+    async with engine.connect() as conn:
+        return int((await conn.execute(sa.text(f"SELECT {n}"))).scalar())
+
+
+def test_a_release_re_entering_a_locked_section_is_deferred_to_its_end() -> None:
+    # What a finaliser does, made explicit: a release (with its tag and hold
+    # sample) from inside the section that queues a waiter. It must neither
+    # block nor change the queue under the section's feet, and the permit
+    # must reach the waiter when the section ends.
+    for policy in (False, True):
+        gate = Gate(1)
+        if policy:
+            gate.configure_policy(tag_caps={"t": 2}, reserved=0, max_waiting={"normal": 5})
+            assert gate.policy_on
+        assert gate.acquire(0, asyncio_mode=False, tag="t") is True
+        original = gate._enqueue_locked
+        seen: list[int] = []
+
+        def enqueue(waiter: Any, timeout: float, original: Any = original, gate: Gate = gate,
+                    seen: list[int] = seen) -> float:
+            left = original(waiter, timeout)
+            waiting = gate.waiting
+            gate.release("t")  # re-entrant: the section is running on this thread
+            gate.sample_hold(0.01)
+            seen.append(gate.waiting - waiting)  # nothing dequeued yet
+            return left
+
+        gate._enqueue_locked = enqueue  # type: ignore[method-assign]
+        granted = run_bounded(lambda gate=gate: gate.acquire(1.0, asyncio_mode=False, tag="t"),
+                              "re-entrant release")
+        assert granted is True, policy
+        assert seen == [0]
+        assert (gate.in_use, gate.waiting) == (1, 0)
+        if policy:
+            assert gate.tag_in_use == {"t": 1}
+
+
+# -- 2. interrupts ------------------------------------------------------------------
+
+
+def _barrage(interval: float) -> Any:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        # Only inside the library (poolguard, SQLAlchemy): the test's own loop
+        # must survive to count the interrupts and check the outcome.
+        name = frame.f_code.co_filename if frame is not None else ""
+        if "/poolguard/" in name or "/sqlalchemy/" in name:
+            raise Interrupted
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, interval, interval)
+    return old
+
+
+def _stop(old: Any) -> None:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.timing
+@pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "policy"])
+def test_interrupt_barrage_on_gate_acquire_leaves_it_consistent(policy: bool) -> None:
+    capacity = 2
+    gate = Gate(capacity)
+    if policy:
+        gate.configure_policy(reserved=1, max_waiting={"normal": 100}, tag_caps={"t": 9})
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        # Keeps the permits busy, so the main thread mostly queues and waits.
+        try:
+            while not stop.is_set():
+                if gate.acquire(1.0, asyncio_mode=False, tag="t"):
+                    time.sleep(0.0005)
+                    gate.release("t")
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=worker, daemon=True) for _ in range(3)]
+    for w in workers:
+        w.start()
+    interrupts = granted = 0
+    old = _barrage(0.0002)
+    try:
+        deadline = time.monotonic() + 3.0
+        while interrupts < 5000 and time.monotonic() < deadline:
+            waiter = None
+            try:
+                waiter = gate.new_waiter()
+                if gate.acquire(0.05, asyncio_mode=False, tag="t", waiter=waiter,
+                                priority="critical" if granted % 3 == 0 else "normal"):
+                    granted += 1
+                    gate.give_back(waiter)
+            except Interrupted:
+                interrupts += 1
+                while waiter is not None:  # granted, then interrupted on the way out?
+                    try:
+                        gate.give_back(waiter)  # idempotent: only what is still held
+                        waiter = None
+                    except Interrupted:  # noqa: PERF203 - the point of the test
+                        interrupts += 1
+            except Refused:
+                pass
+    finally:
+        _stop(old)
+        stop.set()
+        for w in workers:
+            w.join(SAFETY_TIMEOUT)
+    assert not errors
+    assert interrupts > 100, "the barrage hardly interrupted anything"
+    assert gate.waiting == 0
+    assert gate.in_use == 0
+    if policy:
+        assert gate.tag_in_use.get("t", 0) == 0
+    for _ in range(capacity):  # every permit can be had again
+        assert gate.acquire(0, asyncio_mode=False, priority="critical") is True
+
+
+@pytest.mark.timing
+# An interrupt inside a finaliser (SQLAlchemy's, the GC's) is "unraisable".
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_interrupt_barrage_on_checkouts_leaves_the_gate_consistent(
+    sqlite_url: str, policy: str
+) -> None:
+    engine = poolguard.wrap(
+        # pool_timeout: SQLAlchemy's own wait, for a record it lost to an interrupt.
+        sa.create_engine(sqlite_url, pool_size=2, max_overflow=0, pool_timeout=0.2),
+        acquire_timeout=0.05, **POLICIES[policy],
+    )
+    gate = poolguard.get_guard(engine).gate
+    stop = threading.Event()
+
+    def worker() -> None:
+        while not stop.is_set():
+            try:
+                with engine.connect() as conn:
+                    conn.execute(sa.text("SELECT 1"))
+                    time.sleep(0.0005)
+            except sa.exc.TimeoutError:  # noqa: PERF203
+                pass
+
+    workers = [threading.Thread(target=worker, daemon=True) for _ in range(3)]
+    for w in workers:
+        w.start()
+    interrupts = 0
+    old = _barrage(0.0003)
+    try:
+        deadline = time.monotonic() + 3.0
+        while interrupts < 3000 and time.monotonic() < deadline:
+            # The DBAPI connection straight from the pool: fewer SQLAlchemy
+            # layers of its own for the barrage to break.
+            try:
+                conn = engine.raw_connection()
+                try:
+                    conn.cursor().execute("SELECT 1")
+                finally:
+                    conn.close()
+            except Interrupted:  # noqa: PERF203 - the point of the test
+                interrupts += 1
+            except sa.exc.TimeoutError:
+                pass
+    finally:
+        _stop(old)
+        stop.set()
+        for w in workers:
+            w.join(SAFETY_TIMEOUT)
+    gc.collect()  # connections dropped by an interrupt come back
+    assert interrupts > 100, "the barrage hardly interrupted anything"
+    assert gate.waiting == 0
+    # SQLAlchemy itself may lose a record to an interrupt inside its own code;
+    # the gate must agree with the pool on what is out, whatever happened.
+    pool = engine.pool
+    assert isinstance(pool, sa.pool.QueuePool)
+    # A record SQLAlchemy lost inside its own checkin is still out (under its
+    # permit); one it lost inside its checkout failed that checkout (its permit
+    # given back): the gate counts exactly the records it handed out.
+    lost = pool.checkedout()
+    assert gate.in_use == len(gate.out) <= lost
+    # The pool serves every connection it still has, at once.
+    stuck = gate.in_use
+    conns = [engine.connect() for _ in range(2 - lost)]
+    assert gate.in_use == len(gate.out) == stuck + len(conns)
+    for conn in conns:
+        conn.close()
+    assert gate.waiting == 0
+    assert gate.in_use == len(gate.out) <= stuck  # a stuck record may come back meanwhile
+    engine.dispose()
+
+
+class _Faulty:
+    """Wraps a callable; raises Interrupted right after the ``n``-th call on
+    the main thread returns (as a signal handler running at the end of that
+    call would: signal handlers run on the main thread only)."""
+
+    def __init__(self, fn: Callable[..., Any], n: int) -> None:
+        self.fn, self.n, self.calls, self.fired = fn, n, 0, False
+
+    def __call__(self, *args: Any) -> Any:
+        result = self.fn(*args)
+        if threading.current_thread() is not threading.main_thread():
+            return result
+        self.calls += 1
+        if self.calls == self.n:
+            self.fired = True
+            raise Interrupted
+        return result
+
+
+def _held_gate(policy: bool) -> Gate:
+    gate = Gate(2)
+    if policy:
+        gate.configure_policy(reserved=0, tag_caps={"t": 9}, max_waiting={"normal": 9})
+    assert gate.acquire(0, asyncio_mode=False, tag="t")
+    assert gate.acquire(0, asyncio_mode=False, tag="t")
+    return gate
+
+
+@pytest.mark.parametrize(("policy", "n"), [(False, 1), (False, 2), (True, 1), (True, 2), (True, 3)])
+def test_an_exception_after_any_clock_read_of_a_wait_leaves_nothing_behind(
+    policy: bool, n: int
+) -> None:
+    # The waiting thread reads the clock where acquire queues (policy on),
+    # starts and ends the wait: an exception after the n-th read, with a
+    # release from another thread making the wait end in a grant.
+    gate = _held_gate(policy)
+    clock = _Faulty(time.monotonic, n)
+    gate._clock = clock
+    timer = threading.Timer(0.05, gate.release, args=("t",))
+    timer.start()
+    waiter = gate.new_waiter()
+    try:
+        got = gate.acquire(SAFETY_TIMEOUT, asyncio_mode=False, tag="t", waiter=waiter)
+    except Interrupted:
+        got = False
+        assert not waiter.granted
+    timer.join()
+    assert clock.fired
+    gate._clock = time.monotonic
+    assert gate.waiting == 0
+    assert gate.in_use == 1 + got
+    if policy:
+        assert gate.tag_in_use.get("t", 0) == gate.in_use
+
+
+@pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "policy"])
+@pytest.mark.parametrize("where", ["take", "give", "wake"])
+def test_an_exception_right_after_a_permit_moves_loses_no_permit(
+    policy: bool, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The moments a signal handler can strike right after a permit changed
+    # hands: after taking a token, after giving one back, after waking the
+    # waiter it was handed to. Injected on the main thread, which releases
+    # while another thread waits.
+    gate = _held_gate(policy)
+    results: list[bool] = []
+    thread = threading.Thread(
+        target=lambda: results.append(gate.acquire(SAFETY_TIMEOUT, asyncio_mode=False, tag="t")),
+        daemon=True,
+    )
+    thread.start()
+    wait_until(lambda: gate.waiting == 1, "the waiter to queue")
+    waiter = gate.waiters[0]
+    waiter.handoff = True  # no policy: a waiter that lost a race once is handed the permit
+    if where == "take":
+        assert gate._tokens is not None
+        fault = _Faulty(gate._tokens.pop, 1)
+        if policy:
+            gate._tokens = _TokensWithFaultyPop(gate._tokens, fault)  # type: ignore[assignment]
+        else:
+            gate.take = fault
+    elif where == "give":
+        fault = _Faulty(gate._give, 1)
+        gate._give = fault
+    else:
+        fault = _Faulty(type(waiter).wake, 1)
+        monkeypatch.setattr(type(waiter), "wake", lambda self: fault(self))  # noqa: PLW0108 - a method
+    with pytest.raises(Interrupted):
+        gate.release("t")
+    assert fault.fired
+    # Whatever the interrupt cut short, the next release finishes it.
+    gate.take = gate._take_token if not policy else gate.take
+    thread.join(0.3)
+    if thread.is_alive():
+        gate._wake()
+    thread.join(SAFETY_TIMEOUT)
+    assert results == [True]
+    assert gate.waiting == 0
+    assert gate.in_use == 2
+
+
+class _TokensWithFaultyPop:
+    def __init__(self, tokens: Any, pop: Callable[[], Any]) -> None:
+        self._tokens, self.pop = tokens, pop
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self._tokens)
+
+    def append(self, item: Any) -> None:
+        self._tokens.append(item)
+
+
+# -- 3. unbounded and huge timeouts ---------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [{"pool_timeout": None}, {"acquire_timeout": 1e10}],
+                         ids=["pool_timeout=None", "acquire_timeout=1e10"])
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_unbounded_timeouts_wait_until_a_connection_comes_back(
+    sqlite_url: str, options: dict[str, Any], policy: str
+) -> None:
+    pool_options = {k: v for k, v in options.items() if k == "pool_timeout"}
+    guard_options = {k: v for k, v in options.items() if k != "pool_timeout"}
+    engine = poolguard.wrap(
+        sa.create_engine(sqlite_url, pool_size=1, max_overflow=0, **pool_options),
+        **guard_options, **POLICIES[policy],
+    )
+    gate = poolguard.get_guard(engine).gate
+    try:
+        held = engine.connect()
+        timer = threading.Timer(0.05, held.close)
+        timer.start()
+
+        def checkout() -> int:
+            with engine.connect() as conn:
+                return int(conn.execute(sa.text("SELECT 3")).scalar())
+
+        assert run_bounded(checkout, "unbounded wait") == 3
+        timer.join()
+        assert (gate.in_use, gate.waiting, gate.timeouts) == (0, 0, 0)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("timeout", [None, 1e10, float("inf")])
+def test_gate_waits_without_limit_on_none_and_huge_timeouts(timeout: float | None) -> None:
+    for policy in (False, True):
+        gate = Gate(1)
+        if policy:
+            gate.configure_policy(codel=None, reserved=0, max_waiting={"normal": 3})
+        gate.take() if not policy else gate.acquire(0, asyncio_mode=False)
+        threading.Timer(0.05, gate.release).start()
+        assert run_bounded(lambda gate=gate: gate.acquire(timeout, asyncio_mode=False),
+                           "gate wait") is True
+        assert (gate.in_use, gate.waiting, gate.timeouts) == (1, 0, 0)
+
+
+@pytest.mark.parametrize("timeout", [None, 1e10])
+def test_async_gate_waits_without_limit(aiosqlite_url: str, timeout: float | None) -> None:
+    async def scenario() -> int:
+        engine = poolguard.wrap(
+            create_async_engine(aiosqlite_url, pool_size=1, max_overflow=0, pool_timeout=timeout)
+        )
+        try:
+            conn = await engine.connect()
+            asyncio.get_running_loop().call_later(0.05, lambda: asyncio.ensure_future(conn.close()))
+            return await _select(engine, 4)
+        finally:
+            await engine.dispose()
+
+    assert run_bounded(lambda: asyncio.run(scenario()), "async unbounded wait") == 4
+
+
+# -- 4. exceptions without a misleading context ----------------------------------------
+
+
+@pytest.fixture
+def busy_engine(sqlite_url: str) -> Iterator[Callable[..., Engine]]:
+    engines: list[Engine] = []
+
+    def make(**options: Any) -> Engine:
+        engine = poolguard.wrap(sa.create_engine(sqlite_url, pool_size=1, max_overflow=0),
+                                **options)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.dispose()
+
+
+def _no_context(error: BaseException) -> None:
+    assert error.__context__ is None
+    assert error.__cause__ is None
+    text = "".join(traceback.format_exception(error))
+    assert "IndexError" not in text
+    assert "During handling" not in text
+    assert "Refused" not in text
+
+
+def test_pool_timeout_has_no_index_error_context(busy_engine: Callable[..., Engine]) -> None:
+    engine = busy_engine(acquire_timeout=0.01)
+    with engine.connect(), pytest.raises(PoolTimeout) as caught:
+        engine.connect()
+    _no_context(caught.value)
+
+
+def test_pool_timeout_with_a_policy_has_no_context(busy_engine: Callable[..., Engine]) -> None:
+    engine = busy_engine(acquire_timeout=0.01, max_waiting_normal=5)
+    with engine.connect(), pytest.raises(PoolTimeout) as caught:
+        engine.connect()
+    _no_context(caught.value)
+
+
+def test_load_shed_has_no_refused_context(busy_engine: Callable[..., Engine]) -> None:
+    engine = busy_engine(acquire_timeout=1.0, max_waiting_normal=0)
+    with engine.connect(), pytest.raises(LoadShed) as caught:
+        engine.connect()
+    assert caught.value.reason == "queue_full"
+    _no_context(caught.value)
+
+
+def test_health_lane_shed_has_no_context(busy_engine: Callable[..., Engine]) -> None:
+    engine = busy_engine(acquire_timeout=1.0)
+    with engine.connect(), poolguard.request(priority="health"), \
+            pytest.raises(LoadShed) as caught:
+        engine.connect()
+    assert caught.value.reason == "health_busy"
+    _no_context(caught.value)
+
+
+# -- 5. a half-open breaker's probe that never reaches the database ---------------------
+
+
+def _half_open(engine: Engine) -> Any:
+    from poolguard.breaker import HALF_OPEN
+
+    guard = poolguard.get_guard(engine)
+    breaker = guard.breaker
+    assert breaker is not None
+    breaker._enter(HALF_OPEN, time.perf_counter())
+    guard._refresh_tripped()
+    guard._update_slow_at()
+    assert guard.gate.tripped
+    return breaker
+
+
+def test_probe_interrupted_while_waiting_frees_its_slot(busy_engine: Callable[..., Engine]) -> None:
+    engine = busy_engine(acquire_timeout=SAFETY_TIMEOUT, breaker=True, breaker_half_open_calls=1)
+    held = engine.connect()  # before half-open: the pool is busy
+    breaker = _half_open(engine)
+    assert breaker._probes_left == 1
+    old = signal.signal(signal.SIGALRM, _raise_interrupted)
+    signal.setitimer(signal.ITIMER_REAL, 0.05)
+    try:
+        with pytest.raises(Interrupted):
+            engine.connect()  # a probe, waiting for the busy pool
+    finally:
+        _stop(old)
+    assert breaker._probes_left == 1, "the interrupted probe gave its slot back"
+    held.close()
+    gate = poolguard.get_guard(engine).gate
+    assert (gate.in_use, gate.waiting) == (0, 0)
+
+
+def test_probe_cancelled_while_waiting_frees_its_slot(aiosqlite_url: str) -> None:
+    async def scenario() -> None:
+        engine = poolguard.wrap(
+            create_async_engine(aiosqlite_url, pool_size=1, max_overflow=0),
+            acquire_timeout=SAFETY_TIMEOUT, breaker=True, breaker_half_open_calls=1,
+        )
+        try:
+            held = await engine.connect()
+            breaker = _half_open(engine.sync_engine)
+            probe = asyncio.ensure_future(_select(engine, 1))
+            gate = poolguard.get_guard(engine).gate
+            while gate.waiting < 1:
+                await asyncio.sleep(0.001)
+            probe.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await probe
+            assert breaker._probes_left == 1
+            await held.close()
+            assert (gate.in_use, gate.waiting) == (0, 0)
+        finally:
+            await engine.dispose()
+
+    run_bounded(lambda: asyncio.run(scenario()), "cancelled probe")
+
+
+def test_probe_shed_frees_its_slot(busy_engine: Callable[..., Engine]) -> None:
+    engine = busy_engine(acquire_timeout=1.0, breaker=True, breaker_half_open_calls=1,
+                         max_waiting_normal=0)
+    with engine.connect():
+        breaker = _half_open(engine)
+        with pytest.raises(LoadShed):
+            engine.connect()
+        assert breaker._probes_left == 1
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted
