@@ -93,6 +93,9 @@ class Proxy:
         self.mode = "pass"
         self.delay = 0.0
         self.accepted = 0
+        # Bumped by every switch to ``reset``: a connection being set up while
+        # one happened is reset even if the mode has moved on since.
+        self._resets = 0
         self._lock = threading.Lock()
         self._pairs: list[_Pair] = []
         self._threads: list[threading.Thread] = []
@@ -117,6 +120,10 @@ class Proxy:
         self.delay = delay
         self.mode = mode
         if mode == "reset":
+            # After the mode: _serve() reads the count before the mode, so a
+            # connection either sees "reset" at once or sees the count move.
+            with self._lock:
+                self._resets += 1
             for pair in self._open_pairs():
                 pair.close(reset=True)
         if mode == "refuse" and previous != "refuse":
@@ -187,6 +194,7 @@ class Proxy:
             self._serve(client)
 
     def _serve(self, client: socket.socket) -> None:
+        resets = self._resets
         mode = self.mode
         if mode == "reset" or self._closed:
             _rst(client)
@@ -194,6 +202,9 @@ class Proxy:
         if mode == "blackhole":
             pair = _Pair(client, None)
             self._track(pair)
+            if self._resets != resets:
+                pair.close(reset=True)
+                return
             self._start(threading.Thread(
                 target=self._drain, args=(pair,), name="proxy-blackhole", daemon=True
             ))
@@ -206,9 +217,10 @@ class Proxy:
         upstream.settimeout(None)
         pair = _Pair(client, upstream)
         self._track(pair)
-        if self.mode == "reset":
-            # Switched to reset while this connection was being set up:
-            # set_mode() did not see it among the open ones.
+        if self._resets != resets:
+            # Switched to reset while this connection was being set up
+            # (set_mode() may not have seen it among the open ones), even if
+            # the mode has been switched on again since.
             pair.close(reset=True)
             return
         for src, dst in ((client, upstream), (upstream, client)):

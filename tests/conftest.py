@@ -18,6 +18,8 @@ connect timeout). An unreachable server skips the tests that need it, unless
 ``POOLGUARD_REQUIRE_DATABASES=1`` is set (CI sets it), in which case they fail.
 
 This module must not import poolguard: it is the test bed, not a test of the library.
+The fixtures that need poolguard (``make_engine``, ``make_async_engine``) import
+``tests/_support.py`` when a test asks for them.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import AsyncIterator, Iterator
     from pathlib import Path
+
+    from _support import AsyncEngineFactory, EngineFactory
 
 REQUIRE_DATABASES_ENV = "POOLGUARD_REQUIRE_DATABASES"
 """Set to ``1`` to turn "database unreachable" skips into failures."""
@@ -307,6 +311,53 @@ def structlog_unconfigured() -> Iterator[None]:
         structlog.configure(**saved)
     else:
         structlog.reset_defaults()
+
+
+# --- Engines made by a test, disposed when it ends (tests/_support.py). ---
+
+
+@pytest.fixture
+def make_engine() -> Iterator[EngineFactory]:
+    """``make_engine(url, pool_size, *, max_overflow, pool, **wrap_options)``: a guarded
+    engine (one connection by default); ``make_engine.using(...)`` changes the defaults,
+    ``make_engine.plain(...)`` skips the guard. All are disposed at teardown."""
+    from _support import EngineFactory
+
+    factory = EngineFactory()
+    yield factory
+    factory.dispose_all()
+
+
+@pytest.fixture
+async def make_async_engine() -> AsyncIterator[AsyncEngineFactory]:
+    """``make_async_engine(url, **create_args)``: an unguarded ``AsyncEngine``,
+    disposed at teardown."""
+    from _support import AsyncEngineFactory
+
+    factory = AsyncEngineFactory()
+    yield factory
+    await factory.dispose_all()
+
+
+@pytest.fixture
+def events() -> Iterator[list[dict[str, Any]]]:
+    """poolguard's INFO-and-up events during the test, as dicts
+    (``poolguard.testing.capture_events(logging.INFO)``)."""
+    import logging
+
+    from poolguard.testing import capture_events
+
+    with capture_events(logging.INFO) as captured:
+        yield captured
+
+
+@pytest.fixture
+def debug_events() -> Iterator[list[dict[str, Any]]]:
+    """poolguard's events during the test, DEBUG ones too (which turns them on)."""
+    from poolguard.testing import capture_events
+
+    with capture_events() as captured:
+        yield captured
 
 
 # --- PgBouncer: the suite's own instance, transaction mode, free loopback port. ---

@@ -18,26 +18,25 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import pytest
-import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import poolguard
+from _support import wait_until
 from poolguard import AlertEvent
 from poolguard._alerts import Alert
+from poolguard.testing import capture_events
 
 #: Events go to the stdlib logger: structlog not configured (see conftest).
 pytestmark = pytest.mark.usefixtures("structlog_unconfigured")
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
-
     from sqlalchemy.engine import Engine
 
+    from _support import EngineFactory
     from poolguard import Guard
 
 JOIN_TIMEOUT = 15.0
-POLL_LIMIT = 10.0
 
 
 # -- the state machine ----------------------------------------------------------------------
@@ -178,21 +177,6 @@ def test_events_strictly_alternate_fire_and_clear(
 
 
 
-@pytest.fixture
-def make_engine() -> Iterator[Callable[..., Engine]]:
-    """``make_engine(url, pool_size, **wrap_options)``: a guarded engine, disposed after."""
-    made: list[Engine] = []
-
-    def make(url: str, pool_size: int, **options: Any) -> Engine:
-        engine = sa.create_engine(url, pool_size=pool_size, max_overflow=0)
-        made.append(engine)
-        return poolguard.wrap(engine, **options)
-
-    yield make
-    for engine in made:
-        engine.dispose()
-
-
 def _manual_scans(engine: Engine) -> Guard:
     """The engine's guard, with the periodic scan off: only the test's scan() calls run."""
     guard = poolguard.get_guard(engine)
@@ -200,25 +184,14 @@ def _manual_scans(engine: Engine) -> Guard:
     return guard
 
 
-def _records(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
-    return [
-        r for r in caplog.records
-        if r.name == "poolguard" and getattr(r, "poolguard", {}).get("event") == event
-    ]
-
-
-def _poll(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + POLL_LIMIT
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.005)
+def _named(events: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["event"] == event]
 
 
 def test_utilization_alert_fires_once_and_clears_with_callbacks(
-    sqlite_url: str, make_engine: Callable[..., Engine], caplog: pytest.LogCaptureFixture
+    sqlite_url: str, make_engine: EngineFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="poolguard")
+    caplog.set_level(logging.INFO, logger="poolguard")  # the callbacks' failures
     engine = make_engine(sqlite_url, 2, name="alerts", alert_utilization=0.5, alert_for=0,
                          alert_wait_time=None)
     guard = _manual_scans(engine)
@@ -231,23 +204,24 @@ def test_utilization_alert_fires_once_and_clears_with_callbacks(
     assert guard.on_alert(received.append) == received.append  # usable as a decorator
 
     t0 = perf_counter()
-    first, second = engine.connect(), engine.connect()
-    try:
-        for i in range(5):
+    with capture_events() as events:
+        first, second = engine.connect(), engine.connect()
+        try:
+            for i in range(5):
+                guard.scan(t0 + i)
+            assert guard.gate.in_use == 2
+        finally:
+            first.close()
+            second.close()
+        for i in range(5, 10):
             guard.scan(t0 + i)
-        assert guard.gate.in_use == 2
-    finally:
-        first.close()
-        second.close()
-    for i in range(5, 10):
-        guard.scan(t0 + i)
 
-    alerts = _records(caplog, "alert.utilization")
-    assert [(r.levelno, r.poolguard["state"]) for r in alerts] == [
-        (logging.WARNING, "firing"),
-        (logging.INFO, "cleared"),
+    alerts = _named(events, "alert.utilization")
+    assert [(e["level"], e["state"]) for e in alerts] == [
+        ("warning", "firing"),
+        ("info", "cleared"),
     ]
-    fired, cleared = (r.poolguard for r in alerts)
+    fired, cleared = alerts
     assert fired["pool"] == "alerts"
     assert (fired["value"], fired["threshold"], fired["in_use"], fired["capacity"]) == (
         1.0, 0.5, 2, 2
@@ -265,42 +239,42 @@ def test_utilization_alert_fires_once_and_clears_with_callbacks(
     assert all(r.levelno == logging.ERROR and r.exc_info for r in failures)
     assert all("boom" in r.getMessage() for r in failures)
     # Firing utilisation also logs the holders report.
-    (exhausted,) = [r.poolguard for r in _records(caplog, "pool.exhausted")]
+    (exhausted,) = _named(events, "pool.exhausted")
     assert exhausted["reason"] == "utilization"
     assert exhausted["top_holders"][0]["count"] == 2
 
 
 def test_utilization_alert_waits_alert_for_through_the_guard(
-    sqlite_url: str, make_engine: Callable[..., Engine], caplog: pytest.LogCaptureFixture
+    sqlite_url: str, make_engine: EngineFactory
 ) -> None:
-    caplog.set_level(logging.INFO, logger="poolguard")
     engine = make_engine(sqlite_url, 2, alert_utilization=0.5, alert_for=3,
                          alert_wait_time=None)
     guard = _manual_scans(engine)
     received: list[AlertEvent] = []
     guard.on_alert(received.append)
     t0 = perf_counter()
-    conn = engine.connect()  # 1 of 2: at the threshold
-    try:
-        guard.scan(t0)
-        guard.scan(t0 + 2.9)
-        assert received == []
-        guard.scan(t0 + 3.0)
+    with capture_events() as events:
+        conn = engine.connect()  # 1 of 2: at the threshold
+        try:
+            guard.scan(t0)
+            guard.scan(t0 + 2.9)
+            assert received == []
+            guard.scan(t0 + 3.0)
+            assert [e.firing for e in received] == [True]
+        finally:
+            conn.close()
+        guard.scan(t0 + 4.0)
+        guard.scan(t0 + 6.9)
         assert [e.firing for e in received] == [True]
-    finally:
-        conn.close()
-    guard.scan(t0 + 4.0)
-    guard.scan(t0 + 6.9)
-    assert [e.firing for e in received] == [True]
-    guard.scan(t0 + 7.0)
+        guard.scan(t0 + 7.0)
     assert [(e.firing, e.since) for e in received] == [(True, t0 + 3.0), (False, t0 + 7.0)]
-    assert len(_records(caplog, "alert.utilization")) == 2
+    assert len(_named(events, "alert.utilization")) == 2
 
 
+@pytest.mark.timing
 def test_wait_time_alert_fires_from_a_wait_measured_by_the_gate(
-    sqlite_url: str, make_engine: Callable[..., Engine], caplog: pytest.LogCaptureFixture
+    sqlite_url: str, make_engine: EngineFactory
 ) -> None:
-    caplog.set_level(logging.INFO, logger="poolguard")
     engine = make_engine(sqlite_url, 1, alert_wait_time=0.05, alert_for=0,
                          alert_utilization=None, acquire_timeout=30)
     guard = _manual_scans(engine)
@@ -325,7 +299,7 @@ def test_wait_time_alert_fires_from_a_wait_measured_by_the_gate(
     thread = threading.Thread(target=waiter, daemon=True)
     try:
         thread.start()
-        _poll(lambda: guard.gate.waiting == 1, "the second checkout to wait at the gate")
+        wait_until(lambda: guard.gate.waiting == 1, "the second checkout to wait at the gate")
         time.sleep(0.1)  # the wait lasts at least this long
     finally:
         holder.close()
@@ -335,22 +309,24 @@ def test_wait_time_alert_fires_from_a_wait_measured_by_the_gate(
     assert guard.stats().waits == 1
     assert received == []  # nothing evaluates the alert until a scan
 
-    guard.scan(t0 + 1)
-    (fired,) = received
-    assert (fired.name, fired.firing, fired.threshold) == ("wait_time", True, 0.05)
-    assert fired.value >= 0.1  # the wait the gate measured
-    guard.scan(t0 + 2)  # no wait since the last scan: cleared
+    with capture_events() as events:
+        guard.scan(t0 + 1)
+        (fired,) = received
+        assert (fired.name, fired.firing, fired.threshold) == ("wait_time", True, 0.05)
+        assert fired.value >= 0.1  # the wait the gate measured
+        guard.scan(t0 + 2)  # no wait since the last scan: cleared
     assert [e.firing for e in received] == [True, False]
     assert received[1].value == 0.0
-    records = _records(caplog, "alert.wait_time")
-    assert [(r.levelno, r.poolguard["state"]) for r in records] == [
-        (logging.WARNING, "firing"),
-        (logging.INFO, "cleared"),
+    records = _named(events, "alert.wait_time")
+    assert [(e["level"], e["state"]) for e in records] == [
+        ("warning", "firing"),
+        ("info", "cleared"),
     ]
 
 
+@pytest.mark.timing
 def test_wait_time_alert_counts_a_wait_that_timed_out(
-    sqlite_url: str, make_engine: Callable[..., Engine]
+    sqlite_url: str, make_engine: EngineFactory
 ) -> None:
     engine = make_engine(sqlite_url, 1, alert_wait_time=0.05, alert_for=0,
                          alert_utilization=None, acquire_timeout=0.1)

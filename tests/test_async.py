@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 import poolguard
+from _support import AsyncEngineFactory, async_wait_until
 from poolguard import GuardedAsyncAdaptedQueuePool, GuardedPoolMixin, PoolTimeout
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import Callable
 
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -47,15 +48,6 @@ async def _select_one(conn: AsyncConnection) -> None:
     assert (await conn.execute(sa.text("SELECT 1"))).scalar_one() == 1
 
 
-async def _until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll ``predicate`` on the loop in bounded steps; fail naming ``what``."""
-    for _ in range(int(timeout / 0.005)):
-        if predicate():
-            return
-        await asyncio.sleep(0.005)
-    pytest.fail(f"timed out waiting for {what}")
-
-
 async def _probe(ticks: list[float], stop: asyncio.Event) -> None:
     """Record the loop's time every few milliseconds until told to stop."""
     for _ in range(PROBE_MAX_TICKS):
@@ -66,18 +58,9 @@ async def _probe(ticks: list[float], stop: asyncio.Event) -> None:
 
 
 @pytest.fixture
-async def make_engine() -> AsyncIterator[Callable[..., AsyncEngine]]:
-    """``create_async_engine`` that disposes every engine it made when the test ends."""
-    created: list[AsyncEngine] = []
-
-    def make(url: str, **kwargs: Any) -> AsyncEngine:
-        engine = create_async_engine(url, **kwargs)
-        created.append(engine)
-        return engine
-
-    yield make
-    for engine in created:
-        await engine.dispose()
+def make_engine(make_async_engine: AsyncEngineFactory) -> AsyncEngineFactory:
+    """``create_async_engine``, unguarded, disposed when the test ends."""
+    return make_async_engine
 
 
 @pytest.fixture
@@ -134,6 +117,7 @@ async def test_wrap_async_engine_and_session(
     assert guard.stats().acquisitions == 2 + 1 + 3 + 2
 
 
+@pytest.mark.timing
 async def test_many_tasks_share_a_small_pool(
     async_db_url: str, make_engine: Callable[..., AsyncEngine]
 ) -> None:
@@ -192,6 +176,7 @@ async def test_acquire_timeout_on_full_pool_in_request(one_conn_engine: AsyncEng
     _assert_balanced(engine)
 
 
+@pytest.mark.timing
 async def test_wait_does_not_block_loop_and_succeeds_on_release(
     async_db_url: str, make_engine: Callable[..., AsyncEngine]
 ) -> None:
@@ -216,7 +201,7 @@ async def test_wait_does_not_block_loop_and_succeeds_on_release(
     probe = asyncio.create_task(_probe(ticks, stop))
     waiting = asyncio.create_task(waiter())
     try:
-        await _until(lambda: guard.stats().waiting == 1, "the waiter to queue at the gate")
+        await async_wait_until(lambda: guard.stats().waiting == 1, "the waiter to queue")
         await asyncio.sleep(0.3)
         assert not waiting.done()
         await holder.close()
@@ -286,7 +271,7 @@ async def test_cancelled_waiter_leaves_nothing_behind(one_conn_engine: AsyncEngi
 
     task = asyncio.create_task(waiter())
     try:
-        await _until(lambda: guard.stats().waiting == 1, "the waiter to queue at the gate")
+        await async_wait_until(lambda: guard.stats().waiting == 1, "the waiter to queue")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, TASK_TIMEOUT_S)
@@ -322,7 +307,7 @@ async def test_waiter_cancelled_right_after_its_grant(one_conn_engine: AsyncEngi
 
     task = asyncio.create_task(waiter())
     try:
-        await _until(lambda: guard.stats().waiting == 1, "the waiter to queue at the gate")
+        await async_wait_until(lambda: guard.stats().waiting == 1, "the waiter to queue")
         # Wakes the waiter to take the free permit (without a policy, the
         # gate wakes the head waiter instead of handing the permit over).
         await holder.close()

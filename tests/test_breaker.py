@@ -26,6 +26,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from sqlalchemy.pool import NullPool, QueuePool
 
 import poolguard
+from _support import EngineFactory, FakeClock, named
 from poolguard import _breakers as breakers_module
 from poolguard import _checkout as checkout_module
 from poolguard import _scan as scan_module
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import Engine
 
-#: poolguard events go to the stdlib logger "poolguard", where caplog sees them.
+#: poolguard's plain log messages go to the stdlib logger "poolguard", where caplog sees them.
 pytestmark = pytest.mark.usefixtures("structlog_unconfigured")
 
 LEGAL = {(CLOSED, OPEN), (OPEN, HALF_OPEN), (HALF_OPEN, OPEN), (HALF_OPEN, CLOSED)}
@@ -321,25 +322,12 @@ class Dialer:
         return sqlite3.connect(self.path, check_same_thread=False)
 
 
-class Clock:
-    """``perf_counter`` plus an offset the test moves forward."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.perf_counter() + self.offset
-
-    def advance(self, seconds: float) -> None:
-        self.offset += seconds
-
-
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock()
-    monkeypatch.setattr(checkout_module, "perf_counter", fake)
-    monkeypatch.setattr(scan_module, "perf_counter", fake)
-    monkeypatch.setattr(breakers_module, "perf_counter", fake)
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """The guard's ``perf_counter`` plus what the test advanced it by."""
+    fake = FakeClock(base=time.perf_counter)
+    for module in (checkout_module, scan_module, breakers_module):
+        monkeypatch.setattr(module, "perf_counter", fake)
     return fake
 
 
@@ -351,18 +339,9 @@ def dialer(tmp_path: Path) -> Dialer:
 
 
 @pytest.fixture
-def make_engine(dialer: Dialer) -> Iterator[Callable[..., Engine]]:
-    made: list[Engine] = []
-
-    def make(**options: Any) -> Engine:
-        engine = sa.create_engine("sqlite://", creator=dialer, poolclass=NullPool)
-        made.append(engine)
-        options.setdefault("connect_retries", 0)
-        return poolguard.wrap(engine, **options)
-
-    yield make
-    for engine in made:
-        engine.dispose()
+def make_engine(make_engine: EngineFactory, dialer: Dialer) -> EngineFactory:
+    """``make_engine(**wrap_options)``: SQLite through ``dialer``, a dial per checkout."""
+    return make_engine.using(pool={"creator": dialer, "poolclass": NullPool}, connect_retries=0)
 
 
 BREAKER = {
@@ -376,12 +355,8 @@ BREAKER = {
 }
 
 
-def _events(caplog: pytest.LogCaptureFixture, prefix: str) -> list[str]:
-    return [
-        r.poolguard["event"] for r in caplog.records  # type: ignore[attr-defined]
-        if r.name == "poolguard" and hasattr(r, "poolguard")
-        and r.poolguard["event"].startswith(prefix)  # type: ignore[attr-defined]
-    ]
+def _names(events: list[dict[str, Any]], prefix: str) -> list[str]:
+    return [e["event"] for e in events if e["event"].startswith(prefix)]
 
 
 def _select_one(engine: Engine) -> int:
@@ -390,10 +365,9 @@ def _select_one(engine: Engine) -> int:
 
 
 def test_open_breaker_fails_fast_without_dialing_then_recovers(
-    make_engine: Callable[..., Engine], dialer: Dialer, clock: Clock,
-    caplog: pytest.LogCaptureFixture,
+    make_engine: EngineFactory, dialer: Dialer, clock: FakeClock,
+    events: list[dict[str, Any]],
 ) -> None:
-    caplog.set_level(logging.INFO, logger="poolguard")
     engine = make_engine(**BREAKER)
     guard = poolguard.get_guard(engine)
     dialer.error = sqlite3.OperationalError("unable to open database file (injected)")
@@ -422,20 +396,18 @@ def test_open_breaker_fails_fast_without_dialing_then_recovers(
     assert guard.breaker.state == CLOSED
     assert _select_one(engine) == 1
     assert guard.breaker.transitions == {OPEN: 1, HALF_OPEN: 1, CLOSED: 1}
-    assert _events(caplog, "breaker.") == ["breaker.open", "breaker.half_open", "breaker.closed"]
-    (opened,) = [r for r in caplog.records if getattr(r, "poolguard", {}).get("event")
-                 == "breaker.open"]
-    assert opened.levelno == logging.WARNING
+    assert _names(events, "breaker.") == ["breaker.open", "breaker.half_open", "breaker.closed"]
+    (opened,) = named(events, "breaker.open")
+    assert opened["level"] == "warning"
     stats = guard.stats()
     assert stats.permits == 0
     assert guard.hooks.tripped is False
 
 
 def test_half_open_lets_exactly_the_probes_dial_and_failed_probes_reopen(
-    make_engine: Callable[..., Engine], dialer: Dialer, clock: Clock,
-    caplog: pytest.LogCaptureFixture,
+    make_engine: EngineFactory, dialer: Dialer, clock: FakeClock,
+    events: list[dict[str, Any]],
 ) -> None:
-    caplog.set_level(logging.INFO, logger="poolguard")
     engine = make_engine(**BREAKER)
     guard = poolguard.get_guard(engine)
     dialer.error = sqlite3.OperationalError("unable to open database file (injected)")
@@ -457,12 +429,12 @@ def test_half_open_lets_exactly_the_probes_dial_and_failed_probes_reopen(
             engine.connect()
     assert dialer.dials == dials + 2
     assert guard.breaker.transitions == {OPEN: 2, HALF_OPEN: 1, CLOSED: 0}
-    assert _events(caplog, "breaker.") == ["breaker.open", "breaker.half_open", "breaker.open"]
+    assert _names(events, "breaker.") == ["breaker.open", "breaker.half_open", "breaker.open"]
     assert guard.stats().permits == 0
 
 
 def test_breaker_counts_failed_statements_and_ignores_request_errors(
-    make_engine: Callable[..., Engine], dialer: Dialer, clock: Clock,
+    make_engine: EngineFactory, dialer: Dialer, clock: FakeClock,
 ) -> None:
     engine = make_engine(**BREAKER)
     guard = poolguard.get_guard(engine)
@@ -478,7 +450,7 @@ def test_breaker_counts_failed_statements_and_ignores_request_errors(
 
 
 def test_custom_classifier_decides_what_is_a_failure(
-    make_engine: Callable[..., Engine], dialer: Dialer, clock: Clock,
+    make_engine: EngineFactory, dialer: Dialer, clock: FakeClock,
 ) -> None:
     seen: list[BaseException] = []
 
@@ -525,7 +497,7 @@ def test_custom_classifier_decides_what_is_a_failure(
 
 
 def test_a_probe_shed_at_the_gate_does_not_strand_the_breaker_half_open(
-    dialer: Dialer, clock: Clock,
+    dialer: Dialer, clock: FakeClock,
 ) -> None:
     # Half-open probes that are shed (the pool is full, nobody may wait) never
     # reach the database: their outcome never comes. They must give their
@@ -564,7 +536,7 @@ def test_a_probe_shed_at_the_gate_does_not_strand_the_breaker_half_open(
 
 
 def test_breaker_off_never_raises_circuit_open(
-    make_engine: Callable[..., Engine], dialer: Dialer,
+    make_engine: EngineFactory, dialer: Dialer,
 ) -> None:
     engine = make_engine()
     dialer.error = sqlite3.OperationalError("unable to open database file (injected)")
@@ -745,7 +717,7 @@ TestBreakerMachine = BreakerMachine.TestCase
 @pytest.mark.postgresql
 @pytest.mark.timing
 async def test_a_probe_cancelled_at_the_gate_gives_its_slot_back(
-    postgresql_url: str, clock: Clock,
+    postgresql_url: str, clock: FakeClock,
 ) -> None:
     # The guard-wide breaker lets one probe through; that probe waits at the
     # gate (the only connection is held) and its task is cancelled. It never
@@ -795,7 +767,7 @@ async def test_a_probe_cancelled_at_the_gate_gives_its_slot_back(
 
 
 def test_a_probe_whose_checkout_fails_uncounted_or_times_out_leaves_no_slot_behind(
-    dialer: Dialer, clock: Clock,
+    dialer: Dialer, clock: FakeClock,
 ) -> None:
     # Every way a probe's checkout can end either records an outcome or
     # gives the slot back: here, failures the classifier does not count (an
@@ -842,7 +814,7 @@ def test_a_probe_whose_checkout_fails_uncounted_or_times_out_leaves_no_slot_behi
 
 
 def test_a_classifier_that_raises_never_replaces_the_database_error(
-    make_engine: Callable[..., Engine], dialer: Dialer, clock: Clock,
+    make_engine: EngineFactory, dialer: Dialer, clock: FakeClock,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     calls: list[BaseException] = []
@@ -872,7 +844,7 @@ def test_a_classifier_that_raises_never_replaces_the_database_error(
 
 
 def test_the_classifier_sees_sqlalchemy_errors_of_failed_statements(
-    make_engine: Callable[..., Engine], clock: Clock,
+    make_engine: EngineFactory, clock: FakeClock,
 ) -> None:
     seen: list[BaseException] = []
 
@@ -969,14 +941,13 @@ def test_reclaim_lets_lost_probes_through_again_only_after_their_time() -> None:
 
 
 def test_a_probe_lost_on_an_unseen_path_is_reclaimed(
-    make_engine: Callable[..., Engine], dialer: Dialer, clock: Clock,
-    caplog: pytest.LogCaptureFixture,
+    make_engine: EngineFactory, dialer: Dialer, clock: FakeClock,
+    events: list[dict[str, Any]],
 ) -> None:
     # Every known path ties the probe to its checkout; the guard still must
     # not trust that with its life: a probe slot taken and never settled
     # (here: taken by hand, its checkout never run) comes back after the
     # probe's acquire wait plus wait_in_open.
-    caplog.set_level(logging.INFO, logger="poolguard")
     engine = make_engine(**{**BREAKER, "breaker_half_open_calls": 1}, acquire_timeout=2.0)
     guard = poolguard.get_guard(engine)
     breaker = guard.breaker
@@ -997,13 +968,13 @@ def test_a_probe_lost_on_an_unseen_path_is_reclaimed(
     clock.advance(1.0)
     assert _select_one(engine) == 1  # probing again, and closed
     assert breaker.state == CLOSED
-    assert _events(caplog, "breaker.probes_reclaimed") == ["breaker.probes_reclaimed"]
+    assert _names(events, "breaker.probes_reclaimed") == ["breaker.probes_reclaimed"]
     assert guard.stats().permits == 0
 
 
 @pytest.mark.timing
 def test_a_probe_interrupted_at_the_gate_gives_its_slot_back(
-    dialer: Dialer, clock: Clock,
+    dialer: Dialer, clock: FakeClock,
 ) -> None:
     # The synchronous twin of the cancelled probe: Ctrl-C (a real SIGINT, so
     # that it interrupts the blocked wait) while the one probe waits at the gate.

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import sqlalchemy as sa
 
 import poolguard
+from _support import named
 from poolguard import Config
 
 if TYPE_CHECKING:
@@ -215,7 +215,7 @@ def test_from_env_huge_and_non_finite_values_name_the_variable(
 
 
 def test_guarded_poolclass_with_a_bad_variable_fails_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events: list[dict[str, Any]],
 ) -> None:
     monkeypatch.setenv("POOLGUARD_ACQUIRE_TIMEOUT", "5s")
     monkeypatch.setenv("POOLGUARD_NAME", "from-env")
@@ -238,9 +238,8 @@ def test_guarded_poolclass_with_a_bad_variable_fails_once(
         assert guard.name == "from-env"  # the good variables still apply
         assert guard.config.acquire_timeout is None  # the bad one does not
         assert guard.stats().permits == 0
-        invalid = [r for r in caplog.records if getattr(r, "poolguard", {}).get("event")
-                   == "config.invalid"]
+        invalid = named(events, "config.invalid")
         assert len(invalid) == 1
-        assert invalid[0].levelno == logging.ERROR
+        assert invalid[0]["level"] == "error"
     finally:
         engine.dispose()

@@ -36,15 +36,14 @@ from sqlalchemy.engine import make_url
 
 import poolguard
 from _proxy import Proxy
+from _support import EngineFactory, through_proxy
 from poolguard._timeouts import KILL_GRACE, Watchdog, watchdog
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Iterator
 
     from sqlalchemy.engine import Engine
 
-#: libpq (and psycopg) raise a connect_timeout below 2 s to 2 s.
-CONNECT_TIMEOUT = 2
 #: Scheduling and the driver noticing a cut socket, on a loaded machine.
 SLACK = 1.5
 THIRTY_DAYS = 30 * 24 * 3600.0
@@ -60,21 +59,10 @@ def _no_leaks(engine: Engine) -> None:
 
 
 @pytest.fixture
-def make_engine() -> Iterator[Callable[..., Engine]]:
-    """``make_engine(url, pool=..., **wrap_options)``: a guarded engine, disposed after."""
-    made: list[Engine] = []
-
-    def make(url: str, *, pool: dict[str, Any] | None = None, **options: Any) -> Engine:
-        kwargs: dict[str, Any] = {"pool_size": 1, "max_overflow": 0}
-        kwargs.update(pool or {})
-        engine = sa.create_engine(url, **kwargs)
-        made.append(engine)
-        options.setdefault("connect_retries", 0)
-        return poolguard.wrap(engine, **options)
-
-    yield make
-    for engine in made:
-        engine.dispose()
+def make_engine(make_engine: EngineFactory) -> EngineFactory:
+    """``make_engine(url, pool=..., **wrap_options)``: 1 connection, no overflow,
+    no connect retries unless asked for."""
+    return make_engine.using(pool={"pool_size": 1, "max_overflow": 0}, connect_retries=0)
 
 
 @pytest.fixture
@@ -85,26 +73,13 @@ def proxy(postgresql_url: str) -> Iterator[Proxy]:
 
 
 @pytest.fixture
-def proxied(postgresql_url: str, proxy: Proxy) -> Iterator[Callable[..., Engine]]:
+def proxied(
+    proxy: Proxy, postgresql_url: str, make_engine: EngineFactory
+) -> Iterator[EngineFactory]:
     """``proxied(pool=..., **wrap_options)``: a guarded engine through the proxy."""
-    made: list[Engine] = []
-    url = make_url(postgresql_url).set(host=proxy.host, port=proxy.port)
-
-    def make(*, pool: dict[str, Any] | None = None, **options: Any) -> Engine:
-        kwargs: dict[str, Any] = {
-            "pool_size": 1, "max_overflow": 0,
-            "connect_args": {"connect_timeout": CONNECT_TIMEOUT, "sslmode": "disable"},
-        }
-        kwargs.update(pool or {})
-        engine = sa.create_engine(url, **kwargs)
-        made.append(engine)
-        options.setdefault("connect_retries", 0)
-        return poolguard.wrap(engine, **options)
-
-    yield make
+    yield through_proxy(make_engine, postgresql_url, proxy, pool_size=1)
     proxy.set_mode("pass")
-    for engine in made:
-        engine.dispose()
+    make_engine.dispose_all()  # through the proxy while it still runs
 
 
 @contextlib.contextmanager
@@ -131,7 +106,7 @@ def _live_entries() -> int:
 @pytest.mark.postgresql
 @pytest.mark.timing
 def test_failed_set_local_leaves_no_watchdog_to_cut_the_next_request(
-    postgresql_url: str, make_engine: Callable[..., Engine],
+    postgresql_url: str, make_engine: EngineFactory,
 ) -> None:
     engine = make_engine(postgresql_url)
     guard = poolguard.get_guard(engine)
@@ -158,7 +133,7 @@ def test_failed_set_local_leaves_no_watchdog_to_cut_the_next_request(
 
 @pytest.mark.postgresql
 def test_a_stray_cut_of_a_finished_checkout_does_nothing(
-    postgresql_url: str, make_engine: Callable[..., Engine],
+    postgresql_url: str, make_engine: EngineFactory,
 ) -> None:
     # Defence in depth: even if an entry outlived its statement, the cut
     # checks that the checkout it was armed for is still the one out.
@@ -189,8 +164,9 @@ def _show(conn: sa.Connection) -> str:
 
 
 @pytest.mark.postgresql
+@pytest.mark.timing
 def test_statement_timeout_is_enforced_under_engine_autocommit(
-    postgresql_url: str, make_engine: Callable[..., Engine],
+    postgresql_url: str, make_engine: EngineFactory,
 ) -> None:
     engine = make_engine(
         postgresql_url, pool={"isolation_level": "AUTOCOMMIT"}, statement_timeout=0.5,
@@ -215,7 +191,7 @@ def test_statement_timeout_is_enforced_under_engine_autocommit(
 
 @pytest.mark.postgresql
 def test_statement_timeout_is_enforced_under_per_connection_autocommit(
-    postgresql_url: str, make_engine: Callable[..., Engine],
+    postgresql_url: str, make_engine: EngineFactory,
 ) -> None:
     engine = make_engine(postgresql_url, statement_timeout=0.5)
     with engine.connect() as plain:
@@ -236,6 +212,7 @@ def test_statement_timeout_is_enforced_under_per_connection_autocommit(
 
 
 @pytest.mark.postgresql
+@pytest.mark.timing
 def test_statement_timeout_is_enforced_under_asyncpg_autocommit(asyncpg_url: str) -> None:
     from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -268,7 +245,7 @@ def test_statement_timeout_is_enforced_under_asyncpg_autocommit(asyncpg_url: str
 @pytest.mark.postgresql
 @pytest.mark.timing
 def test_commit_against_a_silent_server_ends_at_the_deadline(
-    proxied: Callable[..., Engine], proxy: Proxy,
+    proxied: EngineFactory, proxy: Proxy,
 ) -> None:
     engine = proxied()
     guard = poolguard.get_guard(engine)
@@ -294,7 +271,7 @@ def test_commit_against_a_silent_server_ends_at_the_deadline(
 @pytest.mark.postgresql
 @pytest.mark.timing
 def test_rollback_on_close_against_a_silent_server_ends_at_the_deadline(
-    proxied: Callable[..., Engine], proxy: Proxy,
+    proxied: EngineFactory, proxy: Proxy,
 ) -> None:
     engine = proxied()
     guard = poolguard.get_guard(engine)
@@ -322,7 +299,7 @@ def test_rollback_on_close_against_a_silent_server_ends_at_the_deadline(
 @pytest.mark.postgresql
 @pytest.mark.timing
 def test_pool_reset_on_return_against_a_silent_server_ends_at_the_deadline(
-    proxied: Callable[..., Engine], proxy: Proxy,
+    proxied: EngineFactory, proxy: Proxy,
 ) -> None:
     # A raw DBAPI connection: only the pool's reset (a rollback) runs on close.
     # The bound is installed on the engine by its first statement under a
@@ -346,18 +323,20 @@ def test_pool_reset_on_return_against_a_silent_server_ends_at_the_deadline(
 
 
 @pytest.mark.postgresql
+@pytest.mark.timing
 def test_commit_past_the_deadline_is_still_sent(
-    postgresql_url: str, make_engine: Callable[..., Engine],
+    postgresql_url: str, make_engine: EngineFactory,
 ) -> None:
     # Finishing a transaction is never refused: past the deadline it still
     # gets the floor and the grace on a server that answers.
     engine = make_engine(postgresql_url)
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE TEMP TABLE IF NOT EXISTS t_commit (x int)")
-    with poolguard.request(timeout=0.3), engine.connect() as conn:
+    # 2 s: the statements before the commit fit in it on a loaded machine.
+    with poolguard.request(timeout=2.0), engine.connect() as conn:
         conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS poolguard_t_commit (x int)")
         conn.exec_driver_sql("INSERT INTO poolguard_t_commit VALUES (1)")
-        time.sleep(0.4)
+        time.sleep(2.1)
         conn.commit()
     try:
         with engine.connect() as conn:
@@ -419,7 +398,7 @@ def test_asyncpg_deadline_holds_against_a_silent_server(
 @pytest.mark.postgresql
 @pytest.mark.timing
 def test_pre_ping_against_a_silent_server_ends_at_the_acquire_timeout(
-    proxied: Callable[..., Engine], proxy: Proxy,
+    proxied: EngineFactory, proxy: Proxy,
 ) -> None:
     engine = proxied(pool={"pool_pre_ping": True}, acquire_timeout=1.0)
     guard = poolguard.get_guard(engine)
@@ -443,7 +422,7 @@ def test_pre_ping_against_a_silent_server_ends_at_the_acquire_timeout(
 @pytest.mark.postgresql
 @pytest.mark.timing
 def test_pre_ping_time_is_counted_in_the_checkouts_wait(
-    proxied: Callable[..., Engine], proxy: Proxy,
+    proxied: EngineFactory, proxy: Proxy,
 ) -> None:
     engine = proxied(pool={"pool_pre_ping": True})
     guard = poolguard.get_guard(engine)
@@ -467,7 +446,7 @@ def test_pre_ping_time_is_counted_in_the_checkouts_wait(
 @pytest.mark.postgresql
 @pytest.mark.timing
 def test_pre_ping_gets_what_is_left_after_the_wait_for_a_permit(
-    proxied: Callable[..., Engine], proxy: Proxy,
+    proxied: EngineFactory, proxy: Proxy,
 ) -> None:
     engine = proxied(pool={"pool_pre_ping": True}, acquire_timeout=1.5)
     guard = poolguard.get_guard(engine)
@@ -496,7 +475,7 @@ def test_pre_ping_gets_what_is_left_after_the_wait_for_a_permit(
 @pytest.mark.postgresql
 @pytest.mark.timing
 def test_connect_retries_without_deadline_stay_within_the_acquire_timeout(
-    proxied: Callable[..., Engine], proxy: Proxy,
+    proxied: EngineFactory, proxy: Proxy,
 ) -> None:
     import psycopg
 
@@ -525,7 +504,7 @@ def test_connect_retries_without_deadline_stay_within_the_acquire_timeout(
 
 @pytest.mark.postgresql
 def test_pg_huge_deadline_and_statement_timeout_are_clamped(
-    postgresql_url: str, make_engine: Callable[..., Engine],
+    postgresql_url: str, make_engine: EngineFactory,
 ) -> None:
     engine = make_engine(postgresql_url, statement_timeout=THIRTY_DAYS)
     with engine.connect() as conn:
@@ -540,7 +519,7 @@ def test_pg_huge_deadline_and_statement_timeout_are_clamped(
 
 @pytest.mark.mariadb
 def test_mariadb_huge_statement_timeout_is_accepted(
-    mariadb_url: str, make_engine: Callable[..., Engine],
+    mariadb_url: str, make_engine: EngineFactory,
 ) -> None:
     engine = make_engine(mariadb_url, statement_timeout=1e10)
     with poolguard.request(timeout=1e10), engine.connect() as conn:
@@ -567,7 +546,7 @@ def test_watchdog_thread_survives_far_off_times_and_failing_callbacks() -> None:
 
 @pytest.mark.timing
 def test_sqlite_deadline_still_enforced_after_a_huge_one(
-    sqlite_url: str, make_engine: Callable[..., Engine],
+    sqlite_url: str, make_engine: EngineFactory,
 ) -> None:
     engine = make_engine(sqlite_url, pool={"pool_size": 1})
     with poolguard.request(timeout=1e10), engine.connect() as conn:
@@ -593,7 +572,7 @@ def test_sqlite_deadline_still_enforced_after_a_huge_one(
 
 @pytest.mark.postgresql
 def test_pg_statement_timeout_zero_is_no_limit(
-    postgresql_url: str, make_engine: Callable[..., Engine],
+    postgresql_url: str, make_engine: EngineFactory,
 ) -> None:
     engine = make_engine(postgresql_url, statement_timeout=0)
     with engine.connect() as conn:
@@ -610,7 +589,7 @@ def test_pg_statement_timeout_zero_is_no_limit(
 
 @pytest.mark.mariadb
 def test_mariadb_sub_millisecond_limit_is_one_millisecond(
-    mariadb_url: str, make_engine: Callable[..., Engine],
+    mariadb_url: str, make_engine: EngineFactory,
 ) -> None:
     engine = make_engine(mariadb_url, statement_timeout=0.0004)
     with engine.connect() as conn, pytest.raises(poolguard.StatementTimeout):
@@ -623,7 +602,7 @@ def test_mariadb_sub_millisecond_limit_is_one_millisecond(
 
 
 def test_sqlite_statement_timeout_zero_is_no_limit(
-    sqlite_url: str, make_engine: Callable[..., Engine],
+    sqlite_url: str, make_engine: EngineFactory,
 ) -> None:
     engine = make_engine(sqlite_url, statement_timeout=0)
     counted = ("WITH RECURSIVE r(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM r "
@@ -639,7 +618,7 @@ def test_sqlite_statement_timeout_zero_is_no_limit(
 @pytest.mark.postgresql
 @pytest.mark.timing
 def test_set_local_round_trip_shows_the_statement_running(
-    proxied: Callable[..., Engine], proxy: Proxy,
+    proxied: EngineFactory, proxy: Proxy,
 ) -> None:
     engine = proxied(statement_timeout=5.0)
     guard = poolguard.get_guard(engine)
@@ -661,6 +640,7 @@ def test_set_local_round_trip_shows_the_statement_running(
     _no_leaks(engine)
 
 
+@pytest.mark.timing
 def test_aiosqlite_runaway_statement_is_interrupted(aiosqlite_url: str) -> None:
     from sqlalchemy.ext.asyncio import create_async_engine
 

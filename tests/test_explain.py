@@ -11,46 +11,28 @@ transaction, and the application's transaction goes on as if nothing ran.
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import sqlalchemy as sa
 from pymysql.constants import CLIENT
 
-import poolguard
+from _support import named
 from poolguard._explain import refusal
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
-
     from sqlalchemy.engine import Engine
 
-pytestmark = pytest.mark.usefixtures("structlog_unconfigured")
+    from _support import EngineFactory
 
 COUNTER = "h4_explain_counter"
 
 
 @pytest.fixture
-def make_engine() -> Iterator[Callable[..., Engine]]:
-    """A guarded engine with one connection (temporary tables stay visible), disposed after."""
-    made: list[Engine] = []
-
-    def make(url: str, connect_args: dict[str, Any] | None = None, **options: Any) -> Engine:
-        engine = sa.create_engine(url, pool_size=1, max_overflow=0,
-                                  connect_args=connect_args or {})
-        made.append(engine)
-        return poolguard.wrap(engine, slow_query_threshold=0, explain_slow_queries=True,
-                              **options)
-
-    yield make
-    for engine in made:
-        engine.dispose()
-
-
-def _events(caplog: pytest.LogCaptureFixture, event: str) -> list[dict[str, Any]]:
-    return [r.poolguard for r in caplog.records
-            if r.name == "poolguard" and r.poolguard["event"] == event]
+def make_engine(make_engine: EngineFactory) -> EngineFactory:
+    """A guarded engine with one connection (temporary tables stay visible) that
+    explains every statement."""
+    return make_engine.using(slow_query_threshold=0, explain_slow_queries=True)
 
 
 def _counter(engine: Engine) -> int:
@@ -70,23 +52,22 @@ def _count(engine: Engine) -> int:
 
 
 def test_mariadb_multi_statement_runs_once(
-    mariadb_url: str, make_engine: Callable[..., Engine], caplog: pytest.LogCaptureFixture
+    mariadb_url: str, make_engine: EngineFactory, debug_events: list[dict[str, Any]]
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="poolguard")
-    engine = make_engine(mariadb_url, connect_args={"client_flag": CLIENT.MULTI_STATEMENTS})
+    multi = {"client_flag": CLIENT.MULTI_STATEMENTS}
+    engine = make_engine(mariadb_url, pool={"connect_args": multi})
     _counter(engine)
     with engine.begin() as conn:
         result = conn.exec_driver_sql(f"SELECT 1; UPDATE {COUNTER} SET n = n + 1")
         assert result.all() == [(1,)]
     assert _count(engine) == 1
-    skipped = _events(caplog, "query.explain_skipped")
+    skipped = named(debug_events, "query.explain_skipped")
     assert {"more than one statement"} <= {e["reason"] for e in skipped}
 
 
 def test_postgresql_no_parameters_multi_statement_runs_once(
-    postgresql_url: str, make_engine: Callable[..., Engine], caplog: pytest.LogCaptureFixture
+    postgresql_url: str, make_engine: EngineFactory, debug_events: list[dict[str, Any]]
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="poolguard")
     engine = make_engine(postgresql_url)
     _counter(engine)
     with engine.begin() as conn:
@@ -95,8 +76,8 @@ def test_postgresql_no_parameters_multi_statement_runs_once(
         # The application's transaction is intact: it goes on and commits.
         assert conn.exec_driver_sql(f"SELECT n FROM {COUNTER}").scalar_one() == 1
     assert _count(engine) == 1
-    assert _events(caplog, "query.explain_failed") == []
-    reasons = {e["reason"] for e in _events(caplog, "query.explain_skipped")}
+    assert named(debug_events, "query.explain_failed") == []
+    reasons = {e["reason"] for e in named(debug_events, "query.explain_skipped")}
     assert "more than one statement" in reasons
 
 
@@ -104,9 +85,8 @@ def test_postgresql_no_parameters_multi_statement_runs_once(
 
 
 def test_postgresql_select_into_leaves_the_transaction_usable(
-    postgresql_url: str, make_engine: Callable[..., Engine], caplog: pytest.LogCaptureFixture
+    postgresql_url: str, make_engine: EngineFactory, debug_events: list[dict[str, Any]]
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="poolguard")
     engine = make_engine(postgresql_url)
     _counter(engine)
     with engine.begin() as conn:
@@ -114,16 +94,16 @@ def test_postgresql_select_into_leaves_the_transaction_usable(
         conn.exec_driver_sql(f"UPDATE {COUNTER} SET n = n + 5")
         assert conn.exec_driver_sql("SELECT count(*) FROM h4_into").scalar_one() == 1
     assert _count(engine) == 5
-    assert "may write or lock" in {e["reason"] for e in _events(caplog, "query.explain_skipped")}
+    skipped = named(debug_events, "query.explain_skipped")
+    assert "may write or lock" in {e["reason"] for e in skipped}
 
 
 def test_a_failing_explain_inside_a_transaction_is_rolled_back_to_its_savepoint(
-    postgresql_url: str, make_engine: Callable[..., Engine], caplog: pytest.LogCaptureFixture
+    postgresql_url: str, make_engine: EngineFactory, debug_events: list[dict[str, Any]]
 ) -> None:
     # A plain SELECT that moves the transaction's search_path away from its
     # own table as it runs: the EXPLAIN that follows cannot find the table
     # and fails; the application's transaction must live on.
-    caplog.set_level(logging.DEBUG, logger="poolguard")
     engine = make_engine(postgresql_url)
     with engine.begin() as conn:
         conn.exec_driver_sql("DROP TABLE IF EXISTS public.h4_explain_t")
@@ -140,16 +120,15 @@ def test_a_failing_explain_inside_a_transaction_is_rolled_back_to_its_savepoint(
     finally:
         with engine.begin() as conn:
             conn.exec_driver_sql("DROP TABLE IF EXISTS public.h4_explain_t")
-    failed = _events(caplog, "query.explain_failed")
+    failed = named(debug_events, "query.explain_failed")
     assert [e["error_type"] for e in failed] == ["UndefinedTable"]
 
 
 @pytest.mark.parametrize("in_transaction", [True, False], ids=["transaction", "autocommit"])
 def test_plain_select_is_explained_and_the_transaction_state_is_kept(
-    db_url: str, make_engine: Callable[..., Engine], caplog: pytest.LogCaptureFixture,
+    db_url: str, make_engine: EngineFactory, debug_events: list[dict[str, Any]],
     in_transaction: bool,
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="poolguard")
     engine = make_engine(db_url)
     _counter(engine)
     select = f"SELECT n FROM {COUNTER} WHERE n >= :low"
@@ -170,21 +149,20 @@ def test_plain_select_is_explained_and_the_transaction_state_is_kept(
             conn.exec_driver_sql(f"UPDATE {COUNTER} SET n = n + 1")
             raw.rollback()
         assert _count(engine) == 1
-    explains = [e for e in _events(caplog, "query.explain") if COUNTER in e["statement"]
+    explains = [e for e in named(debug_events, "query.explain") if COUNTER in e["statement"]
                 and ">=" in e["statement"]]
     assert len(explains) == 1
     assert COUNTER in explains[0]["plan"]
     assert explains[0]["full_scans"] == [COUNTER]
-    assert _events(caplog, "query.explain_failed") == []
+    assert named(debug_events, "query.explain_failed") == []
 
 
 def test_select_without_parameters_is_explained_with_none(
-    db_url: str, make_engine: Callable[..., Engine], caplog: pytest.LogCaptureFixture
+    db_url: str, make_engine: EngineFactory, debug_events: list[dict[str, Any]]
 ) -> None:
     # no_parameters: the driver gets no parameters, so a % is a percent sign.
     # The EXPLAIN must be sent the same way (with () the driver reads
     # placeholders, fails, and on PostgreSQL that failure aborted the transaction).
-    caplog.set_level(logging.DEBUG, logger="poolguard")
     engine = make_engine(db_url)
     _counter(engine)
     with engine.begin() as conn:
@@ -194,8 +172,8 @@ def test_select_without_parameters_is_explained_with_none(
         ).all() == [(0,)]
         conn.exec_driver_sql(f"UPDATE {COUNTER} SET n = n + 1")
     assert _count(engine) == 1
-    assert _events(caplog, "query.explain_failed") == []
-    explains = [e for e in _events(caplog, "query.explain") if "LIKE" in e["statement"]]
+    assert named(debug_events, "query.explain_failed") == []
+    explains = [e for e in named(debug_events, "query.explain") if "LIKE" in e["statement"]]
     assert len(explains) == 1
 
 

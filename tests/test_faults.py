@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
-import logging
 import os
 import shutil
 import socket
@@ -53,21 +52,22 @@ from sqlalchemy.pool import NullPool
 
 import poolguard
 from _proxy import Proxy
+from _support import PROXY_CONNECT_TIMEOUT, SAFETY_TIMEOUT, EngineFactory, through_proxy, wait_until
 from poolguard._timeouts import KILL_GRACE
 from poolguard.breaker import CLOSED, HALF_OPEN, OPEN
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Iterator
 
     from sqlalchemy.engine import Engine
 
 #: libpq (and psycopg) raise a connect_timeout below 2 s to 2 s.
-CONNECT_TIMEOUT = 2
+CONNECT_TIMEOUT = PROXY_CONNECT_TIMEOUT
 #: Slack on top of a deadline for "ended within the deadline": scheduling, the
 #: driver noticing the cut socket. Loose on purpose.
 SLACK = 1.5
 
-pytestmark = [pytest.mark.postgresql, pytest.mark.usefixtures("structlog_unconfigured")]
+pytestmark = pytest.mark.postgresql
 
 
 def _no_leaks(engine: Engine) -> None:
@@ -110,26 +110,13 @@ def proxy(postgresql_url: str) -> Iterator[Proxy]:
 
 
 @pytest.fixture
-def proxied(postgresql_url: str, proxy: Proxy) -> Iterator[Callable[..., Engine]]:
+def proxied(
+    proxy: Proxy, postgresql_url: str, make_engine: EngineFactory
+) -> Iterator[EngineFactory]:
     """``proxied(pool=..., **wrap_options)``: a guarded engine through the proxy."""
-    made: list[Engine] = []
-    url = make_url(postgresql_url).set(host=proxy.host, port=proxy.port)
-
-    def make(*, pool: dict[str, Any] | None = None, **options: Any) -> Engine:
-        kwargs: dict[str, Any] = {
-            "pool_size": 2, "max_overflow": 0,
-            "connect_args": {"connect_timeout": CONNECT_TIMEOUT, "sslmode": "disable"},
-        }
-        kwargs.update(pool or {})
-        engine = sa.create_engine(url, **kwargs)
-        made.append(engine)
-        options.setdefault("connect_retries", 0)
-        return poolguard.wrap(engine, **options)
-
-    yield make
+    yield through_proxy(make_engine, postgresql_url, proxy, pool_size=2)
     proxy.set_mode("pass")
-    for engine in made:
-        engine.dispose()
+    make_engine.dispose_all()  # through the proxy while it still runs
 
 
 @contextlib.contextmanager
@@ -144,27 +131,66 @@ def _bounded(proxy: Proxy, seconds: float = 10.0) -> Iterator[None]:
         timer.cancel()
 
 
+@pytest.mark.timing
 def test_proxy_modes_at_the_socket_level(proxy: Proxy) -> None:
-    # The test tool itself: what a raw client sees in each mode.
-    with socket.create_connection((proxy.host, proxy.port), timeout=2) as sock:
+    # The test tool itself: what a raw client sees in each mode. The timeouts
+    # that expect an answer are generous (the proxy's threads may wait for a
+    # loaded machine's scheduler); the blackhole's only has to run out.
+    with socket.create_connection((proxy.host, proxy.port), timeout=SAFETY_TIMEOUT) as sock:
         proxy.set_mode("reset")
         with pytest.raises(ConnectionResetError):
             sock.recv(1)
     proxy.set_mode("refuse")
     with pytest.raises(ConnectionRefusedError):
-        socket.create_connection((proxy.host, proxy.port), timeout=2)
+        socket.create_connection((proxy.host, proxy.port), timeout=SAFETY_TIMEOUT)
     proxy.set_mode("blackhole")
-    with socket.create_connection((proxy.host, proxy.port), timeout=0.3) as sock:
+    with socket.create_connection((proxy.host, proxy.port), timeout=SAFETY_TIMEOUT) as sock:
+        sock.settimeout(0.5)
         sock.sendall(b"\x00\x00\x00\x08\x04\xd2\x16\x2f")  # PostgreSQL's SSLRequest
         with pytest.raises(TimeoutError):
             sock.recv(1)
     proxy.set_mode("pass")
-    with socket.create_connection((proxy.host, proxy.port), timeout=2) as sock:
+    with socket.create_connection((proxy.host, proxy.port), timeout=SAFETY_TIMEOUT) as sock:
         sock.sendall(b"\x00\x00\x00\x08\x04\xd2\x16\x2f")
         assert sock.recv(1) in (b"S", b"N")  # the server answers through the proxy
 
 
-def test_pass_works(proxied: Callable[..., Engine], proxy: Proxy) -> None:
+def _ask_for_ssl(sock: socket.socket) -> bytes:
+    """Send PostgreSQL's SSLRequest; its one-byte answer."""
+    sock.sendall(b"\x00\x00\x00\x08\x04\xd2\x16\x2f")
+    return sock.recv(1)
+
+
+def test_proxy_resets_a_connection_it_was_setting_up_during_a_reset(
+    proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The proxy is dialling the server for a new client when the mode goes to
+    # reset and straight back to pass: that connection is reset all the same
+    # (it was open, from the client's side, when the reset came).
+    dialling, release = threading.Event(), threading.Event()
+    dial = socket.create_connection
+
+    def held_dial(*args: Any, **kwargs: Any) -> socket.socket:
+        dialling.set()
+        release.wait(SAFETY_TIMEOUT)
+        return dial(*args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", held_dial)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(SAFETY_TIMEOUT)
+        try:
+            sock.connect((proxy.host, proxy.port))
+            wait_until(dialling.is_set, "the proxy dialling the server")
+            proxy.set_mode("reset")
+            proxy.set_mode("pass")
+        finally:
+            release.set()
+        # Reset: the send or the read after it fails (whichever meets the RST).
+        with pytest.raises(ConnectionResetError):
+            _ask_for_ssl(sock)
+
+
+def test_pass_works(proxied: EngineFactory, proxy: Proxy) -> None:
     engine = proxied()
     with poolguard.request(timeout=5):
         assert _select(engine) == 1
@@ -173,7 +199,7 @@ def test_pass_works(proxied: Callable[..., Engine], proxy: Proxy) -> None:
 
 
 def test_delay_that_fits_the_budget_works(
-    proxied: Callable[..., Engine], proxy: Proxy,
+    proxied: EngineFactory, proxy: Proxy,
 ) -> None:
     engine = proxied(statement_timeout=5.0)
     assert _select(engine) == 1
@@ -184,8 +210,9 @@ def test_delay_that_fits_the_budget_works(
     _no_leaks(engine)
 
 
+@pytest.mark.timing
 def test_delay_past_the_statement_limit_is_cancelled_by_the_server(
-    proxied: Callable[..., Engine], proxy: Proxy,
+    proxied: EngineFactory, proxy: Proxy,
 ) -> None:
     engine = proxied(statement_timeout=0.3)
     assert _select(engine) == 1
@@ -201,8 +228,9 @@ def test_delay_past_the_statement_limit_is_cancelled_by_the_server(
     _no_leaks(engine)
 
 
+@pytest.mark.timing
 def test_delay_past_the_deadline_is_cut_by_the_watchdog(
-    proxied: Callable[..., Engine], proxy: Proxy,
+    proxied: EngineFactory, proxy: Proxy,
 ) -> None:
     engine = proxied()
     assert _select(engine) == 1
@@ -218,8 +246,9 @@ def test_delay_past_the_deadline_is_cut_by_the_watchdog(
     _no_leaks(engine)
 
 
+@pytest.mark.timing
 def test_blackhole_on_a_pooled_connection_ends_at_the_deadline(
-    proxied: Callable[..., Engine], proxy: Proxy,
+    proxied: EngineFactory, proxy: Proxy,
 ) -> None:
     engine = proxied()
     guard = poolguard.get_guard(engine)
@@ -241,8 +270,9 @@ def test_blackhole_on_a_pooled_connection_ends_at_the_deadline(
     _no_leaks(engine)
 
 
+@pytest.mark.timing
 def test_blackhole_with_pre_ping_ends_at_the_deadline(
-    proxied: Callable[..., Engine], proxy: Proxy,
+    proxied: EngineFactory, proxy: Proxy,
 ) -> None:
     # pool_pre_ping runs its ping inside the checkout: the deadline must bound
     # it too, or a blackholed server holds the caller forever.
@@ -264,8 +294,9 @@ def test_blackhole_with_pre_ping_ends_at_the_deadline(
     assert "do_ping" not in engine.dialect.__dict__
 
 
+@pytest.mark.timing
 def test_blackhole_on_connect_is_bounded_by_connect_timeout_only(
-    proxied: Callable[..., Engine], proxy: Proxy,
+    proxied: EngineFactory, proxy: Proxy,
 ) -> None:
     import psycopg
 
@@ -288,8 +319,9 @@ def test_blackhole_on_connect_is_bounded_by_connect_timeout_only(
     _no_leaks(engine)
 
 
+@pytest.mark.timing
 def test_reset_is_a_disconnect_and_the_pool_recovers(
-    proxied: Callable[..., Engine], proxy: Proxy,
+    proxied: EngineFactory, proxy: Proxy,
 ) -> None:
     engine = proxied()
     guard = poolguard.get_guard(engine)
@@ -313,13 +345,15 @@ def test_reset_is_a_disconnect_and_the_pool_recovers(
     _no_leaks(engine)
 
 
+@pytest.mark.timing
 def test_refuse_fails_with_the_connect_error_then_the_breaker_opens(
-    proxied: Callable[..., Engine], proxy: Proxy, caplog: pytest.LogCaptureFixture,
+    proxied: EngineFactory, proxy: Proxy,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="poolguard")
+    # wait_in_open is long enough that the breaker stays open through the ten
+    # checkouts below however slowly a loaded machine runs them (0.3 s was not).
     engine = proxied(
         breaker=True, breaker_window_size=4, breaker_minimum_calls=4,
-        breaker_wait_in_open=0.3, breaker_half_open_calls=1,
+        breaker_wait_in_open=3.0, breaker_half_open_calls=1,
     )
     guard = poolguard.get_guard(engine)
     dials = _count_dials(engine)
@@ -337,7 +371,7 @@ def test_refuse_fails_with_the_connect_error_then_the_breaker_opens(
     assert guard.breaker.state == OPEN
 
     proxy.set_mode("pass")
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + SAFETY_TIMEOUT
     while time.monotonic() < deadline:
         try:
             assert _select(engine) == 1
@@ -349,8 +383,9 @@ def test_refuse_fails_with_the_connect_error_then_the_breaker_opens(
     _no_leaks(engine)
 
 
+@pytest.mark.timing
 def test_refuse_with_retries_ends_within_the_deadline(
-    proxied: Callable[..., Engine], proxy: Proxy,
+    proxied: EngineFactory, proxy: Proxy,
 ) -> None:
     engine = proxied(connect_retries=5, retry_budget=1.0)
     dials = _count_dials(engine)
@@ -608,19 +643,10 @@ class Load:
             return [o for o in self.outcomes if start <= o.at < end]
 
 
-def _wait_for(condition: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.005)
-    return condition()
-
-
+@pytest.mark.timing
 def test_postgresql_stopped_under_load_opens_the_breaker_which_closes_when_it_is_back(
-    running_cluster: Cluster, caplog: pytest.LogCaptureFixture,
+    running_cluster: Cluster, events: list[dict[str, Any]],
 ) -> None:
-    caplog.set_level(logging.INFO, logger="poolguard")
     cluster = running_cluster
     wait_in_open, half_open_calls, window = 0.5, 2, 10
     engine = poolguard.wrap(
@@ -638,10 +664,10 @@ def test_postgresql_stopped_under_load_opens_the_breaker_which_closes_when_it_is
     workers = 4
     try:
         with Load(engine, workers=workers, timeout=3.0) as load:
-            assert _wait_for(lambda: sum(o.kind == "ok" for o in load.outcomes) >= 20, 10)
+            wait_until(lambda: sum(o.kind == "ok" for o in load.outcomes) >= 20, "20 served")
             stopped_at = time.monotonic()
             cluster.stop()
-            assert _wait_for(lambda: breaker.state == OPEN, 10), "the breaker never opened"
+            wait_until(lambda: breaker.state == OPEN, "the breaker to open")
             opened_at = time.monotonic()
             dials_at_open = len(dials)
             half_opens_at_open = breaker.transitions[HALF_OPEN]
@@ -666,7 +692,7 @@ def test_postgresql_stopped_under_load_opens_the_breaker_which_closes_when_it_is
             cluster.start()
             prober.join(35)
             assert answered, "the restarted cluster never answered"
-            assert _wait_for(lambda: breaker.state == CLOSED, 15), "the breaker never closed"
+            wait_until(lambda: breaker.state == CLOSED, "the breaker to close")
             closed_at = time.monotonic()
             recovery = closed_at - answered[0]
             print(f"\nbreaker recovery: PostgreSQL answering again -> breaker closed "
@@ -699,13 +725,14 @@ def test_postgresql_stopped_under_load_opens_the_breaker_which_closes_when_it_is
     assert breaker.transitions[HALF_OPEN] >= 1
     assert breaker.transitions[CLOSED] >= 1
     assert recovery < wait_in_open + 5.0
-    events = [getattr(r, "poolguard", {}).get("event") for r in caplog.records]
-    assert events.count("breaker.open") == breaker.transitions[OPEN]
-    assert events.count("breaker.half_open") == breaker.transitions[HALF_OPEN]
-    assert events.count("breaker.closed") == breaker.transitions[CLOSED]
+    names = [e["event"] for e in events if e["pool"] == guard.name]
+    assert names.count("breaker.open") == breaker.transitions[OPEN]
+    assert names.count("breaker.half_open") == breaker.transitions[HALF_OPEN]
+    assert names.count("breaker.closed") == breaker.transitions[CLOSED]
     assert guard.stats().permits == 0
 
 
+@pytest.mark.timing
 def test_postgresql_restart_fails_in_flight_work_once_then_recovers(
     running_cluster: Cluster,
 ) -> None:
@@ -742,7 +769,7 @@ def test_postgresql_restart_fails_in_flight_work_once_then_recovers(
                     "AND query LIKE '%pg_sleep(15)%' AND state = 'active'"
                 ), {"app": app}).scalar_one())
 
-        assert _wait_for(sleeping, 10)
+        wait_until(sleeping, "the long statement to run")
         admin.dispose()
         cluster.restart()
         worker.join(20)

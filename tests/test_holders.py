@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import logging
 import math
 import os
 import re
@@ -25,6 +24,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
 
 import poolguard
+from _support import SAFETY_TIMEOUT, async_wait_until, named, wait_until
 from poolguard._fingerprint import fingerprint
 from poolguard._holders import Holder, describe_groups, group_holders
 
@@ -37,8 +37,9 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+    from _support import EngineFactory
+
 JOIN_TIMEOUT = 15.0
-POLL_LIMIT = 10.0
 HERE = os.path.relpath(__file__)  # how poolguard shows this file in a site
 
 
@@ -48,23 +49,10 @@ HERE = os.path.relpath(__file__)  # how poolguard shows this file in a site
 
 
 @pytest.fixture
-def make_engine() -> Iterator[Callable[..., Engine]]:
-    """``make_engine(url, pool_size, **wrap_options)``: a guarded engine, disposed after.
-
-    Alerts are off unless asked for, so that only what a test does is logged.
-    """
-    made: list[Engine] = []
-
-    def make(url: str, pool_size: int, **options: Any) -> Engine:
-        engine = sa.create_engine(url, pool_size=pool_size, max_overflow=0)
-        made.append(engine)
-        options.setdefault("alert_utilization", None)
-        options.setdefault("alert_wait_time", None)
-        return poolguard.wrap(engine, **options)
-
-    yield make
-    for engine in made:
-        engine.dispose()
+def make_engine(make_engine: EngineFactory) -> EngineFactory:
+    """``make_engine(url, pool_size, **wrap_options)`` with alerts off unless asked
+    for, so that only what a test does is logged."""
+    return make_engine.using(alert_utilization=None, alert_wait_time=None)
 
 
 def _line_of(fn: Callable[..., Any], marker: str) -> int:
@@ -86,21 +74,6 @@ def _caller_site() -> str:
     assert frame.f_back is not None
     caller = frame.f_back
     return f"{HERE}:{caller.f_lineno} in {caller.f_code.co_name}"
-
-
-def _poll(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + POLL_LIMIT
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
-def _records(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
-    return [
-        r for r in caplog.records
-        if r.name == "poolguard" and getattr(r, "poolguard", {}).get("event") == event
-    ]
 
 
 class Threads:
@@ -146,7 +119,9 @@ def _hold_running(engine: Engine, sql: str) -> None:
 
 def _sleeper(engine: Engine) -> None:
     with engine.connect() as conn:
-        conn.execute(sa.text("select pg_sleep(1)"))  # sleeping here
+        # Long enough that the test's checkout times out while both still run,
+        # however late the scheduler lets the test thread in.
+        conn.execute(sa.text("select pg_sleep(3)"))  # sleeping here
 
 
 def _checkout_here(engine: Engine) -> Connection:
@@ -183,7 +158,7 @@ async def _hold_in_task(engine: AsyncEngine, ready: asyncio.Event, release: asyn
 
 
 def test_holder_fields_age_wait_tag_statement_site(
-    db_url: str, make_engine: Callable[..., Engine]
+    db_url: str, make_engine: EngineFactory
 ) -> None:
     engine = make_engine(db_url, 2)
     guard = poolguard.get_guard(engine)
@@ -219,8 +194,9 @@ def test_holder_fields_age_wait_tag_statement_site(
     assert guard.holders() == []
 
 
+@pytest.mark.timing
 def test_holder_wait_is_the_time_its_checkout_waited(
-    sqlite_url: str, make_engine: Callable[..., Engine], threads: Threads
+    sqlite_url: str, make_engine: EngineFactory, threads: Threads
 ) -> None:
     engine = make_engine(sqlite_url, 1, acquire_timeout=30)
     guard = poolguard.get_guard(engine)
@@ -235,7 +211,7 @@ def test_holder_wait_is_the_time_its_checkout_waited(
     first = engine.connect()
     try:
         threads.start(waiter)
-        _poll(lambda: guard.gate.waiting == 1, "the second checkout to wait")
+        wait_until(lambda: guard.gate.waiting == 1, "the second checkout to wait")
         time.sleep(0.1)
     finally:
         first.close()
@@ -252,21 +228,23 @@ def test_holder_wait_is_the_time_its_checkout_waited(
 @pytest.mark.parametrize(
     ("backend", "sql", "normalised"),
     [
-        pytest.param("postgresql", "SELECT pg_sleep(1)", "SELECT pg_sleep(?)",
+        # Long enough to still run when the test looks, on a loaded machine.
+        pytest.param("postgresql", "SELECT pg_sleep(3)", "SELECT pg_sleep(?)",
                      marks=pytest.mark.postgresql, id="postgresql"),
-        pytest.param("mariadb", "SELECT SLEEP(1)", "SELECT SLEEP(?)",
+        pytest.param("mariadb", "SELECT SLEEP(3)", "SELECT SLEEP(?)",
                      marks=pytest.mark.mariadb, id="mariadb"),
     ],
 )
+@pytest.mark.timing
 def test_running_statement_in_another_thread(
     backend: str, sql: str, normalised: str, request: pytest.FixtureRequest,
-    make_engine: Callable[..., Engine], threads: Threads,
+    make_engine: EngineFactory, threads: Threads,
 ) -> None:
     url = request.getfixturevalue(f"{backend}_url")
     engine = make_engine(url, 2)
     guard = poolguard.get_guard(engine)
     threads.start(_hold_running, engine, sql)
-    _poll(lambda: any(h.running for h in guard.holders()), "the statement to run")
+    wait_until(lambda: any(h.running for h in guard.holders()), "the statement to run")
 
     (item,) = guard.holders()
     assert item.running is True
@@ -293,7 +271,7 @@ async def test_site_of_an_asyncio_task_holder(async_db_url: str) -> None:
     ready, release = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(_hold_in_task(engine, ready, release))
     try:
-        await asyncio.wait_for(ready.wait(), POLL_LIMIT)
+        await asyncio.wait_for(ready.wait(), SAFETY_TIMEOUT)
         (item,) = guard.holders()
         # The task is suspended in _hold_in_task: that is where it holds the connection.
         assert item.site == _site(_hold_in_task, "# suspended here")
@@ -319,10 +297,9 @@ async def test_site_of_an_asyncio_task_running_a_statement(asyncpg_url: str) -> 
     guard = poolguard.get_guard(engine)
     task = asyncio.create_task(_sleep_in_task(engine))
     try:
-        deadline = time.monotonic() + POLL_LIMIT
-        while not any(h.running for h in guard.holders()):
-            assert time.monotonic() < deadline, "the statement never ran"
-            await asyncio.sleep(0.005)
+        await async_wait_until(
+            lambda: any(h.running for h in guard.holders()), "the statement to run"
+        )
         (item,) = guard.holders()
         assert item.running is True
         assert item.statement == "select pg_sleep(?)"
@@ -342,11 +319,10 @@ async def _async_query_here(conn: Any) -> None:
 
 
 async def test_capture_call_sites_of_an_asyncio_checkout(
-    async_db_url: str, caplog: pytest.LogCaptureFixture
+    async_db_url: str, events: list[dict[str, Any]]
 ) -> None:
     # The checkout runs inside SQLAlchemy's greenlet, whose frames end at the greenlet's
     # start: the application frame is in the task that awaits it.
-    caplog.set_level(logging.WARNING, logger="poolguard")
     engine = create_async_engine(async_db_url, pool_size=2, max_overflow=0)
     poolguard.wrap(engine, capture_call_sites=True, slow_query_threshold=0,
                    alert_utilization=None, alert_wait_time=None)
@@ -362,13 +338,12 @@ async def test_capture_call_sites_of_an_asyncio_checkout(
     finally:
         await engine.dispose()
     # The same for the site of a slow statement.
-    sites = {r.poolguard["site"] for r in _records(caplog, "query.slow")
-             if r.poolguard["statement"] == "SELECT ?"}
+    sites = {e["site"] for e in named(events, "query.slow") if e["statement"] == "SELECT ?"}
     assert sites == {_site(_async_query_here, "# async query site")}
 
 
 def test_capture_call_sites_reports_the_checkout_site(
-    db_url: str, make_engine: Callable[..., Engine]
+    db_url: str, make_engine: EngineFactory
 ) -> None:
     engine = make_engine(db_url, 4, capture_call_sites=True)
     guard = poolguard.get_guard(engine)
@@ -404,7 +379,7 @@ def test_capture_call_sites_reports_the_checkout_site(
 
 
 def test_holders_report_groups_by_fingerprint_and_site(
-    sqlite_url: str, make_engine: Callable[..., Engine]
+    sqlite_url: str, make_engine: EngineFactory
 ) -> None:
     engine = make_engine(sqlite_url, 6, capture_call_sites=True)
     guard = poolguard.get_guard(engine)
@@ -500,7 +475,7 @@ def test_group_holders_sorts_by_count_then_oldest_and_describe_groups_formats() 
 
 
 def test_holders_report_is_reused_for_a_second_unless_fresh(
-    sqlite_url: str, make_engine: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch
+    sqlite_url: str, make_engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = make_engine(sqlite_url, 2)
     guard = poolguard.get_guard(engine)
@@ -527,26 +502,27 @@ def test_holders_report_is_reused_for_a_second_unless_fresh(
 
 
 @pytest.mark.parametrize("capture", [False, True], ids=["site-now", "checkout-site"])
+@pytest.mark.timing
 def test_held_too_long_warns_once_and_again_on_return(
-    db_url: str, capture: bool, make_engine: Callable[..., Engine],
-    caplog: pytest.LogCaptureFixture,
+    db_url: str, capture: bool, make_engine: EngineFactory, events: list[dict[str, Any]],
 ) -> None:
-    caplog.set_level(logging.INFO, logger="poolguard")
     engine = make_engine(db_url, 2, leak_threshold=0.05, capture_call_sites=capture)
     guard = poolguard.get_guard(engine)
     guard.scanner.next_scan = math.inf  # only the scans below run
+    started = time.perf_counter()
     with poolguard.request(tag="leaky"):
         conn = _leak(engine)
     try:
-        guard.scan()
-        assert _records(caplog, "connection.held_too_long") == []  # not yet past it
+        # At the checkout's time, not "now": however late this thread runs, the
+        # connection is not yet past the threshold at that time.
+        guard.scan(started)
+        assert named(events, "connection.held_too_long") == []  # not yet past it
         time.sleep(0.1)
         guard.scan(); site_now = _caller_site()  # noqa: E702 - the site is this line
         guard.scan()  # already warned: not again
         assert guard.stats().leak_warnings == 1
-        (record,) = _records(caplog, "connection.held_too_long")
-        assert record.levelno == logging.WARNING
-        event = record.poolguard
+        (event,) = named(events, "connection.held_too_long")
+        assert event["level"] == "warning"
         assert event["statement"] == "SELECT ?"
         assert event["fingerprint"] == fingerprint("SELECT 7").id
         assert event["tag"] == "leaky"
@@ -559,22 +535,21 @@ def test_held_too_long_warns_once_and_again_on_return(
         else:
             assert event["site"] == site_now  # where its thread (this one) was at the scan
             assert event["site_kind"] == "now"
-        assert _records(caplog, "connection.returned_after_warning") == []
+        assert named(events, "connection.returned_after_warning") == []
     finally:
         conn.close()
-    (returned,) = _records(caplog, "connection.returned_after_warning")
-    assert returned.levelno == logging.INFO
-    assert returned.poolguard["held_ms"] >= event["held_ms"]
-    assert returned.poolguard["site"] == (_site(_leak, "# leaked here") if capture else None)
+    (returned,) = named(events, "connection.returned_after_warning")
+    assert returned["level"] == "info"
+    assert returned["held_ms"] >= event["held_ms"]
+    assert returned["site"] == (_site(_leak, "# leaked here") if capture else None)
     guard.scan()
     assert guard.stats().leak_warnings == 1
-    assert len(_records(caplog, "connection.held_too_long")) == 1
+    assert len(named(events, "connection.held_too_long")) == 1
 
 
 def test_connection_returned_in_time_never_warns(
-    sqlite_url: str, make_engine: Callable[..., Engine], caplog: pytest.LogCaptureFixture
+    sqlite_url: str, make_engine: EngineFactory, events: list[dict[str, Any]]
 ) -> None:
-    caplog.set_level(logging.INFO, logger="poolguard")
     engine = make_engine(sqlite_url, 1, leak_threshold=1.0)
     guard = poolguard.get_guard(engine)
     guard.scanner.next_scan = math.inf
@@ -583,22 +558,22 @@ def test_connection_returned_in_time_never_warns(
     conn.close()
     guard.scan(time.perf_counter() + 10.0)  # after: nothing is out any more
     assert guard.stats().leak_warnings == 0
-    assert _records(caplog, "connection.held_too_long") == []
-    assert _records(caplog, "connection.returned_after_warning") == []
+    assert named(events, "connection.held_too_long", "connection.returned_after_warning") == []
 
 
 # -- PoolTimeout names the holders ----------------------------------------------------------
 
 
 @pytest.mark.postgresql
+@pytest.mark.timing
 def test_pool_timeout_message_names_the_top_holders(
-    postgresql_url: str, make_engine: Callable[..., Engine], threads: Threads
+    postgresql_url: str, make_engine: EngineFactory, threads: Threads
 ) -> None:
     engine = make_engine(postgresql_url, 2, acquire_timeout=0.2)
     guard = poolguard.get_guard(engine)
     for _ in range(2):
         threads.start(_sleeper, engine)
-    _poll(lambda: sum(h.running for h in guard.holders()) == 2, "both sleeps to run")
+    wait_until(lambda: sum(h.running for h in guard.holders()) == 2, "both sleeps to run")
     with pytest.raises(poolguard.PoolTimeout) as info:
         engine.connect()
     error = info.value
@@ -608,6 +583,6 @@ def test_pool_timeout_message_names_the_top_holders(
     site = _site(_sleeper, "# sleeping here")
     assert f"held by: 2x 'select pg_sleep(?)' at {site} (held " in message
     assert message.endswith("; 2 running)")
-    assert "pg_sleep(1)" not in message  # no literal
+    assert "pg_sleep(3)" not in message  # no literal
     threads.join()
     assert guard.gate.in_use == 0

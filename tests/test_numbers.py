@@ -8,9 +8,7 @@ the histogram's arithmetic is checked on its own.
 
 from __future__ import annotations
 
-import logging
 import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -19,10 +17,11 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 
 import poolguard
+from _support import EngineFactory, named, wait_until
 from poolguard._histogram import BOUNDS, Histogram
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Iterator
 
     from sqlalchemy.engine import Engine
 
@@ -114,18 +113,9 @@ def provider(reader: InMemoryMetricReader) -> Iterator[MeterProvider]:
 
 
 @pytest.fixture
-def make_engine(provider: MeterProvider) -> Iterator[Callable[..., Engine]]:
-    made: list[Engine] = []
-
-    def make(url: str, **options: Any) -> Engine:
-        engine = sa.create_engine(url, pool_size=1, max_overflow=0)
-        made.append(engine)
-        options.setdefault("alert_utilization", None)
-        return poolguard.wrap(engine, meter_provider=provider, **options)
-
-    yield make
-    for engine in made:
-        engine.dispose()
+def make_engine(make_engine: EngineFactory, provider: MeterProvider) -> EngineFactory:
+    """Guarded one-connection engines reporting to ``provider``, no utilization alert."""
+    return make_engine.using(meter_provider=provider, alert_utilization=None)
 
 
 def _wait_point(reader: InMemoryMetricReader, name: str) -> HistogramDataPoint:
@@ -162,7 +152,7 @@ def _checkout_in_thread(engine: Engine) -> tuple[threading.Thread, list[BaseExce
 
 @pytest.mark.timing
 def test_timed_out_waits_count_in_the_histogram_and_the_total_alike(
-    db_url: str, make_engine: Callable[..., Engine], reader: InMemoryMetricReader
+    db_url: str, make_engine: EngineFactory, reader: InMemoryMetricReader
 ) -> None:
     # The regression: wait_time_total had the timed-out waits, wait_time.sum did not.
     timeout = 0.1
@@ -172,10 +162,7 @@ def test_timed_out_waits_count_in_the_histogram_and_the_total_alike(
         with pytest.raises(poolguard.PoolTimeout):
             engine.connect()  # waits its whole timeout
         waiter, errors = _checkout_in_thread(engine)
-        deadline = time.monotonic() + SAFETY_TIMEOUT
-        while guard.gate.waiting != 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        wait_until(lambda: guard.gate.waiting == 1, "the thread to wait at the gate")
     waiter.join(SAFETY_TIMEOUT)  # granted once the holder returned its connection
     assert not waiter.is_alive()
     assert errors == []
@@ -197,7 +184,7 @@ def test_timed_out_waits_count_in_the_histogram_and_the_total_alike(
 
 @pytest.mark.timing
 def test_a_queue_delay_shed_is_a_wait_and_a_rejection_not_a_timeout(
-    sqlite_url: str, make_engine: Callable[..., Engine], reader: InMemoryMetricReader
+    sqlite_url: str, make_engine: EngineFactory, reader: InMemoryMetricReader
 ) -> None:
     engine = make_engine(sqlite_url, codel=True, acquire_timeout=SAFETY_TIMEOUT)
     guard = poolguard.get_guard(engine)
@@ -221,21 +208,18 @@ def test_a_queue_delay_shed_is_a_wait_and_a_rejection_not_a_timeout(
 # -- poolguard.pool.exhausted counts pool.exhausted events --------------------------------
 
 
-@pytest.mark.usefixtures("structlog_unconfigured")
 def test_pool_exhausted_counts_the_events_logged(
-    db_url: str, make_engine: Callable[..., Engine], reader: InMemoryMetricReader,
-    caplog: pytest.LogCaptureFixture,
+    db_url: str, make_engine: EngineFactory, reader: InMemoryMetricReader,
+    events: list[dict[str, Any]],
 ) -> None:
     # The regression: the counter read 49 while 3 pool.exhausted events were logged.
     engine = make_engine(db_url, acquire_timeout=0)
     guard = poolguard.get_guard(engine)
-    caplog.set_level(logging.WARNING, logger="poolguard")
     with engine.connect():
         for _ in range(5):
             with pytest.raises(poolguard.PoolTimeout):
                 engine.connect()
-    logged = [r for r in caplog.records
-              if r.name == "poolguard" and r.poolguard["event"] == "pool.exhausted"]
+    logged = named(events, "pool.exhausted")
     assert len(logged) == 1  # one per 10 s
     assert guard.exhaustion_events == 1
     assert guard.stats().timeouts == 5

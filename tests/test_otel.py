@@ -48,12 +48,14 @@ from opentelemetry.sdk.metrics.export import (
 )
 
 import poolguard
+from _support import SAFETY_TIMEOUT, EngineFactory, named, wait_until
 from poolguard import _histogram as pg_histogram
 from poolguard._fingerprint import fingerprint
 from poolguard._otel import DURATION_BUCKETS
+from poolguard.testing import capture_events
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Mapping
+    from collections.abc import Iterator, Mapping
     from pathlib import Path
 
     from opentelemetry.sdk.metrics.export import Metric
@@ -61,7 +63,6 @@ if TYPE_CHECKING:
 
 # Upper bound of any wait for another thread to get somewhere: it only stops a
 # broken test from hanging, and no assertion depends on it.
-SAFETY_TIMEOUT = 10.0
 #: How long the workload holds a connection (use_time's lower bound).
 HOLD = 0.05
 
@@ -185,23 +186,12 @@ def provider(reader: InMemoryMetricReader) -> Iterator[MeterProvider]:
 
 
 @pytest.fixture
-def make_engine(provider: MeterProvider) -> Iterator[Callable[..., Engine]]:
-    """Guarded engines reporting to ``provider`` (options after ``url`` go to wrap)."""
-    created: list[Engine] = []
-
-    def make(
-        url: str, *, pool_size: int = 2, max_overflow: int = 1, **options: Any
-    ) -> Engine:
-        engine = sa.create_engine(url, pool_size=pool_size, max_overflow=max_overflow)
-        created.append(engine)
-        options.setdefault("meter_provider", provider)
-        # No utilization alert (a pool.exhausted event) unless a test causes one.
-        options.setdefault("alert_utilization", None)
-        return poolguard.wrap(engine, **options)
-
-    yield make
-    for engine in created:
-        engine.dispose()
+def make_engine(make_engine: EngineFactory, provider: MeterProvider) -> EngineFactory:
+    """Guarded engines (2 connections + 1 overflow) reporting to ``provider``."""
+    # No utilization alert (a pool.exhausted event) unless a test causes one.
+    return make_engine.using(
+        pool={"pool_size": 2, "max_overflow": 1}, meter_provider=provider, alert_utilization=None
+    )
 
 
 @pytest.fixture
@@ -238,13 +228,6 @@ def counts_since(before: Mapping[str, Metric], after: Mapping[str, Metric], name
     return {k: n - old.get(k, 0) for k, n in by_attrs(after).items() if n != old.get(k, 0)}
 
 
-def wait_for(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + SAFETY_TIMEOUT
-    while not condition():
-        assert time.monotonic() < deadline, "gave up waiting (safety timeout)"
-        time.sleep(0.001)
-
-
 class Waiter(threading.Thread):
     """A thread that checks a connection out (waiting at the gate) and returns it."""
 
@@ -269,7 +252,7 @@ class Waiter(threading.Thread):
 
 
 def test_pool_and_operation_metrics_after_workload(
-    db_url: str, table: str, make_engine: Callable[..., Engine], reader: InMemoryMetricReader
+    db_url: str, table: str, make_engine: EngineFactory, reader: InMemoryMetricReader
 ) -> None:
     engine = make_engine(db_url)
     guard = poolguard.get_guard(engine)
@@ -383,8 +366,9 @@ def test_pool_and_operation_metrics_after_workload(
         }
 
 
+@pytest.mark.timing
 def test_pending_requests_and_wait_time_of_a_waiting_checkout(
-    db_url: str, make_engine: Callable[..., Engine], reader: InMemoryMetricReader
+    db_url: str, make_engine: EngineFactory, reader: InMemoryMetricReader
 ) -> None:
     engine = make_engine(db_url, pool_size=1, max_overflow=0, acquire_timeout=SAFETY_TIMEOUT)
     guard = poolguard.get_guard(engine)
@@ -396,7 +380,7 @@ def test_pending_requests_and_wait_time_of_a_waiting_checkout(
     waiter = Waiter(engine)
     waiter.start()
     try:
-        wait_for(lambda: guard.gate.waiting == 1)
+        wait_until(lambda: guard.gate.waiting == 1, "a checkout waiting")
         queued_at = time.perf_counter()  # the waiter started waiting before this
         waiting = collect(reader)
         time.sleep(HOLD)
@@ -420,7 +404,7 @@ def test_pending_requests_and_wait_time_of_a_waiting_checkout(
 
 
 def test_timeouts_and_pool_exhausted(
-    db_url: str, make_engine: Callable[..., Engine], reader: InMemoryMetricReader
+    db_url: str, make_engine: EngineFactory, reader: InMemoryMetricReader
 ) -> None:
     engine = make_engine(db_url, pool_size=1, max_overflow=0, acquire_timeout=0)
     guard = poolguard.get_guard(engine)
@@ -445,7 +429,7 @@ def test_timeouts_and_pool_exhausted(
 
 
 def test_leak_warnings(
-    db_url: str, make_engine: Callable[..., Engine], reader: InMemoryMetricReader
+    db_url: str, make_engine: EngineFactory, reader: InMemoryMetricReader
 ) -> None:
     engine = make_engine(db_url, leak_threshold=0.01)
     guard = poolguard.get_guard(engine)
@@ -465,7 +449,7 @@ def test_leak_warnings(
 
 
 def test_legacy_names(
-    db_url: str, make_engine: Callable[..., Engine], reader: InMemoryMetricReader
+    db_url: str, make_engine: EngineFactory, reader: InMemoryMetricReader
 ) -> None:
     engine = make_engine(db_url, metrics_legacy_names=True)
     guard = poolguard.get_guard(engine)
@@ -510,7 +494,7 @@ def test_legacy_names(
 
 
 def test_metrics_false_reports_nothing(
-    sqlite_url: str, make_engine: Callable[..., Engine], reader: InMemoryMetricReader
+    sqlite_url: str, make_engine: EngineFactory, reader: InMemoryMetricReader
 ) -> None:
     engine = make_engine(sqlite_url, metrics=False)
     guard = poolguard.get_guard(engine)
@@ -522,7 +506,7 @@ def test_metrics_false_reports_nothing(
     assert guard.recorder.export_use is None
 
 
-def test_unwrap_stops_reporting(sqlite_url: str, make_engine: Callable[..., Engine]) -> None:
+def test_unwrap_stops_reporting(sqlite_url: str, make_engine: EngineFactory) -> None:
     # A cumulative reader keeps a sync instrument's last point; a delta one shows news only.
     cumulative = InMemoryMetricReader()
     delta = InMemoryMetricReader(
@@ -585,7 +569,7 @@ def test_global_provider_without_sdk_keeps_nothing(tmp_path: Path) -> None:
 
 
 def test_first_collection_reports_samples_since_wrap(
-    sqlite_url: str, make_engine: Callable[..., Engine], reader: InMemoryMetricReader
+    sqlite_url: str, make_engine: EngineFactory, reader: InMemoryMetricReader
 ) -> None:
     # The regression: samples were kept only from the first collection on, so
     # the first scrape after a busy start had no histograms at all.
@@ -655,12 +639,10 @@ def test_global_sdk_installed_after_wrap_gets_samples_from_the_next_scan(
     }
 
 
-@pytest.mark.usefixtures("structlog_unconfigured")
 def test_export_buffers_are_bounded_without_checkouts_or_collections(
     sqlite_url: str,
-    make_engine: Callable[..., Engine],
+    make_engine: EngineFactory,
     reader: InMemoryMetricReader,
-    caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The regression: the bound was enforced by the scan, which runs only on
@@ -678,7 +660,7 @@ def test_export_buffers_are_bounded_without_checkouts_or_collections(
         for _ in range(25):
             conn.execute(select)
         assert len(guard.recorder.export_ops or ()) == 10
-        with caplog.at_level(logging.WARNING, logger="poolguard"):
+        with capture_events(logging.WARNING) as logged:
             metrics = collect(reader)
     # The newest 10 are reported; the 15 dropped are logged, once, by count.
     shape = {"poolguard.query.fingerprint": fingerprint("SELECT 1 AS bounded").id}
@@ -686,21 +668,20 @@ def test_export_buffers_are_bounded_without_checkouts_or_collections(
     select_points = points(metrics, "db.client.operation.duration",
                            {"db.operation.name": "SELECT"})
     assert sum(p.count for p in select_points) == 10
-    dropped = [r for r in caplog.records if r.getMessage().startswith("metrics.samples_dropped")]
+    dropped = named(logged, "metrics.samples_dropped")
     assert len(dropped) == 1
-    assert dropped[0].poolguard["samples"] == 15
+    assert dropped[0]["samples"] == 15
     assert guard.recorder.export_ops is not None
     assert len(guard.recorder.export_ops) == 0
     # Nothing dropped since: the next collection logs nothing.
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="poolguard"):
+    with capture_events(logging.WARNING) as logged:
         collect(reader)
-    assert [r for r in caplog.records if "samples_dropped" in r.getMessage()] == []
+    assert named(logged, "metrics.samples_dropped") == []
 
 
 def test_hot_path_makes_no_sdk_call_per_checkout(
     sqlite_url: str,
-    make_engine: Callable[..., Engine],
+    make_engine: EngineFactory,
     reader: InMemoryMetricReader,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -736,7 +717,7 @@ def test_hot_path_makes_no_sdk_call_per_checkout(
 
 
 def test_two_engines_on_one_provider_both_report(
-    tmp_path: Path, make_engine: Callable[..., Engine], reader: InMemoryMetricReader
+    tmp_path: Path, make_engine: EngineFactory, reader: InMemoryMetricReader
 ) -> None:
     first = make_engine(f"sqlite:///{tmp_path / 'first.db'}", name="first")
     second = make_engine(f"sqlite:///{tmp_path / 'second.db'}", name="second", pool_size=4)
@@ -759,7 +740,7 @@ def test_two_engines_on_one_provider_both_report(
 
 def test_a_failing_guard_does_not_hide_the_others(
     tmp_path: Path,
-    make_engine: Callable[..., Engine],
+    make_engine: EngineFactory,
     reader: InMemoryMetricReader,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -780,7 +761,7 @@ def test_a_failing_guard_does_not_hide_the_others(
 
 
 def test_wrap_again_after_unwrap_reports_again(
-    sqlite_url: str, make_engine: Callable[..., Engine], reader: InMemoryMetricReader,
+    sqlite_url: str, make_engine: EngineFactory, reader: InMemoryMetricReader,
     provider: MeterProvider,
 ) -> None:
     engine = make_engine(sqlite_url, name="again")
@@ -802,7 +783,7 @@ def test_wrap_again_after_unwrap_reports_again(
 
 
 def test_wait_time_counts_a_checkout_granted_during_a_collection_once(
-    sqlite_url: str, make_engine: Callable[..., Engine], reader: InMemoryMetricReader
+    sqlite_url: str, make_engine: EngineFactory, reader: InMemoryMetricReader
 ) -> None:
     engine = make_engine(sqlite_url, pool_size=1, max_overflow=0, acquire_timeout=SAFETY_TIMEOUT)
     guard = poolguard.get_guard(engine)
@@ -827,7 +808,7 @@ def test_wait_time_counts_a_checkout_granted_during_a_collection_once(
     waiter = Waiter(engine)
     waiter.start()
     try:
-        wait_for(lambda: guard.gate.waiting == 1)
+        wait_until(lambda: guard.gate.waiting == 1, "a checkout waiting")
         time.sleep(HOLD)
         held.close()  # hands the permit to the waiter
         assert granted.wait(SAFETY_TIMEOUT)
@@ -844,7 +825,7 @@ def test_wait_time_counts_a_checkout_granted_during_a_collection_once(
 
 
 def test_meter_version_is_the_package_version(
-    sqlite_url: str, make_engine: Callable[..., Engine], reader: InMemoryMetricReader
+    sqlite_url: str, make_engine: EngineFactory, reader: InMemoryMetricReader
 ) -> None:
     # The distribution is sqlalchemy-poolguard: looking up "poolguard" in the
     # installed metadata finds nothing, or an unrelated project of that name.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,6 +19,7 @@ import sqlalchemy as sa
 import sqlalchemy.exc
 
 import poolguard
+from _support import SAFETY_TIMEOUT, FakeClock, wait_until
 from poolguard import Config
 from poolguard._context import RequestContext
 from poolguard._gate import AdmissionRefused, Gate
@@ -38,29 +38,6 @@ from poolguard._policies import (
     reserve_size,
     tag_limit,
 )
-
-# Upper bound of any wait for another thread to get somewhere. It only stops a
-# broken test from hanging; no assertion is about elapsed time.
-SAFETY_TIMEOUT = 10.0
-
-
-class FakeClock:
-    """A monotonic clock that moves only when the test moves it."""
-
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    """Poll ``predicate`` until it holds (fails the test after SAFETY_TIMEOUT)."""
-    give_up = time.monotonic() + SAFETY_TIMEOUT
-    while not predicate():
-        if time.monotonic() > give_up:
-            pytest.fail(f"gave up waiting for {what}")
-        time.sleep(0.001)
 
 
 class Waiters:

@@ -24,7 +24,8 @@ from poolguard._policies import CRITICAL, tag_limit
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import postmortem
 
-pytestmark = pytest.mark.postgresql
+# Real traffic from threads over wall-clock phases: the outcome depends on the scheduler.
+pytestmark = [pytest.mark.postgresql, pytest.mark.timing]
 
 TRAFFIC = postmortem.Traffic(
     pre=2.0,

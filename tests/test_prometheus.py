@@ -476,6 +476,7 @@ def _problems(api: PrometheusAPI, rules: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
+@pytest.mark.timing
 def test_end_to_end_with_a_real_prometheus(tmp_path: Path) -> None:
     prometheus = _tool("prometheus")
     _need_exporter()

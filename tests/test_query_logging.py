@@ -20,16 +20,16 @@ import sqlalchemy as sa
 import structlog
 
 import poolguard
+from _support import named
 from poolguard._fingerprint import fingerprint
 
 #: Events go to the stdlib logger: structlog not configured (see conftest).
 pytestmark = pytest.mark.usefixtures("structlog_unconfigured")
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
-
     from sqlalchemy.engine import Engine
 
+    from _support import EngineFactory
     from poolguard import Guard
 
 
@@ -38,22 +38,8 @@ if TYPE_CHECKING:
 
 
 
-@pytest.fixture
-def make_engine() -> Iterator[Callable[..., Engine]]:
-    """``make_engine(url, **wrap_options)``: a guarded engine with one connection, disposed after.
-
-    One connection, so that temporary tables stay visible to every checkout.
-    """
-    made: list[Engine] = []
-
-    def make(url: str, **options: Any) -> Engine:
-        engine = sa.create_engine(url, pool_size=1, max_overflow=0)
-        made.append(engine)
-        return poolguard.wrap(engine, **options)
-
-    yield make
-    for engine in made:
-        engine.dispose()
+# make_engine (conftest): one connection, so that temporary tables stay visible to
+# every checkout.
 
 
 def _run(engine: Engine, sql: str, params: dict[str, Any] | list[dict[str, Any]] | None = None
@@ -67,10 +53,6 @@ def _records(caplog: pytest.LogCaptureFixture, event: str | None = None) -> list
         r for r in caplog.records
         if r.name == "poolguard" and (event is None or r.poolguard["event"] == event)
     ]
-
-
-def _events(caplog: pytest.LogCaptureFixture, event: str) -> list[dict[str, Any]]:
-    return [r.poolguard for r in _records(caplog, event)]
 
 
 def _capture_structlog(level: int = logging.DEBUG) -> list[dict[str, Any]]:
@@ -101,7 +83,7 @@ def _here() -> tuple[str, str, int]:
 
 
 def test_unconfigured_structlog_sends_events_to_stdlib_logger(
-    sqlite_url: str, make_engine: Callable[..., Engine], caplog: pytest.LogCaptureFixture,
+    sqlite_url: str, make_engine: EngineFactory, caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     caplog.set_level(logging.WARNING, logger="poolguard")
@@ -125,7 +107,7 @@ def test_unconfigured_structlog_sends_events_to_stdlib_logger(
 
 
 def test_nothing_is_printed_when_the_application_configured_no_logging(
-    sqlite_url: str, make_engine: Callable[..., Engine], capsys: pytest.CaptureFixture[str]
+    sqlite_url: str, make_engine: EngineFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = logging.getLogger()
     saved_handlers = root.handlers[:]
@@ -169,7 +151,7 @@ def test_nothing_is_printed_when_the_application_configured_no_logging(
 
 
 def test_configured_structlog_receives_events_and_stdlib_gets_none(
-    sqlite_url: str, make_engine: Callable[..., Engine], caplog: pytest.LogCaptureFixture,
+    sqlite_url: str, make_engine: EngineFactory, caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="poolguard")
@@ -201,7 +183,7 @@ def test_configured_structlog_receives_events_and_stdlib_gets_none(
 
 
 def test_refresh_follows_the_logging_set_up(
-    sqlite_url: str, make_engine: Callable[..., Engine], caplog: pytest.LogCaptureFixture
+    sqlite_url: str, make_engine: EngineFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="poolguard")
     engine = make_engine(sqlite_url, slow_query_threshold=0)
@@ -219,7 +201,7 @@ def test_refresh_follows_the_logging_set_up(
     guard.log.refresh()
     run("third")  # stdlib again
 
-    stdlib = {e["statement"] for e in _events(caplog, "query.slow")}
+    stdlib = {r.poolguard["statement"] for r in _records(caplog, "query.slow")}
     via_structlog = {e["statement"] for e in captured if e["event"] == "query.slow"}
     assert {"SELECT ? AS first", "SELECT ? AS third"} <= stdlib
     assert "SELECT ? AS second" not in stdlib
@@ -227,7 +209,7 @@ def test_refresh_follows_the_logging_set_up(
 
 
 def test_structlog_filtering_above_debug_turns_query_events_off(
-    sqlite_url: str, make_engine: Callable[..., Engine]
+    sqlite_url: str, make_engine: EngineFactory
 ) -> None:
     engine = make_engine(sqlite_url, slow_query_threshold=None, query_log_sample_rate=1.0)
     guard = poolguard.get_guard(engine)
@@ -242,7 +224,7 @@ def test_structlog_filtering_above_debug_turns_query_events_off(
 
 
 def test_structlog_without_a_level_filter_gets_no_query_events_by_default(
-    db_url: str, make_engine: Callable[..., Engine]
+    db_url: str, make_engine: EngineFactory
 ) -> None:
     # The regression: structlog configured the usual way (no level filter)
     # got a DEBUG query event for every statement the application ran.
@@ -288,9 +270,8 @@ def test_structlog_without_a_level_filter_gets_no_query_events_by_default(
 
 
 def test_slow_query_event_carries_every_field(
-    db_url: str, make_engine: Callable[..., Engine], caplog: pytest.LogCaptureFixture
+    db_url: str, make_engine: EngineFactory, events: list[dict[str, Any]]
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="poolguard")
     backend = sa.make_url(db_url).get_backend_name()
     if backend == "sqlite":  # no sleep function: a threshold of 0 makes every statement slow
         threshold, sql, shape = 0.0, "SELECT v FROM slow_t WHERE id = :id", (
@@ -309,10 +290,10 @@ def test_slow_query_event_carries_every_field(
         path, function, line = _here()
         conn.execute(sa.text(sql), {"id": 1, "s": 0.2}).all()
 
-    records = [r for r in _records(caplog, "query.slow") if r.poolguard["statement"] == shape]
+    records = [e for e in named(events, "query.slow") if e["statement"] == shape]
     assert len(records) == 1
-    assert records[0].levelno == logging.WARNING
-    event = records[0].poolguard
+    event = records[0]
+    assert event["level"] == "warning"
     assert event["pool"] == "slow-pool"
     assert event["fingerprint"] == fingerprint(shape).id
     assert event["summary"] == "SELECT slow_t"
@@ -335,13 +316,12 @@ def test_slow_query_threshold_none_is_accepted() -> None:
 
 
 def test_no_slow_events_without_a_threshold(
-    postgresql_url: str, make_engine: Callable[..., Engine], caplog: pytest.LogCaptureFixture
+    postgresql_url: str, make_engine: EngineFactory, events: list[dict[str, Any]]
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="poolguard")
     engine = make_engine(postgresql_url, slow_query_threshold=None)
     with engine.connect() as conn:
         conn.execute(sa.text("SELECT pg_sleep(0.2)")).all()
-    assert _events(caplog, "query.slow") == []
+    assert named(events, "query.slow") == []
     (top,) = [q for q in poolguard.get_guard(engine).top_queries()
               if q.statement == "SELECT pg_sleep(?)"]
     assert top.calls == 1  # timed all the same
@@ -352,7 +332,7 @@ def test_no_slow_events_without_a_threshold(
 
 
 def test_query_events_only_when_debug_is_enabled(
-    sqlite_url: str, make_engine: Callable[..., Engine], caplog: pytest.LogCaptureFixture
+    sqlite_url: str, make_engine: EngineFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     engine = make_engine(sqlite_url, slow_query_threshold=None, query_log_sample_rate=1.0)
     guard = poolguard.get_guard(engine)
@@ -363,7 +343,7 @@ def test_query_events_only_when_debug_is_enabled(
     with engine.connect() as conn:
         for _ in range(5):
             conn.execute(sa.text("SELECT 1 AS quiet")).all()
-    assert _events(caplog, "query") == []
+    assert _records(caplog, "query") == []
 
     caplog.set_level(logging.DEBUG, logger="poolguard")
     guard.log.refresh()
@@ -388,10 +368,9 @@ def test_query_events_only_when_debug_is_enabled(
 
 @pytest.mark.parametrize("rate", [0.0, 0.5, 1.0])
 def test_query_log_sample_rate(
-    rate: float, sqlite_url: str, make_engine: Callable[..., Engine],
-    caplog: pytest.LogCaptureFixture,
+    rate: float, sqlite_url: str, make_engine: EngineFactory,
+    debug_events: list[dict[str, Any]],
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="poolguard")
     engine = make_engine(sqlite_url, slow_query_threshold=None, query_log_sample_rate=rate)
     poolguard.get_guard(engine).log.refresh()
     n = 200
@@ -399,7 +378,8 @@ def test_query_log_sample_rate(
     with engine.connect() as conn:
         for i in range(n):
             conn.execute(sa.text("SELECT :i AS sampled"), {"i": i}).all()
-    logged = len([e for e in _events(caplog, "query") if e["statement"] == "SELECT ? AS sampled"])
+    queries = named(debug_events, "query")
+    logged = len([e for e in queries if e["statement"] == "SELECT ? AS sampled"])
     if rate == 0.0:
         assert logged == 0
     elif rate == 1.0:
@@ -413,14 +393,13 @@ def test_query_log_sample_rate(
 
 
 def test_slow_statements_are_never_sampled_away(
-    sqlite_url: str, make_engine: Callable[..., Engine], caplog: pytest.LogCaptureFixture
+    sqlite_url: str, make_engine: EngineFactory, events: list[dict[str, Any]]
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="poolguard")
     engine = make_engine(sqlite_url, slow_query_threshold=0, query_log_sample_rate=0.0)
     with engine.connect() as conn:
         for _ in range(20):
             conn.execute(sa.text("SELECT 1 AS always")).all()
-    slow = [e for e in _events(caplog, "query.slow") if e["statement"] == "SELECT ? AS always"]
+    slow = [e for e in named(events, "query.slow") if e["statement"] == "SELECT ? AS always"]
     assert len(slow) == 20
 
 
@@ -428,7 +407,7 @@ def test_slow_statements_are_never_sampled_away(
 
 
 def test_failing_statement_logs_error_type_without_message(
-    db_url: str, make_engine: Callable[..., Engine], caplog: pytest.LogCaptureFixture
+    db_url: str, make_engine: EngineFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="poolguard")
     engine = make_engine(db_url, slow_query_threshold=None)
@@ -489,7 +468,7 @@ UPDATE_SHAPE = "UPDATE qt SET v = v + ? WHERE id < ?"
 SELECT_SHAPE = "SELECT v FROM qt WHERE id = ?"
 
 
-def test_top_queries_after_a_known_workload(db_url: str, make_engine: Callable[..., Engine]
+def test_top_queries_after_a_known_workload(db_url: str, make_engine: EngineFactory
                                             ) -> None:
     engine = make_engine(db_url, slow_query_threshold=None)
     guard = poolguard.get_guard(engine)
@@ -512,7 +491,7 @@ def test_top_queries_after_a_known_workload(db_url: str, make_engine: Callable[.
     assert select.held_time > select.total_time
 
 
-def test_top_queries_sorting_and_limit(sqlite_url: str, make_engine: Callable[..., Engine]
+def test_top_queries_sorting_and_limit(sqlite_url: str, make_engine: EngineFactory
                                        ) -> None:
     engine = make_engine(sqlite_url, slow_query_threshold=None)
     guard = poolguard.get_guard(engine)
@@ -530,7 +509,7 @@ def test_top_queries_sorting_and_limit(sqlite_url: str, make_engine: Callable[..
     assert guard.top_queries(2, by="calls") == guard.top_queries(100, by="calls")[:2]
 
 
-def test_top_queries_rejects_an_unknown_field(sqlite_url: str, make_engine: Callable[..., Engine]
+def test_top_queries_rejects_an_unknown_field(sqlite_url: str, make_engine: EngineFactory
                                               ) -> None:
     engine = make_engine(sqlite_url)
     guard = poolguard.get_guard(engine)
@@ -548,18 +527,17 @@ def test_top_queries_rejects_an_unknown_field(sqlite_url: str, make_engine: Call
 
 
 def test_log_top_queries_emits_queries_top(
-    sqlite_url: str, make_engine: Callable[..., Engine], caplog: pytest.LogCaptureFixture
+    sqlite_url: str, make_engine: EngineFactory, events: list[dict[str, Any]]
 ) -> None:
-    caplog.set_level(logging.INFO, logger="poolguard")
     engine = make_engine(sqlite_url, slow_query_threshold=None, name="top-pool")
     guard = poolguard.get_guard(engine)
     _workload(engine)
     returned = guard.log_top_queries(3, by="calls")
     assert returned == guard.top_queries(3, by="calls")
-    records = _records(caplog, "queries.top")
+    records = named(events, "queries.top")
     assert len(records) == 1
-    assert records[0].levelno == logging.INFO
-    event = records[0].poolguard
+    event = records[0]
+    assert event["level"] == "info"
     assert event["pool"] == "top-pool"
     assert event["by"] == "calls"
     assert len(event["queries"]) == 3
@@ -572,9 +550,8 @@ def test_log_top_queries_emits_queries_top(
 
 
 def test_explain_slow_queries_once_per_shape(
-    db_url: str, make_engine: Callable[..., Engine], caplog: pytest.LogCaptureFixture
+    db_url: str, make_engine: EngineFactory, debug_events: list[dict[str, Any]]
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="poolguard")
     engine = make_engine(db_url, slow_query_threshold=0, explain_slow_queries=True)
     _run(engine, "CREATE TEMPORARY TABLE ex_t (id INTEGER, v VARCHAR(50))")
     _run(engine, "INSERT INTO ex_t (id, v) VALUES (:id, :v)",
@@ -586,8 +563,8 @@ def test_explain_slow_queries_once_per_shape(
         assert conn.execute(sa.text(select), {"v": "value-8-plan-probe"}).all() == []
 
     fp = fingerprint(shape).id
-    slow = [e for e in _events(caplog, "query.slow") if e["fingerprint"] == fp]
-    explains = [e for e in _events(caplog, "query.explain") if e["fingerprint"] == fp]
+    slow = [e for e in named(debug_events, "query.slow") if e["fingerprint"] == fp]
+    explains = [e for e in named(debug_events, "query.explain") if e["fingerprint"] == fp]
     assert len(slow) == 2
     assert len(explains) == 1
     event = explains[0]
@@ -596,15 +573,14 @@ def test_explain_slow_queries_once_per_shape(
     assert isinstance(event["plan"], str)
     assert "ex_t" in event["plan"]
     assert "value-" not in event["plan"]  # plans quote values: normalised like statements
-    assert _events(caplog, "query.explain_failed") == []
+    assert named(debug_events, "query.explain_failed") == []
 
 
 def test_no_explain_unless_asked(
-    sqlite_url: str, make_engine: Callable[..., Engine], caplog: pytest.LogCaptureFixture
+    sqlite_url: str, make_engine: EngineFactory, debug_events: list[dict[str, Any]]
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="poolguard")
     engine = make_engine(sqlite_url, slow_query_threshold=0)
     with engine.connect() as conn:
         conn.execute(sa.text("SELECT 1")).all()
-    assert _events(caplog, "query.slow") != []
-    assert _events(caplog, "query.explain") == []
+    assert named(debug_events, "query.slow") != []
+    assert named(debug_events, "query.explain") == []

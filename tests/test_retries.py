@@ -8,7 +8,6 @@ skip errors that are not transient, and never repeat a statement.
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 import threading
 import time
@@ -19,16 +18,13 @@ import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
 import poolguard
+from _support import EngineFactory, named
 from poolguard._retries import RetryBudget
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
     from pathlib import Path
 
-    from sqlalchemy.engine import Engine
 
-#: poolguard events go to the stdlib logger "poolguard", where caplog sees them.
-pytestmark = pytest.mark.usefixtures("structlog_unconfigured")
 
 
 # -- the budget's arithmetic --------------------------------------------------------------
@@ -157,24 +153,13 @@ def dialer(tmp_path: Path) -> Dialer:
 
 
 @pytest.fixture
-def make_engine(dialer: Dialer) -> Iterator[Callable[..., Engine]]:
-    made: list[Engine] = []
-
-    def make(**options: Any) -> Engine:
-        engine = sa.create_engine("sqlite://", creator=dialer, poolclass=NullPool)
-        made.append(engine)
-        return poolguard.wrap(engine, **options)
-
-    yield make
-    for engine in made:
-        engine.dispose()
+def make_engine(make_engine: EngineFactory, dialer: Dialer) -> EngineFactory:
+    """``make_engine(**wrap_options)``: SQLite through ``dialer``, a dial per checkout."""
+    return make_engine.using(pool={"creator": dialer, "poolclass": NullPool})
 
 
-def _retry_events(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
-    return [
-        r.poolguard for r in caplog.records  # type: ignore[attr-defined]
-        if r.name == "poolguard" and getattr(r, "poolguard", {}).get("event") == "connect.retry"
-    ]
+def _retry_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return named(events, "connect.retry")
 
 
 TRANSIENT = sqlite3.OperationalError("unable to open database file (injected)")
@@ -182,9 +167,8 @@ BURST = 10  # RetryBudget's default burst, as the guard builds it
 
 
 def test_a_burst_of_failing_checkouts_stays_within_the_budget(
-    make_engine: Callable[..., Engine], dialer: Dialer, caplog: pytest.LogCaptureFixture,
+    make_engine: EngineFactory, dialer: Dialer, events: list[dict[str, Any]],
 ) -> None:
-    caplog.set_level(logging.INFO, logger="poolguard")
     engine = make_engine(connect_retries=3, retry_budget=0.1)
     guard = poolguard.get_guard(engine)
     budget = guard.retry_budget
@@ -202,7 +186,7 @@ def test_a_burst_of_failing_checkouts_stays_within_the_budget(
     assert all(1 <= d <= 4 for d in per_checkout)  # one dial, at most three retries
     assert dialer.dials == n + budget.spent  # every retry spent from the budget
     assert budget.spent <= BURST + 0.1 * n
-    assert len(_retry_events(caplog)) == budget.spent
+    assert len(_retry_events(events)) == budget.spent
     # Each checkout ended either on a denied retry or with its retries used up.
     exhausted = per_checkout.count(4)
     assert budget.denied == n - exhausted
@@ -211,14 +195,14 @@ def test_a_burst_of_failing_checkouts_stays_within_the_budget(
     assert per_checkout[:3] == [4, 4, 4]
     assert max(per_checkout[10:]) <= 2
     assert guard.stats().permits == 0
-    events = _retry_events(caplog)
-    assert {e["error_type"] for e in events} == {"OperationalError"}
-    assert [e["attempt"] for e in events[:3]] == [1, 2, 3]
-    assert all(e["sleep_ms"] > 0 for e in events)
+    retries = _retry_events(events)
+    assert {e["error_type"] for e in retries} == {"OperationalError"}
+    assert [e["attempt"] for e in retries[:3]] == [1, 2, 3]
+    assert all(e["sleep_ms"] > 0 for e in retries)
 
 
 def test_concurrent_burst_stays_within_the_budget(
-    make_engine: Callable[..., Engine], dialer: Dialer,
+    make_engine: EngineFactory, dialer: Dialer,
 ) -> None:
     engine = make_engine(connect_retries=3, retry_budget=0.1)
     guard = poolguard.get_guard(engine)
@@ -253,25 +237,24 @@ def test_concurrent_burst_stays_within_the_budget(
 
 
 def test_a_transient_failure_is_retried_and_the_checkout_succeeds(
-    make_engine: Callable[..., Engine], dialer: Dialer, caplog: pytest.LogCaptureFixture,
+    make_engine: EngineFactory, dialer: Dialer, events: list[dict[str, Any]],
 ) -> None:
-    caplog.set_level(logging.INFO, logger="poolguard")
     engine = make_engine(connect_retries=3, retry_budget=0.1)
     dialer.script = [TRANSIENT, TRANSIENT]
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT 1").scalar_one() == 1
     assert dialer.dials == 3
-    assert len(_retry_events(caplog)) == 2
+    assert len(_retry_events(events)) == 2
     guard = poolguard.get_guard(engine)
     assert guard.retry_budget is not None
     assert guard.retry_budget.spent == 2
     assert guard.stats().permits == 0
 
 
+@pytest.mark.timing
 def test_retries_stop_at_the_requests_deadline(
-    make_engine: Callable[..., Engine], dialer: Dialer, caplog: pytest.LogCaptureFixture,
+    make_engine: EngineFactory, dialer: Dialer, events: list[dict[str, Any]],
 ) -> None:
-    caplog.set_level(logging.INFO, logger="poolguard")
     # Plenty of retries and budget: only the deadline can stop them.
     engine = make_engine(connect_retries=50, retry_budget=1.0)
     guard = poolguard.get_guard(engine)
@@ -282,7 +265,7 @@ def test_retries_stop_at_the_requests_deadline(
     for timeout in (0.3, 0.25, 0.4):
         before = dialer.dials
         spent = budget.spent
-        events = len(_retry_events(caplog))
+        logged = len(_retry_events(events))
         started = time.monotonic()
         with poolguard.request(timeout=timeout) as request, pytest.raises(
             sa.exc.OperationalError
@@ -297,12 +280,12 @@ def test_retries_stop_at_the_requests_deadline(
         assert elapsed < timeout + 1.0  # ended near the deadline, not after 50 retries
         # The budget paid only for retries that happened.
         assert budget.spent - spent == len(dials) - 1
-        assert len(_retry_events(caplog)) - events == len(dials) - 1
+        assert len(_retry_events(events)) - logged == len(dials) - 1
     assert guard.stats().permits == 0
 
 
 def test_a_checkout_past_the_deadline_does_not_dial(
-    make_engine: Callable[..., Engine], dialer: Dialer,
+    make_engine: EngineFactory, dialer: Dialer,
 ) -> None:
     engine = make_engine(connect_retries=3)
     with poolguard.request(timeout=0.01):
@@ -314,9 +297,8 @@ def test_a_checkout_past_the_deadline_does_not_dial(
 
 
 def test_errors_that_are_not_transient_are_not_retried(
-    make_engine: Callable[..., Engine], dialer: Dialer, caplog: pytest.LogCaptureFixture,
+    make_engine: EngineFactory, dialer: Dialer, events: list[dict[str, Any]],
 ) -> None:
-    caplog.set_level(logging.INFO, logger="poolguard")
     engine = make_engine(connect_retries=3, retry_budget=0.1)
     guard = poolguard.get_guard(engine)
     for error in (sqlite3.ProgrammingError("injected"), sqlite3.IntegrityError("injected"),
@@ -328,11 +310,11 @@ def test_errors_that_are_not_transient_are_not_retried(
         assert dialer.dials == before + 1
     assert guard.retry_budget is not None
     assert (guard.retry_budget.spent, guard.retry_budget.denied) == (0, 0)
-    assert _retry_events(caplog) == []
+    assert _retry_events(events) == []
     assert guard.stats().permits == 0
 
 
-def test_retries_off_dials_once(make_engine: Callable[..., Engine], dialer: Dialer) -> None:
+def test_retries_off_dials_once(make_engine: EngineFactory, dialer: Dialer) -> None:
     engine = make_engine(connect_retries=0)
     dialer.error = TRANSIENT
     for _ in range(5):
@@ -342,9 +324,8 @@ def test_retries_off_dials_once(make_engine: Callable[..., Engine], dialer: Dial
 
 
 def test_a_failing_statement_is_executed_exactly_once(
-    make_engine: Callable[..., Engine], dialer: Dialer, caplog: pytest.LogCaptureFixture,
+    make_engine: EngineFactory, dialer: Dialer, events: list[dict[str, Any]],
 ) -> None:
-    caplog.set_level(logging.INFO, logger="poolguard")
     engine = make_engine(connect_retries=3, retry_budget=1.0)
     calls: list[int] = []
 
@@ -361,7 +342,7 @@ def test_a_failing_statement_is_executed_exactly_once(
             conn.exec_driver_sql("SELECT boom()")
     assert calls == [1]
     assert dialer.dials == 1
-    assert _retry_events(caplog) == []
+    assert _retry_events(events) == []
     guard = poolguard.get_guard(engine)
     assert guard.retry_budget is not None
     assert guard.retry_budget.spent == 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import threading
-import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +21,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqlalchemy.pool import NullPool, QueuePool, SingletonThreadPool, StaticPool
 
 import poolguard
+from _support import EngineFactory, wait_until
 from poolguard import GuardedPoolMixin, PoolTimeout
 
 if TYPE_CHECKING:
@@ -62,28 +62,11 @@ def _select_one(conn: sa.Connection) -> None:
     assert conn.execute(sa.text("SELECT 1")).scalar_one() == 1
 
 
-def _wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll ``predicate`` in bounded steps; fail naming ``what`` if it never holds."""
-    for _ in range(int(timeout / 0.005)):
-        if predicate():
-            return
-        time.sleep(0.005)
-    pytest.fail(f"timed out waiting for {what}")
-
-
 @pytest.fixture
-def make_engine() -> Iterator[Callable[..., Engine]]:
-    """``create_engine`` that disposes every engine it made when the test ends."""
-    created: list[Engine] = []
-
-    def make(url: str, **kwargs: Any) -> Engine:
-        engine = sa.create_engine(url, **kwargs)
-        created.append(engine)
-        return engine
-
-    yield make
-    for engine in created:
-        engine.dispose()
+def make_engine(make_engine: EngineFactory) -> Callable[..., Engine]:
+    """``create_engine(url, **kwargs)``, unguarded (the test wraps it), disposed when the
+    test ends."""
+    return make_engine.using(pool={}).plain
 
 
 @pytest.fixture
@@ -802,7 +785,7 @@ def test_unwrap_lets_a_waiting_thread_through(
 
     thread = threading.Thread(target=waiter, daemon=True)
     thread.start()
-    _wait_until(lambda: guard.stats().waiting == 1, "the thread to wait at the gate")
+    wait_until(lambda: guard.stats().waiting == 1, "the thread to wait at the gate")
 
     poolguard.unwrap(engine)
     assert guard.gate.waiting == 0  # let through to the pool's own queue

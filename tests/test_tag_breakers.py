@@ -7,7 +7,6 @@ that moves a hand-driven clock: statement durations are exact, nothing sleeps.
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +17,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from sqlalchemy.pool import NullPool
 
 import poolguard
+from _support import EngineFactory, FakeClock
 from poolguard import _breakers as breakers_module
 from poolguard import _checkout as checkout_module
 from poolguard import _queries as queries_module
@@ -27,7 +27,6 @@ from poolguard._context import RequestContext
 from poolguard.breaker import CLOSED, HALF_OPEN, OPEN, BreakerConfig, TagBreaker
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
     from pathlib import Path
 
     from sqlalchemy.engine import Engine
@@ -46,23 +45,10 @@ SETTINGS: dict[str, Any] = {
 }
 
 
-class Clock:
-    """A frozen ``perf_counter`` the test (and ``slow(x)``) moves forward."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 class Dialer:
     """A ``creator`` that counts its dials; its connections know ``slow(x)``."""
 
-    def __init__(self, path: str, clock: Clock) -> None:
+    def __init__(self, path: str, clock: FakeClock) -> None:
         self.path = path
         self.clock = clock
         self.dials = 0
@@ -79,36 +65,28 @@ class Dialer:
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock()
-    monkeypatch.setattr(checkout_module, "perf_counter", fake)
-    monkeypatch.setattr(scan_module, "perf_counter", fake)
-    monkeypatch.setattr(breakers_module, "perf_counter", fake)
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """A frozen ``perf_counter`` the test (and ``slow(x)``) moves forward."""
+    fake = FakeClock(1000.0)
+    for module in (checkout_module, scan_module, breakers_module):
+        monkeypatch.setattr(module, "perf_counter", fake)
     monkeypatch.setattr(queries_module, "perf_counter", fake)
     return fake
 
 
 @pytest.fixture
-def dialer(tmp_path: Path, clock: Clock) -> Dialer:
+def dialer(tmp_path: Path, clock: FakeClock) -> Dialer:
     path = str(tmp_path / "tags.sqlite3")
     sqlite3.connect(path).close()
     return Dialer(path, clock)
 
 
 @pytest.fixture
-def make_engine(dialer: Dialer) -> Iterator[Callable[..., Engine]]:
-    made: list[Engine] = []
-
-    def make(**options: Any) -> Engine:
-        engine = sa.create_engine("sqlite://", creator=dialer, poolclass=NullPool)
-        made.append(engine)
-        options.setdefault("connect_retries", 0)
-        options.setdefault("metrics", False)
-        return poolguard.wrap(engine, **options)
-
-    yield make
-    for engine in made:
-        engine.dispose()
+def make_engine(make_engine: EngineFactory, dialer: Dialer) -> EngineFactory:
+    """``make_engine(**wrap_options)``: SQLite through ``dialer``, a dial per checkout."""
+    return make_engine.using(
+        pool={"creator": dialer, "poolclass": NullPool}, connect_retries=0, metrics=False
+    )
 
 
 def _run(engine: Engine, tag: str | None, sql: str = "SELECT 1") -> int:
@@ -116,20 +94,15 @@ def _run(engine: Engine, tag: str | None, sql: str = "SELECT 1") -> int:
         return int(conn.exec_driver_sql(sql).scalar_one())
 
 
-def _events(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str | None]]:
-    return [
-        (r.poolguard["event"], r.poolguard.get("tag"))  # type: ignore[attr-defined]
-        for r in caplog.records
-        if r.name == "poolguard" and hasattr(r, "poolguard")
-        and r.poolguard["event"].startswith("breaker.")  # type: ignore[attr-defined]
-    ]
+def _breaker_events(events: list[dict[str, Any]]) -> list[tuple[str, str | None]]:
+    return [(e["event"], e.get("tag")) for e in events if e["event"].startswith("breaker.")]
 
 
 # -- pure ---------------------------------------------------------------------------------
 
 
 def test_a_tags_breaker_opens_on_slow_calls_while_another_tags_stays_closed(
-    make_engine: Callable[..., Engine],
+    make_engine: EngineFactory,
 ) -> None:
     guard = poolguard.get_guard(make_engine(**SETTINGS))
     report = RequestContext(None, "report")
@@ -147,7 +120,7 @@ def test_a_tags_breaker_opens_on_slow_calls_while_another_tags_stays_closed(
     assert set(guard.tag_breakers) == {"report", "login"}
 
 
-def test_tag_breakers_are_bounded_in_number(make_engine: Callable[..., Engine]) -> None:
+def test_tag_breakers_are_bounded_in_number(make_engine: EngineFactory) -> None:
     guard = poolguard.get_guard(make_engine(**SETTINGS))
     for i in range(breakers_module.MAX_TAG_BREAKERS + 20):
         guard.breaker_record(None, 5.0, RequestContext(None, f"tag-{i}"))
@@ -175,10 +148,9 @@ def test_a_half_open_tag_breaker_whose_probes_ran_nothing_probes_again() -> None
 
 
 def test_slow_report_tag_is_shed_without_dialing_while_login_is_served_then_recovers(
-    make_engine: Callable[..., Engine], dialer: Dialer, clock: Clock,
-    caplog: pytest.LogCaptureFixture,
+    make_engine: EngineFactory, dialer: Dialer, clock: FakeClock,
+    events: list[dict[str, Any]],
 ) -> None:
-    caplog.set_level(logging.INFO, logger="poolguard")
     engine = make_engine(**SETTINGS)
     guard = poolguard.get_guard(engine)
     for _ in range(4):
@@ -210,7 +182,7 @@ def test_slow_report_tag_is_shed_without_dialing_while_login_is_served_then_reco
     assert report.state == CLOSED
     assert guard.hooks.tripped is False
     assert report.transitions == {OPEN: 1, HALF_OPEN: 1, CLOSED: 1}
-    assert _events(caplog) == [
+    assert _breaker_events(events) == [
         ("breaker.open", "report"), ("breaker.half_open", "report"),
         ("breaker.closed", "report"),
     ]
@@ -218,7 +190,7 @@ def test_slow_report_tag_is_shed_without_dialing_while_login_is_served_then_reco
 
 
 def test_slow_probes_reopen_the_tags_breaker_and_extra_checkouts_do_not_dial(
-    make_engine: Callable[..., Engine], dialer: Dialer, clock: Clock,
+    make_engine: EngineFactory, dialer: Dialer, clock: FakeClock,
 ) -> None:
     engine = make_engine(**SETTINGS)
     guard = poolguard.get_guard(engine)
@@ -241,7 +213,7 @@ def test_slow_probes_reopen_the_tags_breaker_and_extra_checkouts_do_not_dial(
 
 
 def test_tag_breakers_work_alongside_the_guard_wide_breaker(
-    make_engine: Callable[..., Engine],
+    make_engine: EngineFactory,
 ) -> None:
     engine = make_engine(**SETTINGS, breaker=True)
     guard = poolguard.get_guard(engine)
@@ -309,7 +281,7 @@ def test_config_validation_and_environment() -> None:
 
 @pytest.mark.parametrize("guard_wide", [False, True])
 def test_option_off_tags_change_nothing(
-    make_engine: Callable[..., Engine], dialer: Dialer, guard_wide: bool,
+    make_engine: EngineFactory, dialer: Dialer, guard_wide: bool,
 ) -> None:
     engine = make_engine(**{**SETTINGS, "breaker_per_tag": False, "breaker": guard_wide})
     guard = poolguard.get_guard(engine)
@@ -327,7 +299,7 @@ def test_option_off_tags_change_nothing(
 
 
 def test_turning_the_option_off_drops_the_tag_breakers(
-    make_engine: Callable[..., Engine],
+    make_engine: EngineFactory,
 ) -> None:
     engine = make_engine(**SETTINGS)
     guard = poolguard.get_guard(engine)

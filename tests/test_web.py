@@ -34,7 +34,7 @@ from poolguard.integrations.wsgi import PoolguardWSGIMiddleware
 from poolguard.integrations.wsgi import install as install_wsgi
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator, MutableMapping
+    from collections.abc import Iterable, Iterator, MutableMapping
 
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
@@ -42,6 +42,7 @@ TESTS = Path(__file__).parent
 EXAMPLES = TESTS.parent / "examples"
 sys.path.insert(0, str(TESTS))
 import _webapp  # noqa: E402
+from _support import wait_until  # noqa: E402
 
 # Upper bounds that only stop a broken test from hanging; nothing asserts on time.
 REQUEST_TIMEOUT = 30.0
@@ -664,14 +665,6 @@ def test_flask_webapp_serves_context_and_500s(sqlite_url: str) -> None:
 # --- real servers ---------------------------------------------------------------------------
 
 
-def _wait_for(predicate: Callable[[], bool], what: str) -> None:
-    limit = time.monotonic() + STARTUP_LIMIT
-    while not predicate():
-        if time.monotonic() > limit:
-            pytest.fail(f"gave up waiting for {what}")
-        time.sleep(0.01)
-
-
 @contextlib.contextmanager
 def _server_process(args: list[str], env: dict[str, str], banner: str) -> Iterator[str]:
     """Run a server process; yield its base URL (its port read from ``banner``)."""
@@ -757,9 +750,10 @@ def _storm(base: str) -> None:
                 httpx.get, f"{base}/reports", params={"hold": "1"}, timeout=REQUEST_TIMEOUT
             )
             try:
-                _wait_for(
+                wait_until(
                     lambda: slow.done() or client.get("/healthz").json()["in_use"] >= 1,
                     "the slow report to take its connection",
+                    STARTUP_LIMIT,
                 )
                 assert not slow.done(), slow.result().text
 
@@ -813,12 +807,14 @@ def _errors_and_context(base: str, *, async_endpoint: bool) -> None:
             assert 0 < body["remaining"] <= 30
 
 
+@pytest.mark.timing
 def test_asgi_real_server_storm(tmp_path: Path) -> None:
     with _uvicorn_webapp(f"sqlite:///{tmp_path / 'web.sqlite3'}") as base:
         _storm(base)
         _errors_and_context(base, async_endpoint=True)
 
 
+@pytest.mark.timing
 def test_wsgi_real_server_storm(tmp_path: Path) -> None:
     app = _webapp.create_flask_app(f"sqlite:///{tmp_path / 'web.sqlite3'}")
     try:
