@@ -10,9 +10,11 @@ when ``capture_call_sites`` asks for it.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 import sysconfig
+import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -116,9 +118,31 @@ def _parent_greenlet_site() -> str | None:
     return None
 
 
+#: CPython before 3.11.9 / 3.12.3 can deadlock the whole process when a
+#: garbage collection starts inside ``sys._current_frames()`` and frees a
+#: ``threading.local`` (gh-106883): the collector must not run there.
+_FRAMES_NEED_NO_GC = sys.version_info < (3, 11, 9) or (3, 12) <= sys.version_info < (3, 12, 3)
+_frames_lock = threading.Lock()
+
+
+def current_frames() -> dict[int, FrameType]:
+    """``sys._current_frames()``, with the garbage collector held off where
+    a collection inside it could deadlock the interpreter."""
+    if not _FRAMES_NEED_NO_GC:
+        return sys._current_frames()
+    with _frames_lock:  # one caller at a time decides when the collector comes back
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return sys._current_frames()
+        finally:
+            if enabled:
+                gc.enable()
+
+
 def thread_site(thread_id: int) -> str | None:
     """Where the thread ``thread_id`` is in application code right now."""
-    frame = sys._current_frames().get(thread_id)
+    frame = current_frames().get(thread_id)
     return frame_site(frame)
 
 
