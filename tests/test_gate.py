@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -18,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy.util import greenlet_spawn
 
+from _support import async_wait_until, wait_until
 from poolguard._gate import Gate
 
 if TYPE_CHECKING:
@@ -59,22 +59,6 @@ class ScriptedClock:
         return self.readings[n]
 
 
-def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    """Poll ``predicate`` until it holds (fails the test after SAFETY_TIMEOUT)."""
-    give_up = time.monotonic() + SAFETY_TIMEOUT
-    while not predicate():
-        if time.monotonic() > give_up:
-            pytest.fail(f"gave up waiting for {what}")
-        time.sleep(0.001)
-
-
-async def async_wait_until(predicate: Callable[[], bool], what: str) -> None:
-    """Like :func:`wait_until`, letting the event loop run in between."""
-    give_up = time.monotonic() + SAFETY_TIMEOUT
-    while not predicate():
-        if time.monotonic() > give_up:
-            pytest.fail(f"gave up waiting for {what}")
-        await asyncio.sleep(0.001)
 
 
 def start_waiter(

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import poolguard
+from _support import wait_until
 from poolguard import LoadShed, PoolTimeout
 from poolguard._gate import AdmissionRefused, Gate
 
@@ -59,13 +60,6 @@ def run_bounded(fn: Callable[[], Any], what: str, timeout: float = SAFETY_TIMEOU
         raise error[0]
     return result[0] if result else None
 
-
-def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    give_up = time.monotonic() + SAFETY_TIMEOUT
-    while not predicate():
-        if time.monotonic() > give_up:
-            pytest.fail(f"gave up waiting for {what}")
-        time.sleep(0.002)
 
 
 def leak(conn: Any) -> None:

@@ -34,6 +34,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from _support import FakeClock
 from poolguard._context import RequestContext
 from poolguard._gate import AdmissionRefused, Gate, _Waiter
 from poolguard._hold import new_hold
@@ -68,13 +69,6 @@ policies = st.fixed_dictionaries({
 })
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 class Parked(_Waiter):
     """A queued waiter nobody blocks on: its wake-up is recorded instead."""
@@ -98,7 +92,7 @@ class PolicyGateMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.clock = FakeClock()
+        self.clock = FakeClock(1000.0)
         self.gate = Gate(CAPACITY, clock=self.clock)
         self.held: dict[object, tuple[str, str | None]] = {}
         self.parked: list[Parked] = []

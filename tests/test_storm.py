@@ -144,6 +144,7 @@ def _check(engine: Engine, storm: _Storm, *, threads: int, iterations: int, capa
 
 
 @pytest.mark.postgresql
+@pytest.mark.timing
 def test_postgresql_storm_holds_exact_limit(
     postgresql_url: str, make_engine: Callable[..., Engine]
 ) -> None:
@@ -180,6 +181,7 @@ def test_postgresql_storm_holds_exact_limit(
 
 
 @pytest.mark.mariadb
+@pytest.mark.timing
 def test_mariadb_storm_holds_exact_limit(
     mariadb_url: str, make_engine: Callable[..., Engine]
 ) -> None:
