@@ -31,7 +31,14 @@ from typing import Any
 from .._context import request
 from ..errors import PoolTimeout, Rejected
 
-__all__ = ["Route", "RouteMap", "RoutesLike", "rejection_response", "route_map"]
+__all__ = [
+    "Route",
+    "RouteMap",
+    "RoutesLike",
+    "check_route_tags",
+    "rejection_response",
+    "route_map",
+]
 
 _SETTINGS = ("priority", "tag", "timeout")
 _METHOD = re.compile(r"[A-Z]+")
@@ -83,9 +90,14 @@ class Route:
         regex = self._regex
         return regex is None or regex.fullmatch(path) is not None
 
-    def scope(self) -> request:
-        """A fresh :func:`poolguard.request` with this route's settings."""
-        return request(timeout=self.timeout, tag=self.tag, priority=self.priority)
+    def scope(self, template: str | None = None) -> request:
+        """A fresh :func:`poolguard.request` with this route's settings.
+
+        ``template`` (the framework's route, ``"GET /users/{id}"``) is the
+        tag when the route sets none.
+        """
+        tag = self.tag if self.tag is not None else template
+        return request(timeout=self.timeout, tag=tag, priority=self.priority)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Route):
@@ -244,6 +256,21 @@ def route_map(routes: RoutesLike, default: Mapping[str, Any] | Route | None = No
             raise ValueError("poolguard routes: give default= to the RouteMap, not next to it")
         return routes
     return RouteMap(routes, default=default)
+
+
+def check_route_tags(route_tags: object) -> bool:
+    """``route_tags`` checked: a ``bool``, else a ``ValueError`` naming it."""
+    if not isinstance(route_tags, bool):
+        raise ValueError(
+            f"poolguard route_tags={route_tags!r} is invalid: expected True (tag each request "
+            "with its route template, the default) or False"
+        )
+    return route_tags
+
+
+#: Most (method, path) -> template answers a middleware remembers; past it the
+#: memory starts over, so a scan of random paths costs matching, never memory.
+TEMPLATE_CACHE_SIZE = 4096
 
 
 def catch_types(catch_timeouts: bool) -> tuple[type[Exception], ...]:

@@ -26,7 +26,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
-from ._routes import Route, RoutesLike, catch_types, rejection_response, route_map
+from ._routes import (
+    TEMPLATE_CACHE_SIZE,
+    Route,
+    RoutesLike,
+    catch_types,
+    check_route_tags,
+    rejection_response,
+    route_map,
+)
 
 __all__ = ["ASGIApp", "PoolguardMiddleware", "RejectionResponse", "install"]
 
@@ -56,6 +64,38 @@ class RejectionResponse:
         await send({"type": "http.response.body", "body": self.body})
 
 
+def _template(routes: Any, scope: Scope, prefix: str = "") -> tuple[str | None, bool]:
+    """The path template of the route Starlette will pick, and whether it depends only
+    on method and path (a ``Host`` route on the way reads the host header too).
+
+    Starlette's own ``route.matches(scope)`` decides, in the router's order; a
+    route that matches the path but not the method (a 405) or no route (a 404)
+    gives ``None``: never the raw path, which is unbounded and may carry IDs.
+    """
+    cacheable = True
+    for route in routes:
+        match, child = route.matches(scope)
+        if getattr(match, "name", None) != "FULL":
+            continue
+        if type(route).__name__ == "Host":
+            cacheable = False
+            template, inner = _template(route.routes, {**scope, **child}, prefix)
+            return template, inner and cacheable
+        path = getattr(route, "path", None)
+        if not isinstance(path, str):
+            return None, cacheable
+        sub = getattr(route, "routes", None) if "root_path" in child else None
+        if sub:
+            # A Mount of a router: the route inside it, after the mount's path.
+            template, inner = _template(sub, {**scope, **child}, prefix + path)
+            return template, inner and cacheable
+        if "root_path" in child:
+            # A Mount of an app without routes (static files): the mount's format.
+            path = getattr(route, "path_format", path + "/{path}")
+        return prefix + path, cacheable
+    return None, cacheable
+
+
 def _route_path(scope: Scope) -> str:
     # The path the application routes on: ASGI's ``path`` includes
     # ``root_path`` (as Starlette reads it).
@@ -75,6 +115,9 @@ class PoolguardMiddleware:
         default: settings for requests no route matches.
         catch_timeouts: also answer 503 for ``poolguard.PoolTimeout``
             (``Retry-After: 1``); ``False`` lets it propagate.
+        route_tags: tag each request with its Starlette route template
+            (``"GET /users/{id}"``) unless its route sets a tag; ``False``
+            for no such tag.
 
     A ``poolguard.Rejected`` (and ``PoolTimeout``) raised before the response
     started becomes a 503 with ``Retry-After`` and a JSON body
@@ -91,16 +134,42 @@ class PoolguardMiddleware:
         *,
         default: Mapping[str, Any] | Route | None = None,
         catch_timeouts: bool = True,
+        route_tags: bool = True,
     ) -> None:
         self.app = app
         self.routes = route_map(routes, default)
         self.catch = catch_types(catch_timeouts)
+        self.route_tags = check_route_tags(route_tags)
+        self._templates: dict[tuple[str, str], str | None] = {}
+
+    def _tag_for(self, scope: Scope, method: str, path: str) -> str | None:
+        # Starlette sets ``scope["app"]`` before its middleware stack runs;
+        # routing happens after this middleware, and the endpoint's first
+        # checkout must already see the tag, so the route is found here.
+        key = (method, path)
+        templates = self._templates
+        tag = templates.get(key, "")
+        if tag != "":
+            return tag
+        routes = getattr(scope.get("app"), "routes", None)
+        if not routes:
+            return None
+        template, cacheable = _template(routes, scope)
+        tag = None if template is None else f"{method} {template}"
+        if cacheable:
+            if len(templates) >= TEMPLATE_CACHE_SIZE:
+                templates.clear()
+            templates[key] = tag
+        return tag
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = self.routes.match(scope.get("method", "GET"), _route_path(scope))
+        method: str = scope.get("method", "GET")
+        path = _route_path(scope)
+        route = self.routes.match(method, path)
+        tag = self._tag_for(scope, method, path) if self.route_tags and route.tag is None else None
         started = False
 
         async def send_tracking(message: Message) -> None:
@@ -110,7 +179,7 @@ class PoolguardMiddleware:
             await send(message)
 
         try:
-            with route.scope():
+            with route.scope(tag):
                 await self.app(scope, receive, send_tracking)
         except self.catch as error:
             if started:
@@ -131,6 +200,7 @@ def install(
     *,
     default: Mapping[str, Any] | Route | None = None,
     catch_timeouts: bool = True,
+    route_tags: bool = True,
 ) -> None:
     """Guard a Starlette or FastAPI application: middleware and exception handlers.
 
@@ -140,7 +210,10 @@ def install(
     from ..errors import PoolTimeout, Rejected
 
     app.add_middleware(
-        PoolguardMiddleware, routes=route_map(routes, default), catch_timeouts=catch_timeouts
+        PoolguardMiddleware,
+        routes=route_map(routes, default),
+        catch_timeouts=catch_timeouts,
+        route_tags=check_route_tags(route_tags),
     )
     app.add_exception_handler(Rejected, _handle_rejection)
     if catch_timeouts:

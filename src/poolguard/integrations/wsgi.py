@@ -23,7 +23,14 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 from .._context import RequestContext, _current
-from ._routes import Route, RoutesLike, catch_types, rejection_response, route_map
+from ._routes import (
+    Route,
+    RoutesLike,
+    catch_types,
+    check_route_tags,
+    rejection_response,
+    route_map,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Mapping
@@ -41,6 +48,38 @@ def _route_path(environ: WSGIEnvironment) -> str:
         return raw.encode("latin-1").decode("utf-8")
     except UnicodeError:
         return raw
+
+
+def _flask_of(app: object) -> Any:
+    # ``app.wsgi_app`` is a bound method of the Flask app; a Werkzeug-style
+    # app may carry its ``url_map`` itself.
+    for candidate in (app, getattr(app, "__self__", None)):
+        if candidate is not None and getattr(candidate, "url_map", None) is not None:
+            return candidate
+    return None
+
+
+def _rule_template(flask_app: Any, environ: WSGIEnvironment) -> str | None:
+    """The URL rule Werkzeug will route this request to, as written (``/users/<int:id>``).
+
+    Binds the app's URL map the way Flask does (``SERVER_NAME``, subdomain
+    matching); a 404, 405 or redirect gives ``None``, never the raw path.
+    """
+    url_map = flask_app.url_map
+    config = getattr(flask_app, "config", None)
+    server_name = None
+    subdomain = None
+    if isinstance(config, dict) and not url_map.host_matching:
+        server_name = config.get("SERVER_NAME")
+        if not getattr(flask_app, "subdomain_matching", True):
+            subdomain = url_map.default_subdomain or ""
+    try:
+        adapter = url_map.bind_to_environ(environ, server_name=server_name, subdomain=subdomain)
+        rule, _ = adapter.match(return_rule=True)
+    except Exception:  # noqa: BLE001 - the app answers these itself (404, 405, redirects)
+        return None
+    template = getattr(rule, "rule", None)
+    return template if isinstance(template, str) and template else None
 
 
 class _Body:
@@ -91,6 +130,9 @@ class PoolguardWSGIMiddleware:
         default: settings for requests no route matches.
         catch_timeouts: also answer 503 for ``poolguard.PoolTimeout``
             (``Retry-After: 1``); ``False`` lets it propagate.
+        route_tags: tag each request with its URL rule (``"GET
+            /users/<int:id>"``) unless its route sets a tag, when the app
+            has a Werkzeug ``url_map`` (Flask); ``False`` for no such tag.
 
     The scope covers the call of the application and every step of the
     response iterable (a streamed body runs inside it too). A
@@ -106,13 +148,22 @@ class PoolguardWSGIMiddleware:
         *,
         default: Mapping[str, Any] | Route | None = None,
         catch_timeouts: bool = True,
+        route_tags: bool = True,
     ) -> None:
         self.app = app
         self.routes = route_map(routes, default)
         self.catch = catch_types(catch_timeouts)
+        self.route_tags = check_route_tags(route_tags)
+        self._flask = _flask_of(app) if self.route_tags else None
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        route = self.routes.match(environ.get("REQUEST_METHOD", "GET"), _route_path(environ))
+        method: str = environ.get("REQUEST_METHOD", "GET")
+        route = self.routes.match(method, _route_path(environ))
+        tag = None
+        if self._flask is not None and route.tag is None:
+            template = _rule_template(self._flask, environ)
+            if template is not None:
+                tag = f"{method.upper()} {template}"
         started = False
 
         def start_tracking(
@@ -128,7 +179,7 @@ class PoolguardWSGIMiddleware:
 
         result: Iterable[bytes] | None = None
         try:
-            with route.scope() as ctx:
+            with route.scope(tag) as ctx:
                 result = self.app(environ, start_tracking)
                 if isinstance(result, (list, tuple)):
                     return result
@@ -163,6 +214,7 @@ def install(
     *,
     default: Mapping[str, Any] | Route | None = None,
     catch_timeouts: bool = True,
+    route_tags: bool = True,
 ) -> None:
     """Guard a Flask application: wrap ``app.wsgi_app`` and register error handlers.
 
@@ -170,9 +222,16 @@ def install(
     """
     from ..errors import PoolTimeout, Rejected
 
-    app.wsgi_app = PoolguardWSGIMiddleware(
-        app.wsgi_app, routes=route_map(routes, default), catch_timeouts=catch_timeouts
+    middleware = PoolguardWSGIMiddleware(
+        app.wsgi_app,
+        routes=route_map(routes, default),
+        catch_timeouts=catch_timeouts,
+        route_tags=check_route_tags(route_tags),
     )
+    if middleware.route_tags:
+        # ``app.wsgi_app`` may already be another middleware: route on the app.
+        middleware._flask = app
+    app.wsgi_app = middleware
     app.register_error_handler(Rejected, _flask_handler)
     if catch_timeouts:
         app.register_error_handler(PoolTimeout, _flask_handler)
