@@ -13,6 +13,8 @@ pool, background work never waits, CoDel on. Endpoints:
 * ``GET /healthz`` (health): pool stats and a probe that never waits.
 * ``GET /boom``: an ordinary bug (``RuntimeError``).
 * ``GET /ctx/sync``, ``GET /ctx/async``: what ``current_request()`` says.
+* ``GET /users/{id}`` (no route: tagged with its template): the tags the
+  guard's holders report gives the connection it holds, and the context.
 
 ``uvicorn --factory _webapp:create_fastapi_app`` reads the database URL from
 ``POOLGUARD_WEBAPP_URL``.
@@ -98,6 +100,12 @@ class Service:
     def dashboard(self) -> dict[str, Any]:
         return {"value": self._select_one()}
 
+    def user(self, user_id: int) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1")).scalar_one()
+            holder_tags = [holder.tag for holder in self.guard.holders()]
+        return {"id": user_id, "holder_tags": holder_tags, **context_info()}
+
     def healthz(self) -> dict[str, Any]:
         stats = self.guard.stats()
         with poolguard.fallback() as probe:
@@ -168,6 +176,10 @@ def create_fastapi_app(url: str | None = None) -> FastAPI:
     async def ctx_async() -> dict[str, Any]:
         return context_info()
 
+    @app.get("/users/{user_id}")
+    def user(user_id: int) -> dict[str, Any]:
+        return svc.user(user_id)
+
     return app
 
 
@@ -213,5 +225,9 @@ def create_flask_app(url: str | None = None) -> Flask:
     @app.get("/ctx/sync")
     def ctx_sync() -> dict[str, Any]:
         return context_info()
+
+    @app.get("/users/<int:user_id>")
+    def user(user_id: int) -> dict[str, Any]:
+        return svc.user(user_id)
 
     return app

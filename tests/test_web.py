@@ -846,3 +846,245 @@ def test_example_runs(script: str, banner: str, tmp_path: Path) -> None:
         assert client.post("/login", params={"user": "mallory"}).status_code == 401
         assert client.get("/reports").json() == {"products": 5}
         assert client.get("/catalog").json()["source"] == "db"
+
+
+# --- tags without configuration: the route template -----------------------------------------
+
+
+def _templated_fastapi_app(**options: Any) -> Any:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from starlette.applications import Starlette
+    from starlette.routing import Host, Mount
+    from starlette.routing import Route as StarletteRoute
+
+    app = FastAPI()
+    install_asgi(
+        app,
+        routes={"GET /named/*": {"tag": "named"}, "GET /prio/*": {"priority": "critical"}},
+        **options,
+    )
+
+    @app.exception_handler(404)
+    async def not_found(request: Request, exc: Exception) -> JSONResponse:
+        # Runs inside the middleware's scope: what tag did a 404 get?
+        return JSONResponse(_webapp.context_info(), status_code=404)
+
+    @app.get("/users/{user_id}")
+    def user(user_id: int) -> dict[str, Any]:
+        return _webapp.context_info()
+
+    @app.post("/users/{user_id}")
+    async def update_user(user_id: int) -> dict[str, Any]:
+        return _webapp.context_info()
+
+    @app.get("/named/{name}")
+    def named(name: str) -> dict[str, Any]:
+        return _webapp.context_info()
+
+    @app.get("/prio/{name}")
+    def prio(name: str) -> dict[str, Any]:
+        return _webapp.context_info()
+
+    async def item(request: Any) -> Any:
+        return JSONResponse(_webapp.context_info())
+
+    async def sub_not_found(request: Any, exc: Exception) -> Any:
+        return JSONResponse(_webapp.context_info(), status_code=404)
+
+    sub = Starlette(
+        routes=[StarletteRoute("/items/{item_id:int}", item)],
+        exception_handlers={404: sub_not_found},
+    )
+    app.router.routes.append(Mount("/sub", app=sub))
+
+    async def files(scope: Any, receive: Any, send: Any) -> None:
+        # A mounted app without routes, like StaticFiles.
+        await JSONResponse(_webapp.context_info())(scope, receive, send)
+
+    app.router.routes.append(Mount("/static", app=files))
+    host_app = Starlette(routes=[StarletteRoute("/page/{n}", item)])
+    app.router.routes.append(Host("{sub}.example.org", app=host_app))
+    return app
+
+
+async def test_asgi_tags_requests_with_their_route_template() -> None:
+    app = _templated_fastapi_app()
+    user = await _get(app, "/users/7")
+    assert (user.status_code, user.json()["tag"]) == (200, "GET /users/{user_id}")
+    # A second request to another id: the same tag (answered from the cache).
+    assert (await _get(app, "/users/8")).json()["tag"] == "GET /users/{user_id}"
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.post("/users/7")).json()["tag"] == "POST /users/{user_id}"
+    # A route inside a mounted router: the mount's path, then the route as written.
+    assert (await _get(app, "/sub/items/4")).json()["tag"] == "GET /sub/items/{item_id:int}"
+    # A mounted app without routes: the mount's path format.
+    assert (await _get(app, "/static/css/a.css")).json()["tag"] == "GET /static/{path}"
+    # A Host route depends on the host header too: never answered from the cache.
+    async with httpx.AsyncClient(transport=transport, base_url="http://shop.example.org") as c:
+        assert (await c.get("/page/1")).json()["tag"] == "GET /page/{n}"
+        assert (await c.get("/page/2")).json()["tag"] == "GET /page/{n}"
+    assert (await _get(app, "/page/1")).json()["tag"] is None
+    async with httpx.AsyncClient(transport=transport, base_url="http://shop.example.org") as c:
+        assert (await c.get("/page/1")).json()["tag"] == "GET /page/{n}"
+
+
+async def test_asgi_route_map_tag_wins_and_priority_only_keeps_the_template() -> None:
+    app = _templated_fastapi_app()
+    assert (await _get(app, "/named/x")).json()["tag"] == "named"
+    body = (await _get(app, "/prio/x")).json()
+    assert (body["tag"], body["priority"]) == ("GET /prio/{name}", "critical")
+
+
+@pytest.mark.parametrize("path", ["/nothing/secret-token-123", "/sub/nothing", "/users"])
+async def test_asgi_unmatched_path_gets_no_tag(path: str) -> None:
+    response = await _get(_templated_fastapi_app(), path)
+    assert response.status_code == 404
+    assert response.json()["tag"] is None
+
+
+async def test_asgi_route_tags_false_turns_it_off() -> None:
+    app = _templated_fastapi_app(route_tags=False)
+    assert (await _get(app, "/users/7")).json()["tag"] is None
+    assert (await _get(app, "/named/x")).json()["tag"] == "named"
+
+
+@pytest.mark.parametrize("bad", [None, 0, "yes"])
+def test_bad_route_tags_are_refused(bad: Any) -> None:
+    from fastapi import FastAPI
+    from flask import Flask
+
+    for make in (
+        lambda: PoolguardMiddleware(_plain_app, route_tags=bad),
+        lambda: install_asgi(FastAPI(), route_tags=bad),
+        lambda: PoolguardWSGIMiddleware(_wsgi_hello, route_tags=bad),
+        lambda: install_wsgi(Flask(__name__), route_tags=bad),
+    ):
+        with pytest.raises(ValueError, match=r"route_tags=.*expected True .* or False"):
+            make()
+
+
+async def test_asgi_plain_app_without_routes_gets_no_tag() -> None:
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(poolguard.current_request())
+        await _plain_app(scope, receive, send)
+
+    await _call(PoolguardMiddleware(app), _http_scope(path="/users/7"))
+    assert seen[0] is not None
+    assert seen[0].tag is None
+
+
+async def test_asgi_template_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from poolguard.integrations import asgi
+
+    monkeypatch.setattr(asgi, "TEMPLATE_CACHE_SIZE", 3)
+    app = _templated_fastapi_app()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        for n in range(10):
+            body = (await client.get(f"/users/{n}")).json()
+            assert body["tag"] == "GET /users/{user_id}"
+            assert (await client.get(f"/nothing/{n}")).json()["tag"] is None
+    middleware = app.middleware_stack
+    while not isinstance(middleware, PoolguardMiddleware):
+        middleware = middleware.app
+    assert 0 < len(middleware._templates) <= 3
+
+
+def _templated_flask_app(**options: Any) -> Any:
+    from flask import Flask
+
+    app = Flask(__name__)
+    install_wsgi(
+        app,
+        routes={"GET /named/*": {"tag": "named"}, "GET /prio/*": {"priority": "critical"}},
+        **options,
+    )
+
+    @app.errorhandler(404)
+    def not_found(error: Exception) -> tuple[dict[str, Any], int]:
+        return _webapp.context_info(), 404
+
+    @app.get("/users/<int:user_id>")
+    def user(user_id: int) -> dict[str, Any]:
+        return _webapp.context_info()
+
+    @app.post("/users/<int:user_id>")
+    def update_user(user_id: int) -> dict[str, Any]:
+        return _webapp.context_info()
+
+    @app.get("/named/<name>")
+    def named(name: str) -> dict[str, Any]:
+        return _webapp.context_info()
+
+    @app.get("/prio/<name>")
+    def prio(name: str) -> dict[str, Any]:
+        return _webapp.context_info()
+
+    return app
+
+
+def test_flask_tags_requests_with_their_url_rule() -> None:
+    client = _templated_flask_app().test_client()
+    assert client.get("/users/7").get_json()["tag"] == "GET /users/<int:user_id>"
+    assert client.post("/users/7").get_json()["tag"] == "POST /users/<int:user_id>"
+    assert client.get("/named/x").get_json()["tag"] == "named"
+    body = client.get("/prio/x").get_json()
+    assert (body["tag"], body["priority"]) == ("GET /prio/<name>", "critical")
+    for path in ["/nothing/secret-token-123", "/users/not-a-number"]:
+        response = client.get(path)
+        assert response.status_code == 404
+        assert response.get_json()["tag"] is None
+
+
+def test_flask_route_tags_false_and_a_bare_middleware() -> None:
+    client = _templated_flask_app(route_tags=False).test_client()
+    assert client.get("/users/7").get_json()["tag"] is None
+    assert client.get("/named/x").get_json()["tag"] == "named"
+    # The middleware alone around app.wsgi_app finds the Flask app itself.
+    app = _flask_app()
+
+    @app.get("/users/<int:user_id>")
+    def user(user_id: int) -> dict[str, Any]:
+        return _webapp.context_info()
+
+    app.wsgi_app = PoolguardWSGIMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+    assert app.test_client().get("/users/7").get_json()["tag"] == "GET /users/<int:user_id>"
+
+
+def test_wsgi_plain_app_without_a_url_map_gets_no_tag() -> None:
+    seen: list[Any] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        seen.append(poolguard.current_request())
+        return _wsgi_hello(environ, start_response)
+
+    capture = _Capture()
+    list(PoolguardWSGIMiddleware(app)(_environ(path="/users/7"), capture))
+    assert seen[0] is not None
+    assert seen[0].tag is None
+
+
+def _user_tags(base: str, template: str) -> None:
+    with httpx.Client(base_url=base, timeout=REQUEST_TIMEOUT) as client:
+        body = client.get("/users/7").json()
+    # The guard saw the request's checkout under the template tag.
+    assert body["holder_tags"] == [template]
+    assert (body["id"], body["tag"], body["priority"]) == (7, template, "normal")
+
+
+def test_asgi_real_server_tags_with_the_route_template(tmp_path: Path) -> None:
+    with _uvicorn_webapp(f"sqlite:///{tmp_path / 'web.sqlite3'}") as base:
+        _user_tags(base, "GET /users/{user_id}")
+
+
+def test_wsgi_real_server_tags_with_the_url_rule(tmp_path: Path) -> None:
+    app = _webapp.create_flask_app(f"sqlite:///{tmp_path / 'web.sqlite3'}")
+    try:
+        with _werkzeug_thread(app) as base:
+            _user_tags(base, "GET /users/<int:user_id>")
+    finally:
+        app.extensions["webapp"].engine.dispose()

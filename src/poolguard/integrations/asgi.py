@@ -74,11 +74,14 @@ def _template(routes: Any, scope: Scope, prefix: str = "") -> tuple[str | None, 
     """
     cacheable = True
     for route in routes:
+        host = type(route).__name__ == "Host"
+        if host:
+            # Matched or not, the answer depended on the host header.
+            cacheable = False
         match, child = route.matches(scope)
         if getattr(match, "name", None) != "FULL":
             continue
-        if type(route).__name__ == "Host":
-            cacheable = False
+        if host:
             template, inner = _template(route.routes, {**scope, **child}, prefix)
             return template, inner and cacheable
         path = getattr(route, "path", None)
@@ -91,7 +94,8 @@ def _template(routes: Any, scope: Scope, prefix: str = "") -> tuple[str | None, 
             return template, inner and cacheable
         if "root_path" in child:
             # A Mount of an app without routes (static files): the mount's format.
-            path = getattr(route, "path_format", path + "/{path}")
+            mounted = getattr(route, "path_format", None)
+            path = mounted if isinstance(mounted, str) else path + "/{path}"
         return prefix + path, cacheable
     return None, cacheable
 
