@@ -1088,3 +1088,60 @@ def test_wsgi_real_server_tags_with_the_url_rule(tmp_path: Path) -> None:
             _user_tags(base, "GET /users/<int:user_id>")
     finally:
         app.extensions["webapp"].engine.dispose()
+
+
+@pytest.mark.timing
+def test_per_tag_bulkhead_works_with_no_route_map(tmp_path: Path) -> None:
+    # The promise: tag_limits keyed by a route template isolate that
+    # route with no route mapping at all.
+    import sqlalchemy as sa
+    from flask import Flask
+
+    engine = poolguard.wrap(
+        sa.create_engine(f"sqlite:///{tmp_path / 'bulkhead.sqlite3'}", pool_size=2, max_overflow=0),
+        acquire_timeout=5,
+        tag_limits={"GET /slow/<int:n>": 1},
+    )
+    guard = poolguard.get_guard(engine)
+    release = threading.Event()
+    app = Flask(__name__)
+    install_wsgi(app)
+
+    @app.get("/slow/<int:n>")
+    def slow(n: int) -> dict[str, Any]:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1")).scalar_one()
+            release.wait(REQUEST_TIMEOUT)
+        return {"n": n}
+
+    @app.get("/fast")
+    def fast() -> dict[str, Any]:
+        with engine.connect() as conn:
+            return {"value": conn.execute(sa.text("SELECT 1")).scalar_one()}
+
+    try:
+        with (
+            _werkzeug_thread(app) as base,
+            httpx.Client(base_url=base, timeout=REQUEST_TIMEOUT) as client,
+            concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool,
+        ):
+            held = pool.submit(client.get, "/slow/1")
+            tags = ["GET /slow/<int:n>"]
+            try:
+                wait_until(
+                    lambda: held.done() or [h.tag for h in guard.holders()] == tags,
+                    "the first slow request to hold its connection",
+                    STARTUP_LIMIT,
+                )
+                assert not held.done(), held.result().text
+                second = client.get("/slow/2")
+                assert second.status_code == 503, second.text
+                assert second.json()["reason"] == "tag_limit"
+                # Other routes still get the rest of the pool.
+                assert client.get("/fast").json() == {"value": 1}
+                assert not held.done()
+            finally:
+                release.set()
+            assert held.result().json() == {"n": 1}
+    finally:
+        engine.dispose()
