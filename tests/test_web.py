@@ -977,6 +977,35 @@ async def test_asgi_plain_app_without_routes_gets_no_tag() -> None:
     assert seen[0].tag is None
 
 
+async def test_head_shares_the_get_tag() -> None:
+    # HEAD runs the GET endpoint, so it shares its tag and bulkhead. The
+    # middleware alone, with Starlette's scope["app"], shows what HEAD gets
+    # (its answer has no body to carry the tag). A Starlette route takes
+    # HEAD with GET (a FastAPI one answers 405, and gets no tag).
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(poolguard.current_request())
+        await _plain_app(scope, receive, send)
+
+    for path in ["/sub/items/4", "/users/7"]:
+        scope = _http_scope("HEAD", path)
+        scope["app"] = _templated_fastapi_app()
+        await _call(PoolguardMiddleware(app), scope)
+    assert [ctx.tag for ctx in seen] == ["GET /sub/items/{item_id:int}", None]
+
+    flask_seen: list[Any] = []
+    flask_app = _templated_flask_app()
+
+    @flask_app.get("/seen/<int:n>")
+    def seen_view(n: int) -> str:
+        flask_seen.append(poolguard.current_request())
+        return ""
+
+    assert flask_app.test_client().head("/seen/3").status_code == 200
+    assert flask_seen[0].tag == "GET /seen/<int:n>"
+
+
 async def test_asgi_template_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     from poolguard.integrations import asgi
 

@@ -38,6 +38,7 @@ __all__ = [
     "check_route_tags",
     "rejection_response",
     "route_map",
+    "template_tag",
 ]
 
 _SETTINGS = ("priority", "tag", "timeout")
@@ -266,6 +267,16 @@ def check_route_tags(route_tags: object) -> bool:
             "with its route template, the default) or False"
         )
     return route_tags
+
+
+def template_tag(method: str, template: str) -> str:
+    """The tag of a request routed to ``template``: ``"GET /users/{id}"``.
+
+    ``HEAD`` runs the ``GET`` endpoint, so it shares the ``GET`` tag (and
+    its bulkhead).
+    """
+    method = method.upper()
+    return f"{'GET' if method == 'HEAD' else method} {template}"
 
 
 #: Most (method, path) -> template answers a middleware remembers; past it the

@@ -34,6 +34,7 @@ from ._routes import (
     check_route_tags,
     rejection_response,
     route_map,
+    template_tag,
 )
 
 __all__ = ["ASGIApp", "PoolguardMiddleware", "RejectionResponse", "install"]
@@ -159,7 +160,7 @@ class PoolguardMiddleware:
         if not routes:
             return None
         template, cacheable = _template(routes, scope)
-        tag = None if template is None else f"{method} {template}"
+        tag = None if template is None else template_tag(method, template)
         if cacheable:
             if len(templates) >= TEMPLATE_CACHE_SIZE:
                 templates.clear()

@@ -30,6 +30,7 @@ from ._routes import (
     check_route_tags,
     rejection_response,
     route_map,
+    template_tag,
 )
 
 if TYPE_CHECKING:
@@ -163,7 +164,7 @@ class PoolguardWSGIMiddleware:
         if self._flask is not None and route.tag is None:
             template = _rule_template(self._flask, environ)
             if template is not None:
-                tag = f"{method.upper()} {template}"
+                tag = template_tag(method, template)
         started = False
 
         def start_tracking(
