@@ -25,8 +25,8 @@ import difflib
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
 
 from .._context import request
 from ..errors import PoolTimeout, Rejected
@@ -249,6 +249,33 @@ def route_map(routes: RoutesLike, default: Mapping[str, Any] | Route | None = No
 def catch_types(catch_timeouts: bool) -> tuple[type[Exception], ...]:
     """The errors the middlewares answer with a 503."""
     return (Rejected, PoolTimeout) if catch_timeouts else (Rejected,)
+
+
+AppT = TypeVar("AppT")
+
+
+class RouteMiddleware(Generic[AppT]):
+    """What the ASGI and WSGI middlewares share: the app, its routes, the errors answered."""
+
+    def __init__(
+        self,
+        app: AppT,
+        routes: RoutesLike = None,
+        *,
+        default: Mapping[str, Any] | Route | None = None,
+        catch_timeouts: bool = True,
+    ) -> None:
+        self.app = app
+        self.routes = route_map(routes, default)
+        self.catch = catch_types(catch_timeouts)
+
+
+def register_handlers(
+    add: Callable[[type[Exception], Any], object], handler: Any, catch_timeouts: bool
+) -> None:
+    """Register ``handler`` with a framework's ``add`` for each error answered with a 503."""
+    for error_type in catch_types(catch_timeouts):
+        add(error_type, handler)
 
 
 def rejection_response(error: BaseException) -> tuple[int, list[tuple[str, str]], bytes]:
