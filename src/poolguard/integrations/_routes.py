@@ -31,7 +31,7 @@ from typing import Any, Generic, TypeVar
 from .._context import request
 from ..errors import PoolTimeout, Rejected
 
-__all__ = ["Route", "RouteMap", "RoutesLike", "rejection_response", "route_map"]
+__all__ = ["DefaultLike", "Route", "RouteMap", "RoutesLike", "rejection_response", "route_map"]
 
 _SETTINGS = ("priority", "tag", "timeout")
 _METHOD = re.compile(r"[A-Z]+")
@@ -235,9 +235,11 @@ class RouteMap:
 
 #: What the middlewares and ``install()`` helpers accept as ``routes``.
 RoutesLike = RouteMap | Mapping[str, Any] | Sequence[Route] | None
+#: What they accept as ``default``: the settings for requests no route matches.
+DefaultLike = Mapping[str, Any] | Route | None
 
 
-def route_map(routes: RoutesLike, default: Mapping[str, Any] | Route | None = None) -> RouteMap:
+def route_map(routes: RoutesLike, default: DefaultLike = None) -> RouteMap:
     """``routes`` as a :class:`RouteMap` (itself if it already is one)."""
     if isinstance(routes, RouteMap):
         if default is not None:
@@ -262,7 +264,7 @@ class RouteMiddleware(Generic[AppT]):
         app: AppT,
         routes: RoutesLike = None,
         *,
-        default: Mapping[str, Any] | Route | None = None,
+        default: DefaultLike = None,
         catch_timeouts: bool = True,
     ) -> None:
         self.app = app

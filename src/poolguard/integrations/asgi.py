@@ -23,11 +23,11 @@ app): its ``ServerErrorMiddleware`` has already sent a 500 by then.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from ._routes import (
-    Route,
+    DefaultLike,
     RouteMiddleware,
     RoutesLike,
     register_handlers,
@@ -121,11 +121,7 @@ async def _handle_rejection(conn: Any, error: Exception) -> RejectionResponse:
 
 
 def install(
-    app: Any,
-    routes: RoutesLike = None,
-    *,
-    default: Mapping[str, Any] | Route | None = None,
-    catch_timeouts: bool = True,
+    app: Any, routes: RoutesLike = None, *, default: DefaultLike = None, catch_timeouts: bool = True
 ) -> None:
     """Guard a Starlette or FastAPI application: middleware and exception handlers.
 

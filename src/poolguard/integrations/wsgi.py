@@ -23,17 +23,10 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 from .._context import RequestContext, _current
-from ._routes import (
-    Route,
-    RouteMiddleware,
-    RoutesLike,
-    register_handlers,
-    rejection_response,
-    route_map,
-)
+from ._routes import DefaultLike, RouteMiddleware, RoutesLike, register_handlers, rejection_response
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator, Mapping
+    from collections.abc import Iterable, Iterator
     from types import TracebackType
 
     # WSGIApplication is named (as a string) in a base class, which ruff does not read.
@@ -154,17 +147,13 @@ def _flask_handler(error: Exception) -> tuple[bytes, int, list[tuple[str, str]]]
 
 
 def install(
-    app: Any,
-    routes: RoutesLike = None,
-    *,
-    default: Mapping[str, Any] | Route | None = None,
-    catch_timeouts: bool = True,
+    app: Any, routes: RoutesLike = None, *, default: DefaultLike = None, catch_timeouts: bool = True
 ) -> None:
     """Guard a Flask application: wrap ``app.wsgi_app`` and register error handlers.
 
     See :class:`PoolguardWSGIMiddleware` for the arguments.
     """
     app.wsgi_app = PoolguardWSGIMiddleware(
-        app.wsgi_app, routes=route_map(routes, default), catch_timeouts=catch_timeouts
+        app.wsgi_app, routes, default=default, catch_timeouts=catch_timeouts
     )
     register_handlers(app.register_error_handler, _flask_handler, catch_timeouts)
