@@ -91,6 +91,14 @@ class AdmissionRefused(Exception):
 _empty: Callable[[], object] = deque[object](maxlen=0).pop
 
 
+def _one_fewer(counts: dict[str, int], key: str | None) -> bool:
+    # Never below 0: an undo cut short by an interrupt may run again.
+    if key in counts and counts[key] > 0:
+        counts[key] -= 1
+        return True
+    return False
+
+
 def _wait_seconds(timeout: float) -> float | None:
     """A timeout as the blocking primitives take it: None for "forever", else
     at most ``threading.TIMEOUT_MAX`` (beyond which ``Lock.acquire`` raises)."""
@@ -293,10 +301,7 @@ class Gate:
                     self.take = self._take_token
         if waiter.handoff:
             waiter.handoff = False
-            owed = self._owed
-            priority = waiter.priority
-            if priority in owed and owed[priority] > 0:
-                owed[priority] -= 1
+            _one_fewer(self._owed, waiter.priority)
         if self._signalled is waiter:
             self._signalled = None
 
@@ -308,10 +313,7 @@ class Gate:
                 deferred, self._deferred = self._deferred, []
                 self._rewake = False
                 for tag, held in deferred:
-                    if tag is not None:
-                        self._untag_locked(tag)
-                    else:
-                        self._sample_locked(held)
+                    self._settle_locked(tag, held)
                 if self.waiters:
                     self._dispatch()
             finally:
@@ -381,19 +383,29 @@ class Gate:
 
     def sample_hold(self, held: float) -> None:
         """Feed a hold time to the adaptive limit (when on)."""
-        if self.adaptive is None:
-            return
+        if self.adaptive is not None:
+            self._settle(None, held)
+
+    def _settle(self, tag: str | None, held: float) -> None:
+        # A checkin's untag (``tag``), else its hold sample (``held``), in a
+        # section of its own, or owed to the running one when re-entered.
         with self._lock:
             if self._busy:  # re-entered (a GC finaliser): after the section
-                self._deferred.append((None, held))
+                self._deferred.append((tag, held))
                 return
             try:
                 self._busy = True
-                self._sample_locked(held)
+                self._settle_locked(tag, held)
             finally:
                 self._busy = False
                 if self._rewake or self._deferred:
                     self._drain()
+
+    def _settle_locked(self, tag: str | None, held: float) -> None:
+        if tag is not None:
+            self._untag_locked(tag)
+        else:
+            self._sample_locked(held)
 
     def _sample_locked(self, held: float) -> None:
         adaptive = self.adaptive
@@ -416,26 +428,12 @@ class Gate:
 
     def untag(self, tag: str | None) -> None:
         """A connection taken under ``tag`` came back (tag bulkheads)."""
-        if tag is None or tag not in self.tag_limits:
-            return
-        with self._lock:
-            if self._busy:  # re-entered (a GC finaliser): after the section
-                self._deferred.append((tag, 0.0))
-                return
-            try:
-                self._busy = True
-                self._untag_locked(tag)
-            finally:
-                self._busy = False
-                if self._rewake or self._deferred:
-                    self._drain()
+        if tag is not None and tag in self.tag_limits:
+            self._settle(tag, 0.0)
 
     def _untag_locked(self, tag: str) -> None:
-        counts = self.tag_in_use
-        if tag in counts and counts[tag] > 0:
-            counts[tag] -= 1
-            if self.waiters:  # a waiter of that tag may go now
-                self._rewake = True
+        if _one_fewer(self.tag_in_use, tag) and self.waiters:  # one of that tag may go now
+            self._rewake = True
 
     # -- reading --------------------------------------------------------------
 
@@ -808,10 +806,7 @@ class Gate:
                 self._dequeue(waiter)
                 if waiter.tagged:
                     waiter.tagged = False
-                    tag = waiter.tag
-                    counts = self.tag_in_use
-                    if tag in counts and counts[tag] > 0:
-                        counts[tag] -= 1
+                    _one_fewer(self.tag_in_use, waiter.tag)
                 if waiter.granted:
                     waiter.granted = False
                     self.give(None)  # the permit is back once this returns
