@@ -9,6 +9,7 @@ through the narrow callables it is given.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from contextvars import ContextVar
@@ -90,16 +91,11 @@ class Breakers:
         if classify is not self._classify:
             self._classify = classify
             self._classifier_failed = False
-        settings = BreakerConfig(
-            window=cfg.breaker_window,
-            window_size=cfg.breaker_window_size,
-            minimum_calls=cfg.breaker_minimum_calls,
-            failure_rate=cfg.breaker_failure_rate,
-            slow_call_rate=cfg.breaker_slow_call_rate,
-            slow_call_duration=cfg.breaker_slow_call_duration,
-            wait_in_open=cfg.breaker_wait_in_open,
-            half_open_calls=cfg.breaker_half_open_calls,
-        )
+        # Each setting X is the option breaker_X (one name per concept).
+        settings = BreakerConfig(**{
+            field.name: getattr(cfg, f"breaker_{field.name}")
+            for field in dataclasses.fields(BreakerConfig)
+        })
         with self.lock:
             if not cfg.breaker:
                 self.breaker = None

@@ -28,6 +28,8 @@ __all__ = ["Diagnostics"]
 
 _REPORT_TTL = 1.0
 _EXHAUSTED_LOG_INTERVAL = 10.0
+#: The holder's fields a connection.held_too_long event carries, in order.
+_LEAK_FIELDS = ("tag", "fingerprint", "statement", "running", "idle_in_transaction", "site")
 
 
 class Diagnostics:
@@ -81,12 +83,7 @@ class Diagnostics:
             "connection.held_too_long",
             held_ms=round(item.age * 1000, 1),
             threshold_ms=round((self._parts.config().leak_threshold or 0) * 1000, 1),
-            tag=item.tag,
-            fingerprint=item.fingerprint,
-            statement=item.statement,
-            running=item.running,
-            idle_in_transaction=item.idle_in_transaction,
-            site=item.site,
+            **{name: getattr(item, name) for name in _LEAK_FIELDS},
             site_kind="checkout" if hold[SITE] else "now",
         )
 
