@@ -177,7 +177,7 @@ class Guard:
 
     def _apply_policies(self) -> None:
         gate = self.gate
-        gate.configure_policy(**admission(self.config, gate.capacity))
+        gate.configure_policy(admission(self.config, gate.capacity))
 
     def _update_slow_at(self) -> None:
         self.scanner.update_slow_at()
