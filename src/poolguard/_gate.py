@@ -367,8 +367,7 @@ class Gate:
 
     def on_checkin(self, request: Any, held: float) -> None:
         """A connection comes back: its tag's slot, the adaptive limit's sample."""
-        admission = self.admission
-        if admission is None:
+        if (admission := self.admission) is None:  # turned off since the pool looked
             return
         if admission.tag_limits and request is not None:
             self.untag(request.tag)
