@@ -25,13 +25,14 @@ import difflib
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
 
 from .._context import request
 from ..errors import PoolTimeout, Rejected
 
 __all__ = [
+    "DefaultLike",
     "Route",
     "RouteMap",
     "RoutesLike",
@@ -248,9 +249,11 @@ class RouteMap:
 
 #: What the middlewares and ``install()`` helpers accept as ``routes``.
 RoutesLike = RouteMap | Mapping[str, Any] | Sequence[Route] | None
+#: What they accept as ``default``: the settings for requests no route matches.
+DefaultLike = Mapping[str, Any] | Route | None
 
 
-def route_map(routes: RoutesLike, default: Mapping[str, Any] | Route | None = None) -> RouteMap:
+def route_map(routes: RoutesLike, default: DefaultLike = None) -> RouteMap:
     """``routes`` as a :class:`RouteMap` (itself if it already is one)."""
     if isinstance(routes, RouteMap):
         if default is not None:
@@ -287,6 +290,56 @@ TEMPLATE_CACHE_SIZE = 4096
 def catch_types(catch_timeouts: bool) -> tuple[type[Exception], ...]:
     """The errors the middlewares answer with a 503."""
     return (Rejected, PoolTimeout) if catch_timeouts else (Rejected,)
+
+
+AppT = TypeVar("AppT")
+
+
+class RouteMiddleware(Generic[AppT]):
+    """What the ASGI and WSGI middlewares share: the app, its routes, the errors answered,
+    and the route-template tag of each request."""
+
+    def __init__(
+        self,
+        app: AppT,
+        routes: RoutesLike = None,
+        *,
+        default: DefaultLike = None,
+        catch_timeouts: bool = True,
+        route_tags: bool = True,
+    ) -> None:
+        self.app = app
+        self.routes = route_map(routes, default)
+        self.catch = catch_types(catch_timeouts)
+        self.route_tags = check_route_tags(route_tags)
+        self._prepare_route_tags()
+
+    def _prepare_route_tags(self) -> None:
+        """Set up what :meth:`_template_tag` needs (``route_tags`` is known by now)."""
+
+    def _template_tag(self, method: str, path: str, request_info: Any) -> str | None:
+        """The tag of the framework's route for this request; ``None`` where none is known."""
+        return None
+
+    def request_scope(self, method: str, path: str, request_info: Any) -> request:
+        """The matched route's :func:`poolguard.request` for this request.
+
+        ``request_info`` is the ASGI scope or WSGI environ. The route's own tag wins;
+        without one, the framework's route template is the tag (``route_tags``).
+        """
+        route = self.routes.match(method, path)
+        tag = None
+        if self.route_tags and route.tag is None:
+            tag = self._template_tag(method, path, request_info)
+        return route.scope(tag)
+
+
+def register_handlers(
+    add: Callable[[type[Exception], Any], object], handler: Any, catch_timeouts: bool
+) -> None:
+    """Register ``handler`` with a framework's ``add`` for each error answered with a 503."""
+    for error_type in catch_types(catch_timeouts):
+        add(error_type, handler)
 
 
 def rejection_response(error: BaseException) -> tuple[int, list[tuple[str, str]], bytes]:

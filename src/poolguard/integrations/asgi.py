@@ -23,15 +23,16 @@ app): its ``ServerErrorMiddleware`` has already sent a 500 by then.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from ._routes import (
     TEMPLATE_CACHE_SIZE,
-    Route,
+    DefaultLike,
+    RouteMiddleware,
     RoutesLike,
-    catch_types,
     check_route_tags,
+    register_handlers,
     rejection_response,
     route_map,
     template_tag,
@@ -111,7 +112,7 @@ def _route_path(scope: Scope) -> str:
     return path
 
 
-class PoolguardMiddleware:
+class PoolguardMiddleware(RouteMiddleware[ASGIApp]):
     """Opens the matched route's :func:`poolguard.request` around each HTTP request.
 
     Args:
@@ -132,22 +133,10 @@ class PoolguardMiddleware:
     pass through untouched.
     """
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        routes: RoutesLike = None,
-        *,
-        default: Mapping[str, Any] | Route | None = None,
-        catch_timeouts: bool = True,
-        route_tags: bool = True,
-    ) -> None:
-        self.app = app
-        self.routes = route_map(routes, default)
-        self.catch = catch_types(catch_timeouts)
-        self.route_tags = check_route_tags(route_tags)
+    def _prepare_route_tags(self) -> None:
         self._templates: dict[tuple[str, str], str | None] = {}
 
-    def _tag_for(self, scope: Scope, method: str, path: str) -> str | None:
+    def _template_tag(self, method: str, path: str, request_info: Any) -> str | None:
         # Starlette sets ``scope["app"]`` before its middleware stack runs;
         # routing happens after this middleware, and the endpoint's first
         # checkout must already see the tag, so the route is found here.
@@ -156,10 +145,10 @@ class PoolguardMiddleware:
         tag = templates.get(key, "")
         if tag != "":
             return tag
-        routes = getattr(scope.get("app"), "routes", None)
+        routes = getattr(request_info.get("app"), "routes", None)
         if not routes:
             return None
-        template, cacheable = _template(routes, scope)
+        template, cacheable = _template(routes, request_info)
         tag = None if template is None else template_tag(method, template)
         if cacheable:
             if len(templates) >= TEMPLATE_CACHE_SIZE:
@@ -171,10 +160,7 @@ class PoolguardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        method: str = scope.get("method", "GET")
-        path = _route_path(scope)
-        route = self.routes.match(method, path)
-        tag = self._tag_for(scope, method, path) if self.route_tags and route.tag is None else None
+        request_scope = self.request_scope(scope.get("method", "GET"), _route_path(scope), scope)
         started = False
 
         async def send_tracking(message: Message) -> None:
@@ -184,7 +170,7 @@ class PoolguardMiddleware:
             await send(message)
 
         try:
-            with route.scope(tag):
+            with request_scope:
                 await self.app(scope, receive, send_tracking)
         except self.catch as error:
             if started:
@@ -200,26 +186,19 @@ async def _handle_rejection(conn: Any, error: Exception) -> RejectionResponse:
 
 
 def install(
-    app: Any,
-    routes: RoutesLike = None,
-    *,
-    default: Mapping[str, Any] | Route | None = None,
-    catch_timeouts: bool = True,
-    route_tags: bool = True,
+    app: Any, routes: RoutesLike = None, *, default: DefaultLike = None,
+    catch_timeouts: bool = True, route_tags: bool = True,
 ) -> None:
     """Guard a Starlette or FastAPI application: middleware and exception handlers.
 
     Call it before the application serves its first request. See
     :class:`PoolguardMiddleware` for the arguments.
     """
-    from ..errors import PoolTimeout, Rejected
-
     app.add_middleware(
         PoolguardMiddleware,
         routes=route_map(routes, default),
         catch_timeouts=catch_timeouts,
+        # Checked now: Starlette builds the middleware at the first request.
         route_tags=check_route_tags(route_tags),
     )
-    app.add_exception_handler(Rejected, _handle_rejection)
-    if catch_timeouts:
-        app.add_exception_handler(PoolTimeout, _handle_rejection)
+    register_handlers(app.add_exception_handler, _handle_rejection, catch_timeouts)

@@ -24,20 +24,20 @@ from typing import TYPE_CHECKING, Any
 
 from .._context import RequestContext, _current
 from ._routes import (
-    Route,
+    DefaultLike,
+    RouteMiddleware,
     RoutesLike,
-    catch_types,
-    check_route_tags,
+    register_handlers,
     rejection_response,
-    route_map,
     template_tag,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator, Mapping
+    from collections.abc import Iterable, Iterator
     from types import TracebackType
 
-    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    # WSGIApplication is named (as a string) in a base class, which ruff does not read.
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment  # noqa: F401
 
 __all__ = ["PoolguardWSGIMiddleware", "install"]
 
@@ -122,7 +122,7 @@ class _Body:
                 _current.reset(token)
 
 
-class PoolguardWSGIMiddleware:
+class PoolguardWSGIMiddleware(RouteMiddleware["WSGIApplication"]):
     """Opens the matched route's :func:`poolguard.request` around each request.
 
     Args:
@@ -142,29 +142,19 @@ class PoolguardWSGIMiddleware:
     and a JSON body; afterwards it propagates, as do all other exceptions.
     """
 
-    def __init__(
-        self,
-        app: WSGIApplication,
-        routes: RoutesLike = None,
-        *,
-        default: Mapping[str, Any] | Route | None = None,
-        catch_timeouts: bool = True,
-        route_tags: bool = True,
-    ) -> None:
-        self.app = app
-        self.routes = route_map(routes, default)
-        self.catch = catch_types(catch_timeouts)
-        self.route_tags = check_route_tags(route_tags)
-        self._flask = _flask_of(app) if self.route_tags else None
+    def _prepare_route_tags(self) -> None:
+        self._flask = _flask_of(self.app) if self.route_tags else None
+
+    def _template_tag(self, method: str, path: str, request_info: Any) -> str | None:
+        if self._flask is None:
+            return None
+        template = _rule_template(self._flask, request_info)
+        return None if template is None else template_tag(method, template)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        method: str = environ.get("REQUEST_METHOD", "GET")
-        route = self.routes.match(method, _route_path(environ))
-        tag = None
-        if self._flask is not None and route.tag is None:
-            template = _rule_template(self._flask, environ)
-            if template is not None:
-                tag = template_tag(method, template)
+        request_scope = self.request_scope(
+            environ.get("REQUEST_METHOD", "GET"), _route_path(environ), environ
+        )
         started = False
 
         def start_tracking(
@@ -180,7 +170,7 @@ class PoolguardWSGIMiddleware:
 
         result: Iterable[bytes] | None = None
         try:
-            with route.scope(tag) as ctx:
+            with request_scope as ctx:
                 result = self.app(environ, start_tracking)
                 if isinstance(result, (list, tuple)):
                     return result
@@ -210,29 +200,18 @@ def _flask_handler(error: Exception) -> tuple[bytes, int, list[tuple[str, str]]]
 
 
 def install(
-    app: Any,
-    routes: RoutesLike = None,
-    *,
-    default: Mapping[str, Any] | Route | None = None,
-    catch_timeouts: bool = True,
-    route_tags: bool = True,
+    app: Any, routes: RoutesLike = None, *, default: DefaultLike = None,
+    catch_timeouts: bool = True, route_tags: bool = True,
 ) -> None:
     """Guard a Flask application: wrap ``app.wsgi_app`` and register error handlers.
 
     See :class:`PoolguardWSGIMiddleware` for the arguments.
     """
-    from ..errors import PoolTimeout, Rejected
-
     middleware = PoolguardWSGIMiddleware(
-        app.wsgi_app,
-        routes=route_map(routes, default),
-        catch_timeouts=catch_timeouts,
-        route_tags=check_route_tags(route_tags),
+        app.wsgi_app, routes, default=default, catch_timeouts=catch_timeouts, route_tags=route_tags
     )
     if middleware.route_tags:
         # ``app.wsgi_app`` may already be another middleware: route on the app.
         middleware._flask = app
     app.wsgi_app = middleware
-    app.register_error_handler(Rejected, _flask_handler)
-    if catch_timeouts:
-        app.register_error_handler(PoolTimeout, _flask_handler)
+    register_handlers(app.register_error_handler, _flask_handler, catch_timeouts)
