@@ -30,6 +30,7 @@ from ._diagnostics import Diagnostics
 from ._gate import Gate
 from ._hooks import CheckoutHooks
 from ._log import EventLog
+from ._pooler import PoolerErrors, pooler_address
 from ._recorder import Recorder
 from ._retries import RetryBudget
 from ._scan import Scanner
@@ -107,6 +108,12 @@ class Guard:
             exhausted=self.diagnostics.exhausted,
         )
         self.acquire_slow = self.checkout.acquire
+        #: PgBouncer's saturation errors, worded and counted.
+        self.pooler = PoolerErrors(
+            self.log, self.recorder, gate=lambda: self.gate,
+            address=lambda: pooler_address(self._engine.url if self._engine else None),
+            retry_after=self.retry_after,
+        )
         # Bound once: the pool and the statement timer call these directly.
         self.breaker_admit = self.breakers.admit
         self.breaker_record = self.breakers.record
@@ -228,6 +235,7 @@ class Guard:
             time_creator(
                 pool, self.recorder, self.log, retries=lambda: self.config.connect_retries,
                 budget=lambda: self.retry_budget, acquire_timeout=self.acquire_timeout,
+                pooler_saturated=self.pooler.saturated,
             )
             self._update_slow_at()
             # An adopted connection returned before the gate is published goes
