@@ -124,7 +124,9 @@ class PoolerErrors:
         marker, _, what, todo = match
         gate = self._gate()
         address = self._address()
-        retry_after = self._retry_after()
+        # Its queue ahead took longer than this wait to drain: the pool's
+        # own estimate, or at least that long (at most 30 s).
+        retry_after = max(self._retry_after(), min(waited, 30.0))
         now = time.monotonic()
         with self._lock:
             self._recorder.pooler_saturations += 1
@@ -141,7 +143,7 @@ class PoolerErrors:
                 count=count, waited_ms=round(waited * 1000, 1), retry_after_s=round(retry_after, 2),
             )
         message = (
-            f"pool {self._log.pool_name!r}: PgBouncer at {address} {what} (clients waiting "
+            f"pool {self._log.pool_name!r}: PgBouncer at {address}: {what} (clients waiting "
             f"there, {waited:.3f}s); {todo}; poolguard did not count this as a database "
             f"failure (retry after {retry_after:.1f}s)"
         )

@@ -247,10 +247,9 @@ def default_classifier(error: BaseException) -> bool:
     from ._pooler import SATURATION, pooler_kind
     from .errors import PoolTimeout
 
-    if pooler_kind(error) == SATURATION:
-        return False
-    if isinstance(error, PoolTimeout):
-        return True
+    saturated = pooler_kind(error) == SATURATION  # PoolerSaturated included
+    if saturated or isinstance(error, PoolTimeout):
+        return not saturated
     if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
         return True
     if isinstance(error, (sa_exc.IntegrityError, sa_exc.ProgrammingError, sa_exc.DataError)):

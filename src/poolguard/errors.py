@@ -79,7 +79,9 @@ class PoolerSaturated(PoolTimeout, sqlalchemy.exc.OperationalError):
         orig: BaseException | None = None,
         statement: str | None = None,
     ) -> None:
-        sqlalchemy.exc.OperationalError.__init__(self, statement, None, orig)
+        sqlalchemy.exc.OperationalError.__init__(
+            self, statement, None, orig if orig is not None else Exception(message)
+        )
         self.args = (message,)
         self.message = message
         self.pool_name = pool_name
