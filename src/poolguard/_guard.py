@@ -30,7 +30,7 @@ from ._diagnostics import Diagnostics
 from ._gate import Gate
 from ._hooks import CheckoutHooks
 from ._log import EventLog
-from ._pooler import PoolerErrors, pooler_address
+from ._pooler import PoolerErrors
 from ._recorder import Recorder
 from ._retries import RetryBudget
 from ._scan import Scanner
@@ -109,11 +109,9 @@ class Guard:
         )
         self.acquire_slow = self.checkout.acquire
         #: PgBouncer's saturation errors, worded and counted.
-        self.pooler = PoolerErrors(
-            self.log, self.recorder, gate=lambda: self.gate,
-            address=lambda: pooler_address(self._engine.url if self._engine else None),
-            retry_after=self.retry_after,
-        )
+        self.pooler = PoolerErrors(self.log, self.recorder, gate=lambda: self.gate,
+                                   url=lambda: self._engine.url if self._engine else None,
+                                   retry_after=self.retry_after)
         # Bound once: the pool and the statement timer call these directly.
         self.breaker_admit = self.breakers.admit
         self.breaker_record = self.breakers.record

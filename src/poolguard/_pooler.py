@@ -98,13 +98,13 @@ class PoolerErrors:
         recorder: Recorder,
         *,
         gate: Callable[[], Gate],
-        address: Callable[[], str],
+        url: Callable[[], Any],
         retry_after: Callable[[], float],
     ) -> None:
         self._log = log
         self._recorder = recorder
         self._gate = gate
-        self._address = address
+        self._url = url  # the engine's URL (None: not attached)
         self._retry_after = retry_after
         self._lock = threading.Lock()
         self._logged_at = -LOG_EVERY
@@ -123,7 +123,7 @@ class PoolerErrors:
             return None
         marker, _, what, todo = match
         gate = self._gate()
-        address = self._address()
+        address = pooler_address(self._url())
         # Its queue ahead took longer than this wait to drain: the pool's
         # own estimate, or at least that long (at most 30 s).
         retry_after = max(self._retry_after(), min(waited, 30.0))
