@@ -328,3 +328,41 @@ def test_max_client_conn_at_connect_is_pooler_saturated(postgresql_url: str, dri
         assert guard.stats().pooler_saturations == 1
         assert guard.breaker is not None
         assert guard.breaker.state == "closed"
+
+
+def test_saturations_are_counted_logged_once_a_second_and_fed_to_the_adaptive_limit() -> None:
+    from poolguard._gate import Gate
+    from poolguard._log import EventLog
+    from poolguard._policies import Gradient2
+    from poolguard._pooler import PoolerErrors
+    from poolguard._recorder import Recorder
+
+    gate = Gate(5)
+    gate.configure_policy(adaptive=Gradient2(5))
+    adaptive = gate.adaptive
+    assert adaptive is not None
+    for _ in range(50):
+        gate.sample_hold(0.002)  # the usual hold time
+    before = adaptive.limit
+    recorder = Recorder()
+    errors = PoolerErrors(
+        EventLog("p"), recorder, gate=lambda: gate,
+        url=lambda: sa.engine.make_url("postgresql+psycopg://u@bouncer:6432/db"),
+        retry_after=lambda: 0.1,
+    )
+    with capture_events(logging.WARNING) as events:
+        first = errors.saturated(psycopg.OperationalError(f"... FATAL:  {_FULL}"), 1.5,
+                                 sample=True)
+        others = [errors.saturated(psycopg.errors.ProtocolViolation(_WAIT), 1.0)
+                  for _ in range(3)]
+        failure = errors.saturated(psycopg.errors.ProtocolViolation("database removed"), 1.0)
+    assert failure is None  # the pooler's failure is no saturation
+    assert isinstance(first, poolguard.PoolerSaturated)
+    assert all(isinstance(e, poolguard.PoolerSaturated) for e in others)
+    assert str(first).startswith("pool 'p': PgBouncer at bouncer:6432: refused the connection")
+    assert "max_client_conn" in str(first)
+    assert first.retry_after == 1.5  # at least the wait, over the pool's 0.1 s estimate
+    assert recorder.pooler_saturations == 4
+    assert [e["event"] for e in events] == ["pooler.saturated"]  # one a second at most
+    assert events[0]["pooler"] == "bouncer:6432"
+    assert adaptive.limit < before  # only the connect's (sample=True) wait was fed

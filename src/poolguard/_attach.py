@@ -128,7 +128,7 @@ def time_creator(
     retries: Callable[[], int],
     budget: Callable[[], RetryBudget | None],
     acquire_timeout: Callable[[], float | None],
-    pooler_saturated: Callable[[BaseException, float], BaseException | None] | None = None,
+    pooler_saturated: Callable[..., BaseException | None] | None = None,
 ) -> None:
     """Time ``pool``'s connection set-up, retried within the budget (once per pool).
 
@@ -163,7 +163,7 @@ def time_creator(
                 )
             return inner(record)
         except Exception as error:
-            saturated = (pooler_saturated(error, perf_counter() - start)
+            saturated = (pooler_saturated(error, perf_counter() - start, None, sample=True)
                          if pooler_saturated is not None else None)
             if saturated is None:
                 raise

@@ -111,12 +111,14 @@ class PoolerErrors:
         self._unlogged = 0
 
     def saturated(
-        self, error: BaseException, waited: float, statement: str | None = None
+        self, error: BaseException, waited: float, statement: str | None = None,
+        *, sample: bool = False,
     ) -> PoolerSaturated | None:
         """``error`` as :class:`PoolerSaturated` if it is the pooler's saturation, else None.
 
-        Counts it, feeds the wait to the adaptive limit (when on) as the hold
-        time it is, and logs ``pooler.saturated`` at most once a second.
+        Counts it, logs ``pooler.saturated`` at most once a second and, with
+        ``sample`` (a failed connect: no checkin will report it), feeds the
+        wait to the adaptive limit (when on) as the hold time it is.
         """
         match = _match(error)
         if match is None or match[1] != SATURATION:
@@ -135,8 +137,10 @@ class PoolerErrors:
             if log_it:
                 self._logged_at = now
                 count, self._unlogged = self._unlogged, 0
-        # The pooler's queue is ours too: a wait that long is a hold that long.
-        gate.sample_hold(waited)
+        if sample:
+            # The pooler's queue is ours too: a wait that long is a hold that
+            # long. (A statement's checkin reports its hold, wait included.)
+            gate.sample_hold(waited)
         if log_it:
             self._log.emit(
                 logging.WARNING, "pooler.saturated", pooler=address, error=marker,

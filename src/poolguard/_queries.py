@@ -601,17 +601,16 @@ class QueryTimer:
         self, statement: str, duration: float, hold: Hold | None, exc: BaseException
     ) -> None:
         guard = self.guard
-        # Recognised here, on the error path only; handle_error (registered
-        # now if need be: it runs after this) raises it in place of the
-        # driver's error, and the breaker does not count it.
-        saturated = guard.pooler.saturated(
-            exc, duration, fingerprint(statement, guard.db_system).text
-        ) if isinstance(exc, Exception) else None
+        stat = self._stats.get(statement) or self._stat(statement)
+        # A pooler's saturation, recognised here, on the error path only:
+        # handle_error (registered now if need be: it runs after this) raises
+        # it in place of the driver's error, and the breaker does not count it.
+        saturated = (guard.pooler.saturated(exc, duration, stat.fp.text)
+                     if isinstance(exc, Exception) else None)
         if saturated is not None:
             with contextlib.suppress(Exception):
                 setattr(exc, POOLER, saturated)
                 self._listen_errors()
-        stat = self._stats.get(statement) or self._stat(statement)
         stat.errors += 1
         stat.hist.add(duration)
         error_type = type(exc).__qualname__
@@ -622,7 +621,8 @@ class QueryTimer:
             hold[RUNNING_SINCE] = 0.0
         if guard.breakers_on:
             request = hold[REQUEST] if hold is not None else _current.get()
-            guard.breaker_record(exc, duration, request)
+            # A classifier sees the error the caller will see.
+            guard.breaker_record(saturated or exc, duration, request)
         timed_out = is_timeout_error(guard.db_system, exc)
         slow = guard.slow_query_threshold
         if slow is not None and duration >= slow:
