@@ -163,9 +163,18 @@ def _hold(bouncer: PgBouncer, database: str, seconds: float) -> threading.Thread
 @pytest.mark.timing
 def test_psycopg_query_wait_timeout_is_pooler_saturated(postgresql_url: str) -> None:
     bouncer, database = _bouncer(postgresql_url, default_pool_size=1, query_wait_timeout=1)
+    classified: list[type[BaseException]] = []
+
+    def classifier(error: BaseException) -> bool:
+        classified.append(type(error))
+        return default_classifier(error)
+
     with bouncer:
-        engine = poolguard.wrap(sa.create_engine(
-            bouncer.url(database), pool_size=2, connect_args={"prepare_threshold": None}))
+        engine = poolguard.wrap(
+            sa.create_engine(bouncer.url(database), pool_size=2,
+                             connect_args={"prepare_threshold": None}),
+            breaker=True, breaker_classifier=classifier,
+        )
         try:
             with engine.connect() as conn:  # a pooled connection, before the queue fills
                 conn.execute(sa.text("select 1"))
@@ -186,6 +195,7 @@ def test_psycopg_query_wait_timeout_is_pooler_saturated(postgresql_url: str) -> 
             assert error.retry_after >= 0.9  # at least the wait in PgBouncer's queue
             guard = poolguard.get_guard(engine)
             assert guard.stats().pooler_saturations == 1
+            assert classified == [poolguard.PoolerSaturated]  # what the caller sees
             saturated = [e for e in events if e["event"] == "pooler.saturated"]
             assert len(saturated) == 1
             assert saturated[0]["pooler"] == f"127.0.0.1:{bouncer.port}"
