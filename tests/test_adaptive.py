@@ -59,10 +59,11 @@ def test_engine_with_adaptive_limit_balances_permits(tmp_path: Path) -> None:
         acquire_timeout=0,
     )
     guard = poolguard.get_guard(engine)
-    assert guard.gate.adaptive is not None
+    assert guard.gate.admission is not None
+    assert guard.gate.admission.adaptive is not None
     for _ in range(20):
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
     assert guard.stats().permits == 0
-    assert guard.gate.adaptive.limit == pytest.approx(3.0)
+    assert guard.gate.admission.adaptive.limit == pytest.approx(3.0)
     engine.dispose()

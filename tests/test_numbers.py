@@ -188,7 +188,8 @@ def test_a_queue_delay_shed_is_a_wait_and_a_rejection_not_a_timeout(
 ) -> None:
     engine = make_engine(sqlite_url, codel=True, acquire_timeout=SAFETY_TIMEOUT)
     guard = poolguard.get_guard(engine)
-    codel = guard.gate.codel
+    assert guard.gate.admission is not None
+    codel = guard.gate.admission.codel
     assert codel is not None
     with engine.connect():
         codel.overloaded = True  # a standing queue: waits are cut to 2 x target

@@ -508,7 +508,7 @@ def test_configure_policy_with_nothing_turns_the_fast_path_back_on() -> None:
     gate.configure_policy()
     assert not gate.policies_on
     assert gate.take == gate._tokens.pop  # type: ignore[union-attr]
-    assert (gate.reserved, gate.max_waiting, gate.codel, gate.tag_limits) == (0, {}, None, {})
+    assert gate.admission is None
     gate.take()
     gate.take()
     assert gate.in_use == 2
@@ -772,7 +772,8 @@ def test_load_shed_through_the_engine(guarded: sa.Engine) -> None:
     guard = poolguard.get_guard(guarded)
     gate = guard.gate
     assert gate.capacity == 3
-    assert gate.reserved == 1
+    assert gate.admission is not None
+    assert gate.admission.reserved == 1
     held = [guarded.connect(), guarded.connect()]  # normal: up to the reserve
     assert gate.in_use == 2
     with pytest.raises(poolguard.LoadShed) as info:

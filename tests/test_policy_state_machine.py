@@ -44,6 +44,7 @@ from poolguard._policies import (
     HEALTH,
     NORMAL,
     PRIORITIES,
+    Admission,
     Codel,
     may_take,
     rank,
@@ -107,6 +108,11 @@ class PolicyGateMachine(RuleBasedStateMachine):
     # -- helpers --------------------------------------------------------------
 
     @property
+    def policy(self) -> Admission:
+        """The gate's admission policy (all off: one that decides nothing)."""
+        return self.gate.admission or Admission()
+
+    @property
     def free(self) -> int:
         return CAPACITY - self.gate.in_use
 
@@ -117,23 +123,23 @@ class PolicyGateMachine(RuleBasedStateMachine):
         return [w for w in self.parked if not w.granted]
 
     def tag_full(self, tag: str | None, queued: int = 0) -> bool:
-        cap = self.gate.tag_limits.get(tag) if tag is not None else None
+        cap = self.policy.tag_limits.get(tag) if tag is not None else None
         return cap is not None and self.held_with(tag) + queued >= cap  # type: ignore[arg-type]
 
     def may_take_now(self, priority: str, tag: str | None) -> bool:
         """Whether a caller may take a free permit now (the policy, from the model)."""
         if not self.gate.policies_on:
             return self.free > 0
-        return may_take(priority, self.free, self.gate.reserved) and not self.tag_full(tag)
+        return may_take(priority, self.free, self.policy.reserved) and not self.tag_full(tag)
 
     def on_grant(self, key: object, priority: str, tag: str | None) -> None:
         """A permit was granted: check the policy held, and register it like the pool."""
         free_before = len(self.gate._tokens or ()) + 1  # the gate took the token just now
-        if priority != CRITICAL and free_before <= self.gate.reserved:
+        if priority != CRITICAL and free_before <= self.policy.reserved:
             self.violations.append(
-                f"{priority} got a permit with {free_before} free, {self.gate.reserved} reserved"
+                f"{priority} got a permit with {free_before} free, {self.policy.reserved} reserved"
             )
-        cap = self.gate.tag_limits.get(tag) if tag is not None else None
+        cap = self.policy.tag_limits.get(tag) if tag is not None else None
         if cap is not None and self.gate.tag_in_use.get(tag, 0) > cap:  # type: ignore[arg-type]
             self.violations.append(f"a grant took tag {tag!r} past its cap {cap}")
         self.held[key] = (priority, tag)
@@ -146,7 +152,7 @@ class PolicyGateMachine(RuleBasedStateMachine):
         elif reason == "health_busy":
             assert priority == HEALTH
         elif reason == "queue_full":
-            limit = self.gate.max_waiting.get(priority)
+            limit = self.policy.max_waiting.get(priority)
             assert limit is not None
             assert sum(w.priority == priority for w in queued) >= limit
         else:
@@ -159,7 +165,7 @@ class PolicyGateMachine(RuleBasedStateMachine):
         """Whether a caller that did not get a permit had to go without."""
         if self.free == 0:
             return True
-        if priority != CRITICAL and self.free <= self.gate.reserved:
+        if priority != CRITICAL and self.free <= self.policy.reserved:
             return True
         return any(
             rank(w.priority) <= rank(priority) and not self.tag_full(w.tag)
@@ -194,7 +200,7 @@ class PolicyGateMachine(RuleBasedStateMachine):
             self.on_grant(key, priority, tag)
             return
         # Timed out at once: only when it could not have taken a permit.
-        assert blocked, (priority, tag, free, self.gate.reserved)
+        assert blocked, (priority, tag, free, self.policy.reserved)
         assert priority != HEALTH, "health times out instead of being refused"
         assert not (priority == CRITICAL and free > 0), f"critical timed out with {free} free"
 
@@ -249,10 +255,10 @@ class PolicyGateMachine(RuleBasedStateMachine):
         self.configure_gate({"reserved": 0, "max_waiting": {}, "codel": False, "tag_limits": {}})
         assert not self.gate.policies_on
 
-    @precondition(lambda self: self.gate.codel is not None)
+    @precondition(lambda self: self.policy.codel is not None)
     @rule()
     def overload(self) -> None:
-        codel = self.gate.codel
+        codel = self.policy.codel
         assert codel is not None
         with self.gate._lock:
             codel.on_empty(self.clock.now)
@@ -261,10 +267,10 @@ class PolicyGateMachine(RuleBasedStateMachine):
             codel.on_grant(1.0, self.clock.now)
         assert codel.overloaded
 
-    @precondition(lambda self: self.gate.codel is not None)
+    @precondition(lambda self: self.policy.codel is not None)
     @rule()
     def relieve(self) -> None:
-        codel = self.gate.codel
+        codel = self.policy.codel
         assert codel is not None
         with self.gate._lock:
             codel.on_empty(self.clock.now)
@@ -290,7 +296,7 @@ class PolicyGateMachine(RuleBasedStateMachine):
     @invariant()
     def tag_counts_match_and_respect_caps(self) -> None:
         for tag in CAPPED_TAGS:
-            cap = self.gate.tag_limits.get(tag)
+            cap = self.policy.tag_limits.get(tag)
             count = self.gate.tag_in_use.get(tag, 0)
             if cap is None:
                 assert tag not in self.gate.tag_in_use
@@ -314,7 +320,7 @@ class PolicyGateMachine(RuleBasedStateMachine):
         for waiter in self.waiting():
             assert not self.may_take_now(waiter.priority, waiter.tag), (
                 f"{waiter.priority}/{waiter.tag} waits with {self.free} free, "
-                f"{self.gate.reserved} reserved, caps {self.gate.tag_limits}, "
+                f"{self.policy.reserved} reserved, caps {self.policy.tag_limits}, "
                 f"in use {self.gate.tag_in_use}"
             )
 

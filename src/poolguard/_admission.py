@@ -1,18 +1,19 @@
 """The gate's admission policy built from the options: the policies decide, the gate enforces.
 
-:func:`admission` turns a guard's options into the arguments of
-:meth:`Gate.configure_policy` (none when no policy is on, which keeps the
-gate on its lock-free fast path).
+:func:`admission` turns a guard's options into the one :class:`Admission`
+object the gate consults (None when no policy is on, which keeps the gate
+on its lock-free fast path).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ._policies import (
     BACKGROUND,
     CRITICAL,
     NORMAL,
+    Admission,
     Codel,
     Gradient2,
     reserve_size,
@@ -25,20 +26,20 @@ if TYPE_CHECKING:
 __all__ = ["admission"]
 
 
-def admission(cfg: Config, capacity: int | None) -> dict[str, Any]:
-    """Keyword arguments of :meth:`Gate.configure_policy` for ``cfg`` (empty: all off)."""
+def admission(cfg: Config, capacity: int | None) -> Admission | None:
+    """The admission policy for ``cfg`` (None: all off)."""
     if not cfg.policies_on or capacity is None:
-        return {}
-    return {
-        "reserved": reserve_size(cfg.reserved_critical, capacity),
-        "max_waiting": {
+        return None
+    return Admission(
+        reserved=reserve_size(cfg.reserved_critical, capacity),
+        max_waiting={
             CRITICAL: cfg.max_waiting_critical,
             NORMAL: cfg.max_waiting_normal,
             BACKGROUND: cfg.max_waiting_background,
         },
-        "codel": Codel(cfg.codel_target, cfg.codel_interval) if cfg.codel else None,
-        "tag_limits": {
+        codel=Codel(cfg.codel_target, cfg.codel_interval) if cfg.codel else None,
+        tag_limits={
             tag: tag_limit(limit, capacity) for tag, limit in (cfg.tag_limits or {}).items()
         },
-        "adaptive": Gradient2(capacity) if cfg.adaptive_limit else None,
-    }
+        adaptive=Gradient2(capacity) if cfg.adaptive_limit else None,
+    )

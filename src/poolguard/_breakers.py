@@ -9,6 +9,7 @@ through the narrow callables it is given.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from contextvars import ContextVar
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
     from ._config import Config
     from ._context import RequestContext
-    from ._log import EventLog
+    from ._parts import GuardParts
 
 __all__ = ["MAX_TAG_BREAKERS", "Breakers"]
 
@@ -55,24 +56,17 @@ class Breakers:
 
     def __init__(
         self,
-        log: EventLog,
+        parts: GuardParts,
         *,
         changed: Callable[[], None],
         tripped: Callable[[], bool],
-        in_use: Callable[[], int],
-        reject: Callable[[str, str], None],
-        acquire_timeout: Callable[[], float | None],
         dialect: Callable[[], Any],
-        db_system: Callable[[], str],
     ) -> None:
-        self._log = log
+        self._parts = parts
+        self._log = parts.log
         self._changed = changed  # a breaker changed state: refresh the gate's flags
         self._tripped = tripped
-        self._in_use = in_use
-        self._reject = reject
-        self._acquire_timeout = acquire_timeout
         self._driver_dialect = dialect
-        self._db_system = db_system
         #: The circuit breaker (``breaker=True``), else None.
         self.breaker: CircuitBreaker | None = None
         #: The breakers of request tags (``breaker_per_tag=True``), by tag.
@@ -97,16 +91,11 @@ class Breakers:
         if classify is not self._classify:
             self._classify = classify
             self._classifier_failed = False
-        settings = BreakerConfig(
-            window=cfg.breaker_window,
-            window_size=cfg.breaker_window_size,
-            minimum_calls=cfg.breaker_minimum_calls,
-            failure_rate=cfg.breaker_failure_rate,
-            slow_call_rate=cfg.breaker_slow_call_rate,
-            slow_call_duration=cfg.breaker_slow_call_duration,
-            wait_in_open=cfg.breaker_wait_in_open,
-            half_open_calls=cfg.breaker_half_open_calls,
-        )
+        # Each setting X is the option breaker_X (one name per concept).
+        settings = BreakerConfig(**{
+            field.name: getattr(cfg, f"breaker_{field.name}")
+            for field in dataclasses.fields(BreakerConfig)
+        })
         with self.lock:
             if not cfg.breaker:
                 self.breaker = None
@@ -143,7 +132,7 @@ class Breakers:
                 if breaker.state == HALF_OPEN:
                     # A probe has its acquire wait, then wait_in_open, to report.
                     # (Waits without limit are given the pool's default 30 s.)
-                    acquire = self._acquire_timeout()
+                    acquire = self._parts.acquire_timeout()
                     reclaimed = breaker.reclaim(
                         now, breaker.config.wait_in_open + (30.0 if acquire is None else acquire))
                 allowed, entered = breaker.allow(now)
@@ -176,7 +165,7 @@ class Breakers:
         if allowed or breaker is None:
             return
         priority = request.priority if request is not None else NORMAL
-        self._reject("circuit_open", priority)
+        self._parts.reject("circuit_open", priority)
         retry_after = max(retry_after, 0.05)
         name = self._log.pool_name
         if breaker is self.breaker:
@@ -297,7 +286,7 @@ class Breakers:
             invalidated = bool(dialect.is_disconnect(error, None, None))
         except Exception:  # noqa: BLE001 - a dialect that needs a connection to tell
             invalidated = False
-        if is_timeout_error(self._db_system(), error):
+        if is_timeout_error(self._parts.db_system(), error):
             # A statement cancelled on time is an OperationalError whatever
             # class the driver gives it (asyncpg's adapter: a bare Error).
             return sa_exc.OperationalError(
@@ -317,5 +306,5 @@ class Breakers:
             f"breaker.{state}",
             **fields,
             wait_in_open_s=breaker.config.wait_in_open if breaker else None,
-            in_use=self._in_use(),
+            in_use=self._parts.gate().in_use,
         )

@@ -28,9 +28,9 @@ if TYPE_CHECKING:
     from sqlalchemy.pool import Pool
 
     from ._breakers import Breakers
-    from ._gate import Gate, _Waiter
+    from ._gate import _Waiter
     from ._holders import HolderGroup
-    from ._log import EventLog
+    from ._parts import GuardParts
     from ._recorder import Recorder
 
 __all__ = ["SlowCheckout"]
@@ -41,25 +41,20 @@ class SlowCheckout:
 
     def __init__(
         self,
-        log: EventLog,
+        parts: GuardParts,
         recorder: Recorder,
         breakers: Breakers,
         *,
-        gate: Callable[[], Gate],
-        acquire_timeout: Callable[[], float | None],
         maybe_scan: Callable[[float], None],
         note_wait: Callable[[float], None],
-        reject: Callable[[str, str], None],
         exhausted: Callable[[str], list[HolderGroup]],
     ) -> None:
-        self._log = log
+        self._parts = parts
+        self._log = parts.log
         self._recorder = recorder
         self._breakers = breakers
-        self._gate = gate
-        self._acquire_timeout = acquire_timeout
         self._maybe_scan = maybe_scan
         self._note_wait = note_wait
-        self._reject = reject
         self._exhausted = exhausted
 
     def acquire(self, pool: Pool, waiter: _Waiter | None = None) -> float:
@@ -70,7 +65,7 @@ class SlowCheckout:
         exception that reaches the caller while ``waiter.granted`` is true
         leaves the caller holding the permit, to give back.
         """
-        timeout = self._acquire_timeout()
+        timeout = self._parts.acquire_timeout()
         by_deadline = False
         request = _current.get()
         priority, tag = NORMAL, None
@@ -85,7 +80,7 @@ class SlowCheckout:
         self._maybe_scan(start)
         reason = None
         try:
-            granted = self._gate().acquire(
+            granted = self._parts.gate().acquire(
                 timeout, asyncio_mode=is_asyncio(pool), priority=priority, tag=tag,
                 waiter=waiter,
             )
@@ -124,7 +119,7 @@ class SlowCheckout:
     def retry_after(self) -> float:
         """Seconds after which a shed request has a fair chance: the queue ahead
         drained at the pool's mean hold time (0.1 s to 30 s)."""
-        gate = self._gate()
+        gate = self._parts.gate()
         use = self._recorder.use
         count = use.count
         mean = use.sum / count if count else 0.0  # not snapshot(): no quantiles on a shed
@@ -132,8 +127,8 @@ class SlowCheckout:
         return min(30.0, max(0.1, mean * (gate.waiting + 1) / capacity))
 
     def shed(self, reason: str, priority: str) -> LoadShed:
-        self._reject(reason, priority)
-        gate = self._gate()
+        self._parts.reject(reason, priority)
+        gate = self._parts.gate()
         in_use, capacity, waiting = gate.in_use, gate.capacity, gate.waiting
         retry_after = self.retry_after()
         if self._log.debug:
@@ -151,7 +146,7 @@ class SlowCheckout:
         )
 
     def _timeout_error(self, timeout: float, by_deadline: bool) -> PoolTimeout:
-        gate = self._gate()
+        gate = self._parts.gate()
         in_use, capacity, waiting = gate.in_use, gate.capacity, gate.waiting
         limit = "the request's deadline" if by_deadline else "acquire_timeout"
         groups = self._exhausted("timeout")

@@ -17,7 +17,6 @@ from ._policies import NORMAL, PRIORITIES
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
-    from types import TracebackType
 
 __all__ = ["MAX_TAG_CHARS", "RequestContext", "current_request", "request"]
 
@@ -158,23 +157,13 @@ class request:  # noqa: N801 - used like a function: `with poolguard.request(...
     def __enter__(self) -> RequestContext:
         return self._open()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self._close()
 
     async def __aenter__(self) -> RequestContext:
         return self._open()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         self._close()
 
     @overload

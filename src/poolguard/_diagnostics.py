@@ -21,31 +21,23 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from ._config import Config
-    from ._gate import Gate
     from ._hold import Hold
-    from ._log import EventLog
+    from ._parts import GuardParts
 
 __all__ = ["Diagnostics"]
 
 _REPORT_TTL = 1.0
 _EXHAUSTED_LOG_INTERVAL = 10.0
+#: The holder's fields a connection.held_too_long event carries, in order.
+_LEAK_FIELDS = ("tag", "fingerprint", "statement", "running", "idle_in_transaction", "site")
 
 
 class Diagnostics:
     """Leak warnings, alerts and the holders report of one guard."""
 
-    def __init__(
-        self,
-        log: EventLog,
-        *,
-        gate: Callable[[], Gate],
-        config: Callable[[], Config],
-        db_system: Callable[[], str],
-    ) -> None:
-        self._log = log
-        self._gate = gate
-        self._config = config
-        self._db_system = db_system
+    def __init__(self, parts: GuardParts) -> None:
+        self._parts = parts
+        self._log = parts.log
         self._lock = threading.Lock()
         self.leak_warnings = 0
         self.exhaustion_events = 0
@@ -65,9 +57,9 @@ class Diagnostics:
 
     def scan_leaks(self, now: float) -> None:
         """Warn once about each connection held past ``leak_threshold``."""
-        threshold = self._config().leak_threshold
+        threshold = self._parts.config().leak_threshold
         if threshold is not None:
-            holds: list[Hold] = list(self._gate().out.values())
+            holds: list[Hold] = list(self._parts.gate().out.values())
             for hold in holds:
                 if not hold[WARNED] and now - hold[T0] >= threshold:
                     self.warn_leak(hold, now)
@@ -85,24 +77,19 @@ class Diagnostics:
         hold[WARNED] = True
         with self._lock:
             self.leak_warnings += 1
-        (item,) = holders([hold], now, self._db_system())
+        (item,) = holders([hold], now, self._parts.db_system())
         self._log.emit(
             logging.WARNING,
             "connection.held_too_long",
             held_ms=round(item.age * 1000, 1),
-            threshold_ms=round((self._config().leak_threshold or 0) * 1000, 1),
-            tag=item.tag,
-            fingerprint=item.fingerprint,
-            statement=item.statement,
-            running=item.running,
-            idle_in_transaction=item.idle_in_transaction,
-            site=item.site,
+            threshold_ms=round((self._parts.config().leak_threshold or 0) * 1000, 1),
+            **{name: getattr(item, name) for name in _LEAK_FIELDS},
             site_kind="checkout" if hold[SITE] else "now",
         )
 
     def check_alerts(self, now: float, wait_max: float) -> None:
         """Evaluate the alerts at ``now`` (``wait_max``: the longest wait since the last)."""
-        gate = self._gate()
+        gate = self._parts.gate()
         capacity = gate.capacity
         for alert in self.alerts:
             if alert.name == "utilization":
@@ -142,8 +129,8 @@ class Diagnostics:
 
     def holders(self) -> list[Holder]:
         """Every connection checked out now: age, statement, tag, site."""
-        holds: list[Hold] = list(self._gate().out.values())
-        return holders(holds, perf_counter(), self._db_system())
+        holds: list[Hold] = list(self._parts.gate().out.values())
+        return holders(holds, perf_counter(), self._parts.db_system())
 
     def holders_report(self, *, fresh: bool = False) -> list[HolderGroup]:
         """Holders grouped by statement and site, biggest group first.
@@ -171,7 +158,7 @@ class Diagnostics:
                 self._exhausted_logged_at = now
                 self.exhaustion_events += 1
         if due:
-            gate = self._gate()
+            gate = self._parts.gate()
             self._log.emit(
                 logging.WARNING,
                 "pool.exhausted",

@@ -58,7 +58,7 @@ from typing import Any
 
 from ._compat import await_only
 from ._hold import REQUEST
-from ._policies import CRITICAL, HEALTH, NORMAL, PRIORITIES, Codel, Gradient2, may_take, rank
+from ._policies import CRITICAL, HEALTH, NORMAL, PRIORITIES, Admission, rank
 
 __all__ = ["Gate"]
 
@@ -89,6 +89,14 @@ class AdmissionRefused(Exception):
 # acquire(), where the policy is applied under the lock. A C callable, so no
 # interrupt can land inside it.
 _empty: Callable[[], object] = deque[object](maxlen=0).pop
+
+
+def _one_fewer(counts: dict[str, int], key: str | None) -> bool:
+    # Never below 0: an undo cut short by an interrupt may run again.
+    if key in counts and counts[key] > 0:
+        counts[key] -= 1
+        return True
+    return False
 
 
 def _wait_seconds(timeout: float) -> float | None:
@@ -236,15 +244,11 @@ class Gate:
             self.take = self._tokens.pop
             self.give = self._tokens.append
         self._take_token = self.take
-        # Admission policies (configure_policy); off: the fast path stays lock-free.
-        self.policies_on = False
-        self.reserved = 0
-        self.max_waiting: dict[str, int | None] = {}
-        self.codel: Codel | None = None
-        self.tag_limits: dict[str, int] = {}
+        #: The admission policy (configure_policy), consulted only when not
+        #: None: without one, the fast path stays lock-free.
+        self.admission: Admission | None = None
+        #: Connections out by tag, for the policy's tag caps (its enforcement).
         self.tag_in_use: dict[str, int] = {}
-        #: Adaptive limit below capacity for non-critical callers, or None.
-        self.adaptive: Gradient2 | None = None
         #: A checkin must call :meth:`on_checkin` (tag caps or adaptive limit on).
         self.policy_checkin = False
         # Waiting counters, updated under the lock (slow path only).
@@ -269,9 +273,14 @@ class Gate:
     # (a helper would be a Python call, where an interrupt may land between
     # taking the lock and the try).
 
+    @property
+    def policies_on(self) -> bool:
+        """An admission policy is on."""
+        return self.admission is not None
+
     def _set_take(self) -> None:
         # In a section, as the queue or the policy changes.
-        if not self.policies_on:
+        if self.admission is None:
             if not self.closed:
                 self.take = self._take_token
         elif self._fast_policy and not self.waiters:
@@ -293,10 +302,7 @@ class Gate:
                     self.take = self._take_token
         if waiter.handoff:
             waiter.handoff = False
-            owed = self._owed
-            priority = waiter.priority
-            if priority in owed and owed[priority] > 0:
-                owed[priority] -= 1
+            _one_fewer(self._owed, waiter.priority)
         if self._signalled is waiter:
             self._signalled = None
 
@@ -308,60 +314,47 @@ class Gate:
                 deferred, self._deferred = self._deferred, []
                 self._rewake = False
                 for tag, held in deferred:
-                    if tag is not None:
-                        self._untag_locked(tag)
-                    else:
-                        self._sample_locked(held)
+                    self._settle_locked(tag, held)
                 if self.waiters:
                     self._dispatch()
             finally:
                 self._busy = False
 
-    def configure_policy(
-        self,
-        *,
-        reserved: int = 0,
-        max_waiting: dict[str, int | None] | None = None,
-        codel: Codel | None = None,
-        tag_limits: dict[str, int] | None = None,
-        adaptive: Gradient2 | None = None,
-    ) -> None:
-        """Turn admission policies on (or all off): see :mod:`poolguard._policies`.
+    def configure_policy(self, admission: Admission | None = None, **settings: Any) -> None:
+        """Turn an admission policy on (or off): an :class:`Admission`, or its settings.
 
         Policies apply to a gate with a capacity; a gate without a limit
         never makes anybody wait, so there is nothing to order or shed.
         """
+        if admission is None and settings:
+            admission = Admission(**settings)
+        if admission is not None and not (
+            admission.on and self._tokens is not None and not self.closed
+        ):
+            admission = None
         with self._lock:
             try:
                 self._busy = True
-                self.reserved = reserved
-                self.max_waiting = dict(max_waiting or {})
-                self.codel = codel
-                old_caps, self.tag_limits = self.tag_limits, dict(tag_limits or {})
+                old = self.admission
+                old_caps = old.tag_limits if old is not None else {}
+                caps = admission.tag_limits if admission is not None else {}
                 # A tag that stays capped keeps its count; one capped anew is
                 # counted from the connections out now (uncapped, nothing counted).
                 counts = {t: n for t, n in self.tag_in_use.items() if t in old_caps}
-                fresh = self.tag_limits.keys() - old_caps.keys()
+                fresh = caps.keys() - old_caps.keys()
                 for hold in list(self.out.values()) if fresh else ():
                     request = hold[REQUEST]
                     if request is not None and request.tag in fresh:
                         counts[request.tag] = counts.get(request.tag, 0) + 1
-                self.tag_in_use = {t: n for t, n in counts.items() if t in self.tag_limits}
-                self.adaptive = adaptive
-                self.policy_checkin = bool(self.tag_limits) or adaptive is not None
-                on = bool(
-                    reserved or codel or self.tag_limits or adaptive
-                    or any(v is not None for v in self.max_waiting.values())
-                )
-                self.policies_on = on and self._tokens is not None and not self.closed
+                self.tag_in_use = {t: n for t, n in counts.items() if t in caps}
+                self.admission = admission
+                self.policy_checkin = admission is not None and admission.on_checkin
                 # Bounded queues alone shape only who waits: with nobody
                 # waiting, a checkout may take a free permit without the lock.
-                self._fast_policy = self.policies_on and not (
-                    reserved or codel or self.tag_limits or adaptive
-                )
+                self._fast_policy = admission is not None and not admission.shapes_grants
                 for lane in self._lane.values():
                     lane.clear()
-                if self.policies_on:
+                if admission is not None:
                     for waiter in self.waiters:
                         self._lane[waiter.priority].append(waiter)
                 self._set_take()
@@ -374,29 +367,43 @@ class Gate:
 
     def on_checkin(self, request: Any, held: float) -> None:
         """A connection comes back: its tag's slot, the adaptive limit's sample."""
-        if self.tag_limits and request is not None:
+        if (admission := self.admission) is None:  # turned off since the pool looked
+            return
+        if admission.tag_limits and request is not None:
             self.untag(request.tag)
-        if self.adaptive is not None:
+        if admission.adaptive is not None:
             self.sample_hold(held)
 
     def sample_hold(self, held: float) -> None:
         """Feed a hold time to the adaptive limit (when on)."""
-        if self.adaptive is None:
-            return
+        admission = self.admission
+        if admission is not None and admission.adaptive is not None:
+            self._settle(None, held)
+
+    def _settle(self, tag: str | None, held: float) -> None:
+        # A checkin's untag (``tag``), else its hold sample (``held``), in a
+        # section of its own, or owed to the running one when re-entered.
         with self._lock:
             if self._busy:  # re-entered (a GC finaliser): after the section
-                self._deferred.append((None, held))
+                self._deferred.append((tag, held))
                 return
             try:
                 self._busy = True
-                self._sample_locked(held)
+                self._settle_locked(tag, held)
             finally:
                 self._busy = False
                 if self._rewake or self._deferred:
                     self._drain()
 
+    def _settle_locked(self, tag: str | None, held: float) -> None:
+        if tag is not None:
+            self._untag_locked(tag)
+        else:
+            self._sample_locked(held)
+
     def _sample_locked(self, held: float) -> None:
-        adaptive = self.adaptive
+        admission = self.admission
+        adaptive = admission.adaptive if admission is not None else None
         if adaptive is None:
             return
         before = adaptive.limit
@@ -404,38 +411,15 @@ class Gate:
         if adaptive.limit > before and self.waiters:
             self._rewake = True
 
-    def _eligible(self, priority: str, free: int) -> bool:
-        # Under the lock: reserve, then the adaptive limit (critical is exempt).
-        if not may_take(priority, free, self.reserved):
-            return False
-        adaptive = self.adaptive
-        if adaptive is None or priority == CRITICAL:
-            return True
-        assert self.capacity is not None
-        return self.capacity - free < int(adaptive.limit)
-
     def untag(self, tag: str | None) -> None:
         """A connection taken under ``tag`` came back (tag bulkheads)."""
-        if tag is None or tag not in self.tag_limits:
-            return
-        with self._lock:
-            if self._busy:  # re-entered (a GC finaliser): after the section
-                self._deferred.append((tag, 0.0))
-                return
-            try:
-                self._busy = True
-                self._untag_locked(tag)
-            finally:
-                self._busy = False
-                if self._rewake or self._deferred:
-                    self._drain()
+        admission = self.admission
+        if tag is not None and admission is not None and tag in admission.tag_limits:
+            self._settle(tag, 0.0)
 
     def _untag_locked(self, tag: str) -> None:
-        counts = self.tag_in_use
-        if tag in counts and counts[tag] > 0:
-            counts[tag] -= 1
-            if self.waiters:  # a waiter of that tag may go now
-                self._rewake = True
+        if _one_fewer(self.tag_in_use, tag) and self.waiters:  # one of that tag may go now
+            self._rewake = True
 
     # -- reading --------------------------------------------------------------
 
@@ -474,7 +458,7 @@ class Gate:
         # The permit first: an interrupt after it loses a count, not a permit.
         self.give(None)
         next(self._released)
-        if self.tag_limits:
+        if self.policy_checkin:
             self.untag(tag)
         if self.waiters:
             self.wake()
@@ -509,8 +493,9 @@ class Gate:
         # and a running caller may take it first (no convoy of parked
         # threads, as in SQLAlchemy's own queue). A head that lost that race
         # once gets the next permit handed over: nobody is passed over twice.
-        if self.policies_on:
-            self._dispatch_by_policy()
+        admission = self.admission
+        if admission is not None:
+            self._dispatch_by_policy(admission)
             return
         waiters = self.waiters
         take = self.take
@@ -535,20 +520,23 @@ class Gate:
                 waiters.popleft()
                 waiter.queued = False
 
-    def _dispatch_by_policy(self) -> None:
+    def _dispatch_by_policy(self, admission: Admission) -> None:
         # Best eligible waiter first: by priority, then in arrival order, or
         # newest first while CoDel finds a standing queue. Only the heads of
         # the lanes are looked at (and past a head only for tag caps).
         tokens = self._tokens
+        capacity = self.capacity
         assert tokens is not None
+        assert capacity is not None
         now = self._clock()
-        lifo = self.codel is not None and self.codel.overloaded
+        codel = admission.codel
+        lifo = codel is not None and codel.overloaded
         while tokens:
             free = len(tokens)
             best: _Waiter | None = None
             for priority, lane in self._lanes:
-                if lane and self._eligible(priority, free):
-                    best = self._ready(lane, lifo)
+                if lane and admission.eligible(priority, free, capacity):
+                    best = self._ready(admission, lane, lifo)
                     if best is not None:
                         break
             if best is None:
@@ -567,40 +555,41 @@ class Gate:
                         best.wake()
                         self._signalled = best
                     break
-                if not self._grant(best):
+                if not self._grant(admission, best):
                     break
-                if self.codel is not None:
-                    self.codel.on_grant(now - best.since, now)
+                if codel is not None:
+                    codel.on_grant(now - best.since, now)
             best.wake()
             self._dequeue(best)
-        if not self.waiters and self.codel is not None:
-            self.codel.on_empty(now)
+        if not self.waiters and codel is not None:
+            codel.on_empty(now)
 
     def _owed_at_or_above(self, priority: str) -> bool:
         # In a section: a waiter of this priority or better is owed a hand-off.
         my_rank = rank(priority)
         return any(n > 0 and rank(p) <= my_rank for p, n in self._owed.items())
 
-    def _better_waiting(self, priority: str) -> bool:
+    def _better_waiting(self, admission: Admission, priority: str) -> bool:
         # In a section: a waiter of a better priority could be served now.
         my_rank = rank(priority)
         for p, lane in self._lanes:
             if rank(p) >= my_rank:
                 return False
-            if lane and self._ready(lane, False) is not None:
+            if lane and self._ready(admission, lane, False) is not None:
                 return True
         return False
 
-    def _ready(self, lane: deque[_Waiter], lifo: bool) -> _Waiter | None:
+    def _ready(self, admission: Admission, lane: deque[_Waiter], lifo: bool) -> _Waiter | None:
         # The waiter of ``lane`` to serve first whose tag is not at its cap.
-        if not self.tag_limits:
+        if not admission.tag_limits:
             return lane[-1] if lifo else lane[0]
+        in_use = self.tag_in_use
         for waiter in reversed(lane) if lifo else lane:
-            if waiter.granted or not self._tag_full(waiter.tag):
+            if waiter.granted or not admission.tag_full(waiter.tag, in_use):
                 return waiter
         return None
 
-    def _grant(self, waiter: _Waiter) -> bool:
+    def _grant(self, admission: Admission, waiter: _Waiter) -> bool:
         # In a section, policy on: take a token for ``waiter``. Stores first,
         # the pop last: no interrupt can split them. The pop fails only when
         # a lock-free take (a bounded-queue policy, nobody queued) won it.
@@ -609,7 +598,7 @@ class Gate:
         waiter.granted = True
         tag = waiter.tag
         counts = self.tag_in_use
-        tagged = tag is not None and tag in self.tag_limits
+        tagged = tag is not None and tag in admission.tag_limits
         if tagged:
             counts[tag] = (counts[tag] if tag in counts else 0) + 1  # type: ignore[index]  # noqa: SIM401 - no call
             waiter.tagged = True
@@ -623,31 +612,35 @@ class Gate:
             return False
         return True
 
-    def _tag_full(self, tag: str | None, queued: int = 0) -> bool:
-        # Under the lock: ``tag`` holds its cap (with ``queued`` of its waiters).
-        cap = self.tag_limits.get(tag) if tag is not None else None
-        return cap is not None and self.tag_in_use.get(tag, 0) + queued >= cap  # type: ignore[arg-type]
-
-    def _admit_locked(self, waiter: _Waiter, now: float) -> bool:
+    def _admit_locked(self, admission: Admission, waiter: _Waiter, now: float) -> bool:
         """Policy admission without waiting; raises :class:`AdmissionRefused` to shed."""
         tokens = self._tokens
+        capacity = self.capacity
         assert tokens is not None
+        assert capacity is not None
         priority, tag = waiter.priority, waiter.tag
         # The tag's waiters count against its cap: each will hold a connection.
-        if tag in self.tag_limits and self._tag_full(tag, sum(w.tag == tag for w in self.waiters)):
+        if tag in admission.tag_limits and admission.tag_full(
+            tag, self.tag_in_use, sum(w.tag == tag for w in self.waiters)
+        ):
             raise AdmissionRefused("tag_limit")
         # Waiters of a better priority go first, and so do those owed a
         # hand-off; a newcomer may take a free permit ahead of waiters of its
         # own priority (the woken one among them takes the next, handed over).
-        queued_ahead = self._better_waiting(priority) or self._owed_at_or_above(priority)
-        if not queued_ahead and self._eligible(priority, len(tokens)) and self._grant(waiter):
-            if self.codel is not None:
-                self.codel.on_grant(0.0, now)
+        queued_ahead = (
+            self._better_waiting(admission, priority) or self._owed_at_or_above(priority)
+        )
+        if (
+            not queued_ahead
+            and admission.eligible(priority, len(tokens), capacity)
+            and self._grant(admission, waiter)
+        ):
+            if admission.codel is not None:
+                admission.codel.on_grant(0.0, now)
             return True
         if priority == HEALTH:
             raise AdmissionRefused("health_busy")
-        limit = self.max_waiting.get(priority)
-        if limit is not None and len(self._lane[priority]) >= limit:
+        if admission.queue_full(priority, len(self._lane[priority])):
             raise AdmissionRefused("queue_full")
         return False
 
@@ -733,11 +726,12 @@ class Gate:
     def _enqueue_locked(self, waiter: _Waiter, timeout: float) -> float:
         """In a section: grant a permit at once (``waiter.granted``), or queue
         the waiter and return how long it may wait (not queued if <= 0)."""
-        if self.policies_on:
+        admission = self.admission
+        if admission is not None:
             waiter.since = self._clock()
-            if self._admit_locked(waiter, waiter.since):
+            if self._admit_locked(admission, waiter, waiter.since):
                 return timeout
-            codel = self.codel
+            codel = admission.codel
             if (
                 codel is not None
                 and codel.overloaded
@@ -808,10 +802,7 @@ class Gate:
                 self._dequeue(waiter)
                 if waiter.tagged:
                     waiter.tagged = False
-                    tag = waiter.tag
-                    counts = self.tag_in_use
-                    if tag in counts and counts[tag] > 0:
-                        counts[tag] -= 1
+                    _one_fewer(self.tag_in_use, waiter.tag)
                 if waiter.granted:
                     waiter.granted = False
                     self.give(None)  # the permit is back once this returns
@@ -832,9 +823,11 @@ class Gate:
         with self._lock:
             try:
                 self._busy = True
+                admission = self.admission
+                codel = admission.codel if admission is not None else None
                 if waiter.granted:
                     pass
-                elif not self.policies_on:
+                elif admission is None:
                     # Woken to take a free permit (or timed out while one is
                     # free): take it. The flag first, as in _enqueue_locked.
                     waiter.granted = True
@@ -842,10 +835,10 @@ class Gate:
                         self.take()
                     except IndexError:
                         waiter.granted = False
-                elif waiter.woken and self._take_as_woken(waiter):
-                    codel = self.codel
-                    if codel is not None:
-                        codel.on_grant(waited, self._clock())
+                elif (
+                    waiter.woken and self._take_as_woken(admission, waiter) and codel is not None
+                ):
+                    codel.on_grant(waited, self._clock())
                 if not waiter.granted and waited < timeout and waiter.woken and not self.closed:
                     # Lost the race: wait again, first in line for a hand-off.
                     if self._signalled is waiter:
@@ -869,28 +862,30 @@ class Gate:
                 if self.waiters and self._tokens:  # pass the wake-up on
                     self._rewake = True
                 if waiter.granted:
-                    if self._signalled is None and not self.waiters and self.codel is not None:
-                        self.codel.on_empty(self._clock())  # took the last queued permit itself
+                    if self._signalled is None and not self.waiters and codel is not None:
+                        codel.on_empty(self._clock())  # took the last queued permit itself
                     return True
                 self.timeouts += 1
-                if not self.waiters and self.codel is not None:
-                    self.codel.on_empty(self._clock())
+                if not self.waiters and codel is not None:
+                    codel.on_empty(self._clock())
                 return False
             finally:
                 self._busy = False
                 if self._rewake or self._deferred:
                     self._drain()
 
-    def _take_as_woken(self, waiter: _Waiter) -> bool:
+    def _take_as_woken(self, admission: Admission, waiter: _Waiter) -> bool:
         # In a section, policy on: a waiter woken to take a free permit takes
         # it, if the policy still lets it (nobody better queued meanwhile).
         tokens = self._tokens
+        capacity = self.capacity
         assert tokens is not None
+        assert capacity is not None
         return (
-            not self._better_waiting(waiter.priority)
-            and not self._tag_full(waiter.tag)
-            and self._eligible(waiter.priority, len(tokens))
-            and self._grant(waiter)
+            not self._better_waiting(admission, waiter.priority)
+            and not admission.tag_full(waiter.tag, self.tag_in_use)
+            and admission.eligible(waiter.priority, len(tokens), capacity)
+            and self._grant(admission, waiter)
         )
 
     def close(self) -> None:
@@ -899,7 +894,7 @@ class Gate:
             try:
                 self._busy = True
                 self.closed = True
-                self.policies_on = False
+                self.admission = None
                 self.policy_checkin = False
                 self.take = itertools.repeat(None).__next__
                 self.give = _discard

@@ -30,6 +30,7 @@ from ._diagnostics import Diagnostics
 from ._gate import Gate
 from ._hooks import CheckoutHooks
 from ._log import EventLog
+from ._parts import GuardParts
 from ._pooler import PoolerErrors
 from ._recorder import Recorder
 from ._retries import RetryBudget
@@ -78,34 +79,31 @@ class Guard:
         #: Checkouts refused before waiting, by (reason, priority).
         self.rejections: dict[tuple[str, str], int] = {}
         #: Leak warnings, alerts and the holders report.
-        self.diagnostics = Diagnostics(
-            self.log, gate=lambda: self.gate, config=lambda: self.config,
-            db_system=lambda: self.db_system,
+        parts = GuardParts(
+            self.log, config=lambda: self.config, gate=lambda: self.gate,
+            db_system=lambda: self.db_system, acquire_timeout=self.acquire_timeout,
+            reject=self._reject,
         )
+        self.diagnostics = Diagnostics(parts)
         # Bound once: the pool calls it directly.
         self.after_checkin = self.diagnostics.returned_after_warning
         #: The circuit breakers, guard-wide and per tag.
         self.breakers = Breakers(
-            self.log, changed=self._breaker_changed, tripped=lambda: self.hooks.tripped,
-            in_use=lambda: self.gate.in_use, reject=self._reject,
-            acquire_timeout=self.acquire_timeout, dialect=self._driver_dialect,
-            db_system=lambda: self.db_system,
+            parts, changed=self._breaker_changed, tripped=lambda: self.hooks.tripped,
+            dialect=self._driver_dialect,
         )
         #: The once-a-second scan, and the extras of a checkout that ride on it.
         self.scanner = Scanner(
-            self.hooks, self.log, self.diagnostics, self.breakers,
-            config=lambda: self.config, is_async=lambda: self._async,
-            exporter=lambda: self.exporter,
+            self.hooks, parts, self.diagnostics, self.breakers,
+            is_async=lambda: self._async, exporter=lambda: self.exporter,
         )
         self.after_checkout = self.scanner.after_checkout
         self.maybe_scan = self.scanner.maybe_scan
         self.note_wait = self.scanner.note_wait
         #: The slow path of a checkout (wait, shed, time out).
         self.checkout = SlowCheckout(
-            self.log, self.recorder, self.breakers, gate=lambda: self.gate,
-            acquire_timeout=self.acquire_timeout, maybe_scan=self.maybe_scan,
-            note_wait=self.note_wait, reject=self._reject,
-            exhausted=self.diagnostics.exhausted,
+            parts, self.recorder, self.breakers, maybe_scan=self.maybe_scan,
+            note_wait=self.note_wait, exhausted=self.diagnostics.exhausted,
         )
         self.acquire_slow = self.checkout.acquire
         #: PgBouncer's saturation errors, worded and counted.
@@ -184,7 +182,7 @@ class Guard:
 
     def _apply_policies(self) -> None:
         gate = self.gate
-        gate.configure_policy(**admission(self.config, gate.capacity))
+        gate.configure_policy(admission(self.config, gate.capacity))
 
     def _update_slow_at(self) -> None:
         self.scanner.update_slow_at()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, NoOpMeterProvider, Observation
@@ -104,6 +104,25 @@ def _observe(
     create(name, callbacks=[callback], unit=unit, description=description)
 
 
+_Read = TypeVar("_Read", bound="Callable[[Exporter], Iterable[Observation]]")
+
+#: The observable instruments, in registration order: name, unit,
+#: description, monotonic (a counter, else an up-down counter), the reader.
+_OBSERVED: list[tuple[str, str, str, bool, Callable[[Exporter], Iterable[Observation]]]] = []
+
+
+def _observed(
+    name: str, unit: str, description: str, *, monotonic: bool = False
+) -> Callable[[_Read], _Read]:
+    """Declare the :class:`Exporter` reader below as the instrument ``name``."""
+
+    def declare(read: _Read) -> _Read:
+        _OBSERVED.append((name, unit, description, monotonic, read))
+        return read
+
+    return declare
+
+
 class _Instruments:
     """poolguard's instruments on one meter, shared by every guard that reports there.
 
@@ -127,23 +146,13 @@ class _Instruments:
                 explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
             )
 
-        # Pool state (db.client.connection.*). The count callback also drains
+        # Pool state (db.client.connection.*) and poolguard's own, declared on
+        # the Exporter's readers. The count's callback (the first) also drains
         # the histogram samples, once per collection.
-        each = self._each
-        _observe(meter, "db.client.connection.count", "{connection}",
-                 "Connections in the state named by db.client.connection.state.",
-                 each(lambda e: e._count(), drain=True))
-        _observe(meter, "db.client.connection.idle.max", "{connection}",
-                 "Most idle connections the pool keeps.", each(lambda e: e._idle_max()))
-        _observe(meter, "db.client.connection.idle.min", "{connection}",
-                 "Fewest idle connections the pool keeps.", each(lambda e: e._idle_min()))
-        _observe(meter, "db.client.connection.max", "{connection}",
-                 "Most connections the pool can have open.", each(lambda e: e._max()))
-        _observe(meter, "db.client.connection.pending_requests", "{request}",
-                 "Checkouts waiting for a connection.", each(lambda e: e._pending()))
-        _observe(meter, "db.client.connection.timeouts", "{timeout}",
-                 "Checkouts that got no connection within their timeout (PoolTimeout).",
-                 each(lambda e: e._timeouts()), monotonic=True)
+        for name, unit, description, monotonic, read in _OBSERVED:
+            drain = read is Exporter._count
+            _observe(meter, name, unit, description, self._each(read, drain=drain),
+                     monotonic=monotonic)
         self.create_time = hist("db.client.connection.create_time",
                                 "Time to open a new connection, retries included; "
                                 "failed attempts too.")
@@ -154,34 +163,6 @@ class _Instruments:
                              "Time from checkout to checkin of a connection.")
         self.operation = hist("db.client.operation.duration",
                               "Duration of database client operations.")
-
-        # poolguard's own.
-        _observe(meter, "poolguard.rejections", "{request}",
-                 "Checkouts refused (LoadShed, CircuitOpen) by reason and priority; "
-                 "queue_delay ones waited first.",
-                 each(lambda e: e._rejections()), monotonic=True)
-        _observe(meter, "poolguard.circuit_breaker.state", "{state}",
-                 "1 for the breaker's current state (closed, open, half_open), else 0; "
-                 "a tag's breaker (breaker_per_tag) has poolguard.tag.",
-                 each(lambda e: e._breaker_state()))
-        _observe(meter, "poolguard.circuit_breaker.transitions", "{transition}",
-                 "Circuit breaker state changes, by the state entered (and poolguard.tag).",
-                 each(lambda e: e._breaker_transitions()), monotonic=True)
-        _observe(meter, "poolguard.connection.leak_warnings", "{warning}",
-                 "Connections held longer than leak_threshold.",
-                 each(lambda e: e._leaks()), monotonic=True)
-        _observe(meter, "poolguard.pool.exhausted", "{event}",
-                 "pool.exhausted events logged: the pool ran dry (a PoolTimeout or the "
-                 "utilization alert firing), at most one per pool every 10 s.",
-                 each(lambda e: e._exhausted()), monotonic=True)
-        _observe(meter, "poolguard.query.time", "s",
-                 "Total statement time by statement shape, failed statements included "
-                 "(top_queries shapes, the rest as (other)).",
-                 each(lambda e: e._query_time()), monotonic=True)
-        _observe(meter, "poolguard.query.calls", "{call}",
-                 "Statements executed by statement shape, failed ones included "
-                 "(top_queries shapes, the rest as (other)).",
-                 each(lambda e: e._query_calls()), monotonic=True)
 
     def _each(
         self,
@@ -228,21 +209,18 @@ class _Instruments:
         _observe(meter, "db.client.connections.usage", "{connection}",
                  "Deprecated name of db.client.connection.count.",
                  each(lambda e: e._legacy_usage(), legacy=True))
-        _observe(meter, "db.client.connections.idle.max", "{connection}",
-                 "Deprecated name of db.client.connection.idle.max.",
-                 each(one(lambda e: e._pool_numbers()[3]), legacy=True))
-        _observe(meter, "db.client.connections.idle.min", "{connection}",
-                 "Deprecated name of db.client.connection.idle.min.",
-                 each(one(lambda e: e._pool_numbers()[4]), legacy=True))
-        _observe(meter, "db.client.connections.max", "{connection}",
-                 "Deprecated name of db.client.connection.max.",
-                 each(one(lambda e: e._pool_numbers()[2]), legacy=True))
-        _observe(meter, "db.client.connections.pending_requests", "{request}",
-                 "Deprecated name of db.client.connection.pending_requests.",
-                 each(one(lambda e: e.guard.gate.waiting), legacy=True))
-        _observe(meter, "db.client.connections.timeouts", "{timeout}",
-                 "Deprecated name of db.client.connection.timeouts.",
-                 each(one(lambda e: e.guard.recorder.timeouts), legacy=True), monotonic=True)
+        # The older name's suffix, unit, monotonic, and the one value to report.
+        singles: tuple[tuple[str, str, bool, Callable[[Exporter], int | None]], ...] = (
+            ("idle.max", "{connection}", False, lambda e: e._pool_numbers()[3]),
+            ("idle.min", "{connection}", False, lambda e: e._pool_numbers()[4]),
+            ("max", "{connection}", False, lambda e: e._pool_numbers()[2]),
+            ("pending_requests", "{request}", False, lambda e: e.guard.gate.waiting),
+            ("timeouts", "{timeout}", True, lambda e: e.guard.recorder.timeouts),
+        )
+        for suffix, unit, monotonic, pick in singles:
+            _observe(meter, f"db.client.connections.{suffix}", unit,
+                     f"Deprecated name of db.client.connection.{suffix}.",
+                     each(one(pick), legacy=True), monotonic=monotonic)
         for name in ("create_time", "wait_time", "use_time"):
             self.legacy[name] = meter.create_histogram(
                 f"db.client.connections.{name}", unit="ms",
@@ -448,29 +426,45 @@ class Exporter:
         # connections are opened on demand.
         return stats.in_use, stats.idle, stats.capacity, stats.pool_size or 0, 0
 
+    @_observed("db.client.connection.count", "{connection}",
+               "Connections in the state named by db.client.connection.state.")
     def _count(self) -> Iterable[Observation]:
         used, idle, _, _, _ = self._pool_numbers()
         base = self._base()
         yield Observation(used, {**base, STATE: "used"})
         yield Observation(idle, {**base, STATE: "idle"})
 
+    @_observed("db.client.connection.idle.max", "{connection}",
+               "Most idle connections the pool keeps.")
     def _idle_max(self) -> Iterable[Observation]:
         yield Observation(self._pool_numbers()[3], self._base())
 
+    @_observed("db.client.connection.idle.min", "{connection}",
+               "Fewest idle connections the pool keeps.")
     def _idle_min(self) -> Iterable[Observation]:
         yield Observation(self._pool_numbers()[4], self._base())
 
+    @_observed("db.client.connection.max", "{connection}",
+               "Most connections the pool can have open.")
     def _max(self) -> Iterable[Observation]:
         capacity = self._pool_numbers()[2]
         if capacity is not None:  # no limit: nothing to report
             yield Observation(capacity, self._base())
 
+    @_observed("db.client.connection.pending_requests", "{request}",
+               "Checkouts waiting for a connection.")
     def _pending(self) -> Iterable[Observation]:
         yield Observation(self.guard.gate.waiting, self._base())
 
+    @_observed("db.client.connection.timeouts", "{timeout}",
+               "Checkouts that got no connection within their timeout (PoolTimeout).",
+               monotonic=True)
     def _timeouts(self) -> Iterable[Observation]:
         yield Observation(self.guard.recorder.timeouts, self._base())
 
+    @_observed("poolguard.rejections", "{request}",
+               "Checkouts refused (LoadShed, CircuitOpen) by reason and priority; "
+               "queue_delay ones waited first.", monotonic=True)
     def _rejections(self) -> Iterable[Observation]:
         base = self._base()
         for (reason, priority), n in sorted(self.guard.rejections.items()):
@@ -486,33 +480,52 @@ class Exporter:
         for tag, tag_breaker in sorted(dict(getattr(self.guard, "tag_breakers", {})).items()):
             yield tag_breaker, {**base, "poolguard.tag": tag}
 
+    @_observed("poolguard.circuit_breaker.state", "{state}",
+               "1 for the breaker's current state (closed, open, half_open), else 0; "
+               "a tag's breaker (breaker_per_tag) has poolguard.tag.")
     def _breaker_state(self) -> Iterable[Observation]:
         for breaker, attrs in self._breakers():
             for state in ("closed", "open", "half_open"):
                 yield Observation(int(breaker.state == state), {**attrs, "poolguard.state": state})
 
+    @_observed("poolguard.circuit_breaker.transitions", "{transition}",
+               "Circuit breaker state changes, by the state entered (and poolguard.tag).",
+               monotonic=True)
     def _breaker_transitions(self) -> Iterable[Observation]:
         for breaker, attrs in self._breakers():
             for state, n in sorted(breaker.transitions.items()):
                 yield Observation(n, {**attrs, "poolguard.state": state})
 
+    @_observed("poolguard.connection.leak_warnings", "{warning}",
+               "Connections held longer than leak_threshold.", monotonic=True)
     def _leaks(self) -> Iterable[Observation]:
         yield Observation(self.guard.leak_warnings, self._base())
 
+    @_observed("poolguard.pool.exhausted", "{event}",
+               "pool.exhausted events logged: the pool ran dry (a PoolTimeout or the "
+               "utilization alert firing), at most one per pool every 10 s.", monotonic=True)
     def _exhausted(self) -> Iterable[Observation]:
         yield Observation(self.guard.exhaustion_events, self._base())
 
-    def _query_attrs(self, stat: Any) -> dict[str, str]:
-        return {**self._base(), "db.query.summary": stat.fp.summary,
-                "poolguard.query.fingerprint": stat.fp.id}
+    def _query_totals(self, total: str) -> Iterable[Observation]:
+        """Each statement shape's histogram ``total`` (``sum`` or ``count``)."""
+        base = self._base()
+        for stat in list(self.guard.recorder.queries.values()):
+            yield Observation(getattr(stat.hist, total), {
+                **base, "db.query.summary": stat.fp.summary,
+                "poolguard.query.fingerprint": stat.fp.id})
 
+    @_observed("poolguard.query.time", "s",
+               "Total statement time by statement shape, failed statements included "
+               "(top_queries shapes, the rest as (other)).", monotonic=True)
     def _query_time(self) -> Iterable[Observation]:
-        for stat in list(self.guard.recorder.queries.values()):
-            yield Observation(stat.hist.sum, self._query_attrs(stat))
+        return self._query_totals("sum")
 
+    @_observed("poolguard.query.calls", "{call}",
+               "Statements executed by statement shape, failed ones included "
+               "(top_queries shapes, the rest as (other)).", monotonic=True)
     def _query_calls(self) -> Iterable[Observation]:
-        for stat in list(self.guard.recorder.queries.values()):
-            yield Observation(stat.hist.count, self._query_attrs(stat))
+        return self._query_totals("count")
 
     # -- older names ----------------------------------------------------------
 

@@ -25,6 +25,7 @@ __all__ = [
     "HEALTH",
     "NORMAL",
     "PRIORITIES",
+    "Admission",
     "Codel",
     "Gradient2",
     "may_take",
@@ -203,3 +204,71 @@ class Gradient2:
         limit = self.limit * (1 - self.smoothing) + new_limit * self.smoothing
         self.limit = max(float(self.min_limit), min(float(self.max_limit), limit))
         return int(self.limit)
+
+
+class Admission:
+    """One admission policy: its settings and the decisions they make.
+
+    The gate holds one (``Gate.admission``) only while a policy is on, and
+    consults it under its lock; the permits, the waiters and the wake-ups
+    stay the gate's. With none, the gate's fast path never looks here.
+
+    Args:
+        reserved: permits only critical callers may take (:func:`reserve_size`).
+        max_waiting: most waiters per priority (``None``: unbounded).
+        codel: CoDel on the queue, or None.
+        tag_limits: most connections a request tag may hold (:func:`tag_limit`).
+        adaptive: the adaptive limit below capacity for non-critical callers.
+    """
+
+    __slots__ = ("adaptive", "codel", "max_waiting", "reserved", "tag_limits")
+
+    def __init__(
+        self,
+        *,
+        reserved: int = 0,
+        max_waiting: Mapping[str, int | None] | None = None,
+        codel: Codel | None = None,
+        tag_limits: Mapping[str, int] | None = None,
+        adaptive: Gradient2 | None = None,
+    ) -> None:
+        self.reserved = reserved
+        self.max_waiting: dict[str, int | None] = dict(max_waiting or {})
+        self.codel = codel
+        self.tag_limits: dict[str, int] = dict(tag_limits or {})
+        self.adaptive = adaptive
+
+    @property
+    def on(self) -> bool:
+        """Some setting shapes admission (else the gate needs no policy)."""
+        return bool(self.shapes_grants or any(v is not None for v in self.max_waiting.values()))
+
+    @property
+    def shapes_grants(self) -> bool:
+        """Some setting decides who may take a free permit (bounded queues only decide
+        who may wait: with nobody waiting, a free permit needs no lock)."""
+        return bool(self.reserved or self.codel or self.tag_limits or self.adaptive)
+
+    @property
+    def on_checkin(self) -> bool:
+        """A checkin matters to the policy (a tag's slot, a hold-time sample)."""
+        return bool(self.tag_limits) or self.adaptive is not None
+
+    def eligible(self, priority: str, free: int, capacity: int) -> bool:
+        """Whether ``priority`` may take one of ``free`` permits (reserve, adaptive limit)."""
+        if not may_take(priority, free, self.reserved):
+            return False
+        adaptive = self.adaptive
+        if adaptive is None or priority == CRITICAL:
+            return True
+        return capacity - free < int(adaptive.limit)
+
+    def tag_full(self, tag: str | None, in_use: Mapping[str, int], queued: int = 0) -> bool:
+        """Whether ``tag`` holds its cap (``in_use`` by tag, plus ``queued`` of its waiters)."""
+        cap = self.tag_limits.get(tag) if tag is not None else None
+        return cap is not None and in_use.get(tag, 0) + queued >= cap  # type: ignore[arg-type]
+
+    def queue_full(self, priority: str, queued: int) -> bool:
+        """Whether a caller of ``priority`` finds its queue full (``queued`` wait there)."""
+        limit = self.max_waiting.get(priority)
+        return limit is not None and queued >= limit

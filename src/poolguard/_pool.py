@@ -177,13 +177,14 @@ class GuardedPoolMixin(Pool):
                     if gate.waiters:
                         gate.wake()
                     recorder = self._poolguard_hooks.recorder
-                    # Histogram.add(), inlined.
+                    buf = recorder.export_use
+                    # Histogram.add() without min, inlined (as per statement in
+                    # _queries.py): a call would cost more than these lines.
                     use = recorder.use
                     use.counts[bisect_left(BOUNDS, held)] += 1
                     use.sum += held
                     if held > use.max:
                         use.max = held
-                    buf = recorder.export_use
                     if buf is not None:
                         buf.append(held)
                     stat = hold[TOP_STAT]

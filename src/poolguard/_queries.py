@@ -288,7 +288,8 @@ class QueryTimer:
                 if armed:
                     finish(cursor, armed)
             duration = perf_counter() - start
-            # All of what follows runs per statement: kept inline, no calls.
+            # All of what follows runs per statement: kept inline, no calls
+            # (the histogram add as at checkin in _pool.py).
             stat = stats.get(statement) or new_stat(statement)
             hist = stat.hist
             hist.counts[bisect_left(BOUNDS, duration)] += 1

@@ -19,11 +19,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from ._breakers import Breakers
-    from ._config import Config
     from ._diagnostics import Diagnostics
     from ._hold import Hold
     from ._hooks import CheckoutHooks
-    from ._log import EventLog
+    from ._parts import GuardParts
 
 __all__ = ["Scanner"]
 
@@ -36,19 +35,18 @@ class Scanner:
     def __init__(
         self,
         hooks: CheckoutHooks,
-        log: EventLog,
+        parts: GuardParts,
         diagnostics: Diagnostics,
         breakers: Breakers,
         *,
-        config: Callable[[], Config],
         is_async: Callable[[], bool],
         exporter: Callable[[], Any],
     ) -> None:
         self._hooks = hooks
-        self._log = log
+        self._log = parts.log
+        self._config = parts.config
         self._diagnostics = diagnostics
         self._breakers = breakers
-        self._config = config
         self._is_async = is_async
         self._exporter = exporter
         self._lock = threading.Lock()

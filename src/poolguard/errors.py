@@ -25,11 +25,29 @@ class PoolguardError(Exception):
     """Base class of every exception poolguard raises on purpose."""
 
 
-class PoolTimeout(PoolguardError, sqlalchemy.exc.TimeoutError):
+class _NoConnection(PoolguardError, sqlalchemy.exc.TimeoutError):
+    """An error that means "you got no connection", its details as attributes."""
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.__dict__.update(details)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # SQLAlchemyError pickles through its positional args only; keep the rest.
+        return (_rebuild, (type(self), str(self.args[0]), dict(self.__dict__)))
+
+
+class PoolTimeout(_NoConnection):
     """No connection could be acquired before the acquire timeout ran out.
 
     The message names the pool and its numbers at the moment of the timeout.
     """
+
+    pool_name: str
+    timeout: float
+    in_use: int
+    capacity: int | None
+    waiting: int
 
     def __init__(
         self,
@@ -41,16 +59,8 @@ class PoolTimeout(PoolguardError, sqlalchemy.exc.TimeoutError):
         capacity: int | None,
         waiting: int,
     ) -> None:
-        super().__init__(message)
-        self.pool_name = pool_name
-        self.timeout = timeout
-        self.in_use = in_use
-        self.capacity = capacity
-        self.waiting = waiting
-
-    def __reduce__(self) -> tuple[object, ...]:
-        # SQLAlchemyError pickles through its positional args only; keep the rest.
-        return (_rebuild, (type(self), str(self.args[0]), dict(self.__dict__)))
+        super().__init__(message, pool_name=pool_name, timeout=timeout, in_use=in_use,
+                         capacity=capacity, waiting=waiting)
 
 
 class PoolerSaturated(PoolTimeout, sqlalchemy.exc.OperationalError):
@@ -100,7 +110,7 @@ class PoolerSaturated(PoolTimeout, sqlalchemy.exc.OperationalError):
         return (_rebuild, (type(self), self.message, dict(self.__dict__)))
 
 
-class Rejected(PoolguardError, sqlalchemy.exc.TimeoutError):
+class Rejected(_NoConnection):
     """A checkout turned away at once, without waiting, by a policy.
 
     Attributes:
@@ -111,17 +121,16 @@ class Rejected(PoolguardError, sqlalchemy.exc.TimeoutError):
         pool_name: the pool's name.
     """
 
+    reason: str
+    priority: str
+    retry_after: float
+    pool_name: str
+
     def __init__(
         self, message: str, *, reason: str, priority: str, retry_after: float, pool_name: str
     ) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.priority = priority
-        self.retry_after = retry_after
-        self.pool_name = pool_name
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild, (type(self), str(self.args[0]), dict(self.__dict__)))
+        super().__init__(message, reason=reason, priority=priority, retry_after=retry_after,
+                         pool_name=pool_name)
 
 
 class LoadShed(Rejected):

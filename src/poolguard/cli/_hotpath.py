@@ -72,17 +72,29 @@ CASES: dict[str, Callable[[Engine], Callable[[], None]]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class CaseResult:
-    """Result of one case: per-cycle times in microseconds and the ratio."""
+class Comparison:
+    """Plain against guarded: times in microseconds, guarded/plain ratio over rounds."""
 
-    case: str
     plain_us: float
     guarded_us: float
+    #: Median, first and third quartile of the rounds' ratios.
     ratio: float
     ratio_p25: float
     ratio_p75: float
     plain_cpu_us: float
     guarded_cpu_us: float
+
+
+def _ratio_stats(ratios: list[float]) -> dict[str, float]:
+    quart = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {"ratio": statistics.median(ratios), "ratio_p25": quart[0], "ratio_p75": quart[2]}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CaseResult(Comparison):
+    """Result of one case: per-cycle times and the ratio."""
+
+    case: str
     rounds: int
     iterations: int
     #: CPU of OpenTelemetry collection (``--otel``) per guarded cycle, in us:
@@ -180,15 +192,12 @@ def summarize(samples: list[Samples], iterations: int) -> list[CaseResult]:
     for name in samples[0]:
         merged = {key: [x for s in samples for x in s[name][key]] for key in _SERIES}
         ratios = [g / p for g, p in zip(merged["guarded_wall"], merged["plain_wall"], strict=True)]
-        quart = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         results.append(
             CaseResult(
                 case=name,
                 plain_us=statistics.median(merged["plain_wall"]) * 1e6,
                 guarded_us=statistics.median(merged["guarded_wall"]) * 1e6,
-                ratio=statistics.median(ratios),
-                ratio_p25=quart[0],
-                ratio_p75=quart[2],
+                **_ratio_stats(ratios),
                 plain_cpu_us=statistics.median(merged["plain_cpu"]) * 1e6,
                 guarded_cpu_us=statistics.median(merged["guarded_cpu"]) * 1e6,
                 rounds=len(ratios),
@@ -281,8 +290,8 @@ CONTENTION_CALLERS = (1, 4, 16, 64, 256)
 CONTENTION_POLICY: dict[str, Any] = {"max_waiting_normal": 100_000}
 
 
-@dataclasses.dataclass(frozen=True)
-class ContentionResult:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ContentionResult(Comparison):
     """One case: ``mode`` (threads/asyncio), callers, policy on or off.
 
     Times are medians over rounds: ``*_us`` per operation (wall time of the
@@ -296,13 +305,6 @@ class ContentionResult:
     mode: str
     callers: int
     policy: bool
-    plain_us: float
-    guarded_us: float
-    ratio: float
-    ratio_p25: float
-    ratio_p75: float
-    plain_cpu_us: float
-    guarded_cpu_us: float
     plain_ops_s: float
     guarded_ops_s: float
     plain_p99_wait_ms: float
@@ -406,7 +408,6 @@ def _contention_case(
 ) -> ContentionResult:
     per_op = [(p.wall / max(p.ops, 1), g.wall / max(g.ops, 1)) for p, g in rounds]
     ratios = [g / p for p, g in per_op]
-    quart = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
 
     def med(side: int, fn: Callable[[_Round], float]) -> float:
         return statistics.median(fn(r[side]) for r in rounds)
@@ -415,7 +416,7 @@ def _contention_case(
         mode=mode, callers=callers, policy=policy,
         plain_us=statistics.median(p for p, _ in per_op) * 1e6,
         guarded_us=statistics.median(g for _, g in per_op) * 1e6,
-        ratio=statistics.median(ratios), ratio_p25=quart[0], ratio_p75=quart[2],
+        **_ratio_stats(ratios),
         plain_cpu_us=med(0, lambda r: r.cpu / max(r.ops, 1)) * 1e6,
         guarded_cpu_us=med(1, lambda r: r.cpu / max(r.ops, 1)) * 1e6,
         plain_ops_s=med(0, lambda r: r.ops / r.wall),

@@ -25,13 +25,13 @@ import difflib
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
 
 from .._context import request
 from ..errors import PoolTimeout, Rejected
 
-__all__ = ["Route", "RouteMap", "RoutesLike", "rejection_response", "route_map"]
+__all__ = ["DefaultLike", "Route", "RouteMap", "RoutesLike", "rejection_response", "route_map"]
 
 _SETTINGS = ("priority", "tag", "timeout")
 _METHOD = re.compile(r"[A-Z]+")
@@ -235,9 +235,11 @@ class RouteMap:
 
 #: What the middlewares and ``install()`` helpers accept as ``routes``.
 RoutesLike = RouteMap | Mapping[str, Any] | Sequence[Route] | None
+#: What they accept as ``default``: the settings for requests no route matches.
+DefaultLike = Mapping[str, Any] | Route | None
 
 
-def route_map(routes: RoutesLike, default: Mapping[str, Any] | Route | None = None) -> RouteMap:
+def route_map(routes: RoutesLike, default: DefaultLike = None) -> RouteMap:
     """``routes`` as a :class:`RouteMap` (itself if it already is one)."""
     if isinstance(routes, RouteMap):
         if default is not None:
@@ -249,6 +251,33 @@ def route_map(routes: RoutesLike, default: Mapping[str, Any] | Route | None = No
 def catch_types(catch_timeouts: bool) -> tuple[type[Exception], ...]:
     """The errors the middlewares answer with a 503."""
     return (Rejected, PoolTimeout) if catch_timeouts else (Rejected,)
+
+
+AppT = TypeVar("AppT")
+
+
+class RouteMiddleware(Generic[AppT]):
+    """What the ASGI and WSGI middlewares share: the app, its routes, the errors answered."""
+
+    def __init__(
+        self,
+        app: AppT,
+        routes: RoutesLike = None,
+        *,
+        default: DefaultLike = None,
+        catch_timeouts: bool = True,
+    ) -> None:
+        self.app = app
+        self.routes = route_map(routes, default)
+        self.catch = catch_types(catch_timeouts)
+
+
+def register_handlers(
+    add: Callable[[type[Exception], Any], object], handler: Any, catch_timeouts: bool
+) -> None:
+    """Register ``handler`` with a framework's ``add`` for each error answered with a 503."""
+    for error_type in catch_types(catch_timeouts):
+        add(error_type, handler)
 
 
 def rejection_response(error: BaseException) -> tuple[int, list[tuple[str, str]], bytes]:

@@ -23,10 +23,17 @@ app): its ``ServerErrorMiddleware`` has already sent a 500 by then.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ._routes import Route, RoutesLike, catch_types, rejection_response, route_map
+from ._routes import (
+    DefaultLike,
+    RouteMiddleware,
+    RoutesLike,
+    register_handlers,
+    rejection_response,
+    route_map,
+)
 
 __all__ = ["ASGIApp", "PoolguardMiddleware", "RejectionResponse", "install"]
 
@@ -66,7 +73,7 @@ def _route_path(scope: Scope) -> str:
     return path
 
 
-class PoolguardMiddleware:
+class PoolguardMiddleware(RouteMiddleware[ASGIApp]):
     """Opens the matched route's :func:`poolguard.request` around each HTTP request.
 
     Args:
@@ -83,18 +90,6 @@ class PoolguardMiddleware:
     exceptions always propagate unchanged. Websocket and lifespan scopes
     pass through untouched.
     """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        routes: RoutesLike = None,
-        *,
-        default: Mapping[str, Any] | Route | None = None,
-        catch_timeouts: bool = True,
-    ) -> None:
-        self.app = app
-        self.routes = route_map(routes, default)
-        self.catch = catch_types(catch_timeouts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -126,22 +121,14 @@ async def _handle_rejection(conn: Any, error: Exception) -> RejectionResponse:
 
 
 def install(
-    app: Any,
-    routes: RoutesLike = None,
-    *,
-    default: Mapping[str, Any] | Route | None = None,
-    catch_timeouts: bool = True,
+    app: Any, routes: RoutesLike = None, *, default: DefaultLike = None, catch_timeouts: bool = True
 ) -> None:
     """Guard a Starlette or FastAPI application: middleware and exception handlers.
 
     Call it before the application serves its first request. See
     :class:`PoolguardMiddleware` for the arguments.
     """
-    from ..errors import PoolTimeout, Rejected
-
     app.add_middleware(
         PoolguardMiddleware, routes=route_map(routes, default), catch_timeouts=catch_timeouts
     )
-    app.add_exception_handler(Rejected, _handle_rejection)
-    if catch_timeouts:
-        app.add_exception_handler(PoolTimeout, _handle_rejection)
+    register_handlers(app.add_exception_handler, _handle_rejection, catch_timeouts)

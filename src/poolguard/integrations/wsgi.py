@@ -23,13 +23,14 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 from .._context import RequestContext, _current
-from ._routes import Route, RoutesLike, catch_types, rejection_response, route_map
+from ._routes import DefaultLike, RouteMiddleware, RoutesLike, register_handlers, rejection_response
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator, Mapping
+    from collections.abc import Iterable, Iterator
     from types import TracebackType
 
-    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    # WSGIApplication is named (as a string) in a base class, which ruff does not read.
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment  # noqa: F401
 
 __all__ = ["PoolguardWSGIMiddleware", "install"]
 
@@ -82,7 +83,7 @@ class _Body:
                 _current.reset(token)
 
 
-class PoolguardWSGIMiddleware:
+class PoolguardWSGIMiddleware(RouteMiddleware["WSGIApplication"]):
     """Opens the matched route's :func:`poolguard.request` around each request.
 
     Args:
@@ -98,18 +99,6 @@ class PoolguardWSGIMiddleware:
     application called ``start_response`` becomes a 503 with ``Retry-After``
     and a JSON body; afterwards it propagates, as do all other exceptions.
     """
-
-    def __init__(
-        self,
-        app: WSGIApplication,
-        routes: RoutesLike = None,
-        *,
-        default: Mapping[str, Any] | Route | None = None,
-        catch_timeouts: bool = True,
-    ) -> None:
-        self.app = app
-        self.routes = route_map(routes, default)
-        self.catch = catch_types(catch_timeouts)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         route = self.routes.match(environ.get("REQUEST_METHOD", "GET"), _route_path(environ))
@@ -158,21 +147,13 @@ def _flask_handler(error: Exception) -> tuple[bytes, int, list[tuple[str, str]]]
 
 
 def install(
-    app: Any,
-    routes: RoutesLike = None,
-    *,
-    default: Mapping[str, Any] | Route | None = None,
-    catch_timeouts: bool = True,
+    app: Any, routes: RoutesLike = None, *, default: DefaultLike = None, catch_timeouts: bool = True
 ) -> None:
     """Guard a Flask application: wrap ``app.wsgi_app`` and register error handlers.
 
     See :class:`PoolguardWSGIMiddleware` for the arguments.
     """
-    from ..errors import PoolTimeout, Rejected
-
     app.wsgi_app = PoolguardWSGIMiddleware(
-        app.wsgi_app, routes=route_map(routes, default), catch_timeouts=catch_timeouts
+        app.wsgi_app, routes, default=default, catch_timeouts=catch_timeouts
     )
-    app.register_error_handler(Rejected, _flask_handler)
-    if catch_timeouts:
-        app.register_error_handler(PoolTimeout, _flask_handler)
+    register_handlers(app.register_error_handler, _flask_handler, catch_timeouts)
