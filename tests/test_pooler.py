@@ -349,7 +349,8 @@ def test_saturations_are_counted_logged_once_a_second_and_fed_to_the_adaptive_li
 
     gate = Gate(5)
     gate.configure_policy(adaptive=Gradient2(5))
-    adaptive = gate.adaptive
+    assert gate.admission is not None
+    adaptive = gate.admission.adaptive
     assert adaptive is not None
     for _ in range(50):
         gate.sample_hold(0.002)  # the usual hold time
