@@ -13,7 +13,7 @@ EXPECTED = {
     "wrap", "unwrap", "get_guard", "Config", "Guard", "request", "fallback", "current_request",
     "RequestContext", "PoolStats", "QueryStats", "HistogramSnapshot", "Holder", "HolderGroup",
     "AlertEvent", "PoolguardError", "Rejected", "LoadShed", "CircuitOpen",
-    "StatementTimeout", "DeadlineExceeded", "PoolTimeout", "GuardedPoolMixin",
+    "StatementTimeout", "DeadlineExceeded", "PoolTimeout", "PoolerSaturated", "GuardedPoolMixin",
     "GuardedQueuePool", "GuardedAsyncAdaptedQueuePool", "GuardedNullPool", "GuardedStaticPool",
     "GuardedSingletonThreadPool", "guarded_class",
 }

@@ -31,6 +31,7 @@ from .errors import (
     CircuitOpen,
     DeadlineExceeded,
     LoadShed,
+    PoolerSaturated,
     PoolguardError,
     PoolTimeout,
     Rejected,
@@ -59,6 +60,7 @@ __all__ = [
     # errors
     "PoolguardError",
     "PoolTimeout",
+    "PoolerSaturated",
     "Rejected",
     "LoadShed",
     "CircuitOpen",

@@ -128,8 +128,13 @@ def time_creator(
     retries: Callable[[], int],
     budget: Callable[[], RetryBudget | None],
     acquire_timeout: Callable[[], float | None],
+    pooler_saturated: Callable[..., BaseException | None] | None = None,
 ) -> None:
-    """Time ``pool``'s connection set-up, retried within the budget (once per pool)."""
+    """Time ``pool``'s connection set-up, retried within the budget (once per pool).
+
+    ``pooler_saturated``: what a connect error becomes when it is a pooler's
+    saturation (None: it is not).
+    """
     inner = creator(pool)
     if getattr(inner, "_poolguard_timed", False):
         return
@@ -157,6 +162,12 @@ def time_creator(
                     give_up_at=_give_up_at(acquire_timeout()),
                 )
             return inner(record)
+        except Exception as error:
+            saturated = (pooler_saturated(error, perf_counter() - start, None, sample=True)
+                         if pooler_saturated is not None else None)
+            if saturated is None:
+                raise
+            raise saturated from error
         finally:
             elapsed = perf_counter() - start
             recorder.create.add(elapsed)

@@ -31,6 +31,7 @@ from ._gate import Gate
 from ._hooks import CheckoutHooks
 from ._log import EventLog
 from ._parts import GuardParts
+from ._pooler import PoolerErrors
 from ._recorder import Recorder
 from ._retries import RetryBudget
 from ._scan import Scanner
@@ -105,6 +106,10 @@ class Guard:
             note_wait=self.note_wait, exhausted=self.diagnostics.exhausted,
         )
         self.acquire_slow = self.checkout.acquire
+        #: PgBouncer's saturation errors, worded and counted.
+        self.pooler = PoolerErrors(self.log, self.recorder, gate=lambda: self.gate,
+                                   url=lambda: self._engine.url if self._engine else None,
+                                   retry_after=self.retry_after)
         # Bound once: the pool and the statement timer call these directly.
         self.breaker_admit = self.breakers.admit
         self.breaker_record = self.breakers.record
@@ -226,6 +231,7 @@ class Guard:
             time_creator(
                 pool, self.recorder, self.log, retries=lambda: self.config.connect_retries,
                 budget=lambda: self.retry_budget, acquire_timeout=self.acquire_timeout,
+                pooler_saturated=self.pooler.saturated,
             )
             self._update_slow_at()
             # An adopted connection returned before the gate is published goes

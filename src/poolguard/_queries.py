@@ -64,6 +64,7 @@ if TYPE_CHECKING:
     from ._gate import Gate
     from ._hold import Hold
     from ._log import EventLog
+    from ._pooler import PoolerErrors
     from ._recorder import QueryTotals, Recorder
 
 __all__ = ["QueryTimer", "count_ping"]
@@ -73,6 +74,8 @@ _STATEMENTS_MAX = 4096
 #: watchdog cut the connection at the deadline".
 LIMIT = "_poolguard_limit"
 CUT = "_poolguard_cut"
+#: Set on a driver error that is a pooler's saturation: its PoolerSaturated.
+POOLER = "_poolguard_pooler"
 
 #: Dialect methods that run statements, and where their context argument is.
 _METHODS = {"do_execute": 1, "do_executemany": 1, "do_execute_no_params": 0}
@@ -94,6 +97,7 @@ class StatementGuard(Protocol):
     gate: Gate
     recorder: Recorder
     log: EventLog
+    pooler: PoolerErrors
     limits_on: bool
     breakers_on: bool
     slow_query_threshold: float | None
@@ -196,14 +200,20 @@ class QueryTimer:
         self._explained: set[str] = set()
         self._convert_lock = threading.Lock()
 
+    def _listen_errors(self) -> None:
+        # The handle_error listener alone: the first time an error needs it.
+        with self._convert_lock:
+            if not event.contains(self.engine, "handle_error", self._convert_error):
+                event.listen(self.engine, "handle_error", self._convert_error)
+
     def _convert_errors(self) -> None:
         # Registered the first time a limit or deadline applies: a dialect
         # event costs a little on every statement, and the COMMIT/ROLLBACK
         # wrappers a little on every checkin, so engines that never use
         # limits never pay for them.
+        self._listen_errors()
         with self._convert_lock:
             if not self._converting:
-                event.listen(self.engine, "handle_error", self._convert_error)
                 dialect = self.dialect
                 attrs = dialect.__dict__
                 for name, what in _ENDS.items():
@@ -512,7 +522,12 @@ class QueryTimer:
         kill_socket(dbapi_connection)
 
     def _convert_error(self, ctx: ExceptionContext) -> BaseException | None:
-        """handle_error: a statement that hit its limit or the deadline."""
+        """handle_error: a statement that hit its limit or the deadline, or
+        a pooler's saturation."""
+        saturated = getattr(ctx.original_exception, POOLER, None)
+        if saturated is not None:
+            saturated.connection_invalidated = ctx.is_disconnect
+            return saturated  # type: ignore[no-any-return]
         cut_in = getattr(ctx.original_exception, CUT, None)
         if cut_in is not None:  # a COMMIT or ROLLBACK cut at the deadline
             ctx.is_disconnect = True
@@ -588,6 +603,15 @@ class QueryTimer:
     ) -> None:
         guard = self.guard
         stat = self._stats.get(statement) or self._stat(statement)
+        # A pooler's saturation, recognised here, on the error path only:
+        # handle_error (registered now if need be: it runs after this) raises
+        # it in place of the driver's error, and the breaker does not count it.
+        saturated = (guard.pooler.saturated(exc, duration, stat.fp.text)
+                     if isinstance(exc, Exception) else None)
+        if saturated is not None:
+            with contextlib.suppress(Exception):
+                setattr(exc, POOLER, saturated)
+                self._listen_errors()
         stat.errors += 1
         stat.hist.add(duration)
         error_type = type(exc).__qualname__
@@ -598,7 +622,8 @@ class QueryTimer:
             hold[RUNNING_SINCE] = 0.0
         if guard.breakers_on:
             request = hold[REQUEST] if hold is not None else _current.get()
-            guard.breaker_record(exc, duration, request)
+            # A classifier sees the error the caller will see.
+            guard.breaker_record(saturated or exc, duration, request)
         timed_out = is_timeout_error(guard.db_system, exc)
         slow = guard.slow_query_threshold
         if slow is not None and duration >= slow:

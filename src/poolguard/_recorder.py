@@ -60,6 +60,8 @@ class Recorder:
         self.wait_failed = Histogram(track_min=True)
         #: PoolTimeouts raised (a queue_delay shed is a rejection, not one of these).
         self.timeouts = 0
+        #: PoolerSaturated raised (PgBouncer's queue timed out or was full).
+        self.pooler_saturations = 0
         self.use = Histogram()
         self.create = Histogram(track_min=True)
         self.queries: dict[str, QueryTotals] = {}

@@ -41,6 +41,7 @@ class PoolStats:
     wait_time_total: float
     wait_time_max: float
     timeouts: int
+    pooler_saturations: int
     connections_opened: int
     connections_closed: int
     connections_invalidated: int
@@ -138,6 +139,7 @@ def pool_stats(
         # PoolTimeouts raised: the gate's own count also has queue_delay
         # sheds, which are rejections.
         timeouts=recorder.timeouts,
+        pooler_saturations=recorder.pooler_saturations,
         connections_opened=opened,
         connections_closed=closed,
         connections_invalidated=invalidated,

@@ -238,14 +238,18 @@ def default_classifier(error: BaseException) -> bool:
     ``InterfaceError``, an error SQLAlchemy marked as a disconnect), acquire
     timeouts (``PoolTimeout``) and statement timeouts. No: errors of the
     request itself (integrity, programming, data errors) - the database
-    answered.
+    answered; and the saturation of a pooler in front of the database
+    (:class:`poolguard.PoolerSaturated`, or PgBouncer's ``query_wait_timeout``
+    and ``max_client_conn`` errors as the driver raises them).
     """
     import sqlalchemy.exc as sa_exc
 
+    from ._pooler import SATURATION, pooler_kind
     from .errors import PoolTimeout
 
-    if isinstance(error, PoolTimeout):
-        return True
+    saturated = pooler_kind(error) == SATURATION  # PoolerSaturated included
+    if saturated or isinstance(error, PoolTimeout):
+        return not saturated
     if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
         return True
     if isinstance(error, (sa_exc.IntegrityError, sa_exc.ProgrammingError, sa_exc.DataError)):

@@ -14,6 +14,7 @@ __all__ = [
     "DeadlineExceeded",
     "LoadShed",
     "PoolTimeout",
+    "PoolerSaturated",
     "PoolguardError",
     "Rejected",
     "StatementTimeout",
@@ -60,6 +61,53 @@ class PoolTimeout(_NoConnection):
     ) -> None:
         super().__init__(message, pool_name=pool_name, timeout=timeout, in_use=in_use,
                          capacity=capacity, waiting=waiting)
+
+
+class PoolerSaturated(PoolTimeout, sqlalchemy.exc.OperationalError):
+    """PgBouncer (the pooler in front of the database) is saturated: its queue
+    timed out (``query_wait_timeout``) or it refused the client
+    (``max_client_conn``). Not a database failure: the breaker does not count it.
+
+    A :class:`PoolTimeout` (so a ``sqlalchemy.exc.TimeoutError``) and still a
+    ``sqlalchemy.exc.OperationalError``, what plain SQLAlchemy raised for it
+    (``.orig`` is the driver's error). ``timeout`` is the time the client
+    waited; ``pooler`` is the pooler's ``host:port``; ``error`` what it said.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        pool_name: str,
+        pooler: str,
+        error: str,
+        timeout: float,
+        in_use: int,
+        capacity: int | None,
+        waiting: int,
+        retry_after: float,
+        orig: BaseException | None = None,
+        statement: str | None = None,
+    ) -> None:
+        sqlalchemy.exc.OperationalError.__init__(
+            self, statement, None, orig if orig is not None else Exception(message)
+        )
+        self.args = (message,)
+        self.message = message
+        self.pool_name = pool_name
+        self.pooler = pooler
+        self.error = error
+        self.timeout = timeout
+        self.in_use = in_use
+        self.capacity = capacity
+        self.waiting = waiting
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.message, dict(self.__dict__)))
 
 
 class Rejected(_NoConnection):
