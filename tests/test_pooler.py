@@ -341,8 +341,10 @@ def test_max_client_conn_at_connect_is_pooler_saturated(postgresql_url: str, dri
 
 
 def test_saturations_are_counted_logged_once_a_second_and_fed_to_the_adaptive_limit() -> None:
+    from poolguard._config import Config
     from poolguard._gate import Gate
     from poolguard._log import EventLog
+    from poolguard._parts import GuardParts
     from poolguard._policies import Gradient2
     from poolguard._pooler import PoolerErrors
     from poolguard._recorder import Recorder
@@ -356,8 +358,12 @@ def test_saturations_are_counted_logged_once_a_second_and_fed_to_the_adaptive_li
         gate.sample_hold(0.002)  # the usual hold time
     before = adaptive.limit
     recorder = Recorder()
+    parts = GuardParts(
+        log=EventLog("p"), config=Config, gate=lambda: gate, db_system=lambda: "postgresql",
+        acquire_timeout=lambda: 2.0, reject=lambda reason, priority: None,
+    )
     errors = PoolerErrors(
-        EventLog("p"), recorder, gate=lambda: gate,
+        parts, recorder,
         url=lambda: sa.engine.make_url("postgresql+psycopg://u@bouncer:6432/db"),
         retry_after=lambda: 0.1,
     )

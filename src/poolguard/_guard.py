@@ -107,7 +107,7 @@ class Guard:
         )
         self.acquire_slow = self.checkout.acquire
         #: PgBouncer's saturation errors, worded and counted.
-        self.pooler = PoolerErrors(self.log, self.recorder, gate=lambda: self.gate,
+        self.pooler = PoolerErrors(parts, self.recorder,
                                    url=lambda: self._engine.url if self._engine else None,
                                    retry_after=self.retry_after)
         # Bound once: the pool and the statement timer call these directly.

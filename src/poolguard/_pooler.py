@@ -21,8 +21,7 @@ from .errors import PoolerSaturated
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ._gate import Gate
-    from ._log import EventLog
+    from ._parts import GuardParts
     from ._recorder import Recorder
 
 __all__ = ["POOLER_FAILURE", "SATURATION", "PoolerErrors", "pooler_kind"]
@@ -93,17 +92,12 @@ class PoolerErrors:
     """One guard's handling of pooler errors: words, counts and logs them."""
 
     def __init__(
-        self,
-        log: EventLog,
-        recorder: Recorder,
-        *,
-        gate: Callable[[], Gate],
-        url: Callable[[], Any],
+        self, parts: GuardParts, recorder: Recorder, *, url: Callable[[], Any],
         retry_after: Callable[[], float],
     ) -> None:
-        self._log = log
+        self._log = parts.log
+        self._gate = parts.gate
         self._recorder = recorder
-        self._gate = gate
         self._url = url  # the engine's URL (None: not attached)
         self._retry_after = retry_after
         self._lock = threading.Lock()

@@ -74,6 +74,11 @@ class PoolerSaturated(PoolTimeout, sqlalchemy.exc.OperationalError):
     waited; ``pooler`` is the pooler's ``host:port``; ``error`` what it said.
     """
 
+    message: str
+    pooler: str
+    error: str
+    retry_after: float
+
     def __init__(
         self,
         message: str,
@@ -93,15 +98,11 @@ class PoolerSaturated(PoolTimeout, sqlalchemy.exc.OperationalError):
             self, statement, None, orig if orig is not None else Exception(message)
         )
         self.args = (message,)
-        self.message = message
-        self.pool_name = pool_name
-        self.pooler = pooler
-        self.error = error
-        self.timeout = timeout
-        self.in_use = in_use
-        self.capacity = capacity
-        self.waiting = waiting
-        self.retry_after = retry_after
+        # OperationalError.__init__ took the place of _NoConnection's: set the details alike.
+        self.__dict__.update(
+            message=message, pool_name=pool_name, pooler=pooler, error=error, timeout=timeout,
+            in_use=in_use, capacity=capacity, waiting=waiting, retry_after=retry_after,
+        )
 
     def __str__(self) -> str:
         return self.message
