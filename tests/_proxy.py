@@ -28,8 +28,12 @@ import socket
 import struct
 import threading
 import time
+from typing import TYPE_CHECKING
 
-__all__ = ["MODES", "Proxy"]
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+__all__ = ["MODES", "Proxy", "bounded"]
 
 MODES = ("pass", "delay", "reset", "refuse", "blackhole")
 _CHUNK = 65536
@@ -276,3 +280,15 @@ class Proxy:
             self._threads = [t for t in self._threads if t.is_alive()]
             self._threads.append(thread)
         thread.start()
+
+
+@contextlib.contextmanager
+def bounded(proxy: Proxy, seconds: float = 10.0) -> Iterator[None]:
+    """If the code under test hangs, reset the proxy's connections after ``seconds``."""
+    timer = threading.Timer(seconds, proxy.set_mode, args=("reset",))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()

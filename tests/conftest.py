@@ -396,3 +396,16 @@ def pgbouncer_url(_postgresql_server: str) -> Iterator[str]:
         yield bouncer.url(upstream.database or "test")
     finally:
         bouncer.stop()
+
+
+# --- A fault-injecting TCP proxy in front of the PostgreSQL test server. ---
+
+
+@pytest.fixture
+def proxy(postgresql_url: str) -> Iterator[Any]:
+    """A :class:`_proxy.Proxy` in front of the PostgreSQL test server (``set_mode``)."""
+    from _proxy import Proxy
+
+    url = make_url(postgresql_url)
+    with Proxy(url.host or "127.0.0.1", url.port or 5432) as running:
+        yield running

@@ -22,7 +22,6 @@ loose slack.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import threading
 import time
@@ -35,7 +34,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
 import poolguard
-from _proxy import Proxy
+from _proxy import Proxy, bounded
 from _support import EngineFactory, through_proxy
 from poolguard._timeouts import KILL_GRACE, Watchdog, watchdog
 
@@ -66,13 +65,6 @@ def make_engine(make_engine: EngineFactory) -> EngineFactory:
 
 
 @pytest.fixture
-def proxy(postgresql_url: str) -> Iterator[Proxy]:
-    url = make_url(postgresql_url)
-    with Proxy(url.host or "127.0.0.1", url.port or 5432) as running:
-        yield running
-
-
-@pytest.fixture
 def proxied(
     proxy: Proxy, postgresql_url: str, make_engine: EngineFactory
 ) -> Iterator[EngineFactory]:
@@ -80,18 +72,6 @@ def proxied(
     yield through_proxy(make_engine, postgresql_url, proxy, pool_size=1)
     proxy.set_mode("pass")
     make_engine.dispose_all()  # through the proxy while it still runs
-
-
-@contextlib.contextmanager
-def _bounded(proxy: Proxy, seconds: float = 10.0) -> Iterator[None]:
-    """If the code under test hangs, reset the proxy's connections after ``seconds``."""
-    timer = threading.Timer(seconds, proxy.set_mode, args=("reset",))
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
 
 
 def _live_entries() -> int:
@@ -251,7 +231,7 @@ def test_commit_against_a_silent_server_ends_at_the_deadline(
     guard = poolguard.get_guard(engine)
     with engine.connect() as conn:
         conn.exec_driver_sql("SELECT 1")
-    with _bounded(proxy), poolguard.request(timeout=1.0), engine.connect() as conn:
+    with bounded(proxy), poolguard.request(timeout=1.0), engine.connect() as conn:
         conn.exec_driver_sql("SELECT 1")
         proxy.set_mode("blackhole")
         started = time.monotonic()
@@ -277,7 +257,7 @@ def test_rollback_on_close_against_a_silent_server_ends_at_the_deadline(
     guard = poolguard.get_guard(engine)
     with engine.connect() as conn:
         conn.exec_driver_sql("SELECT 1")
-    with _bounded(proxy), poolguard.request(timeout=1.0):
+    with bounded(proxy), poolguard.request(timeout=1.0):
         conn = engine.connect()
         conn.exec_driver_sql("SELECT 1")
         proxy.set_mode("blackhole")
@@ -308,7 +288,7 @@ def test_pool_reset_on_return_against_a_silent_server_ends_at_the_deadline(
     guard = poolguard.get_guard(engine)
     with poolguard.request(timeout=5), engine.connect() as conn:
         conn.exec_driver_sql("SELECT 1")
-    with _bounded(proxy), poolguard.request(timeout=1.0):
+    with bounded(proxy), poolguard.request(timeout=1.0):
         raw = engine.raw_connection()
         cursor = raw.cursor()
         cursor.execute("SELECT 1")  # psycopg opened a transaction
@@ -387,7 +367,7 @@ def test_asyncpg_deadline_holds_against_a_silent_server(
             proxy.set_mode("pass")
             await engine.dispose()
 
-    with _bounded(proxy, 8.0):
+    with bounded(proxy, 8.0):
         elapsed = asyncio.run(asyncio.wait_for(scenario(), timeout=30))
     assert elapsed < 1.0 + KILL_GRACE + SLACK
 
@@ -406,7 +386,7 @@ def test_pre_ping_against_a_silent_server_ends_at_the_acquire_timeout(
         conn.exec_driver_sql("SELECT 1")
     proxy.set_mode("blackhole")
     started = time.monotonic()
-    with _bounded(proxy, 8.0), pytest.raises(poolguard.PoolTimeout) as info:
+    with bounded(proxy, 8.0), pytest.raises(poolguard.PoolTimeout) as info:
         engine.connect()
     elapsed = time.monotonic() - started
     assert elapsed < 1.0 + SLACK
@@ -458,7 +438,7 @@ def test_pre_ping_gets_what_is_left_after_the_wait_for_a_permit(
     proxy.set_mode("blackhole")
     started = time.monotonic()
     try:
-        with _bounded(proxy, 8.0), pytest.raises(poolguard.PoolTimeout):
+        with bounded(proxy, 8.0), pytest.raises(poolguard.PoolTimeout):
             engine.connect()
     finally:
         release.join()
@@ -488,7 +468,7 @@ def test_connect_retries_without_deadline_stay_within_the_acquire_timeout(
 
     proxy.set_mode("blackhole")
     started = time.monotonic()
-    with _bounded(proxy, 12.0), pytest.raises(sa.exc.OperationalError) as info:
+    with bounded(proxy, 12.0), pytest.raises(sa.exc.OperationalError) as info:
         engine.connect()
     elapsed = time.monotonic() - started
     assert isinstance(info.value.orig, psycopg.errors.ConnectionTimeout)
@@ -626,7 +606,7 @@ def test_set_local_round_trip_shows_the_statement_running(
         conn.exec_driver_sql("SELECT 1")
     proxy.set_mode("delay", delay=0.4)  # every round trip, the SET LOCAL's too
     seen: list[Any] = []
-    with _bounded(proxy), engine.connect() as conn:
+    with bounded(proxy), engine.connect() as conn:
         worker = threading.Thread(target=lambda: conn.exec_driver_sql("SELECT 42"))
         worker.start()
         time.sleep(0.2)  # inside the SET LOCAL's round trip

@@ -51,7 +51,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 import poolguard
-from _proxy import Proxy
+from _proxy import Proxy, bounded
 from _support import PROXY_CONNECT_TIMEOUT, SAFETY_TIMEOUT, EngineFactory, through_proxy, wait_until
 from poolguard._timeouts import KILL_GRACE
 from poolguard.breaker import CLOSED, HALF_OPEN, OPEN
@@ -103,13 +103,6 @@ def _outcome(engine: Engine) -> Any:
 
 
 @pytest.fixture
-def proxy(postgresql_url: str) -> Iterator[Proxy]:
-    url = make_url(postgresql_url)
-    with Proxy(url.host or "127.0.0.1", url.port or 5432) as running:
-        yield running
-
-
-@pytest.fixture
 def proxied(
     proxy: Proxy, postgresql_url: str, make_engine: EngineFactory
 ) -> Iterator[EngineFactory]:
@@ -117,18 +110,6 @@ def proxied(
     yield through_proxy(make_engine, postgresql_url, proxy, pool_size=2)
     proxy.set_mode("pass")
     make_engine.dispose_all()  # through the proxy while it still runs
-
-
-@contextlib.contextmanager
-def _bounded(proxy: Proxy, seconds: float = 10.0) -> Iterator[None]:
-    """If the code under test hangs, reset the proxy's connections after ``seconds``."""
-    timer = threading.Timer(seconds, proxy.set_mode, args=("reset",))
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
 
 
 @pytest.mark.timing
@@ -218,7 +199,7 @@ def test_delay_past_the_statement_limit_is_cancelled_by_the_server(
     assert _select(engine) == 1
     proxy.set_mode("delay", delay=0.2)
     started = time.monotonic()
-    with _bounded(proxy), poolguard.request(timeout=10), engine.connect() as conn:
+    with bounded(proxy), poolguard.request(timeout=10), engine.connect() as conn:
         with pytest.raises(poolguard.StatementTimeout):
             conn.exec_driver_sql("SELECT pg_sleep(3)")
         conn.rollback()
@@ -236,7 +217,7 @@ def test_delay_past_the_deadline_is_cut_by_the_watchdog(
     assert _select(engine) == 1
     proxy.set_mode("delay", delay=3.0)
     started = time.monotonic()
-    with _bounded(proxy), poolguard.request(timeout=0.5):
+    with bounded(proxy), poolguard.request(timeout=0.5):
         with pytest.raises(poolguard.DeadlineExceeded):
             _select(engine)
     assert time.monotonic() - started < 0.5 + KILL_GRACE + SLACK
@@ -255,7 +236,7 @@ def test_blackhole_on_a_pooled_connection_ends_at_the_deadline(
     assert _select(engine) == 1
     proxy.set_mode("blackhole")
     started = time.monotonic()
-    with _bounded(proxy), poolguard.request(timeout=0.5):
+    with bounded(proxy), poolguard.request(timeout=0.5):
         with pytest.raises(poolguard.DeadlineExceeded) as info:
             _select(engine)
     elapsed = time.monotonic() - started
@@ -281,7 +262,7 @@ def test_blackhole_with_pre_ping_ends_at_the_deadline(
     assert _select(engine) == 1
     proxy.set_mode("blackhole")
     started = time.monotonic()
-    with _bounded(proxy, 8.0), poolguard.request(timeout=0.5):
+    with bounded(proxy, 8.0), poolguard.request(timeout=0.5):
         with pytest.raises(poolguard.DeadlineExceeded):
             _select(engine)
     assert time.monotonic() - started < 0.5 + KILL_GRACE + SLACK
@@ -304,7 +285,7 @@ def test_blackhole_on_connect_is_bounded_by_connect_timeout_only(
     dials = _count_dials(engine)
     proxy.set_mode("blackhole")
     started = time.monotonic()
-    with _bounded(proxy), poolguard.request(timeout=0.5):
+    with bounded(proxy), poolguard.request(timeout=0.5):
         with pytest.raises(sa.exc.OperationalError) as info:
             _select(engine)
         elapsed = time.monotonic() - started
