@@ -409,3 +409,24 @@ def proxy(postgresql_url: str) -> Iterator[Any]:
     url = make_url(postgresql_url)
     with Proxy(url.host or "127.0.0.1", url.port or 5432) as running:
         yield running
+
+
+# --- OpenTelemetry: an SDK provider with an in-memory reader. ---
+
+
+@pytest.fixture
+def reader() -> Any:
+    """An ``InMemoryMetricReader`` (collect with ``reader.get_metrics_data()``)."""
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    return InMemoryMetricReader()
+
+
+@pytest.fixture
+def provider(reader: Any) -> Iterator[Any]:
+    """An SDK ``MeterProvider`` reporting to ``reader``; shut down after the test."""
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    meter_provider = MeterProvider(metric_readers=[reader])
+    yield meter_provider
+    meter_provider.shutdown()

@@ -21,7 +21,6 @@ from _support import EngineFactory, named, wait_until
 from poolguard._histogram import BOUNDS, Histogram
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
 
     from sqlalchemy.engine import Engine
 
@@ -98,18 +97,6 @@ def test_checkouts_that_never_waited_report_zero_wait_percentiles(db_url: str) -
 
 
 # -- one meaning of "wait time" everywhere ----------------------------------------------
-
-
-@pytest.fixture
-def reader() -> InMemoryMetricReader:
-    return InMemoryMetricReader()
-
-
-@pytest.fixture
-def provider(reader: InMemoryMetricReader) -> Iterator[MeterProvider]:
-    meter_provider = MeterProvider(metric_readers=[reader])
-    yield meter_provider
-    meter_provider.shutdown()
 
 
 @pytest.fixture

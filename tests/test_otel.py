@@ -174,18 +174,6 @@ def check_kind(metric: Metric, kind: str, unit: str) -> None:
 
 
 @pytest.fixture
-def reader() -> InMemoryMetricReader:
-    return InMemoryMetricReader()
-
-
-@pytest.fixture
-def provider(reader: InMemoryMetricReader) -> Iterator[MeterProvider]:
-    meter_provider = MeterProvider(metric_readers=[reader])
-    yield meter_provider
-    meter_provider.shutdown()
-
-
-@pytest.fixture
 def make_engine(make_engine: EngineFactory, provider: MeterProvider) -> EngineFactory:
     """Guarded engines (2 connections + 1 overflow) reporting to ``provider``."""
     # No utilization alert (a pool.exhausted event) unless a test causes one.
