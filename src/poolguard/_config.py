@@ -38,11 +38,16 @@ _INT0 = "int0"  # int >= 0
 _WINDOW = "window"  # "count" or "time"
 _TAG_SECONDS = "tag_seconds"  # mapping tag -> seconds > 0, or None
 _TAGS = "tags"  # mapping tag -> count or share, or None; "a=2,b=0.5" in the environment
+_FLEET_TAGS = "fleet_tags"  # mapping tag -> whole number >= 1, or None; "a=5,b=2" in env
+_ADMIN_URL = "admin_url"  # "auto", a postgresql:// URL of PgBouncer's admin console, or None
+_INTERVAL = "interval"  # seconds, 0.1 to 3600
 
 
-def _opt(default: Any, kind: str, *, nullable: bool = False) -> Any:
+def _opt(default: Any, kind: str, *, nullable: bool = False, shown: bool = True) -> Any:
     # nullable: None is allowed (it turns the feature off) though the default is not None.
-    return dataclasses.field(default=default, metadata={"kind": kind, "nullable": nullable})
+    # shown=False: not in repr() (a URL with a password).
+    return dataclasses.field(
+        default=default, repr=shown, metadata={"kind": kind, "nullable": nullable})
 
 
 def _default(field: dataclasses.Field[Any]) -> Any:
@@ -161,6 +166,28 @@ class Config:
             connections as a Gradient2 limit allows, which shrinks when hold
             times grow (the database slows down) and grows back when they
             recover; the rest wait or are shed as configured.
+        pgbouncer_admin_url: Read PgBouncer's own numbers (``SHOW POOLS``,
+            ``SHOW STATS``, ``SHOW CONFIG``) from its admin console on a
+            thread of the guard's, off the request path: a URL such as
+            ``postgresql://stats:secret@pgbouncer:6432/pgbouncer``, or
+            ``"auto"`` for the engine's own host, port, user and password
+            with the database ``pgbouncer`` (the user must be in PgBouncer's
+            ``stats_users`` or ``admin_users``). ``None``: off.
+        pgbouncer_poll_interval: Seconds between two reads of the admin
+            console (0.1 to 3600).
+        replicas: How many replicas (processes) of the service share the
+            database: the divisor of the fleet budgets.
+            ``POOLGUARD_REPLICAS`` sets it from the deployment.
+        fleet_tag_limits: Bulkheads for the whole fleet, in server
+            connections, e.g. ``{"report": 5}``: each replica may hold
+            ``max(1, floor(5 / replicas))`` for the tag, so the fleet never
+            holds more than 5 (unless there are more replicas than
+            connections: then 1 each, and ``fleet.budget`` warns). They win
+            over ``tag_limits`` for the tags they name. Needs ``replicas``.
+        fleet_reserved_critical: Connections of the whole fleet only
+            ``critical`` requests may take: each replica reserves
+            ``ceil(n / replicas)`` (at least the budget in all). Wins over
+            ``reserved_critical``. Needs ``replicas``.
     """
 
     name: str | None = _opt(None, _NAME)
@@ -203,6 +230,11 @@ class Config:
     breaker_per_tag: bool = _opt(False, _FLAG)
     connect_retries: int = _opt(2, _INT0)
     retry_budget: float = _opt(0.1, _FRACTION)
+    pgbouncer_admin_url: str | None = _opt(None, _ADMIN_URL, shown=False)
+    pgbouncer_poll_interval: float = _opt(5.0, _INTERVAL)
+    replicas: int | None = _opt(None, _COUNT)
+    fleet_tag_limits: Mapping[str, int] | None = _opt(None, _FLEET_TAGS)
+    fleet_reserved_critical: int = _opt(0, _INT0)
 
     @property
     def policies_on(self) -> bool:
@@ -211,6 +243,8 @@ class Config:
             self.reserved_critical
             or self.codel
             or self.tag_limits
+            or self.fleet_tag_limits
+            or self.fleet_reserved_critical
             or self.adaptive_limit
             or self.max_waiting_critical is not None
             or self.max_waiting_normal is not None
@@ -233,7 +267,18 @@ class Config:
     def from_options(cls, base: Config | None = None, **options: Any) -> Config:
         """Return ``base`` (default: :meth:`from_env`) with ``options`` applied."""
         check_option_names(options)
-        return dataclasses.replace(base if base is not None else cls.from_env(), **options)
+        config = dataclasses.replace(base if base is not None else cls.from_env(), **options)
+        config.check_fleet()
+        return config
+
+    def check_fleet(self) -> None:
+        """Raise :class:`ValueError` for a fleet budget without a replica count."""
+        for option in ("fleet_tag_limits", "fleet_reserved_critical"):
+            if getattr(self, option) and self.replicas is None:
+                raise ValueError(
+                    f"poolguard option {option} is a budget for the whole fleet: it needs "
+                    "replicas=N (or POOLGUARD_REPLICAS), the number of replicas sharing it"
+                )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -267,10 +312,17 @@ class Config:
                 value = _parse(kind, raw, _default(field))
                 cls(**{field.name: value})
             except ValueError as exc:
-                errors.append(ValueError(f"environment variable {var}={raw!r}: {exc}"))
+                shown = _hide_password(raw) if kind == _ADMIN_URL else raw
+                errors.append(ValueError(f"environment variable {var}={shown!r}: {exc}"))
                 continue
             values[field.name] = value
-        return cls(**values), errors
+        config = cls(**values)
+        try:
+            config.check_fleet()
+        except ValueError as exc:
+            errors.append(exc)
+            config = dataclasses.replace(config, fleet_tag_limits=None, fleet_reserved_critical=0)
+        return config, errors
 
 
 def check_option_names(options: Mapping[str, Any]) -> None:
@@ -327,7 +379,7 @@ def _check(option: str, kind: str, value: Any, default: Any) -> Any:
         check = _OBJECT_CHECKS.get(option)
         return value if value is None or check is None else check(option, value)
     if value is None:
-        if default is None or kind in (_UTILISATION, _WAITERS, _TAGS, _TAG_SECONDS):
+        if default is None or kind in (_UTILISATION, _WAITERS, _TAGS, _TAG_SECONDS, _FLEET_TAGS):
             return None
         allowed = _ALLOWED.get(kind, "a value")
         raise _bad(option, value, allowed)
@@ -414,6 +466,52 @@ def _check_tag_seconds(option: str, value: Any) -> Mapping[str, float]:
     return MappingProxyType(checked)
 
 
+def _check_fleet_tags(option: str, value: Any) -> Mapping[str, int]:
+    if not isinstance(value, Mapping):
+        raise _bad(option, value, _ALLOWED[_FLEET_TAGS])
+    checked = {}
+    for tag, given in value.items():
+        if not isinstance(tag, str) or not tag:
+            raise _bad(option, dict(value), _ALLOWED[_FLEET_TAGS])
+        # 5.0 from the environment is 5; 2.5 or a share is not a count of connections.
+        limit = int(given) if isinstance(given, float) and given.is_integer() else given
+        checked[tag] = _whole("a whole number of server connections >= 1", 1)(
+            f"{option}[{tag!r}]", limit)
+    return MappingProxyType(checked)
+
+
+def _hide_password(text: str) -> str:
+    """``text`` with the password of a URL in it replaced by ``***``."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(text).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError, TypeError):
+        return "<not a URL>"
+
+
+def _check_admin_url(option: str, value: Any) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    allowed = _ALLOWED[_ADMIN_URL]
+    if not isinstance(value, str):
+        raise _bad(option, value, allowed)
+    if value == "auto":
+        return value
+    try:
+        url = make_url(value)
+    except (ArgumentError, ValueError):
+        raise ValueError(
+            f"poolguard option {option}={_hide_password(value)!r} is invalid: expected {allowed}"
+        ) from None
+    shown = url.render_as_string(hide_password=True)
+    if url.get_backend_name() not in ("postgresql", "postgres") or url.database != "pgbouncer":
+        raise ValueError(f"poolguard option {option}={shown!r} is invalid: expected {allowed}")
+    return value
+
+
 def _check_tags(option: str, value: Any) -> Mapping[str, float]:
     from ._policies import check_tag_limits
 
@@ -444,6 +542,10 @@ _ALLOWED = {
     _WINDOW: "'count' or 'time'",
     _TAGS: "a mapping of tag to a count or a share of the pool",
     _TAG_SECONDS: "a mapping of tag to seconds >= 0",
+    _FLEET_TAGS: "a mapping of tag to a whole number of server connections >= 1",
+    _ADMIN_URL: ("'auto', or a postgresql:// URL of PgBouncer's admin console "
+                 "(database pgbouncer), or None"),
+    _INTERVAL: "a number of seconds from 0.1 to 3600",
 }
 
 _OBJECT_CHECKS: dict[str, Any] = {
@@ -465,15 +567,18 @@ _CHECKS: dict[str, Any] = {
     _WINDOW: _check_window,
     _TAGS: _check_tags,
     _TAG_SECONDS: _check_tag_seconds,
+    _FLEET_TAGS: _check_fleet_tags,
+    _ADMIN_URL: _check_admin_url,
+    _INTERVAL: _in_range(_ALLOWED[_INTERVAL], 0.1, 3600),
 }
 
 
 def _parse(kind: str, raw: str, default: Any) -> Any:  # noqa: PLR0911
     if raw.lower() == "none" and (default is None or kind == _UTILISATION):
         return None
-    if kind == _NAME:
+    if kind in (_NAME, _ADMIN_URL):
         return raw
-    if kind in (_TAGS, _TAG_SECONDS):
+    if kind in (_TAGS, _TAG_SECONDS, _FLEET_TAGS):
         from ._policies import parse_tag_limits
 
         return parse_tag_limits(raw)

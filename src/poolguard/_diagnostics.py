@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ._config import Config
     from ._hold import Hold
     from ._parts import GuardParts
+    from ._pgbouncer import PgBouncerStats
 
 __all__ = ["Diagnostics"]
 
@@ -35,8 +36,13 @@ _LEAK_FIELDS = ("tag", "fingerprint", "statement", "running", "idle_in_transacti
 class Diagnostics:
     """Leak warnings, alerts and the holders report of one guard."""
 
-    def __init__(self, parts: GuardParts) -> None:
+    def __init__(
+        self, parts: GuardParts,
+        upstream: Callable[[], PgBouncerStats | None] = lambda: None,
+    ) -> None:
         self._parts = parts
+        #: PgBouncer's numbers (None: not read), told in exhaustion reports.
+        self._upstream = upstream
         self._log = parts.log
         self._lock = threading.Lock()
         self.leak_warnings = 0
@@ -159,6 +165,10 @@ class Diagnostics:
                 self.exhaustion_events += 1
         if due:
             gate = self._parts.gate()
+            summary = describe_groups(groups)
+            bouncer = self._upstream()
+            if bouncer is not None:  # whether the wait is PgBouncer's queue too
+                summary = f"{summary}; {bouncer.describe()}"
             self._log.emit(
                 logging.WARNING,
                 "pool.exhausted",
@@ -180,6 +190,7 @@ class Diagnostics:
                     }
                     for g in groups[:5]
                 ],
-                summary=describe_groups(groups),
+                summary=summary,
+                pgbouncer=None if bouncer is None else bouncer.summary(),
             )
         return groups

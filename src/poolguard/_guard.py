@@ -5,7 +5,8 @@ a module of its own, given narrow collaborators: ``_breakers`` (circuit
 breakers), ``_checkout`` (the slow path of a checkout), ``_scan`` and
 ``_diagnostics`` (the periodic scan, leaks, alerts, exhaustion reports),
 ``_attach`` (what a pool gets: gate, counters, creator timing),
-``_queries`` (statement timing and events), ``_otel`` (metrics).
+``_queries`` (statement timing and events), ``_otel`` (metrics),
+``_fleet`` (fleet budgets, PgBouncer's own numbers).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ._breakers import Breakers
 from ._checkout import SlowCheckout
 from ._compat import db_system, is_asyncio, pool_dialect, pool_timeout
 from ._diagnostics import Diagnostics
+from ._fleet import Fleet
 from ._gate import Gate
 from ._hooks import CheckoutHooks
 from ._log import EventLog
@@ -84,7 +86,9 @@ class Guard:
             db_system=lambda: self.db_system, acquire_timeout=self.acquire_timeout,
             reject=self._reject,
         )
-        self.diagnostics = Diagnostics(parts)
+        #: Fleet budgets, and PgBouncer's own numbers (pgbouncer_admin_url).
+        self.fleet = Fleet(parts, url=lambda: self._engine.url if self._engine else None)
+        self.diagnostics = Diagnostics(parts, upstream=self.fleet.pgbouncer)
         # Bound once: the pool calls it directly.
         self.after_checkin = self.diagnostics.returned_after_warning
         #: The circuit breakers, guard-wide and per tag.
@@ -149,12 +153,9 @@ class Guard:
         self.breakers_on = self.breakers.on
         self._update_slow_at()
 
-    def _refresh_tripped(self) -> None:
+    def _breaker_changed(self) -> None:
         # Checkouts consult breaker_admit while any breaker is not closed.
         self.hooks.tripped = self.breakers.not_closed()
-
-    def _breaker_changed(self) -> None:
-        self._refresh_tripped()
         self._update_slow_at()
 
     @property
@@ -258,6 +259,7 @@ class Guard:
             self._engine = engine
             self._queries = QueryTimer(self, engine)
         self._setup_exporter()
+        self.fleet.configure(self.config)
 
     def _setup_exporter(self) -> None:
         from ._otel import refresh_exporter
@@ -272,6 +274,7 @@ class Guard:
             self.connections.unlisten(pool)
             untime_creator(pool)
         self.connections.clear()
+        self.fleet.stop()
         if self._queries is not None:
             self._queries.remove()
             self._queries = None
@@ -344,7 +347,7 @@ class Guard:
         """An immutable snapshot of the pool's gauges and the guard's counters."""
         return pool_stats(
             self.name, self._pool, self.gate, self.recorder, self.connections.counts(),
-            self.diagnostics.leak_warnings,
+            self.diagnostics.leak_warnings, self.fleet.pgbouncer(),
         )
 
     def __repr__(self) -> str:

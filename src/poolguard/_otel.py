@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
     from ._config import Config
+    from ._fleet import Fleet
     from ._gate import Gate
     from ._log import EventLog
     from ._recorder import Recorder
@@ -65,6 +66,7 @@ class MetricsSource(Protocol):
     log: EventLog
     rejections: dict[tuple[str, str], int]
     exporter: Any
+    fleet: Fleet
 
     @property
     def leak_warnings(self) -> int: ...
@@ -96,23 +98,30 @@ def _observe(
     description: str,
     callback: Callable[[CallbackOptions], Iterable[Observation]],
     *,
-    monotonic: bool = False,
+    monotonic: bool | None = False,
 ) -> None:
-    create = (
-        meter.create_observable_counter if monotonic else meter.create_observable_up_down_counter
-    )
+    # monotonic None: a gauge (a value that is not a sum, such as a longest wait).
+    create: Callable[..., Any]
+    if monotonic is None:
+        create = meter.create_observable_gauge
+    elif monotonic:
+        create = meter.create_observable_counter
+    else:
+        create = meter.create_observable_up_down_counter
     create(name, callbacks=[callback], unit=unit, description=description)
 
 
 _Read = TypeVar("_Read", bound="Callable[[Exporter], Iterable[Observation]]")
 
 #: The observable instruments, in registration order: name, unit,
-#: description, monotonic (a counter, else an up-down counter), the reader.
-_OBSERVED: list[tuple[str, str, str, bool, Callable[[Exporter], Iterable[Observation]]]] = []
+#: description, monotonic (a counter; False an up-down counter; None a gauge), the reader.
+_OBSERVED: list[
+    tuple[str, str, str, bool | None, Callable[[Exporter], Iterable[Observation]]]
+] = []
 
 
 def _observed(
-    name: str, unit: str, description: str, *, monotonic: bool = False
+    name: str, unit: str, description: str, *, monotonic: bool | None = False
 ) -> Callable[[_Read], _Read]:
     """Declare the :class:`Exporter` reader below as the instrument ``name``."""
 
@@ -526,6 +535,56 @@ class Exporter:
                "(top_queries shapes, the rest as (other)).", monotonic=True)
     def _query_calls(self) -> Iterable[Observation]:
         return self._query_totals("count")
+
+    # -- PgBouncer's own numbers (pgbouncer_admin_url) ---------------------------
+
+    def _pgbouncer(self, field: str) -> Iterable[Observation]:
+        """A number of the last good read of PgBouncer (nothing while stale or off)."""
+        stats = self.guard.fleet.pgbouncer()
+        if stats is not None and stats.state == "ok":
+            value = getattr(stats, field)
+            if value is not None:
+                yield Observation(value, self._base())
+
+    @_observed("poolguard.pgbouncer.up", "1",
+               "1 while PgBouncer's admin console answers (pgbouncer_admin_url), else 0.",
+               monotonic=None)
+    def _pgbouncer_up(self) -> Iterable[Observation]:
+        stats = self.guard.fleet.pgbouncer()
+        if stats is not None:
+            yield Observation(int(stats.state == "ok"), self._base())
+
+    @_observed("poolguard.pgbouncer.clients.waiting", "{client}",
+               "Clients of the pool's database and user waiting in PgBouncer's queue "
+               "(every replica's).", monotonic=None)
+    def _pgbouncer_waiting(self) -> Iterable[Observation]:
+        return self._pgbouncer("clients_waiting")
+
+    @_observed("poolguard.pgbouncer.clients.active", "{client}",
+               "Clients of the pool's database and user PgBouncer serves or holds idle.",
+               monotonic=None)
+    def _pgbouncer_active(self) -> Iterable[Observation]:
+        return self._pgbouncer("clients_active")
+
+    @_observed("poolguard.pgbouncer.servers.active", "{connection}",
+               "PgBouncer's server connections linked to a client.", monotonic=None)
+    def _pgbouncer_servers_active(self) -> Iterable[Observation]:
+        return self._pgbouncer("servers_active")
+
+    @_observed("poolguard.pgbouncer.servers.idle", "{connection}",
+               "PgBouncer's server connections idle, ready for a client.", monotonic=None)
+    def _pgbouncer_servers_idle(self) -> Iterable[Observation]:
+        return self._pgbouncer("servers_idle")
+
+    @_observed("poolguard.pgbouncer.pool_size", "{connection}",
+               "Server connections PgBouncer's pool of the database may open.", monotonic=None)
+    def _pgbouncer_pool_size(self) -> Iterable[Observation]:
+        return self._pgbouncer("pool_size")
+
+    @_observed("poolguard.pgbouncer.wait.max", "s",
+               "How long the oldest client in PgBouncer's queue has waited.", monotonic=None)
+    def _pgbouncer_wait_max(self) -> Iterable[Observation]:
+        return self._pgbouncer("max_wait")
 
     # -- older names ----------------------------------------------------------
 

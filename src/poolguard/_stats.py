@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from sqlalchemy.pool import Pool
 
     from ._gate import Gate
+    from ._pgbouncer import PgBouncerStats
     from ._recorder import QueryTotals, Recorder
 
 __all__ = ["HistogramSnapshot", "PoolStats", "QueryStats", "pool_stats", "top_queries"]
@@ -49,6 +50,8 @@ class PoolStats:
     use_time: HistogramSnapshot
     wait_time: HistogramSnapshot
     create_time: HistogramSnapshot
+    #: PgBouncer's numbers for this pool (``pgbouncer_admin_url``); None when off.
+    pgbouncer: PgBouncerStats | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The snapshot as a plain ``dict`` (for logs and JSON)."""
@@ -103,6 +106,7 @@ def pool_stats(
     recorder: Recorder,
     connections: tuple[int, int, int],
     leak_warnings: int,
+    pgbouncer: PgBouncerStats | None = None,
 ) -> PoolStats:
     """One :class:`PoolStats` reading of ``pool`` behind ``gate``.
 
@@ -147,6 +151,7 @@ def pool_stats(
         use_time=recorder.use.snapshot(),
         wait_time=wait_time,
         create_time=recorder.create.snapshot(),
+        pgbouncer=pgbouncer,
     )
 
 
