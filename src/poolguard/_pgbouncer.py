@@ -151,8 +151,9 @@ class PgBouncerStats:
         if self.clients_waiting is None:
             return f"{head}: no numbers (admin console {self.state}: {self.error})"
         size = "?" if self.pool_size is None else self.pool_size
+        clients = "client" if self.clients_waiting == 1 else "clients"
         text = (
-            f"{head}: {self.clients_waiting} clients waiting, longest "
+            f"{head}: {self.clients_waiting} {clients} waiting, longest "
             f"{self.max_wait or 0.0:.1f} s; {self.servers_active} of {size} "
             "server connections active"
         )
