@@ -78,6 +78,22 @@ class PgBouncer:
         self.dir.chmod(0o777)
         self.process: subprocess.Popen[bytes] | None = None
 
+    @classmethod
+    def in_front_of(cls, postgresql_url: str, **settings: Any) -> tuple[PgBouncer, str]:
+        """A (not yet started) PgBouncer in front of the server of ``postgresql_url``,
+        and the database name to ask it for."""
+        from sqlalchemy.engine import make_url
+
+        url = make_url(postgresql_url)
+        bouncer = cls(upstream_host=url.host or "127.0.0.1", upstream_port=url.port or 5432,
+                      user=url.username or "postgres", **settings)
+        return bouncer, url.database or "test"
+
+    def admin_url(self, password: str | None = None) -> str:
+        """A URL of this PgBouncer's admin console (``pgbouncer_admin_url``)."""
+        secret = f":{password}" if password else ""
+        return f"postgresql://{self.user}{secret}@127.0.0.1:{self.port}/pgbouncer"
+
     # -- set-up ---------------------------------------------------------------
 
     def _write_config(self) -> Path:

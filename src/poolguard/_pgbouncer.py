@@ -299,6 +299,8 @@ class AdminReader:
         self._databases: list[dict[str, Any]] = []
         self._config_at = -CONFIG_EVERY
         self._failures = 0
+        #: Good reads so far.
+        self.reads = 0
         self._logged_at = -RELOG_EVERY
         #: (numbers, monotonic time read, state, error): replaced whole, read unlocked.
         self._last: tuple[dict[str, Any], float | None, str, str | None] = (
@@ -354,6 +356,7 @@ class AdminReader:
             self.close()
             return self._failed(error)
         self._last = (numbers, time.monotonic(), OK, None)
+        self.reads += 1
         if self._failures:
             self._failures = 0
             self._log.emit(logging.INFO, "pgbouncer.available", pgbouncer=self.target.address)
