@@ -12,6 +12,7 @@ import poolguard
 EXPECTED = {
     "wrap", "unwrap", "get_guard", "Config", "Guard", "request", "fallback", "current_request",
     "RequestContext", "PoolStats", "QueryStats", "HistogramSnapshot", "Holder", "HolderGroup",
+    "PgBouncerStats",
     "AlertEvent", "PoolguardError", "Rejected", "LoadShed", "CircuitOpen",
     "StatementTimeout", "DeadlineExceeded", "PoolTimeout", "PoolerSaturated", "GuardedPoolMixin",
     "GuardedQueuePool", "GuardedAsyncAdaptedQueuePool", "GuardedNullPool", "GuardedStaticPool",

@@ -16,6 +16,7 @@ from ._fallback import fallback
 from ._guard import Guard
 from ._histogram import HistogramSnapshot
 from ._holders import Holder, HolderGroup
+from ._pgbouncer import PgBouncerStats
 from ._pool import (
     GuardedAsyncAdaptedQueuePool,
     GuardedNullPool,
@@ -54,6 +55,7 @@ __all__ = [
     "PoolStats",
     "QueryStats",
     "HistogramSnapshot",
+    "PgBouncerStats",
     "Holder",
     "HolderGroup",
     "AlertEvent",

@@ -546,7 +546,7 @@ class Exporter:
             if value is not None:
                 yield Observation(value, self._base())
 
-    @_observed("poolguard.pgbouncer.up", "1",
+    @_observed("poolguard.pgbouncer.up", "{state}",
                "1 while PgBouncer's admin console answers (pgbouncer_admin_url), else 0.",
                monotonic=None)
     def _pgbouncer_up(self) -> Iterable[Observation]:
