@@ -455,29 +455,30 @@ def _check_window(option: str, value: Any) -> str:
     return str(value)
 
 
-def _check_tag_seconds(option: str, value: Any) -> Mapping[str, float]:
-    if not isinstance(value, Mapping):
-        raise _bad(option, value, _ALLOWED[_TAG_SECONDS])
-    checked = {}
-    for tag, seconds in value.items():
-        if not isinstance(tag, str) or not tag:
-            raise _bad(option, dict(value), _ALLOWED[_TAG_SECONDS])
-        checked[tag] = _seconds(f"{option}[{tag!r}]", seconds)
-    return MappingProxyType(checked)
+def _per_tag(kind: str, check_one: Any) -> Any:
+    """A check of a mapping of tag to a value that ``check_one(option, value)`` checks."""
+
+    def check(option: str, value: Any) -> Mapping[str, Any]:
+        if not isinstance(value, Mapping):
+            raise _bad(option, value, _ALLOWED[kind])
+        checked = {}
+        for tag, given in value.items():
+            if not isinstance(tag, str) or not tag:
+                raise _bad(option, dict(value), _ALLOWED[kind])
+            checked[tag] = check_one(f"{option}[{tag!r}]", given)
+        return MappingProxyType(checked)
+
+    return check
 
 
-def _check_fleet_tags(option: str, value: Any) -> Mapping[str, int]:
-    if not isinstance(value, Mapping):
-        raise _bad(option, value, _ALLOWED[_FLEET_TAGS])
-    checked = {}
-    for tag, given in value.items():
-        if not isinstance(tag, str) or not tag:
-            raise _bad(option, dict(value), _ALLOWED[_FLEET_TAGS])
-        # 5.0 from the environment is 5; 2.5 or a share is not a count of connections.
-        limit = int(given) if isinstance(given, float) and given.is_integer() else given
-        checked[tag] = _whole("a whole number of server connections >= 1", 1)(
-            f"{option}[{tag!r}]", limit)
-    return MappingProxyType(checked)
+def _connections(option: str, value: Any) -> int:
+    # 5.0 from the environment is 5; 2.5 or a share is not a count of connections.
+    count = int(value) if isinstance(value, float) and value.is_integer() else value
+    return int(_whole("a whole number of server connections >= 1", 1)(option, count))
+
+
+_check_tag_seconds = _per_tag(_TAG_SECONDS, _seconds)
+_check_fleet_tags = _per_tag(_FLEET_TAGS, _connections)
 
 
 def _hide_password(text: str) -> str:

@@ -554,38 +554,6 @@ class Exporter:
         if stats is not None:
             yield Observation(int(stats.state == "ok"), self._base())
 
-    @_observed("poolguard.pgbouncer.clients.waiting", "{client}",
-               "Clients of the pool's database and user waiting in PgBouncer's queue "
-               "(every replica's).", monotonic=None)
-    def _pgbouncer_waiting(self) -> Iterable[Observation]:
-        return self._pgbouncer("clients_waiting")
-
-    @_observed("poolguard.pgbouncer.clients.active", "{client}",
-               "Clients of the pool's database and user PgBouncer serves or holds idle.",
-               monotonic=None)
-    def _pgbouncer_active(self) -> Iterable[Observation]:
-        return self._pgbouncer("clients_active")
-
-    @_observed("poolguard.pgbouncer.servers.active", "{connection}",
-               "PgBouncer's server connections linked to a client.", monotonic=None)
-    def _pgbouncer_servers_active(self) -> Iterable[Observation]:
-        return self._pgbouncer("servers_active")
-
-    @_observed("poolguard.pgbouncer.servers.idle", "{connection}",
-               "PgBouncer's server connections idle, ready for a client.", monotonic=None)
-    def _pgbouncer_servers_idle(self) -> Iterable[Observation]:
-        return self._pgbouncer("servers_idle")
-
-    @_observed("poolguard.pgbouncer.pool_size", "{connection}",
-               "Server connections PgBouncer's pool of the database may open.", monotonic=None)
-    def _pgbouncer_pool_size(self) -> Iterable[Observation]:
-        return self._pgbouncer("pool_size")
-
-    @_observed("poolguard.pgbouncer.wait.max", "s",
-               "How long the oldest client in PgBouncer's queue has waited.", monotonic=None)
-    def _pgbouncer_wait_max(self) -> Iterable[Observation]:
-        return self._pgbouncer("max_wait")
-
     # -- older names ----------------------------------------------------------
 
     def _legacy_base(self) -> dict[str, str]:
@@ -596,6 +564,26 @@ class Exporter:
         base = self._legacy_base()
         yield Observation(used, {**base, "state": "used"})
         yield Observation(idle, {**base, "state": "idle"})
+
+
+#: PgBouncer's numbers as gauges: name, unit, the PgBouncerStats field, description.
+_PGBOUNCER_GAUGES = (
+    ("poolguard.pgbouncer.clients.waiting", "{client}", "clients_waiting",
+     "Clients of the pool's database and user waiting in PgBouncer's queue (every replica's)."),
+    ("poolguard.pgbouncer.clients.active", "{client}", "clients_active",
+     "Clients of the pool's database and user PgBouncer serves or holds idle."),
+    ("poolguard.pgbouncer.servers.active", "{connection}", "servers_active",
+     "PgBouncer's server connections linked to a client."),
+    ("poolguard.pgbouncer.servers.idle", "{connection}", "servers_idle",
+     "PgBouncer's server connections idle, ready for a client."),
+    ("poolguard.pgbouncer.pool_size", "{connection}", "pool_size",
+     "Server connections PgBouncer's pool of the database may open."),
+    ("poolguard.pgbouncer.wait.max", "s", "max_wait",
+     "How long the oldest client in PgBouncer's queue has waited."),
+)
+for _name, _unit, _field, _description in _PGBOUNCER_GAUGES:
+    _observed(_name, _unit, _description, monotonic=None)(
+        lambda exporter, field=_field: exporter._pgbouncer(field))
 
 
 def refresh_exporter(
