@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 import poolguard
 from _pgbouncer import PgBouncer, find_binary
-from _support import named
+from _support import named, wait_until
 from poolguard._admission import admission
 from poolguard._fleet import Budget, budgets, divide, fleet_limits
 from poolguard._pgbouncer import PgBouncerStats
@@ -321,3 +321,47 @@ def test_three_replicas_never_exceed_the_fleet_budget(postgresql_url: str) -> No
     assert fleet_peak > BUDGET // REPLICAS  # more than one replica's share ran at once
     assert served > 0
     assert shed > 0
+
+
+@pytest.mark.postgresql
+def test_more_clients_in_pgbouncer_than_the_told_replicas_can_open_is_reported(
+    postgresql_url: str,
+    events: list[dict[str, Any]],
+) -> None:
+    if find_binary() is None:
+        pytest.skip("pgbouncer not installed")
+    bouncer, database = PgBouncer.in_front_of(postgresql_url, default_pool_size=10)
+    with bouncer:
+        # Three replicas, each told it is alone: PgBouncer sees them all.
+        engines = [
+            poolguard.wrap(
+                sa.create_engine(
+                    bouncer.url(database),
+                    pool_size=2,
+                    max_overflow=0,
+                    connect_args={"prepare_threshold": None},
+                ),
+                name=f"replica-{i}",
+                replicas=1,
+                fleet_tag_limits={"report": 2},
+                pgbouncer_admin_url="auto",
+                pgbouncer_poll_interval=0.1,
+            )
+            for i in range(3)
+        ]
+        conns = [engine.connect() for engine in engines for _ in range(2)]
+        try:
+            for conn in conns:
+                conn.execute(sa.text("select 1"))
+            wait_until(lambda: named(events, "fleet.replicas_low"), "fleet.replicas_low")
+        finally:
+            for conn in conns:
+                conn.close()
+            for engine in engines:
+                poolguard.unwrap(engine)
+                engine.dispose()
+    event = named(events, "fleet.replicas_low")[0]
+    assert event["replicas"] == 1
+    assert event["capacity"] == 2
+    assert event["replicas_seen_min"] >= 2
+    assert event["clients"] > 2

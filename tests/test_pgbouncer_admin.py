@@ -21,7 +21,7 @@ import sqlalchemy as sa
 import poolguard
 from _pgbouncer import PgBouncer, find_binary, free_port
 from _proxy import Proxy
-from _support import named, wait_until
+from _support import async_wait_until, named, wait_until
 from poolguard._pgbouncer import AdminTarget, admin_target, read_numbers
 from test_otel import collect, points, value
 
@@ -411,3 +411,54 @@ def test_the_reader_lives_as_long_as_the_guard(bouncer: tuple[PgBouncer, str]) -
         engine.dispose()
     wait_until(lambda: not again.running, "the reader stopped at unwrap")
     assert guard.fleet.pgbouncer() is None
+
+
+@pytest.mark.postgresql
+def test_psycopg2_reads_the_admin_console_too(
+    bouncer: tuple[PgBouncer, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    psycopg2 = pytest.importorskip("psycopg2")
+    from poolguard import _pgbouncer
+
+    monkeypatch.setattr(_pgbouncer, "_driver", lambda: psycopg2)
+    pgb, database = bouncer
+    engine = _engine(pgb, database, pgbouncer_admin_url="auto")
+    guard = poolguard.get_guard(engine)
+    try:
+        reading = guard.fleet._reader
+        assert reading is not None
+        wait_until(lambda: reading.reads >= 8, "eight reads with psycopg2")
+        assert type(reading._conn).__module__.startswith("psycopg2")
+        stats = _bouncer_stats(guard)
+        assert (stats.state, stats.pool_size, stats.pool_mode) == ("ok", 1, "transaction")
+    finally:
+        poolguard.unwrap(engine)
+        engine.dispose()
+
+
+@pytest.mark.postgresql
+async def test_an_asyncpg_engine_finds_the_admin_console_from_its_url(
+    bouncer: tuple[PgBouncer, str],
+) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    pgb, database = bouncer
+    engine = poolguard.wrap(
+        create_async_engine(
+            pgb.url(database, driver="asyncpg"),
+            pool_size=2,
+            connect_args={"statement_cache_size": 0},
+        ),
+        pgbouncer_admin_url="auto",
+        pgbouncer_poll_interval=POLL,
+    )
+    try:
+        async with engine.connect() as conn:
+            assert (await conn.execute(sa.text("select 3"))).scalar_one() == 3
+        guard = poolguard.get_guard(engine)
+        await async_wait_until(lambda: _bouncer_stats(guard).state == "ok", "a read")
+        assert _bouncer_stats(guard).address == f"127.0.0.1:{pgb.port}"
+    finally:
+        poolguard.unwrap(engine)
+        await engine.dispose()
