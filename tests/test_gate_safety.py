@@ -614,8 +614,7 @@ def _half_open(engine: Engine) -> Any:
     breaker = guard.breaker
     assert breaker is not None
     breaker._enter(HALF_OPEN, time.perf_counter())
-    guard._refresh_tripped()
-    guard._update_slow_at()
+    guard._breaker_changed()  # as the breaker's own transition tells the guard
     assert guard.hooks.tripped
     return breaker
 
