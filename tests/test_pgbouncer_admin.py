@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,8 @@ import poolguard
 from _pgbouncer import PgBouncer, find_binary, free_port
 from _proxy import Proxy
 from _support import async_wait_until, named, wait_until
-from poolguard._pgbouncer import AdminTarget, admin_target, read_numbers
+from poolguard._log import EventLog
+from poolguard._pgbouncer import AdminReader, AdminTarget, admin_target, read_numbers
 from test_otel import collect, points, value
 
 if TYPE_CHECKING:
@@ -153,6 +155,18 @@ def test_admin_target_auto_and_explicit() -> None:
     assert admin_target(None, engine_url) is None
     with pytest.raises(ValueError, match="needs a PostgreSQL engine"):
         admin_target("auto", sa.make_url("sqlite://"))
+
+
+def test_numbers_of_a_stuck_reader_turn_stale() -> None:
+    reading = AdminReader(_TARGET, 1.0, EventLog("p"))
+    assert (reading.stats().state, reading.stats().age) == ("unavailable", None)
+    reading._last = ({"clients_waiting": 4}, time.monotonic() - 5, "ok", None)
+    assert reading.stats().state == "ok"
+    # 3 intervals + 10 s without a new read, though the last one worked.
+    reading._last = ({"clients_waiting": 4}, time.monotonic() - 14, "ok", None)
+    stale = reading.stats()
+    assert (stale.state, stale.clients_waiting) == ("stale", 4)
+    assert "read 14 s ago" in stale.describe()
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,8 @@ RETRY_MAX = 60.0
 #: A run of failures logs again after this many seconds.
 RELOG_EVERY = 300.0
 CONNECT_TIMEOUT = 5
+#: Numbers older than this many intervals (plus 10 s) are stale however they were read.
+STALE_AFTER = 3
 
 OK = "ok"
 STALE = "stale"
@@ -333,15 +335,22 @@ class AdminReader:
         return thread is not None and thread.is_alive()
 
     def stats(self) -> PgBouncerStats:
-        """The last numbers, with their age now."""
+        """The last numbers, with their age now.
+
+        Numbers older than :data:`STALE_AFTER` read intervals are ``stale``
+        even if their read worked: the reader is stuck (a silent network).
+        """
         numbers, read_at, state, error = self._last
         target = self.target
+        age = None if read_at is None else time.monotonic() - read_at
+        if state == OK and age is not None and age > STALE_AFTER * self.interval + 10:
+            state = STALE
         return PgBouncerStats(
             address=target.address,
             database=target.database,
             user=target.pool_user,
             state=state,
-            age=None if read_at is None else time.monotonic() - read_at,
+            age=age,
             error=error,
             **numbers,
         )
