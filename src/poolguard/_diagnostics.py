@@ -29,7 +29,8 @@ __all__ = ["Diagnostics"]
 _REPORT_TTL = 1.0
 _EXHAUSTED_LOG_INTERVAL = 10.0
 #: The holder's fields a connection.held_too_long event carries, in order.
-_LEAK_FIELDS = ("tag", "fingerprint", "statement", "running", "idle_in_transaction", "site")
+_LEAK_FIELDS = ("tag", "fingerprint", "statement", "running", "idle_in_transaction", "site",
+                "on_wire")
 
 
 class Diagnostics:
@@ -177,6 +178,8 @@ class Diagnostics:
                         "running": g.running,
                         "idle_in_transaction": g.idle_in_transaction,
                         "tags": list(g.tags),
+                        "on_wire": g.on_wire,
+                        "on_wire_what": g.on_wire_what,
                     }
                     for g in groups[:5]
                 ],
