@@ -29,6 +29,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ._compat import asyncpg_statement_caches
+from ._timeouts import unenforced_reason
 from .errors import PoolerSaturated
 
 if TYPE_CHECKING:
@@ -233,7 +234,8 @@ class PoolerErrors:
     def check_connection(self, dbapi_connection: Any, admin_mode: str | None = None) -> None:
         """Called with each new connection: the first one is looked at (once).
 
-        Off the request path's hot part: a connect. A PostgreSQL connection
+        Off the request path's hot part: a connect. A statement timeout the
+        database cannot enforce logs ``statement_timeout.unenforced``. A PostgreSQL connection
         is checked for a pooler (:func:`detect_pooler`, one round trip when
         the ``pooler`` option is ``"auto"``); behind one that may pool by
         transaction, prepared statements of the driver log
@@ -246,9 +248,15 @@ class PoolerErrors:
                 return
             self.checked = True
         parts = self._parts
-        if parts.db_system() != "postgresql":
+        config = parts.config()
+        db_system = parts.db_system()
+        unenforced = unenforced_reason(db_system)
+        if unenforced is not None and (config.statement_timeout or config.tag_statement_timeouts):
+            self._log.emit(logging.WARNING, "statement_timeout.unenforced",
+                           db_system=db_system, message=unenforced)
+        if db_system != "postgresql":
             return
-        behind = detect_pooler(dbapi_connection, parts.config().pooler, admin_mode)
+        behind = detect_pooler(dbapi_connection, config.pooler, admin_mode)
         self.behind = behind
         if behind is None:
             return

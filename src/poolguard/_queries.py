@@ -50,6 +50,7 @@ from ._timeouts import (
     kill_socket,
     limit_ms,
     limited_statement,
+    no_transaction_block,
     watchdog,
 )
 from .errors import DeadlineExceeded, PoolTimeout, StatementTimeout
@@ -497,6 +498,12 @@ class QueryTimer:
                 getattr(dbapi_connection, "autocommit", False)
             )
             if db_system == "postgresql" and guard.pooler.behind is not None:
+                if autocommit and no_transaction_block(statement):
+                    # VACUUM and the like refuse a transaction block, and a
+                    # session SET would stay on the pooler's server
+                    # connection: no server-side limit (a deadline's
+                    # watchdog still applies).
+                    return statement, armed
                 self._set_through_pooler(cursor, statement, seconds, hold, armed,
                                          autocommit=autocommit, by_deadline=by_deadline)
                 return statement, armed

@@ -48,6 +48,7 @@ import inspect
 import itertools
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -56,7 +57,15 @@ from typing import TYPE_CHECKING, Any, cast
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["Watchdog", "kill_socket", "limit_ms", "limited_statement", "watchdog"]
+__all__ = [
+    "Watchdog",
+    "kill_socket",
+    "limit_ms",
+    "limited_statement",
+    "no_transaction_block",
+    "unenforced_reason",
+    "watchdog",
+]
 
 #: Extra time after a deadline before the client-side watchdog cuts the socket:
 #: the database's own timeout should fire first and leave the connection usable.
@@ -284,3 +293,28 @@ def is_timeout_error(db_system: str, error: BaseException) -> bool:
     if db_system == "sqlite":
         return "interrupted" in str(error)
     return False
+
+
+def unenforced_reason(db_system: str) -> str | None:
+    """Why ``statement_timeout`` is not enforced (fully) on ``db_system``, or None."""
+    if db_system in ("postgresql", "mariadb", "sqlite"):
+        return None
+    if db_system == "mysql":
+        return ("MySQL's max_execution_time limits SELECT statements only: other statements "
+                "run without a limit (a request's deadline still cuts them)")
+    return (f"poolguard cannot set a statement time limit on {db_system}: statements run "
+            "without one (a request's deadline still cuts them, client-side)")
+
+
+#: PostgreSQL statements that cannot run inside a transaction block.
+_NO_TRANSACTION = re.compile(
+    r"\s*(VACUUM|CREATE\s+DATABASE|DROP\s+DATABASE|CREATE\s+TABLESPACE|DROP\s+TABLESPACE"
+    r"|ALTER\s+SYSTEM|CREATE\s+(UNIQUE\s+)?INDEX\s+CONCURRENTLY|DROP\s+INDEX\s+CONCURRENTLY"
+    r"|REINDEX\b.*\bCONCURRENTLY)\b",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def no_transaction_block(statement: str) -> bool:
+    """Whether PostgreSQL refuses to run ``statement`` inside a transaction block."""
+    return _NO_TRANSACTION.match(statement) is not None
