@@ -18,7 +18,7 @@ import asyncio
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import psycopg
 import pytest
@@ -50,28 +50,39 @@ pytestmark = [pytest.mark.postgresql, pytest.mark.usefixtures("structlog_unconfi
 @pytest.fixture
 def bouncer(postgresql_url: str) -> Iterator[tuple[PgBouncer, str]]:
     """A PgBouncer of its own with ONE server connection (transaction mode)."""
-    running, database = _bouncer(postgresql_url, default_pool_size=1,
-                                 query_wait_timeout=QUERY_WAIT)
+    running, database = _bouncer(postgresql_url, default_pool_size=1, query_wait_timeout=QUERY_WAIT)
     with running:
         yield running, database
 
 
-def _engine(bouncer: PgBouncer, database: str, create: dict[str, Any] | None = None,
-            **options: Any) -> sa.Engine:
+def _engine(
+    bouncer: PgBouncer, database: str, create: dict[str, Any] | None = None, **options: Any
+) -> sa.Engine:
     return poolguard.wrap(
-        sa.create_engine(bouncer.url(database), pool_size=1, max_overflow=0,
-                         **{"connect_args": {"prepare_threshold": None}, **(create or {})}),
-        connect_retries=0, **options,
+        sa.create_engine(
+            bouncer.url(database),
+            pool_size=1,
+            max_overflow=0,
+            **{"connect_args": {"prepare_threshold": None}, **(create or {})},
+        ),
+        connect_retries=0,
+        **options,
     )
 
 
-def _async_engine(bouncer: PgBouncer, database: str, create: dict[str, Any] | None = None,
-                  **options: Any) -> Any:
+def _async_engine(
+    bouncer: PgBouncer, database: str, create: dict[str, Any] | None = None, **options: Any
+) -> Any:
     connect_args = {"statement_cache_size": 0, "prepared_statement_cache_size": 0}
     return poolguard.wrap(
-        create_async_engine(bouncer.url(database, "asyncpg"), pool_size=1, max_overflow=0,
-                            **{"connect_args": connect_args, **(create or {})}),
-        connect_retries=0, **options,
+        create_async_engine(
+            bouncer.url(database, "asyncpg"),
+            pool_size=1,
+            max_overflow=0,
+            **{"connect_args": connect_args, **(create or {})},
+        ),
+        connect_retries=0,
+        **options,
     )
 
 
@@ -91,8 +102,9 @@ def test_psycopg_statement_timeout_bounds_the_wait_in_pgbouncers_queue(
     # with a 2 s limit), failed as a plain OperationalError, and the holder
     # looked like a leak. Now: the limit bounds it, the error is saturation.
     running, database = bouncer
-    engine = _engine(running, database, statement_timeout=1.0, breaker=True,
-                     breaker_minimum_calls=1)
+    engine = _engine(
+        running, database, statement_timeout=1.0, breaker=True, breaker_minimum_calls=1
+    )
     guard = poolguard.get_guard(engine)
     try:
         with engine.connect() as conn:
@@ -136,8 +148,7 @@ def test_psycopg_statement_timeout_bounds_the_wait_in_pgbouncers_queue(
 
         assert "1 on the wire: SET LOCAL" in describe_groups(groups)
         # The SET LOCAL's time is the statement's (a failed statement, timed).
-        (top,) = [q for q in guard.top_queries(10) if q.statement == "SELECT ?"
-                  and q.errors]
+        (top,) = [q for q in guard.top_queries(10) if q.statement == "SELECT ?" and q.errors]
         assert top.max_time >= 1.0
         with engine.connect() as conn:  # the cut connection was replaced
             assert conn.exec_driver_sql("SELECT 3").scalar_one() == 3
@@ -206,7 +217,8 @@ def test_the_wait_in_the_queue_is_taken_off_the_statements_limit(
 @pytest.mark.timing
 @pytest.mark.parametrize("limit", [None, 5.0], ids=["deadline", "deadline+statement_timeout"])
 def test_psycopg_deadline_holds_through_pgbouncer(
-    bouncer: tuple[PgBouncer, str], limit: float | None,
+    bouncer: tuple[PgBouncer, str],
+    limit: float | None,
 ) -> None:
     running, database = bouncer
     engine = _engine(running, database, statement_timeout=limit)
@@ -232,7 +244,8 @@ def test_psycopg_deadline_holds_through_pgbouncer(
 @pytest.mark.timing
 @pytest.mark.parametrize("limit", [None, 5.0], ids=["deadline", "deadline+statement_timeout"])
 def test_asyncpg_deadline_holds_through_pgbouncer(
-    bouncer: tuple[PgBouncer, str], limit: float | None,
+    bouncer: tuple[PgBouncer, str],
+    limit: float | None,
 ) -> None:
     # Issue 14: request(timeout=1.0) did not bound the wait (5.17 s).
     running, database = bouncer
@@ -268,7 +281,8 @@ def test_asyncpg_deadline_holds_through_pgbouncer(
 @pytest.mark.timing
 @pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
 def test_pre_ping_queued_in_pgbouncer_ends_at_the_acquire_timeout_and_counts_as_a_wait(
-    bouncer: tuple[PgBouncer, str], driver: str,
+    bouncer: tuple[PgBouncer, str],
+    driver: str,
 ) -> None:
     # Issue 14: a checkout took 6.5 s with acquire_timeout=2, and wait_time 0.
     running, database = bouncer
@@ -321,7 +335,7 @@ def test_pre_ping_queued_in_pgbouncer_ends_at_the_acquire_timeout_and_counts_as_
 class _Recording(psycopg.Cursor[Any]):
     """A psycopg cursor that records what it sends."""
 
-    sent: list[str] = []
+    sent: ClassVar[list[str]] = []
 
     def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
         _Recording.sent.append(str(query))
@@ -335,8 +349,7 @@ def test_autocommit_behind_a_pooler_limits_in_a_transaction_never_with_a_session
     # after): through transaction pooling each lands on whichever server
     # connection is free, and the setting stays there for other clients.
     running, database = bouncer
-    engine = _engine(running, database, {"isolation_level": "AUTOCOMMIT"},
-                     statement_timeout=0.5)
+    engine = _engine(running, database, {"isolation_level": "AUTOCOMMIT"}, statement_timeout=0.5)
 
     @sa.event.listens_for(engine, "connect")
     def _record(dbapi_connection: Any, record: Any) -> None:
@@ -356,8 +369,10 @@ def test_autocommit_behind_a_pooler_limits_in_a_transaction_never_with_a_session
         assert all(s.upper().startswith("SET LOCAL ") for s in sets), sets
         assert _Recording.sent.count("BEGIN") == _Recording.sent.count("COMMIT") == 3
         # Nothing stayed on the server connection for the next client.
-        with psycopg.connect(f"host=127.0.0.1 port={running.port} user={running.user} "
-                             f"dbname={database}", autocommit=True) as plain:
+        with psycopg.connect(
+            f"host=127.0.0.1 port={running.port} user={running.user} dbname={database}",
+            autocommit=True,
+        ) as plain:
             row = plain.execute("SHOW statement_timeout").fetchone()
             assert row is not None
             assert row[0] == "0"
@@ -370,7 +385,9 @@ def test_autocommit_behind_a_pooler_limits_in_a_transaction_never_with_a_session
 
 @pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
 def test_pgbouncer_is_detected_on_the_first_connection(
-    bouncer: tuple[PgBouncer, str], postgresql_url: str, driver: str,
+    bouncer: tuple[PgBouncer, str],
+    postgresql_url: str,
+    driver: str,
 ) -> None:
     running, database = bouncer
 
@@ -396,6 +413,7 @@ def test_pgbouncer_is_detected_on_the_first_connection(
             finally:
                 direct.dispose()
         else:
+
             async def scenario() -> poolguard.Guard:
                 engine = _async_engine(running, database)
                 guard = first_connection(engine)
@@ -417,8 +435,10 @@ def test_pgbouncer_is_detected_on_the_first_connection(
 
 def test_the_pooler_option_says_it_without_a_probe(bouncer: tuple[PgBouncer, str]) -> None:
     running, database = bouncer
-    for option, expected in [("none", None), ("transaction", Pooler("transaction",
-                                                                      "pooler option"))]:
+    for option, expected in [
+        ("none", None),
+        ("transaction", Pooler("transaction", "pooler option")),
+    ]:
         engine = _engine(running, database, pooler=option)
         try:
             with engine.connect() as conn:
@@ -433,20 +453,22 @@ def test_the_pooler_option_says_it_without_a_probe(bouncer: tuple[PgBouncer, str
 
 def test_detection_probe_through_a_plain_connection(postgresql_url: str) -> None:
     url = make_url(postgresql_url)
-    with psycopg.connect(host=url.host, port=url.port, user=url.username,
-                         dbname=url.database) as conn:
+    with psycopg.connect(
+        host=url.host, port=url.port, user=url.username, dbname=url.database
+    ) as conn:
         assert detect_pooler(conn) is None
         assert detect_pooler(conn, "session") == Pooler("session", "pooler option")
-        assert detect_pooler(conn, admin_mode="statement") == Pooler("transaction",
-                                                                    "admin console")
+        assert detect_pooler(conn, admin_mode="statement") == Pooler("transaction", "admin console")
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
 
 def _server_pid(bouncer: PgBouncer, database: str) -> psycopg.Connection[Any]:
     """A plain client in a transaction through PgBouncer: it holds the server
     connection the last transaction used (PgBouncer hands out the most recent)."""
-    conn = psycopg.connect(f"host=127.0.0.1 port={bouncer.port} user={bouncer.user} "
-                           f"dbname={database}", prepare_threshold=None)
+    conn = psycopg.connect(
+        f"host=127.0.0.1 port={bouncer.port} user={bouncer.user} dbname={database}",
+        prepare_threshold=None,
+    )
     conn.execute("SELECT 1")  # BEGIN: a server connection, held until rollback
     return conn
 
@@ -467,14 +489,17 @@ def _prepared_twice(run: Any, bouncer: PgBouncer, database: str) -> BaseExceptio
 
 @pytest.mark.parametrize("fixed", [False, True], ids=["default", "fixed"])
 def test_psycopg_prepared_statements_warning_and_its_fix(
-    postgresql_url: str, fixed: bool,
+    postgresql_url: str,
+    fixed: bool,
 ) -> None:
     running, database = _bouncer(postgresql_url, default_pool_size=2)
     connect_args = {"prepare_threshold": None} if fixed else {}
     with running, capture_events(logging.WARNING) as events:
-        engine = poolguard.wrap(sa.create_engine(running.url(database), pool_size=1,
-                                                 connect_args=connect_args))
+        engine = poolguard.wrap(
+            sa.create_engine(running.url(database), pool_size=1, connect_args=connect_args)
+        )
         try:
+
             def run(times: int) -> None:
                 with engine.connect() as conn:
                     for _ in range(times):
@@ -498,15 +523,18 @@ def test_psycopg_prepared_statements_warning_and_its_fix(
 
 @pytest.mark.parametrize("fixed", [False, True], ids=["default", "fixed"])
 def test_asyncpg_prepared_statements_warning_and_its_fix(
-    postgresql_url: str, fixed: bool,
+    postgresql_url: str,
+    fixed: bool,
 ) -> None:
     running, database = _bouncer(postgresql_url, default_pool_size=2)
-    connect_args = ({"statement_cache_size": 0, "prepared_statement_cache_size": 0}
-                    if fixed else {})
+    connect_args = {"statement_cache_size": 0, "prepared_statement_cache_size": 0} if fixed else {}
 
     async def scenario() -> BaseException | None:
-        engine = poolguard.wrap(create_async_engine(running.url(database, "asyncpg"),
-                                                    pool_size=1, connect_args=connect_args))
+        engine = poolguard.wrap(
+            create_async_engine(
+                running.url(database, "asyncpg"), pool_size=1, connect_args=connect_args
+            )
+        )
 
         async def work(times: int) -> None:
             async with engine.connect() as conn:
@@ -538,8 +566,9 @@ def test_asyncpg_prepared_statements_warning_and_its_fix(
     assert "prepared statement" in str(error)
     (warning,) = warned
     assert warning["driver"] == "asyncpg"
-    assert warning["fix"] == ('connect_args={"statement_cache_size": 0, '
-                              '"prepared_statement_cache_size": 0}')
+    assert warning["fix"] == (
+        'connect_args={"statement_cache_size": 0, "prepared_statement_cache_size": 0}'
+    )
 
 
 def test_unenforceable_statement_timeouts_are_named() -> None:
@@ -562,9 +591,15 @@ def mariadb_proxy(mariadb_url: str) -> Iterator[tuple[Proxy, str]]:
 
 def _mariadb_engine(url: str, **options: Any) -> sa.Engine:
     return poolguard.wrap(
-        sa.create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True,
-                         connect_args={"connect_timeout": 2}),
-        connect_retries=0, **options,
+        sa.create_engine(
+            url,
+            pool_size=1,
+            max_overflow=0,
+            pool_pre_ping=True,
+            connect_args={"connect_timeout": 2},
+        ),
+        connect_retries=0,
+        **options,
     )
 
 
@@ -598,7 +633,8 @@ def test_pymysql_pre_ping_against_a_silent_server_ends_at_the_acquire_timeout(
 @pytest.mark.timing
 @pytest.mark.parametrize("limit", [None, 5.0], ids=["deadline", "deadline+statement_timeout"])
 def test_pymysql_deadline_against_a_silent_server(
-    mariadb_proxy: tuple[Proxy, str], limit: float | None,
+    mariadb_proxy: tuple[Proxy, str],
+    limit: float | None,
 ) -> None:
     proxy, url = mariadb_proxy
     engine = _mariadb_engine(url, statement_timeout=limit)
@@ -606,9 +642,9 @@ def test_pymysql_deadline_against_a_silent_server(
         with engine.connect() as conn:
             conn.exec_driver_sql("SELECT 1")
         started = time.monotonic()
-        with bounded(proxy, 8.0), poolguard.request(timeout=1.0):
-            with pytest.raises(poolguard.DeadlineExceeded), engine.connect() as conn:
-                proxy.set_mode("blackhole")
+        with bounded(proxy, 8.0), poolguard.request(timeout=1.0), engine.connect() as conn:
+            proxy.set_mode("blackhole")
+            with pytest.raises(poolguard.DeadlineExceeded):
                 conn.exec_driver_sql("SELECT 2")
         assert time.monotonic() - started < 1.0 + KILL_GRACE + SLACK
         proxy.set_mode("pass")

@@ -29,8 +29,15 @@ __all__ = ["Diagnostics"]
 _REPORT_TTL = 1.0
 _EXHAUSTED_LOG_INTERVAL = 10.0
 #: The holder's fields a connection.held_too_long event carries, in order.
-_LEAK_FIELDS = ("tag", "fingerprint", "statement", "running", "idle_in_transaction", "site",
-                "on_wire")
+_LEAK_FIELDS = (
+    "tag",
+    "fingerprint",
+    "statement",
+    "running",
+    "idle_in_transaction",
+    "site",
+    "on_wire",
+)
 
 
 class Diagnostics:

@@ -260,7 +260,7 @@ class QueryTimer:
         stats = self._stats
         new_stat, failed, log = self._stat, self._failed, self._log
 
-        limit, finish = self._limit, self._finish
+        limit, finish, limit_failed = self._limit, self._finish, self._limit_failed
 
         def timed(cursor: DBAPICursor, statement: str, *args: Any) -> Any:  # noqa: PLR0912
             try:
@@ -285,11 +285,7 @@ class QueryTimer:
                     try:
                         send, armed = limit(cursor, statement, hold, context)
                     except BaseException as exc:
-                        hold[RUNNING_SINCE] = 0.0
-                        # The SET LOCAL is the statement's round trip: its
-                        # failure (a pooler's saturation too) is the statement's.
-                        if not isinstance(exc, DeadlineExceeded):
-                            failed(statement, perf_counter() - start, hold, exc)
+                        limit_failed(statement, start, hold, exc)
                         raise
             try:
                 result = inner(cursor, send, *args)
@@ -516,6 +512,16 @@ class QueryTimer:
             self._finish(cursor, armed)
             raise
         return send, armed
+
+    def _limit_failed(
+        self, statement: str, start: float, hold: Hold, exc: BaseException
+    ) -> None:
+        # The SET LOCAL is the statement's round trip: its failure (a
+        # pooler's saturation too) is the statement's. A deadline that passed
+        # before anything was sent is not.
+        hold[RUNNING_SINCE] = 0.0
+        if not isinstance(exc, DeadlineExceeded):
+            self._failed(statement, perf_counter() - start, hold, exc)
 
     def _set_through_pooler(
         self, cursor: DBAPICursor, statement: str, seconds: float, hold: Hold,
