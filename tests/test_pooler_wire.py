@@ -653,3 +653,35 @@ def test_pymysql_deadline_against_a_silent_server(
     finally:
         proxy.set_mode("pass")
         engine.dispose()
+
+
+@pytest.mark.timing
+@pytest.mark.parametrize("isolation", ["READ COMMITTED", "AUTOCOMMIT"])
+def test_asyncpg_statement_timeout_through_pgbouncer_is_enforced(
+    bouncer: tuple[PgBouncer, str],
+    isolation: str,
+) -> None:
+    # The SET LOCAL reaches the server inside the statement's transaction
+    # (under autocommit: one of its own), so the server cancels the statement.
+    running, database = bouncer
+
+    async def scenario() -> None:
+        engine = _async_engine(
+            running, database, {"isolation_level": isolation}, statement_timeout=0.5
+        )
+        try:
+            async with engine.connect() as conn:
+                started = time.monotonic()
+                with pytest.raises(poolguard.StatementTimeout):
+                    await conn.exec_driver_sql("SELECT pg_sleep(3)")
+                assert time.monotonic() - started < 0.5 + SLACK
+                await conn.rollback()
+                assert (await conn.exec_driver_sql("SELECT 4")).scalar_one() == 4
+            async with poolguard.request(statement_timeout=0), engine.connect() as conn:
+                shown = (await conn.exec_driver_sql("SHOW statement_timeout")).scalar_one()
+                assert shown == "0"  # nothing stayed on the server connection
+            assert poolguard.get_guard(engine).stats().connections_invalidated == 0
+        finally:
+            await engine.dispose()
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=30))
