@@ -288,7 +288,24 @@ def test_pre_ping_queued_in_pgbouncer_ends_at_the_acquire_timeout_and_counts_as_
     running, database = bouncer
     create = {"pool_pre_ping": True}
 
+    seen: list[Any] = []
+
+    def look(guard: poolguard.Guard) -> threading.Thread:
+        def run() -> None:
+            wait_until(lambda: _in_queue(running), "a client in PgBouncer's queue", timeout=5)
+            seen.extend(guard.diagnostics.holders_report(fresh=True))
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
     def check(guard: poolguard.Guard, error: BaseException, elapsed: float) -> None:
+        # While it waited, the holders report showed the checkout in its pre-ping.
+        (group,) = seen
+        assert group.count == group.on_wire == 1
+        assert group.on_wire_what == (
+            "pre-ping (behind a connection pooler: likely waiting for a server connection)"
+        )
         assert elapsed < 1.0 + SLACK < QUERY_WAIT
         assert isinstance(error, poolguard.PoolTimeout)
         assert "pre-ping (behind a connection pooler: likely waiting for a server" in str(error)
@@ -303,9 +320,11 @@ def test_pre_ping_queued_in_pgbouncer_ends_at_the_acquire_timeout_and_counts_as_
             with engine.connect() as conn:
                 conn.exec_driver_sql("SELECT 1")
             holder = _hold(running, database, 4)
+            looker = look(poolguard.get_guard(engine))
             started = time.monotonic()
             with pytest.raises(poolguard.PoolTimeout) as caught:
                 engine.connect()
+            looker.join(10)
             check(poolguard.get_guard(engine), caught.value, time.monotonic() - started)
             holder.join(10)
         finally:
@@ -318,9 +337,11 @@ def test_pre_ping_queued_in_pgbouncer_ends_at_the_acquire_timeout_and_counts_as_
             async with engine.connect() as conn:
                 await conn.exec_driver_sql("SELECT 1")
             holder = await asyncio.to_thread(_hold, running, database, 4)
+            looker = look(poolguard.get_guard(engine))
             started = time.monotonic()
             with pytest.raises(poolguard.PoolTimeout) as caught:
                 await engine.connect()
+            await asyncio.to_thread(looker.join, 10)
             check(poolguard.get_guard(engine), caught.value, time.monotonic() - started)
             await asyncio.to_thread(holder.join, 10)
         finally:

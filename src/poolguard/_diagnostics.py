@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING
 
 from ._alerts import Alert, AlertEvent
 from ._hold import SITE, T0, WARNED
-from ._holders import Holder, HolderGroup, describe_groups, group_holders, holders
+from ._holders import (
+    Holder,
+    HolderGroup,
+    describe_groups,
+    group_holders,
+    holders,
+    pinging_group,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -151,6 +158,12 @@ class Diagnostics:
         if not fresh and cached is not None and now - cached[0] < _REPORT_TTL:
             return cached[1]
         groups = group_holders(self.holders())
+        # Checkouts still in their pre-ping hold a permit too (behind a
+        # pooler, often waiting in its queue): one group of their own.
+        pings = pinging_group(list(self._parts.gate().pinging.values()), now)
+        if pings is not None:
+            groups.append(pings)
+            groups.sort(key=lambda g: (-g.count, -g.oldest))
         self._report = (now, groups)
         return groups
 

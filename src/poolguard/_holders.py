@@ -21,7 +21,14 @@ if TYPE_CHECKING:
 
     from ._hold import Hold
 
-__all__ = ["Holder", "HolderGroup", "describe_groups", "group_holders", "holders"]
+__all__ = [
+    "Holder",
+    "HolderGroup",
+    "describe_groups",
+    "group_holders",
+    "holders",
+    "pinging_group",
+]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -131,6 +138,27 @@ def group_holders(items: Iterable[Holder]) -> list[HolderGroup]:
     ]
     result.sort(key=lambda g: (-g.count, -g.oldest))
     return result
+
+
+def pinging_group(pings: list[tuple[float, str]], now: float) -> HolderGroup | None:
+    """Checkouts in their pre-ping (no hold yet) as one group, or None."""
+    starts = [start for start, _ in pings]
+    if not starts:
+        return None
+    what = pings[0][1]
+    return HolderGroup(
+        fingerprint=None,
+        statement=None,
+        site=None,
+        count=len(starts),
+        oldest=max(0.0, now - min(starts)),
+        youngest=max(0.0, now - max(starts)),
+        running=0,
+        idle_in_transaction=0,
+        tags=(),
+        on_wire=len(starts),
+        on_wire_what=what,
+    )
 
 
 def describe_groups(groups: list[HolderGroup], limit: int = 3) -> str:

@@ -86,6 +86,7 @@ _METHODS = {"do_execute": 1, "do_executemany": 1, "do_execute_no_params": 0}
 _ENDS = {"do_commit": "COMMIT", "do_rollback": "ROLLBACK"}
 #: The holders report's words for the guard's SET LOCAL in flight behind a pooler.
 WIRE_SET = f"SET LOCAL statement_timeout ({BEHIND})"
+PING_BEHIND = f"pre-ping ({BEHIND})"
 #: Behind a pooler, a SET LOCAL that took longer than this (seconds) waited
 #: in its queue: the limit is set again with what is left of it.
 RESET_AFTER = 0.01
@@ -361,6 +362,8 @@ class QueryTimer:
             # that is about to answer, as for statements.
             entry = watchdog.schedule(start + budget + (KILL_GRACE if by_deadline else 0.0),
                                       cut_it)
+            pinging = guard.gate.pinging  # the holders report shows it meanwhile
+            pinging[dbapi_connection] = (start, PING_BEHIND if guard.pooler.behind else "pre-ping")
             try:
                 return inner(dbapi_connection)
             except Exception:
@@ -380,6 +383,7 @@ class QueryTimer:
                 raise
             finally:
                 watchdog.cancel(entry)
+                pinging.pop(dbapi_connection, None)
                 _pinged.set((dbapi_connection, perf_counter() - start))
 
         ping._poolguard_timer = self  # type: ignore[attr-defined]
