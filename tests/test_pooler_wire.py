@@ -467,6 +467,19 @@ def test_the_pooler_option_says_it_without_a_probe(bouncer: tuple[PgBouncer, str
             assert poolguard.get_guard(engine).pooler.behind == expected
         finally:
             engine.dispose()
+    # A reconfigure applies at once.
+    engine = _engine(running, database)
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        guard = poolguard.get_guard(engine)
+        assert guard.pooler.behind == Pooler("unknown", "backend pid")
+        poolguard.wrap(engine, pooler="none")
+        assert guard.pooler.behind is None
+        poolguard.wrap(engine, pooler="session")
+        assert guard.pooler.behind == Pooler("session", "pooler option")
+    finally:
+        engine.dispose()
     with pytest.raises(ValueError, match="pooler") as info:
         poolguard.Config(pooler="pgbouncer")
     assert "'auto', 'transaction', 'session' or 'none'" in str(info.value)

@@ -226,10 +226,19 @@ class PoolerErrors:
         self._logged_at = -LOG_EVERY
         self._unlogged = 0
         self._parts = parts
-        #: The pooler in front of the database, once the first connection told.
-        self.behind: Pooler | None = None
+        self._detected: Pooler | None = None
         #: Whether the first connection has been looked at.
         self.checked = False
+
+    @property
+    def behind(self) -> Pooler | None:
+        """The pooler in front of the database: as the ``pooler`` option says
+        (read now: a reconfigure applies at once), else as the guard's first
+        connection told; None when there is none (or not known yet)."""
+        option = self._parts.config().pooler
+        if option == "auto":
+            return self._detected
+        return None if option == "none" else Pooler(option, "pooler option")
 
     def check_connection(self, dbapi_connection: Any, admin_mode: str | None = None) -> None:
         """Called with each new connection: the first one is looked at (once).
@@ -256,8 +265,7 @@ class PoolerErrors:
                            db_system=db_system, message=unenforced)
         if db_system != "postgresql":
             return
-        behind = detect_pooler(dbapi_connection, config.pooler, admin_mode)
-        self.behind = behind
+        behind = self._detected = detect_pooler(dbapi_connection, config.pooler, admin_mode)
         if behind is None:
             return
         address = pooler_address(self._url())
