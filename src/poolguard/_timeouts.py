@@ -22,7 +22,10 @@ How each database enforces it:
   usable once the transaction is rolled back. Under autocommit (engine-wide
   or per connection) there is no transaction for ``SET LOCAL``: the limit is
   set for the session and reset (``SET statement_timeout TO DEFAULT``, on a
-  cursor of its own) after the statement, two extra round trips.
+  cursor of its own) after the statement, two extra round trips. Behind a
+  connection pooler (``_pooler``) never a session-level SET: the statement
+  gets a transaction of its own, and the SET LOCAL is bounded by the limit
+  (``QueryTimer._set_through_pooler``).
 - MariaDB: the statement is sent as ``SET STATEMENT max_statement_time=N FOR
   ...`` (no extra round trip). MySQL: ``SET SESSION max_execution_time``
   before SELECTs.
