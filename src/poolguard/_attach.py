@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
     from ._hold import Hold
     from ._log import EventLog
+    from ._pooler import PoolerErrors
     from ._recorder import Recorder
     from ._retries import RetryBudget
 
@@ -128,12 +129,13 @@ def time_creator(
     retries: Callable[[], int],
     budget: Callable[[], RetryBudget | None],
     acquire_timeout: Callable[[], float | None],
-    pooler_saturated: Callable[..., BaseException | None] | None = None,
+    pooler: PoolerErrors | None = None,
 ) -> None:
     """Time ``pool``'s connection set-up, retried within the budget (once per pool).
 
-    ``pooler_saturated``: what a connect error becomes when it is a pooler's
-    saturation (None: it is not).
+    ``pooler``: turns a connect error that is a pooler's saturation into
+    :class:`poolguard.PoolerSaturated`, and looks at the guard's first new
+    connection for a pooler in front of the database.
     """
     inner = creator(pool)
     if getattr(inner, "_poolguard_timed", False):
@@ -157,14 +159,18 @@ def time_creator(
             if attempts and retry_budget is not None:
                 # A checkout takes at most the acquire timeout, retries
                 # included (the request's deadline, if sooner, also ends them).
-                return connect_with_retries(
+                connection = connect_with_retries(
                     inner, record, retries=attempts, budget=retry_budget, on_retry=on_retry,
                     give_up_at=_give_up_at(acquire_timeout()),
                 )
-            return inner(record)
+            else:
+                connection = inner(record)
+            if pooler is not None and not pooler.checked:
+                pooler.check_connection(connection)
+            return connection
         except Exception as error:
-            saturated = (pooler_saturated(error, perf_counter() - start, None, sample=True)
-                         if pooler_saturated is not None else None)
+            saturated = (pooler.saturated(error, perf_counter() - start, None, sample=True)
+                         if pooler is not None else None)
             if saturated is None:
                 raise
             raise saturated from error

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 __all__ = [
+    "asyncpg_statement_caches",
     "await_only",
     "capacity",
     "checked_out_records",
@@ -176,3 +177,15 @@ def db_system(dialect: Any) -> str:
 def pool_timeout(pool: Pool | None) -> float | None:
     """How long ``pool`` itself lets a checkout wait (30 s where it has no say)."""
     return pool.timeout() if isinstance(pool, QueuePool) else 30.0
+
+
+def asyncpg_statement_caches(dbapi_connection: Any) -> tuple[bool, bool] | None:
+    """SQLAlchemy's asyncpg adapter: ``(its prepared statement cache is on,
+    asyncpg's statement cache is on)``; None for any other connection."""
+    if not hasattr(dbapi_connection, "_prepared_statement_cache"):
+        return None
+    inner = getattr(dbapi_connection, "_connection", None)
+    return (
+        getattr(dbapi_connection, "_prepared_statement_cache", None) is not None,
+        bool(getattr(inner, "_stmt_cache_enabled", False)),
+    )

@@ -36,6 +36,7 @@ _WAITERS = "waiters"  # int >= 0, or None
 _RATE = "rate"  # float in (0, 1]
 _INT0 = "int0"  # int >= 0
 _WINDOW = "window"  # "count" or "time"
+_POOLER = "pooler"  # "auto", "transaction", "session" or "none"
 _TAG_SECONDS = "tag_seconds"  # mapping tag -> seconds > 0, or None
 _TAGS = "tags"  # mapping tag -> count or share, or None; "a=2,b=0.5" in the environment
 _FLEET_TAGS = "fleet_tags"  # mapping tag -> whole number >= 1, or None; "a=5,b=2" in env
@@ -162,6 +163,11 @@ class Config:
             ``{"login": 0.5}``; they win over ``statement_timeout``.
         deadline_floor: The least time a statement gets when a request's
             deadline is near (seconds).
+        pooler: The connection pooler in front of PostgreSQL (PgBouncer,
+            RDS Proxy, ...): ``"auto"`` finds out on the first connection
+            whether there is one (not its pool mode); ``"transaction"`` or
+            ``"session"`` says there is one and how it pools; ``"none"``
+            says there is none (no probe).
         adaptive_limit: Let non-critical requests use only as many
             connections as a Gradient2 limit allows, which shrinks when hold
             times grow (the database slows down) and grows back when they
@@ -217,6 +223,7 @@ class Config:
     statement_timeout: float | None = _opt(None, _SECONDS)
     tag_statement_timeouts: Mapping[str, float] | None = _opt(None, _TAG_SECONDS)
     deadline_floor: float = _opt(0.01, _SECONDS)
+    pooler: str = _opt("auto", _POOLER)
     breaker: bool = _opt(False, _FLAG)
     breaker_window: str = _opt("count", _WINDOW)
     breaker_window_size: int = _opt(50, _COUNT)
@@ -513,6 +520,12 @@ def _check_admin_url(option: str, value: Any) -> str:
     return value
 
 
+def _check_pooler(option: str, value: Any) -> str:
+    if value not in ("auto", "transaction", "session", "none"):
+        raise _bad(option, value, _ALLOWED[_POOLER])
+    return str(value)
+
+
 def _check_tags(option: str, value: Any) -> Mapping[str, float]:
     from ._policies import check_tag_limits
 
@@ -541,6 +554,7 @@ _ALLOWED = {
     _FLAG: "True or False",
     _RESERVE: "0, a whole number of connections, or a share 0 < x < 1",
     _WINDOW: "'count' or 'time'",
+    _POOLER: "'auto', 'transaction', 'session' or 'none'",
     _TAGS: "a mapping of tag to a count or a share of the pool",
     _TAG_SECONDS: "a mapping of tag to seconds >= 0",
     _FLEET_TAGS: "a mapping of tag to a whole number of server connections >= 1",
@@ -566,6 +580,7 @@ _CHECKS: dict[str, Any] = {
     _FLAG: _check_flag,
     _RESERVE: _check_reserve,
     _WINDOW: _check_window,
+    _POOLER: _check_pooler,
     _TAGS: _check_tags,
     _TAG_SECONDS: _check_tag_seconds,
     _FLEET_TAGS: _check_fleet_tags,
@@ -590,7 +605,7 @@ def _parse(kind: str, raw: str, default: Any) -> Any:  # noqa: PLR0911
         if lowered in {"0", "false", "no", "off"}:
             return False
         raise ValueError("expected true/false, yes/no, on/off or 1/0")
-    if kind in (_WINDOW,):
+    if kind in (_WINDOW, _POOLER):
         return raw
     if kind in (_COUNT, _WAITERS, _INT0):
         try:

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING
 
 from ._alerts import Alert, AlertEvent
 from ._hold import SITE, T0, WARNED
-from ._holders import Holder, HolderGroup, describe_groups, group_holders, holders
+from ._holders import (
+    Holder,
+    HolderGroup,
+    describe_groups,
+    group_holders,
+    holders,
+    pinging_group,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -30,7 +37,15 @@ __all__ = ["Diagnostics"]
 _REPORT_TTL = 1.0
 _EXHAUSTED_LOG_INTERVAL = 10.0
 #: The holder's fields a connection.held_too_long event carries, in order.
-_LEAK_FIELDS = ("tag", "fingerprint", "statement", "running", "idle_in_transaction", "site")
+_LEAK_FIELDS = (
+    "tag",
+    "fingerprint",
+    "statement",
+    "running",
+    "idle_in_transaction",
+    "site",
+    "on_wire",
+)
 
 
 class Diagnostics:
@@ -149,6 +164,12 @@ class Diagnostics:
         if not fresh and cached is not None and now - cached[0] < _REPORT_TTL:
             return cached[1]
         groups = group_holders(self.holders())
+        # Checkouts still in their pre-ping hold a permit too (behind a
+        # pooler, often waiting in its queue): one group of their own.
+        pings = pinging_group(list(self._parts.gate().pinging.values()), now)
+        if pings is not None:
+            groups.append(pings)
+            groups.sort(key=lambda g: (-g.count, -g.oldest))
         self._report = (now, groups)
         return groups
 
@@ -187,6 +208,8 @@ class Diagnostics:
                         "running": g.running,
                         "idle_in_transaction": g.idle_in_transaction,
                         "tags": list(g.tags),
+                        "on_wire": g.on_wire,
+                        "on_wire_what": g.on_wire_what,
                     }
                     for g in groups[:5]
                 ],

@@ -220,6 +220,9 @@ class Gate:
         self._owed: dict[str, int] = {}
         #: Connection records out under a permit of this gate, to their holds.
         self.out: dict[object, Any] = {}
+        #: Checkouts in their pre-ping (not in ``out`` yet): DBAPI connection
+        #: -> (perf_counter() at its start, what the holders report says).
+        self.pinging: dict[object, tuple[float, str]] = {}
         self.adopted = adopted
         self.closed = False
         self.take: Callable[[], object]

@@ -232,7 +232,7 @@ class Guard:
             time_creator(
                 pool, self.recorder, self.log, retries=lambda: self.config.connect_retries,
                 budget=lambda: self.retry_budget, acquire_timeout=self.acquire_timeout,
-                pooler_saturated=self.pooler.saturated,
+                pooler=self.pooler,
             )
             self._update_slow_at()
             # An adopted connection returned before the gate is published goes

@@ -26,6 +26,7 @@ __all__ = [
     "TOP_TIME",
     "WAIT",
     "WARNED",
+    "WIRE",
     "Hold",
     "new_hold",
 ]
@@ -51,15 +52,18 @@ TASK = 8
 SITE = 9
 #: The held-too-long warning was logged.
 WARNED = 10
+#: The guard's own round trip in flight for it (its ``SET LOCAL`` behind a
+#: pooler), as the holders report shows it; None when there is none.
+WIRE = 11
 
 Hold: TypeAlias = "list[Any]"  # [T0, WAIT, THREAD, REQUEST, STATEMENT, ...]
 
 
 def new_hold(t0: float, wait: float, thread: int, request: RequestContext | None) -> Hold:
     """A hold as the checkout builds it (_pool.py spells the same list out inline)."""
-    return [t0, wait, thread, request, None, 0.0, None, -1.0, None, None, False]
+    return [t0, wait, thread, request, None, 0.0, None, -1.0, None, None, False, None]
 
 
 #: The field names in index order (for tests and debugging output).
 FIELDS = ("T0", "WAIT", "THREAD", "REQUEST", "STATEMENT", "RUNNING_SINCE", "TOP_STAT",
-          "TOP_TIME", "TASK", "SITE", "WARNED")
+          "TOP_TIME", "TASK", "SITE", "WARNED", "WIRE")

@@ -13,7 +13,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from ._fingerprint import fingerprint
-from ._hold import REQUEST, RUNNING_SINCE, SITE, STATEMENT, T0, TASK, THREAD, WAIT
+from ._hold import REQUEST, RUNNING_SINCE, SITE, STATEMENT, T0, TASK, THREAD, WAIT, WIRE
 from ._sites import task_site, thread_site
 
 if TYPE_CHECKING:
@@ -21,7 +21,14 @@ if TYPE_CHECKING:
 
     from ._hold import Hold
 
-__all__ = ["Holder", "HolderGroup", "describe_groups", "group_holders", "holders"]
+__all__ = [
+    "Holder",
+    "HolderGroup",
+    "describe_groups",
+    "group_holders",
+    "holders",
+    "pinging_group",
+]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -40,6 +47,9 @@ class Holder:
             with SQLAlchemy's autobegin the transaction is still open.
         site: where it was checked out (``capture_call_sites``), else where
             its thread or task is in application code now.
+        on_wire: the guard's own round trip in flight before its statement,
+            e.g. ``"SET LOCAL statement_timeout (behind a connection pooler:
+            likely waiting for a server connection)"``; None when there is none.
     """
 
     age: float
@@ -51,6 +61,7 @@ class Holder:
     running_for: float
     idle_in_transaction: bool
     site: str | None
+    on_wire: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -66,6 +77,9 @@ class HolderGroup:
     running: int
     idle_in_transaction: int
     tags: tuple[str, ...]
+    #: How many of them have the guard's own round trip in flight, and what it is.
+    on_wire: int = 0
+    on_wire_what: str | None = None
 
 
 def holders(holds: Iterable[Hold], now: float, db_system: str | None = None) -> list[Holder]:
@@ -95,6 +109,7 @@ def holders(holds: Iterable[Hold], now: float, db_system: str | None = None) -> 
                 running_for=max(0.0, now - since) if running else 0.0,
                 idle_in_transaction=not running and statement is not None,
                 site=site,
+                on_wire=hold[WIRE],
             )
         )
     return result
@@ -116,11 +131,34 @@ def group_holders(items: Iterable[Holder]) -> list[HolderGroup]:
             running=sum(h.running for h in members),
             idle_in_transaction=sum(h.idle_in_transaction for h in members),
             tags=tuple(sorted({h.tag for h in members if h.tag})),
+            on_wire=sum(h.on_wire is not None for h in members),
+            on_wire_what=next((h.on_wire for h in members if h.on_wire), None),
         )
         for (fp, site), members in groups.items()
     ]
     result.sort(key=lambda g: (-g.count, -g.oldest))
     return result
+
+
+def pinging_group(pings: list[tuple[float, str]], now: float) -> HolderGroup | None:
+    """Checkouts in their pre-ping (no hold yet) as one group, or None."""
+    starts = [start for start, _ in pings]
+    if not starts:
+        return None
+    what = pings[0][1]
+    return HolderGroup(
+        fingerprint=None,
+        statement=None,
+        site=None,
+        count=len(starts),
+        oldest=max(0.0, now - min(starts)),
+        youngest=max(0.0, now - max(starts)),
+        running=0,
+        idle_in_transaction=0,
+        tags=(),
+        on_wire=len(starts),
+        on_wire_what=what,
+    )
 
 
 def describe_groups(groups: list[HolderGroup], limit: int = 3) -> str:
@@ -133,6 +171,8 @@ def describe_groups(groups: list[HolderGroup], limit: int = 3) -> str:
             state.append(f"{g.running} running")
         if g.idle_in_transaction:
             state.append(f"{g.idle_in_transaction} idle in transaction")
+        if g.on_wire:
+            state.append(f"{g.on_wire} on the wire: {g.on_wire_what}")
         tags = f" tag={','.join(g.tags)}" if g.tags else ""
         parts.append(
             f"{g.count}x {what[:120]!r} at {g.site or 'unknown site'}{tags} "

@@ -140,7 +140,7 @@ class GuardedPoolMixin(Pool):
             now = perf_counter()
             # _hold.new_hold(), spelled out: one list display, no call.
             hold = out[record] = [now, wait, get_ident(), request, None, 0.0, None, -1.0,
-                                  None, None, False]
+                                  None, None, False, None]
         except BaseException as error:
             if hold is None:  # the permit did not reach a record: this is its release
                 if waiter is None:

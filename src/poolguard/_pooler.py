@@ -7,15 +7,29 @@ that looks like a broken database connection (SQLSTATE 08P01, or asyncpg's
 saturated, not that the database failed: it becomes
 :class:`poolguard.PoolerSaturated`, which the breaker does not count, and the
 guard's shedding hears of it instead. Recognition runs on the error path only.
+
+Whether there is a pooler at all is decided once per guard, on the first
+connection it opens (:func:`detect_pooler`): from the ``pooler`` option if
+it says, else from the connection itself. PgBouncer (like other multiplexers)
+hands each client a backend key of its own, so the process id the driver was
+given at connect differs from the server's ``pg_backend_pid()``. That tells a
+pooler is there, not its pool mode; a pool mode read from PgBouncer's admin
+console can be passed in. Behind a pooler that may pool by transaction, the
+guard warns about the driver's prepared statements (``pooler.prepared_statements``)
+and its statement timer bounds the wait in the pooler's queue.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from ._compat import asyncpg_statement_caches
+from ._timeouts import unenforced_reason
 from .errors import PoolerSaturated
 
 if TYPE_CHECKING:
@@ -24,7 +38,15 @@ if TYPE_CHECKING:
     from ._parts import GuardParts
     from ._recorder import Recorder
 
-__all__ = ["POOLER_FAILURE", "SATURATION", "PoolerErrors", "pooler_kind"]
+__all__ = [
+    "POOLER_FAILURE",
+    "SATURATION",
+    "Pooler",
+    "PoolerErrors",
+    "detect_pooler",
+    "pooler_kind",
+    "prepared_statements_fix",
+]
 
 SATURATION = "saturation"
 POOLER_FAILURE = "pooler_failure"
@@ -88,8 +110,108 @@ def pooler_kind(error: BaseException) -> str | None:
     return match[1] if match is not None else None
 
 
+#: What the holders report says of the guard's own round trip behind a pooler.
+BEHIND = "behind a connection pooler: likely waiting for a server connection"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Pooler:
+    """A connection pooler in front of the database.
+
+    Attributes:
+        mode: ``"transaction"``, ``"session"`` or ``"unknown"`` (a pooler is
+            there; its pool mode was not said).
+        how: what told it (``"pooler option"``, ``"backend pid"``, ``"admin console"``).
+    """
+
+    mode: str
+    how: str
+
+    @property
+    def may_pool_transactions(self) -> bool:
+        """Server connections may change between transactions."""
+        return self.mode != "session"
+
+
+def _announced_pid(dbapi_connection: Any) -> int | None:
+    """The backend process id the driver got at connect (BackendKeyData)."""
+    info = getattr(dbapi_connection, "info", None)  # psycopg
+    pid = getattr(info, "backend_pid", None)
+    if pid is None:  # SQLAlchemy's asyncpg adapter
+        inner = getattr(dbapi_connection, "_connection", None)
+        get = getattr(inner, "get_server_pid", None)
+        pid = get() if get is not None else None
+    return pid if isinstance(pid, int) else None
+
+
+def _server_pid(dbapi_connection: Any) -> int | None:
+    """``pg_backend_pid()``, in a transaction of its own (ended here)."""
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("SELECT pg_backend_pid()")
+        row = cursor.fetchone()
+    finally:
+        cursor.close()
+        if not getattr(dbapi_connection, "autocommit", False):
+            dbapi_connection.rollback()
+    return row[0] if row else None
+
+
+def detect_pooler(
+    dbapi_connection: Any, option: str = "auto", admin_mode: str | None = None,
+) -> Pooler | None:
+    """The pooler between a PostgreSQL connection and its server, or None.
+
+    ``option`` is the guard's ``pooler`` option (``"auto"``, ``"transaction"``,
+    ``"session"``, ``"none"``); ``admin_mode`` a pool mode read from
+    PgBouncer's admin console (``SHOW CONFIG``), if known. With neither, one
+    round trip compares the process id the driver was announced at connect
+    with the server's. Errors of that probe mean "don't know": None.
+    """
+    if option == "none":
+        return None
+    if option in ("transaction", "session"):
+        return Pooler(option, "pooler option")
+    if admin_mode in ("transaction", "session", "statement"):
+        mode = "transaction" if admin_mode == "statement" else admin_mode
+        return Pooler(mode, "admin console")
+    announced = _announced_pid(dbapi_connection)
+    if announced is None:
+        return None
+    server = None
+    with contextlib.suppress(Exception):
+        server = _server_pid(dbapi_connection)
+    if server is None or server == announced:
+        return None
+    return Pooler(admin_mode or "unknown", "backend pid")
+
+
+def prepared_statements_fix(dbapi_connection: Any) -> tuple[str, str] | None:
+    """``(driver, the fix)`` when the driver keeps prepared statements, else None.
+
+    Named prepared statements live in one server session: through transaction
+    pooling, the next transaction may run on another one ("prepared statement
+    ... does not exist").
+    """
+    if hasattr(dbapi_connection, "prepare_threshold"):  # psycopg 3
+        if dbapi_connection.prepare_threshold is None:
+            return None
+        return "psycopg", 'connect_args={"prepare_threshold": None}'
+    caches = asyncpg_statement_caches(dbapi_connection)
+    if caches is not None:
+        if not any(caches):
+            return None
+        return "asyncpg", ('connect_args={"statement_cache_size": 0, '
+                           '"prepared_statement_cache_size": 0}')
+    return None
+
+
 class PoolerErrors:
-    """One guard's handling of pooler errors: words, counts and logs them."""
+    """One guard's handling of pooler errors: words, counts and logs them.
+
+    Also finds out, on the guard's first connection, whether a pooler is
+    there (:attr:`behind`), and warns about what does not work through it.
+    """
 
     def __init__(
         self, parts: GuardParts, recorder: Recorder, *, url: Callable[[], Any],
@@ -103,6 +225,76 @@ class PoolerErrors:
         self._lock = threading.Lock()
         self._logged_at = -LOG_EVERY
         self._unlogged = 0
+        self._parts = parts
+        self._detected: Pooler | None = None
+        #: Whether the first connection has been looked at.
+        self.checked = False
+
+    @property
+    def behind(self) -> Pooler | None:
+        """The pooler in front of the database: as the ``pooler`` option says
+        (read now: a reconfigure applies at once), else as the guard's first
+        connection told; None when there is none (or not known yet)."""
+        option = self._parts.config().pooler
+        if option == "auto":
+            return self._detected
+        return None if option == "none" else Pooler(option, "pooler option")
+
+    def check_connection(self, dbapi_connection: Any, admin_mode: str | None = None) -> None:
+        """Called with each new connection: the first one is looked at (once).
+
+        Off the request path's hot part: a connect. A statement timeout the
+        database cannot enforce logs ``statement_timeout.unenforced``. A PostgreSQL connection
+        is checked for a pooler (:func:`detect_pooler`, one round trip when
+        the ``pooler`` option is ``"auto"``); behind one that may pool by
+        transaction, prepared statements of the driver log
+        ``pooler.prepared_statements`` with the fix.
+        """
+        if self.checked:
+            return
+        with self._lock:
+            if self.checked:
+                return
+            self.checked = True
+        parts = self._parts
+        config = parts.config()
+        db_system = parts.db_system()
+        unenforced = unenforced_reason(db_system)
+        if unenforced is not None and (config.statement_timeout or config.tag_statement_timeouts):
+            self._log.emit(logging.WARNING, "statement_timeout.unenforced",
+                           db_system=db_system, message=unenforced)
+        if db_system != "postgresql":
+            return
+        behind = self._detected = detect_pooler(dbapi_connection, config.pooler, admin_mode)
+        if behind is None:
+            return
+        address = pooler_address(self._url())
+        self._log.emit(logging.INFO, "pooler.detected", pooler=address, mode=behind.mode,
+                       detected_by=behind.how)
+        fix = prepared_statements_fix(dbapi_connection) if behind.may_pool_transactions else None
+        if fix is not None:
+            driver, todo = fix
+            self._log.emit(
+                logging.WARNING, "pooler.prepared_statements", pooler=address, driver=driver,
+                mode=behind.mode, fix=todo,
+                message=(f"{driver} keeps prepared statements in the server session; through "
+                         "transaction pooling the next transaction may run on another server "
+                         f"connection (\"prepared statement ... does not exist\"): pass {todo} "
+                         "to create_engine (or, with PgBouncer >= 1.21, set its "
+                         "max_prepared_statements), or pooler='session' if it pools by "
+                         "session"),
+            )
+
+    def queue_timeout(
+        self, error: BaseException, waited: float, limit: float, statement: str | None,
+    ) -> PoolerSaturated:
+        """The guard cut a round trip that waited ``limit`` seconds behind the
+        pooler (``error``: what the cut made the driver raise)."""
+        return self._saturated(
+            error, waited, statement, marker="no server connection in time",
+            what=f"no server connection within the statement's time limit ({limit:.3f}s)",
+            todo="raise the pooler's pool size (if the database has room) or lower the load",
+        )
 
     def saturated(
         self, error: BaseException, waited: float, statement: str | None = None,
@@ -118,6 +310,13 @@ class PoolerErrors:
         if match is None or match[1] != SATURATION:
             return None
         marker, _, what, todo = match
+        return self._saturated(error, waited, statement, marker=marker, what=what, todo=todo,
+                               sample=sample)
+
+    def _saturated(
+        self, error: BaseException, waited: float, statement: str | None, *, marker: str,
+        what: str, todo: str, sample: bool = False,
+    ) -> PoolerSaturated:
         gate = self._gate()
         address = pooler_address(self._url())
         # Its queue ahead took longer than this wait to drain: the pool's

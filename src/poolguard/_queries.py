@@ -38,7 +38,9 @@ from ._compat import connection_record
 from ._context import _current
 from ._fingerprint import fingerprint
 from ._histogram import BOUNDS
-from ._hold import REQUEST, RUNNING_SINCE, STATEMENT, TOP_STAT, TOP_TIME, WAIT
+from ._hold import REQUEST, RUNNING_SINCE, STATEMENT, TOP_STAT, TOP_TIME, WAIT, WIRE
+from ._pooler import BEHIND
+from ._recorder import TIMED_OUT
 from ._sites import current_site
 from ._timeouts import (
     KILL_GRACE,
@@ -48,6 +50,7 @@ from ._timeouts import (
     kill_socket,
     limit_ms,
     limited_statement,
+    no_transaction_block,
     watchdog,
 )
 from .errors import DeadlineExceeded, PoolTimeout, StatementTimeout
@@ -81,6 +84,12 @@ POOLER = "_poolguard_pooler"
 _METHODS = {"do_execute": 1, "do_executemany": 1, "do_execute_no_params": 0}
 #: Dialect methods that end a transaction, bounded by a request's deadline.
 _ENDS = {"do_commit": "COMMIT", "do_rollback": "ROLLBACK"}
+#: The holders report's words for the guard's SET LOCAL in flight behind a pooler.
+WIRE_SET = f"SET LOCAL statement_timeout ({BEHIND})"
+PING_BEHIND = f"pre-ping ({BEHIND})"
+#: Behind a pooler, a SET LOCAL that took longer than this (seconds) waited
+#: in its queue: the limit is set again with what is left of it.
+RESET_AFTER = 0.01
 
 #: Seconds the current checkout waited at the gate, for its pre-ping's share
 #: of the acquire timeout (set by Guard.acquire_slow only with pre-ping on).
@@ -252,7 +261,7 @@ class QueryTimer:
         stats = self._stats
         new_stat, failed, log = self._stat, self._failed, self._log
 
-        limit, finish = self._limit, self._finish
+        limit, finish, limit_failed = self._limit, self._finish, self._limit_failed
 
         def timed(cursor: DBAPICursor, statement: str, *args: Any) -> Any:  # noqa: PLR0912
             try:
@@ -276,8 +285,8 @@ class QueryTimer:
                     # A time limit or a deadline applies: the slower path.
                     try:
                         send, armed = limit(cursor, statement, hold, context)
-                    except BaseException:
-                        hold[RUNNING_SINCE] = 0.0
+                    except BaseException as exc:
+                        limit_failed(statement, start, hold, exc)
                         raise
             try:
                 result = inner(cursor, send, *args)
@@ -353,32 +362,40 @@ class QueryTimer:
             # that is about to answer, as for statements.
             entry = watchdog.schedule(start + budget + (KILL_GRACE if by_deadline else 0.0),
                                       cut_it)
+            pinging = guard.gate.pinging  # the holders report shows it meanwhile
+            pinging[dbapi_connection] = (start, PING_BEHIND if guard.pooler.behind else "pre-ping")
             try:
                 return inner(dbapi_connection)
             except Exception:
                 if cut:  # the pool discards the connection: the checkout fails
+                    # The wait and the ping both were the checkout's wait.
+                    spent = waited + perf_counter() - start
+                    guard.recorder.add_wait(spent, TIMED_OUT)
+                    guard.note_wait(spent)
+                    hint = f" ({BEHIND})" if guard.pooler.behind is not None else ""
                     if by_deadline:
                         raise DeadlineExceeded(
                             f"pool {guard.name!r}: the database did not answer the pre-ping "
-                            "by the request's deadline; the connection was cut and is "
+                            f"by the request's deadline{hint}; the connection was cut and is "
                             "discarded"
                         ) from None
-                    raise self._ping_timeout(waited, budget) from None
+                    raise self._ping_timeout(waited, budget, hint) from None
                 raise
             finally:
                 watchdog.cancel(entry)
+                pinging.pop(dbapi_connection, None)
                 _pinged.set((dbapi_connection, perf_counter() - start))
 
         ping._poolguard_timer = self  # type: ignore[attr-defined]
         return ping
 
-    def _ping_timeout(self, waited: float, budget: float) -> PoolTimeout:
+    def _ping_timeout(self, waited: float, budget: float, hint: str) -> PoolTimeout:
         guard = self.guard
         gate = guard.gate
         timeout = waited + budget
         return PoolTimeout(
             f"pool {guard.name!r}: no connection within {timeout:.3f}s: the database did not "
-            f"answer the pre-ping (after {waited:.3f}s waiting for a connection); the "
+            f"answer the pre-ping{hint} (after {waited:.3f}s waiting for a connection); the "
             "connection was cut and is discarded",
             pool_name=guard.name, timeout=timeout, in_use=gate.in_use,
             capacity=gate.capacity, waiting=gate.waiting,
@@ -445,6 +462,7 @@ class QueryTimer:
         deadline = request.deadline if request is not None else None
         armed: list[Any] = []
         dbapi_connection = _dbapi_connection(cursor)
+        by_deadline = False
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -453,7 +471,8 @@ class QueryTimer:
                     f"{-left:.3f}s ago; not sending the statement"
                 )
             left = max(left, config.deadline_floor)
-            seconds = left if seconds is None else min(seconds, left)
+            by_deadline = seconds is None or left <= seconds
+            seconds = left if by_deadline else seconds
             if dbapi_connection is not None:
                 connection = context.root_connection._dbapi_connection  # sqla-private
                 record = connection._connection_record  # sqla-private
@@ -478,6 +497,16 @@ class QueryTimer:
             autocommit = db_system == "postgresql" and bool(
                 getattr(dbapi_connection, "autocommit", False)
             )
+            if db_system == "postgresql" and guard.pooler.behind is not None:
+                if autocommit and no_transaction_block(statement):
+                    # VACUUM and the like refuse a transaction block, and a
+                    # session SET would stay on the pooler's server
+                    # connection: no server-side limit (a deadline's
+                    # watchdog still applies).
+                    return statement, armed
+                self._set_through_pooler(cursor, statement, seconds, hold, armed,
+                                         autocommit=autocommit, by_deadline=by_deadline)
+                return statement, armed
             send = limited_statement(db_system, statement, seconds, cursor, autocommit=autocommit)
             if autocommit:
                 armed.append(PG_RESET)
@@ -487,6 +516,68 @@ class QueryTimer:
             self._finish(cursor, armed)
             raise
         return send, armed
+
+    def _limit_failed(
+        self, statement: str, start: float, hold: Hold, exc: BaseException
+    ) -> None:
+        # The SET LOCAL is the statement's round trip: its failure (a
+        # pooler's saturation too) is the statement's. A deadline that passed
+        # before anything was sent is not.
+        hold[RUNNING_SINCE] = 0.0
+        if not isinstance(exc, DeadlineExceeded):
+            self._failed(statement, perf_counter() - start, hold, exc)
+
+    def _set_through_pooler(
+        self, cursor: DBAPICursor, statement: str, seconds: float, hold: Hold,
+        armed: list[Any], *, autocommit: bool, by_deadline: bool,
+    ) -> None:
+        """``SET LOCAL statement_timeout`` behind a connection pooler.
+
+        Through transaction pooling the first round trip of a transaction
+        (this SET LOCAL, or the BEGIN before it) is where the client waits
+        in the pooler's queue for a server connection, which no server-side
+        limit sees. So: the holders report says so while it is in flight; it
+        is bounded by the limit itself (the client-side watchdog cuts it,
+        and the statement fails with :class:`poolguard.PoolerSaturated`; a
+        deadline's own watchdog covers a limit set by the deadline); and a
+        wait longer than :data:`RESET_AFTER` is taken off the limit, set
+        again. A session-level SET would reach whichever server connection
+        the pooler picks and stay there for other clients: under autocommit
+        the statement gets a transaction of its own (BEGIN ... COMMIT; a
+        COMMIT of a failed one rolls it back).
+        """
+        guard = self.guard
+        dbapi_connection = _dbapi_connection(cursor)
+        start = perf_counter()
+        cut: list[bool] = []
+
+        def cut_it() -> None:
+            cut.append(True)
+            kill_socket(dbapi_connection)
+
+        entry = None if by_deadline else watchdog.schedule(start + seconds + KILL_GRACE, cut_it)
+        hold[WIRE] = WIRE_SET
+        try:
+            if autocommit:
+                cursor.execute("BEGIN")
+                armed.append("COMMIT")
+            cursor.execute(f"SET LOCAL statement_timeout = {limit_ms(seconds)}")
+            waited = perf_counter() - start
+            if waited > RESET_AFTER:
+                rest = limit_ms(max(seconds - waited, 0.0))
+                cursor.execute(f"SET LOCAL statement_timeout = {rest}")
+        except Exception as error:
+            if cut:
+                saturated = guard.pooler.queue_timeout(
+                    error, perf_counter() - start, seconds,
+                    fingerprint(statement, guard.db_system).text)
+                with contextlib.suppress(Exception):
+                    setattr(error, POOLER, saturated)
+            raise
+        finally:
+            if entry is not None:
+                watchdog.cancel(entry)
+            hold[WIRE] = None
 
     @staticmethod
     def _finish(cursor: DBAPICursor, armed: list[Any]) -> None:
@@ -606,8 +697,9 @@ class QueryTimer:
         # A pooler's saturation, recognised here, on the error path only:
         # handle_error (registered now if need be: it runs after this) raises
         # it in place of the driver's error, and the breaker does not count it.
-        saturated = (guard.pooler.saturated(exc, duration, stat.fp.text)
-                     if isinstance(exc, Exception) else None)
+        saturated = getattr(exc, POOLER, None)  # the guard cut it in the pooler's queue
+        if saturated is None and isinstance(exc, Exception):
+            saturated = guard.pooler.saturated(exc, duration, stat.fp.text)
         if saturated is not None:
             with contextlib.suppress(Exception):
                 setattr(exc, POOLER, saturated)

@@ -22,7 +22,10 @@ How each database enforces it:
   usable once the transaction is rolled back. Under autocommit (engine-wide
   or per connection) there is no transaction for ``SET LOCAL``: the limit is
   set for the session and reset (``SET statement_timeout TO DEFAULT``, on a
-  cursor of its own) after the statement, two extra round trips.
+  cursor of its own) after the statement, two extra round trips. Behind a
+  connection pooler (``_pooler``) never a session-level SET: the statement
+  gets a transaction of its own, and the SET LOCAL is bounded by the limit
+  (``QueryTimer._set_through_pooler``).
 - MariaDB: the statement is sent as ``SET STATEMENT max_statement_time=N FOR
   ...`` (no extra round trip). MySQL: ``SET SESSION max_execution_time``
   before SELECTs.
@@ -48,6 +51,7 @@ import inspect
 import itertools
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -56,7 +60,15 @@ from typing import TYPE_CHECKING, Any, cast
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["Watchdog", "kill_socket", "limit_ms", "limited_statement", "watchdog"]
+__all__ = [
+    "Watchdog",
+    "kill_socket",
+    "limit_ms",
+    "limited_statement",
+    "no_transaction_block",
+    "unenforced_reason",
+    "watchdog",
+]
 
 #: Extra time after a deadline before the client-side watchdog cuts the socket:
 #: the database's own timeout should fire first and leave the connection usable.
@@ -284,3 +296,28 @@ def is_timeout_error(db_system: str, error: BaseException) -> bool:
     if db_system == "sqlite":
         return "interrupted" in str(error)
     return False
+
+
+def unenforced_reason(db_system: str) -> str | None:
+    """Why ``statement_timeout`` is not enforced (fully) on ``db_system``, or None."""
+    if db_system in ("postgresql", "mariadb", "sqlite"):
+        return None
+    if db_system == "mysql":
+        return ("MySQL's max_execution_time limits SELECT statements only: other statements "
+                "run without a limit (a request's deadline still cuts them)")
+    return (f"poolguard cannot set a statement time limit on {db_system}: statements run "
+            "without one (a request's deadline still cuts them, client-side)")
+
+
+#: PostgreSQL statements that cannot run inside a transaction block.
+_NO_TRANSACTION = re.compile(
+    r"\s*(VACUUM|CREATE\s+DATABASE|DROP\s+DATABASE|CREATE\s+TABLESPACE|DROP\s+TABLESPACE"
+    r"|ALTER\s+SYSTEM|CREATE\s+(UNIQUE\s+)?INDEX\s+CONCURRENTLY|DROP\s+INDEX\s+CONCURRENTLY"
+    r"|REINDEX\b.*\bCONCURRENTLY)\b",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def no_transaction_block(statement: str) -> bool:
+    """Whether PostgreSQL refuses to run ``statement`` inside a transaction block."""
+    return _NO_TRANSACTION.match(statement) is not None
