@@ -223,6 +223,8 @@ class Traffic:
     culprit_query: float = 3.0
     #: ``untagged``: the job runner's threads that run the culprit.
     culprit_workers: int = 16
+    #: Seconds at the start that count in no phase (see :meth:`bounds`).
+    warmup: float = 1.0
     #: ``uniform``: what every statement takes more during the storm.
     uniform_extra: float = 0.15
     #: Longest wait for the threads after the schedule (never reached unless
@@ -240,9 +242,16 @@ class Traffic:
         return VARIANTS[self.variant]
 
     def bounds(self) -> dict[str, tuple[float, float]]:
-        """Phase -> (start, end), seconds from the run's start."""
+        """Phase -> (start, end), seconds from the run's start.
+
+        The requests of the first ``warmup`` seconds (at most half the quiet
+        phase) count in no phase: threads and connections are still settling,
+        and one slow first request would set the pre-storm p99 the storm's is
+        compared with.
+        """
         storm_end = self.pre + self.storm
-        bounds = {"pre": (0.0, self.pre), "storm": (self.pre, storm_end)}
+        settled = min(self.warmup, self.pre / 2)
+        bounds = {"pre": (settled, self.pre), "storm": (self.pre, storm_end)}
         if self.after > 0:
             bounds["after"] = (storm_end, storm_end + self.after)
         return bounds
