@@ -174,6 +174,7 @@ def test_demo_counts_add_up(demo: dict[str, Any]) -> None:
     assert demo["sides"]["guarded"]["assessment"]["isolations"] == len(demo["isolations"])
 
 
+@pytest.mark.timing  # a culprit cut at its deadline may end just short of query.slow
 def test_demo_names_the_culprit_and_its_call_site(demo: dict[str, Any]) -> None:
     culprit = demo["sides"]["guarded"]["culprit"]
     assert culprit is not None

@@ -93,7 +93,9 @@ def _names_culprit(event: Event, traffic: Traffic) -> bool:
     if event.name == "pool.exhausted":
         holders = fields.get("top_holders") or []
         fields = holders[0] if holders else {}
-    statement, site = fields.get("statement"), fields.get("site")
+    # culprit.isolated may call the statement its shape.
+    statement = fields.get("statement") or fields.get("shape")
+    site = fields.get("site")
     return (
         isinstance(statement, str)
         and traffic.kind.culprit_table in statement
@@ -109,7 +111,7 @@ def _culprit(event: Event) -> dict[str, Any]:
     return {
         "event": event.name,
         "fingerprint": fields.get("fingerprint"),
-        "statement": fields.get("statement"),
+        "statement": fields.get("statement") or fields.get("shape"),
         "site": fields.get("site"),
         "tag": fields.get("tag") or (fields.get("tags") or [None])[0],
     }

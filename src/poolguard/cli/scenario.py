@@ -838,7 +838,10 @@ def assess(result: SideResult) -> dict[str, Any]:
         "p99_pre_ms": None if pre.p99_ms is None else round(pre.p99_ms, 2),
         "p99_storm_ms": None if storm.p99_ms is None else round(storm.p99_ms, 2),
         "p99_ratio": None if p99 is None else round(p99, 2),
+        # Every kind's, the culprit's included; then the protected traffic's own.
         "storm_sheds": dict(sorted(sheds.items())),
+        "protected_storm_shed": dict(sorted(storm.shed_reasons.items())),
+        "protected_storm_failed": dict(sorted(storm.errors.items())),
         "storm_failures": dict(sorted(failures.items())),
         "isolations": len(result.isolations),
         "false_isolations": len(false),
@@ -905,14 +908,17 @@ def format_report(results: dict[str, SideResult]) -> str:
 
 
 def verdict_line(a: Mapping[str, Any]) -> str:
-    """One line of :func:`assess`'s figures."""
+    """One line of :func:`assess`'s figures, ending with its verdict."""
     sheds = ", ".join(f"{k} {v}" for k, v in a["storm_sheds"].items()) or "none"
+    lost = {**a["protected_storm_shed"], **a["protected_storm_failed"]}
+    unserved = ", ".join(f"{k} {v}" for k, v in lost.items()) or "none"
     return (
         f"{a['variant']:<9} {a['side']:<8} {a['protected']:<9} "
-        f"{a['goodput_pre']:>6.1f}/s -> {a['goodput_storm']:>6.1f}/s "
+        f"{a['goodput_pre']:>5.1f}/s -> {a['goodput_storm']:>5.1f}/s "
         f"({_pct(a['goodput_kept']):>4} kept), p99 {ms(a['p99_pre_ms'])} -> "
-        f"{ms(a['p99_storm_ms'])} ms (x{_x(a['p99_ratio'])}); sheds: {sheds}; "
-        f"isolations {a['isolations']} (false {a['false_isolations']}); {a['verdict']}"
+        f"{ms(a['p99_storm_ms'])} ms ({_x(a['p99_ratio'])}x); not served: {unserved}; "
+        f"sheds (all kinds): {sheds}; isolations {a['isolations']} "
+        f"(false {a['false_isolations']}): {'PASS' if a['pass'] else 'FAIL'}"
     )
 
 
