@@ -1,6 +1,6 @@
 """A FastAPI service that degrades instead of failing when its pool fills up.
 
-One guarded engine with the README's load-shedding policies, and a route
+One guarded engine with the recommended setting (and nothing else), and a route
 mapping that gives each endpoint a priority, a tag and a deadline::
 
     pip install sqlalchemy-poolguard fastapi uvicorn     # the ASGI middleware needs no extra
@@ -10,7 +10,7 @@ mapping that gives each endpoint a priority, a tag and a deadline::
 Then fill the pool with slow reports and watch the rest of the service::
 
     for i in $(seq 20); do curl -s localhost:8000/reports >/dev/null & done; sleep 0.5
-    curl -si localhost:8000/reports              # 503 + Retry-After, at once (bulkhead)
+    curl -si localhost:8000/reports              # 503 + Retry-After: no connection in time
     curl -si -X POST 'localhost:8000/login?user=alice'   # 200: reserved capacity
     curl -s localhost:8000/catalog               # from cache if the pool sheds it
     curl -s localhost:8000/healthz               # at once, with the pool's numbers

@@ -1,9 +1,9 @@
 """One recommended setting: the README, the demo, the benchmark and the examples agree.
 
-``poolguard.recommended.options()`` is the one definition. The demo and the
-postmortem benchmark use it as is, and keep what names the culprit (its tag
-limit, "named in advance") and the demo's clock-scaled thresholds apart from
-it; the README's section "The recommended setting" shows exactly it.
+``poolguard.recommended.options()`` is the one definition. The demo, the
+postmortem benchmark and the examples use exactly it: nothing in them names
+the query that will go bad (no tag limit "named in advance"); the README's
+section "The recommended setting" shows exactly it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 
 import poolguard
@@ -47,33 +46,17 @@ def test_each_call_returns_a_dict_of_its_own() -> None:
     assert recommended.options()["acquire_timeout"] != 99.0
 
 
-@pytest.mark.parametrize("traffic", [demo.STANDARD, demo.QUICK])
-def test_the_demo_is_the_recommended_setting_plus_labelled_additions(
-    traffic: scenario.Traffic,
-) -> None:
-    parts = demo.option_parts(traffic)
-    assert parts["recommended"] == recommended.options()
-    # What names the culprit is only the scan's tag limit, and it is labelled so.
-    assert parts["named in advance"] == {"tag_limits": {demo.SCAN_TAG: 0.5}}
-    # The labelled parts never redefine a recommended option.
-    extra = {k for name, part in parts.items() if name != "recommended" for k in part}
-    assert not extra & set(recommended.options())
-    options = demo.guard_options(traffic)
-    assert {k: options[k] for k in recommended.options()} == recommended.options()
-    assert set(options) == {"name", *recommended.options(), *extra}
+def test_the_demo_is_exactly_the_recommended_setting() -> None:
+    options = demo.guard_options()
+    assert options == {"name": "auth-db", **recommended.options()}
 
 
-def test_the_benchmark_is_the_recommended_setting_plus_the_named_tag() -> None:
-    traffic = scenario.Traffic()
-    assert {
-        **recommended.options(), "tag_limits": {traffic.report_tag: 0.5}
-    } == scenario.GUARDED_OPTIONS
-    assert scenario.guarded_options(traffic) == scenario.GUARDED_OPTIONS
-    # The demo and the benchmark share everything but the demo's clock and name.
-    parts = demo.option_parts(demo.STANDARD)
-    assert {k: v for k, v in demo.guard_options(demo.STANDARD).items()
-            if k not in parts["demo clock"] and k != "name"} == scenario.guarded_options(
-        demo.STANDARD)
+def test_the_benchmark_is_exactly_the_recommended_setting() -> None:
+    assert scenario.guarded_options() == recommended.options()
+    # The demo and the benchmark differ only in the pool's name.
+    assert {k: v for k, v in demo.guard_options().items() if k != "name"} == (
+        scenario.guarded_options()
+    )
 
 
 def test_the_examples_engine_has_the_recommended_setting(tmp_path: Path) -> None:
@@ -87,6 +70,9 @@ def test_the_examples_engine_has_the_recommended_setting(tmp_path: Path) -> None
         config = poolguard.get_guard(engine).config
         for key, value in recommended.options().items():
             assert getattr(config, key) == value, key
+        # Nothing names a route or query in advance.
+        assert not config.tag_limits
+        assert not config.tag_statement_timeouts
     finally:
         engine.dispose()
 
