@@ -244,6 +244,10 @@ class Gate:
             self.take = self._tokens.pop
             self.give = self._tokens.append
         self._take_token = self.take
+        #: take() for a caller of the last priority (background): with a
+        #: policy on it may not pass anybody waiting, so it is the lock-free
+        #: pop only while nobody waits.
+        self.take_last: Callable[[], object] = self.take
         #: The admission policy (configure_policy), consulted only when not
         #: None: without one, the fast path stays lock-free.
         self.admission: Admission | None = None
@@ -279,14 +283,26 @@ class Gate:
         return self.admission is not None
 
     def _set_take(self) -> None:
-        # In a section, as the queue or the policy changes.
+        # In a section, as the queue, the hand-offs owed or the policy change.
+        # An interrupt before the stores leaves the old ones until the next
+        # change: a lock-free take one caller too many (a newcomer passes a
+        # waiter once) or too few (it takes the lock), never a lost permit.
         if self.admission is None:
             if not self.closed:
-                self.take = self._take_token
-        elif self._fast_policy and not self.waiters:
+                self.take = self.take_last = self._take_token
+        elif not self._fast_policy:
+            self.take = self.take_last = _empty
+        elif not self.waiters:
+            self.take = self.take_last = self._take_token
+        elif not self._lane[CRITICAL] and not any(self._owed.values()):
+            # Bounded queues only, normal (or background) waiters, none owed
+            # a hand-off: a newcomer of normal priority or better may pass
+            # them (what _admit_locked decides too), so it needs no lock. A
+            # background newcomer must not: it takes take_last.
             self.take = self._take_token
+            self.take_last = _empty
         else:
-            self.take = _empty
+            self.take = self.take_last = _empty
 
     def _dequeue(self, waiter: _Waiter) -> None:
         # In a section: out of the queue (and its lane), wherever it is.
@@ -298,13 +314,13 @@ class Gate:
             waiter.queued = False
             if not self.waiters:
                 self._owed.clear()
-                if self._fast_policy:
-                    self.take = self._take_token
         if waiter.handoff:
             waiter.handoff = False
             _one_fewer(self._owed, waiter.priority)
         if self._signalled is waiter:
             self._signalled = None
+        if self._fast_policy:
+            self._set_take()
 
     def _drain(self) -> None:
         # Under the lock, between sections: pay what re-entrant checkins left.
@@ -744,7 +760,7 @@ class Gate:
                 waiter.queued = True
                 self.waiters.append(waiter)
                 self._lane[waiter.priority].append(waiter)
-                self.take = _empty  # queued callers first
+                self._set_take()  # queued callers first, unless a newcomer may pass them
             return timeout
         # Queue first, then try again: a release between our failed take and
         # now either left its token for this take or sees us queued.
@@ -847,6 +863,8 @@ class Gate:
                         waiter.handoff = True
                         owed, mine = self._owed, waiter.priority
                         owed[mine] = (owed[mine] if mine in owed else 0) + 1  # noqa: SIM401 - no call
+                        if self._fast_policy:
+                            self._set_take()  # owed first: no lock-free take now
                     waiter.woken = False
                     if waiter.future is not None:
                         waiter.arm(True)
@@ -896,7 +914,7 @@ class Gate:
                 self.closed = True
                 self.admission = None
                 self.policy_checkin = False
-                self.take = itertools.repeat(None).__next__
+                self.take = self.take_last = itertools.repeat(None).__next__
                 self.give = _discard
                 self.out.clear()
                 for lane in self._lane.values():
