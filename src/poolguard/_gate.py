@@ -315,8 +315,11 @@ class Gate:
             if not self.waiters:
                 self._owed.clear()
         if waiter.handoff:
+            # As in _abandon: the count, then the flag, with no call between.
+            owed, mine = self._owed, waiter.priority
+            if mine in owed and owed[mine] > 0:
+                owed[mine] -= 1
             waiter.handoff = False
-            _one_fewer(self._owed, waiter.priority)
         if self._signalled is waiter:
             self._signalled = None
         if self._fast_policy:
@@ -817,8 +820,12 @@ class Gate:
                 self._busy = True
                 self._dequeue(waiter)
                 if waiter.tagged:
+                    # _one_fewer() spelled out: no call, so no interrupt
+                    # between the count and the flag (the flag last).
+                    tag, counts = waiter.tag, self.tag_in_use
+                    if tag in counts and counts[tag] > 0:
+                        counts[tag] -= 1
                     waiter.tagged = False
-                    _one_fewer(self.tag_in_use, waiter.tag)
                 if waiter.granted:
                     waiter.granted = False
                     self.give(None)  # the permit is back once this returns
