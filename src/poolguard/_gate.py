@@ -523,8 +523,7 @@ class Gate:
             if not waiter.granted:
                 if not waiter.handoff:
                     if self._signalled is None and self._tokens:
-                        waiter.wake()
-                        self._signalled = waiter
+                        self._signal(waiter)
                     return
                 waiter.granted = True
                 try:
@@ -538,6 +537,46 @@ class Gate:
             if waiters and waiters[0] is waiter:
                 waiters.popleft()
                 waiter.queued = False
+
+    def _signal(self, waiter: _Waiter) -> None:
+        # In a section: wake ``waiter`` to take a free permit itself. An
+        # asyncio waiter, released from its own loop, is woken only once the
+        # releasing task has run on to its next await (a loop callback): if
+        # that task, or another running one, took the permit meanwhile (as it
+        # mostly does), the waiter is owed the next one instead and stays
+        # parked, instead of being scheduled to find nothing and park again.
+        loop = waiter.loop
+        if loop is not None and asyncio._get_running_loop() is loop:
+            loop.call_soon(self._signal_soon, waiter)
+        else:
+            waiter.wake()
+        self._signalled = waiter
+
+    def _signal_soon(self, waiter: _Waiter) -> None:
+        # A loop callback (see _signal): wake the waiter if a permit is still
+        # free, else make it owed the next one. Nothing to do if it was woken,
+        # granted, owed or dequeued meanwhile.
+        with self._lock:
+            try:
+                self._busy = True
+                if waiter.queued and not (waiter.woken or waiter.granted or waiter.handoff):
+                    if self._tokens and not self.closed:
+                        waiter.woken = True
+                        if waiter.future is not None:
+                            _resolve(waiter.future)  # on its loop's thread: at once
+                    else:
+                        if self._signalled is waiter:
+                            self._signalled = None
+                        # The count, then the flag, no call between (as _dequeue).
+                        owed, mine = self._owed, waiter.priority
+                        owed[mine] = (owed[mine] if mine in owed else 0) + 1  # noqa: SIM401 - no call
+                        waiter.handoff = True
+                        if self._fast_policy:
+                            self._set_take()  # owed first: no lock-free take now
+            finally:
+                self._busy = False
+                if self._rewake or self._deferred:
+                    self._drain()
 
     def _dispatch_by_policy(self, admission: Admission) -> None:
         # Best eligible waiter first: by priority, then in arrival order, or
@@ -571,8 +610,7 @@ class Gate:
                     # a running caller of its priority or better may take it
                     # first (no convoy); if so, it is handed the next one.
                     if signalled is None:
-                        best.wake()
-                        self._signalled = best
+                        self._signal(best)
                     break
                 if not self._grant(admission, best):
                     break
