@@ -207,3 +207,44 @@ def test_no_waiter_starves_with_many_threads_on_few_permits(policy: bool) -> Non
     assert len(counts) == 64
     assert (gate.in_use, gate.waiting) == (0, 0)
     assert gate.timeouts == 0
+
+
+@pytest.mark.parametrize("policy", [{}, {"max_waiting_normal": 100}], ids=["no-policy", "policy"])
+async def test_an_asyncio_waiter_is_not_woken_for_a_permit_a_running_task_retakes(
+    aiosqlite_url: str, make_async_engine: Any, monkeypatch: pytest.MonkeyPatch,
+    policy: dict[str, Any],
+) -> None:
+    import asyncio
+
+    import sqlalchemy as sa
+
+    import poolguard
+    from poolguard._gate import _Waiter
+
+    engine = poolguard.wrap(make_async_engine(aiosqlite_url, pool_size=1, max_overflow=0),
+                            **policy)
+    arms: list[bool] = []
+    real_arm = _Waiter.arm
+
+    def arm(self: _Waiter, asyncio_mode: bool) -> None:
+        arms.append(asyncio_mode)
+        real_arm(self, asyncio_mode)
+
+    monkeypatch.setattr(_Waiter, "arm", arm)
+    holder = await engine.connect()
+    waiter = asyncio.ensure_future(engine.connect())
+    while poolguard.get_guard(engine).gate.waiting == 0:
+        await asyncio.sleep(0)
+    # The holder gives its connection back and takes one again at once, as a
+    # task looping over requests does: it keeps the permit (no convoy), and
+    # the waiter, parked once, stays parked (owed the next permit) instead of
+    # being woken to find nothing.
+    await holder.close()
+    holder = await engine.connect()
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    await holder.close()  # handed over to the waiter
+    conn = await asyncio.wait_for(waiter, 10.0)
+    assert (await conn.execute(sa.text("SELECT 1"))).scalar() == 1
+    await conn.close()
+    assert arms == [True]  # armed once: never woken in vain, never re-armed
