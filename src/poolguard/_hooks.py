@@ -19,7 +19,7 @@ __all__ = ["CheckoutHooks"]
 class CheckoutHooks:
     """What the guarded pool reads of its guard on every checkout and checkin."""
 
-    __slots__ = ("recorder", "slow_at", "tripped")
+    __slots__ = ("asyncio", "recorder", "slow_at", "tripped")
 
     def __init__(self, recorder: Recorder) -> None:
         #: The guard's recorder: the checkin path adds the use time to it.
@@ -29,3 +29,5 @@ class CheckoutHooks:
         self.slow_at = 0.0
         #: Some circuit breaker is not closed: checkouts must ask it.
         self.tripped = False
+        #: The pool serves an asyncio engine: a checkout records its task.
+        self.asyncio = False

@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from asyncio import current_task
+from asyncio.events import _get_running_loop
 from bisect import bisect_left
 from threading import get_ident
 from time import perf_counter
@@ -38,7 +40,7 @@ from sqlalchemy.pool import (
 from ._compat import GatedQueue, keeps_return_conn, logging_name, plain_checkout, plain_return
 from ._context import _current
 from ._histogram import BOUNDS
-from ._hold import REQUEST, T0, TOP_STAT, WARNED, Hold
+from ._hold import REQUEST, T0, TASK, TOP_STAT, WARNED, Hold
 from ._policies import BACKGROUND
 from ._queries import count_ping
 
@@ -154,6 +156,10 @@ class GuardedPoolMixin(Pool):
             # _hold.new_hold(), spelled out: one list display, no call.
             hold = out[record] = [now, wait, get_ident(), request, None, 0.0, None, -1.0,
                                   None, None, False]
+            if hooks.asyncio:  # the task that holds it (None outside a running loop)
+                loop = _get_running_loop()
+                if loop is not None:
+                    hold[TASK] = current_task(loop)
         except BaseException as error:
             if hold is None:  # the permit did not reach a record: this is its release
                 if waiter is None:
