@@ -156,10 +156,6 @@ class GuardedPoolMixin(Pool):
             # _hold.new_hold(), spelled out: one list display, no call.
             hold = out[record] = [now, wait, get_ident(), request, None, 0.0, None, -1.0,
                                   None, None, False]
-            if hooks.asyncio:  # the task that holds it (None outside a running loop)
-                loop = _get_running_loop()
-                if loop is not None:
-                    hold[TASK] = current_task(loop)
         except BaseException as error:
             if hold is None:  # the permit did not reach a record: this is its release
                 if waiter is None:
@@ -172,7 +168,12 @@ class GuardedPoolMixin(Pool):
                     guard.breaker_record(error, 0.0, request)
             raise
         if now >= hooks.slow_at:  # a scan is due, or per-checkout extras are on
-            self._poolguard.after_checkout(hold, now)  # type: ignore[union-attr]
+            if hooks.asyncio:  # the task that holds it (inline: no call per checkout)
+                loop = _get_running_loop()
+                if loop is not None:
+                    hold[TASK] = current_task(loop)
+            if now >= hooks.call_at:  # a scan is due, or the guard's extras are on
+                self._poolguard.after_checkout(hold, now)  # type: ignore[union-attr]
         return conn
 
     def _return_conn(self, record: ConnectionPoolEntry) -> None:
