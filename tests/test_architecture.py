@@ -151,7 +151,7 @@ SQLALCHEMY_PRIVATE = frozenset({
     "_all_conns", "_ConnectionRecord", "_ConnectionRecord__pool", "_finalize_fairy",
     "_strong_ref_connection_records", "_pool", "_overflow", "_use_lifo",
     "_creator", "_reset_on_return", "_fairy", "_checkin", "_checkout", "_inc_overflow",
-    "_dec_overflow", "_create_connection", "_registry",
+    "_dec_overflow", "_create_connection", "_registry", "_return_conn", "_ConnectionFairy",
 })
 #: poolguard's own attributes that share a name with a SQLAlchemy one (Guard._pool).
 OWN = re.compile(r"\bself\._pool\b")

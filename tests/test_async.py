@@ -351,3 +351,21 @@ async def test_dispose_keeps_the_guard(
         assert _permits(engine) == 1
     _assert_balanced(engine)
     assert guard.stats().acquisitions == 2
+
+
+async def test_a_checkout_records_the_task_that_holds_it(
+    make_async_engine: AsyncEngineFactory, aiosqlite_url: str
+) -> None:
+    from poolguard._hold import TASK
+
+    engine = poolguard.wrap(make_async_engine(aiosqlite_url, pool_size=2, max_overflow=0))
+    gate = poolguard.get_guard(engine).gate
+
+    async def hold_one() -> tuple[object, object]:
+        async with engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+            (hold,) = gate.out.values()
+            return hold[TASK], asyncio.current_task()
+
+    recorded, task = await asyncio.create_task(hold_one())
+    assert recorded is task

@@ -56,11 +56,11 @@ def test_bench_hot_path_contention_cli_json() -> None:
 # -- the lock-free take of a bounded-queue policy ---------------------------------------
 
 
-def test_bounded_queue_policy_takes_without_the_lock_only_while_nobody_waits() -> None:
+def test_bounded_queue_policy_takes_without_the_lock_unless_a_waiter_is_owed() -> None:
     gate = Gate(1)
     gate.configure_policy(max_waiting={NORMAL: 5})
     assert gate.policies_on
-    assert gate.take == gate._take_token  # nobody waits: the fast path
+    assert gate.take == gate.take_last == gate._take_token  # nobody waits: the fast path
     gate.take()
     results: list[bool] = []
     thread = threading.Thread(
@@ -70,15 +70,30 @@ def test_bounded_queue_policy_takes_without_the_lock_only_while_nobody_waits() -
     deadline = threading.Event()
     while gate.waiting == 0 and not deadline.wait(0.001):
         pass
-    # Someone waits: a newcomer must queue behind it, not take the next permit.
+    # A normal waiter, passed over by nobody yet: a normal newcomer may take a
+    # free permit ahead of it without the lock (as the locked admission lets
+    # it), a background one may not.
+    assert gate.take == gate._take_token
+    assert gate.take_last != gate._take_token
+    with pytest.raises(IndexError):
+        gate.take_last()
+    # The release wakes the waiter to take the permit; a running caller takes
+    # it first (the lock held: the waiter cannot look before).
+    with gate._lock:
+        gate.release()
+        gate.take()
+    while not any(gate._owed.values()) and thread.is_alive() and not deadline.wait(0.001):
+        pass
+    # Passed over once, it is owed the next permit: nobody takes without the lock.
+    assert any(gate._owed.values())
     assert gate.take != gate._take_token
     with pytest.raises(IndexError):
         gate.take()
-    gate.release()
+    gate.release()  # handed to it
     thread.join(10.0)
     assert results == [True]
     assert (gate.in_use, gate.waiting) == (1, 0)
-    assert gate.take == gate._take_token  # the queue is empty again
+    assert gate.take == gate.take_last == gate._take_token  # the queue is empty again
     gate.release()
     assert gate.in_use == 0
 
@@ -192,3 +207,44 @@ def test_no_waiter_starves_with_many_threads_on_few_permits(policy: bool) -> Non
     assert len(counts) == 64
     assert (gate.in_use, gate.waiting) == (0, 0)
     assert gate.timeouts == 0
+
+
+@pytest.mark.parametrize("policy", [{}, {"max_waiting_normal": 100}], ids=["no-policy", "policy"])
+async def test_an_asyncio_waiter_is_not_woken_for_a_permit_a_running_task_retakes(
+    aiosqlite_url: str, make_async_engine: Any, monkeypatch: pytest.MonkeyPatch,
+    policy: dict[str, Any],
+) -> None:
+    import asyncio
+
+    import sqlalchemy as sa
+
+    import poolguard
+    from poolguard._gate import _Waiter
+
+    engine = poolguard.wrap(make_async_engine(aiosqlite_url, pool_size=1, max_overflow=0),
+                            **policy)
+    arms: list[bool] = []
+    real_arm = _Waiter.arm
+
+    def arm(self: _Waiter, asyncio_mode: bool) -> None:
+        arms.append(asyncio_mode)
+        real_arm(self, asyncio_mode)
+
+    monkeypatch.setattr(_Waiter, "arm", arm)
+    holder = await engine.connect()
+    waiter = asyncio.ensure_future(engine.connect())
+    while poolguard.get_guard(engine).gate.waiting == 0:
+        await asyncio.sleep(0)
+    # The holder gives its connection back and takes one again at once, as a
+    # task looping over requests does: it keeps the permit (no convoy), and
+    # the waiter, parked once, stays parked (owed the next permit) instead of
+    # being woken to find nothing.
+    await holder.close()
+    holder = await engine.connect()
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    await holder.close()  # handed over to the waiter
+    conn = await asyncio.wait_for(waiter, 10.0)
+    assert (await conn.execute(sa.text("SELECT 1"))).scalar() == 1
+    await conn.close()
+    assert arms == [True]  # armed once: never woken in vain, never re-armed

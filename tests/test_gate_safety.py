@@ -712,3 +712,35 @@ def test_gc_finalising_a_dropped_connection_inside_the_connection_counters_lock(
             gc.enable()
     assert found > 0
     assert closed >= 1  # the dropped connection was terminated and counted
+
+
+def test_an_interrupt_in_the_undo_of_a_tagged_waiter_loses_no_tag_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A signal's exception may land at any call's boundary. The undo of a
+    # waiter's tag slot cleared the flag, then called a helper to lower the
+    # count: an exception at that call left the count up for good (the undo,
+    # run again, saw the flag down). Here the helper raises on its first call.
+    import poolguard._gate as gate_module
+
+    gate = Gate(2)
+    gate.configure_policy(tag_limits={"t": 1})
+    waiter = gate.new_waiter()
+    assert gate.acquire(0, asyncio_mode=False, tag="t", waiter=waiter)
+    assert gate.tag_in_use == {"t": 1}
+    real = gate_module._one_fewer
+    calls: list[str | None] = []
+
+    def interrupted(counts: dict[str, int], key: str | None) -> bool:
+        calls.append(key)
+        if len(calls) == 1:
+            raise Interrupted
+        return real(counts, key)
+
+    monkeypatch.setattr(gate_module, "_one_fewer", interrupted)
+    try:
+        gate.give_back(waiter)
+    except Interrupted:
+        gate.give_back(waiter)  # run again, as acquire() and the pool do
+    assert gate.tag_in_use.get("t", 0) == 0
+    assert gate.in_use == 0

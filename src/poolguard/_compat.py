@@ -13,12 +13,14 @@ import weakref
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.pool import NullPool, Pool, QueuePool, SingletonThreadPool, StaticPool
+from sqlalchemy.pool.base import _ConnectionFairy
 
 # `await_only` exists under this name in 2.0 and 2.1 (2.1 adds `await_`): it
 # suspends the greenlet SQLAlchemy runs pool code in and lets the event loop
 # await the awaitable, which is how a sync pool method waits without blocking
 # the loop.
 from sqlalchemy.util import await_only as _await_only
+from sqlalchemy.util import queue as sqla_queue
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 __all__ = [
+    "GatedQueue",
     "asyncpg_statement_caches",
     "await_only",
     "capacity",
@@ -41,6 +44,7 @@ __all__ = [
     "pre_ping",
     "set_creator",
     "singleton_connections",
+    "use_gated_queue",
 ]
 
 
@@ -87,6 +91,24 @@ def set_creator(pool: Pool, fn: Callable[[Any], Any]) -> None:
 def plain_return(cls: type[Pool]) -> Callable[[Pool, Any], None]:
     """``cls``'s own checkin (``_do_return_conn``), for a guarded subclass to call."""
     return cls._do_return_conn
+
+
+def plain_checkout(cls: type[Pool]) -> Callable[[Pool], Any]:
+    """``cls``'s own checkout, for a guarded subclass to call.
+
+    For a class that keeps :meth:`Pool.connect` (QueuePool and most others)
+    this is what that method does, ``_ConnectionFairy._checkout(pool)``,
+    called directly: one Python frame fewer per checkout.
+    """
+    if cls.connect is Pool.connect:
+        return _ConnectionFairy._checkout
+    return cls.connect
+
+
+def keeps_return_conn(cls: type[Pool]) -> bool:
+    """``cls`` returns records with :class:`Pool`'s own ``_return_conn`` (a
+    plain call of ``_do_return_conn``), which a guarded subclass may replace."""
+    return cls._return_conn is Pool._return_conn
 
 
 def logging_name(pool: Pool) -> str | None:
@@ -189,3 +211,66 @@ def asyncpg_statement_caches(dbapi_connection: Any) -> tuple[bool, bool] | None:
         getattr(dbapi_connection, "_prepared_statement_cache", None) is not None,
         bool(getattr(inner, "_stmt_cache_enabled", False)),
     )
+class GatedQueue(sqla_queue.Queue[Any]):
+    """A QueuePool's queue of idle records, without its lock while nobody waits in it.
+
+    SQLAlchemy's queue takes its lock and notifies its conditions on every
+    get and put (a few Python frames each). Behind a gate it never has to
+    wait: a checkout holds a permit, so an idle record or room to open one
+    is there (the checkin gives the permit back only once its record is
+    back). So a get pops a record in one C call, and a put appends it in
+    one; the locked code runs only when the queue is empty (it may wait, as
+    SQLAlchemy's does) or full (``Full``, as SQLAlchemy's).
+
+    No lost wake-up, relying on the GIL ordering the operations of two
+    threads (deque ``append``/``pop`` are single C calls): a get that must
+    wait counts itself in ``_sleepers`` under the lock *before* it looks at
+    the queue, and a put appends *before* it reads ``_sleepers``: either the
+    put sees the sleeper (and notifies it under the lock) or the sleeper
+    sees the record. A free-threaded build keeps the deque operations atomic
+    but does not promise that order across two objects: there, a get that
+    loses the race waits for the next put or its own timeout, then finds the
+    record. Two puts racing past the size check may leave one record more
+    than ``maxsize`` idle: the pool's overflow count still counts it, so the
+    number of connections stays bounded.
+    """
+
+    _sleepers = 0
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        queue = self.queue
+        try:
+            item = queue.pop() if self.use_lifo else queue.popleft()
+        except IndexError:
+            return self._get_locked(block, timeout)
+        if self.not_full._waiters:  # type: ignore[attr-defined]  # a blocking put (QueuePool makes none)
+            with self.not_full:
+                self.not_full.notify()
+        return item
+
+    def _get_locked(self, block: bool, timeout: float | None) -> Any:
+        with self.mutex:
+            self._sleepers += 1
+            try:
+                return super().get(block, timeout)
+            finally:
+                self._sleepers -= 1
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        queue = self.queue
+        if 0 < self.maxsize <= len(queue):  # full: SQLAlchemy's answer (Full, or a wait)
+            super().put(item, block, timeout)
+            return
+        queue.append(item)
+        if self._sleepers or self.not_empty._waiters:  # type: ignore[attr-defined]
+            with self.not_empty:
+                self.not_empty.notify()
+
+
+def use_gated_queue(pool: Pool) -> None:
+    """Give a QueuePool with SQLAlchemy's own queue the :class:`GatedQueue`
+    (in place: the idle records stay; a caller already waiting in the old
+    code is still notified, by the condition's own waiter list)."""
+    queue = getattr(pool, "_pool", None)
+    if type(queue) is sqla_queue.Queue:
+        queue.__class__ = GatedQueue

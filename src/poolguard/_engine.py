@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.engine import Engine
 
+from ._compat import use_gated_queue
 from ._config import Config
 from ._guard import Guard
 from ._pool import GuardedPoolMixin, guarded_class
@@ -67,6 +68,7 @@ def wrap(engine: E, config: Config | None = None, **options: Any) -> E:
         # Swap the class in place: idle connections, overflow counts, listeners
         # and everything already checked out stay exactly where they are.
         pool.__class__ = guarded_class(type(pool))
+        use_gated_queue(pool)
         guard._attach(pool)
         current = sync_engine.pool
         if current is pool or getattr(current, "_poolguard", None) is guard:

@@ -247,6 +247,10 @@ class Gate:
             self.take = self._tokens.pop
             self.give = self._tokens.append
         self._take_token = self.take
+        #: take() for a caller of the last priority (background): with a
+        #: policy on it may not pass anybody waiting, so it is the lock-free
+        #: pop only while nobody waits.
+        self.take_last: Callable[[], object] = self.take
         #: The admission policy (configure_policy), consulted only when not
         #: None: without one, the fast path stays lock-free.
         self.admission: Admission | None = None
@@ -282,32 +286,53 @@ class Gate:
         return self.admission is not None
 
     def _set_take(self) -> None:
-        # In a section, as the queue or the policy changes.
+        # In a section, as the queue, the hand-offs owed or the policy change.
+        # An interrupt before the stores leaves the old ones until the next
+        # change: a lock-free take one caller too many (a newcomer passes a
+        # waiter once) or too few (it takes the lock), never a lost permit.
         if self.admission is None:
             if not self.closed:
-                self.take = self._take_token
-        elif self._fast_policy and not self.waiters:
+                self.take = self.take_last = self._take_token
+        elif not self._fast_policy:
+            self.take = self.take_last = _empty
+        elif not self.waiters:
+            self.take = self.take_last = self._take_token
+        elif not self._lane[CRITICAL] and not any(self._owed.values()):
+            # Bounded queues only, normal (or background) waiters, none owed
+            # a hand-off: a newcomer of normal priority or better may pass
+            # them (what _admit_locked decides too), so it needs no lock. A
+            # background newcomer must not: it takes take_last.
             self.take = self._take_token
+            self.take_last = _empty
         else:
-            self.take = _empty
+            self.take = self.take_last = _empty
 
     def _dequeue(self, waiter: _Waiter) -> None:
         # In a section: out of the queue (and its lane), wherever it is.
         if waiter.queued:
-            with contextlib.suppress(ValueError):
+            # try/except, not contextlib.suppress(): no context manager to
+            # build (two calls each) on every wait's way out.
+            try:  # noqa: SIM105
                 self.waiters.remove(waiter)
-            with contextlib.suppress(ValueError):
+            except ValueError:
+                pass
+            try:  # noqa: SIM105
                 self._lane[waiter.priority].remove(waiter)
+            except ValueError:
+                pass
             waiter.queued = False
             if not self.waiters:
                 self._owed.clear()
-                if self._fast_policy:
-                    self.take = self._take_token
         if waiter.handoff:
+            # As in _abandon: the count, then the flag, with no call between.
+            owed, mine = self._owed, waiter.priority
+            if mine in owed and owed[mine] > 0:
+                owed[mine] -= 1
             waiter.handoff = False
-            _one_fewer(self._owed, waiter.priority)
         if self._signalled is waiter:
             self._signalled = None
+        if self._fast_policy:
+            self._set_take()
 
     def _drain(self) -> None:
         # Under the lock, between sections: pay what re-entrant checkins left.
@@ -507,8 +532,7 @@ class Gate:
             if not waiter.granted:
                 if not waiter.handoff:
                     if self._signalled is None and self._tokens:
-                        waiter.wake()
-                        self._signalled = waiter
+                        self._signal(waiter)
                     return
                 waiter.granted = True
                 try:
@@ -522,6 +546,46 @@ class Gate:
             if waiters and waiters[0] is waiter:
                 waiters.popleft()
                 waiter.queued = False
+
+    def _signal(self, waiter: _Waiter) -> None:
+        # In a section: wake ``waiter`` to take a free permit itself. An
+        # asyncio waiter, released from its own loop, is woken only once the
+        # releasing task has run on to its next await (a loop callback): if
+        # that task, or another running one, took the permit meanwhile (as it
+        # mostly does), the waiter is owed the next one instead and stays
+        # parked, instead of being scheduled to find nothing and park again.
+        loop = waiter.loop
+        if loop is not None and asyncio._get_running_loop() is loop:
+            loop.call_soon(self._signal_soon, waiter)
+        else:
+            waiter.wake()
+        self._signalled = waiter
+
+    def _signal_soon(self, waiter: _Waiter) -> None:
+        # A loop callback (see _signal): wake the waiter if a permit is still
+        # free, else make it owed the next one. Nothing to do if it was woken,
+        # granted, owed or dequeued meanwhile.
+        with self._lock:
+            try:
+                self._busy = True
+                if waiter.queued and not (waiter.woken or waiter.granted or waiter.handoff):
+                    if self._tokens and not self.closed:
+                        waiter.woken = True
+                        if waiter.future is not None:
+                            _resolve(waiter.future)  # on its loop's thread: at once
+                    else:
+                        if self._signalled is waiter:
+                            self._signalled = None
+                        # The count, then the flag, no call between (as _dequeue).
+                        owed, mine = self._owed, waiter.priority
+                        owed[mine] = (owed[mine] if mine in owed else 0) + 1  # noqa: SIM401 - no call
+                        waiter.handoff = True
+                        if self._fast_policy:
+                            self._set_take()  # owed first: no lock-free take now
+            finally:
+                self._busy = False
+                if self._rewake or self._deferred:
+                    self._drain()
 
     def _dispatch_by_policy(self, admission: Admission) -> None:
         # Best eligible waiter first: by priority, then in arrival order, or
@@ -555,8 +619,7 @@ class Gate:
                     # a running caller of its priority or better may take it
                     # first (no convoy); if so, it is handed the next one.
                     if signalled is None:
-                        best.wake()
-                        self._signalled = best
+                        self._signal(best)
                     break
                 if not self._grant(admission, best):
                     break
@@ -747,7 +810,7 @@ class Gate:
                 waiter.queued = True
                 self.waiters.append(waiter)
                 self._lane[waiter.priority].append(waiter)
-                self.take = _empty  # queued callers first
+                self._set_take()  # queued callers first, unless a newcomer may pass them
             return timeout
         # Queue first, then try again: a release between our failed take and
         # now either left its token for this take or sees us queued.
@@ -804,8 +867,12 @@ class Gate:
                 self._busy = True
                 self._dequeue(waiter)
                 if waiter.tagged:
+                    # _one_fewer() spelled out: no call, so no interrupt
+                    # between the count and the flag (the flag last).
+                    tag, counts = waiter.tag, self.tag_in_use
+                    if tag in counts and counts[tag] > 0:
+                        counts[tag] -= 1
                     waiter.tagged = False
-                    _one_fewer(self.tag_in_use, waiter.tag)
                 if waiter.granted:
                     waiter.granted = False
                     self.give(None)  # the permit is back once this returns
@@ -850,6 +917,8 @@ class Gate:
                         waiter.handoff = True
                         owed, mine = self._owed, waiter.priority
                         owed[mine] = (owed[mine] if mine in owed else 0) + 1  # noqa: SIM401 - no call
+                        if self._fast_policy:
+                            self._set_take()  # owed first: no lock-free take now
                     waiter.woken = False
                     if waiter.future is not None:
                         waiter.arm(True)
@@ -899,7 +968,7 @@ class Gate:
                 self.closed = True
                 self.admission = None
                 self.policy_checkin = False
-                self.take = itertools.repeat(None).__next__
+                self.take = self.take_last = itertools.repeat(None).__next__
                 self.give = _discard
                 self.out.clear()
                 for lane in self._lane.values():

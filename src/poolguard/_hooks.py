@@ -19,13 +19,19 @@ __all__ = ["CheckoutHooks"]
 class CheckoutHooks:
     """What the guarded pool reads of its guard on every checkout and checkin."""
 
-    __slots__ = ("recorder", "slow_at", "tripped")
+    __slots__ = ("asyncio", "call_at", "recorder", "slow_at", "tripped")
 
     def __init__(self, recorder: Recorder) -> None:
         #: The guard's recorder: the checkin path adds the use time to it.
         self.recorder = recorder
+        #: perf_counter() time from which a checkout looks at the extras
+        #: below (call_at, or -inf for an asyncio pool): one comparison for
+        #: the rest.
+        self.slow_at = 0.0
         #: perf_counter() time from which the next checkout calls the guard's
         #: after_checkout() (its next scan, or -inf for per-checkout extras).
-        self.slow_at = 0.0
+        self.call_at = 0.0
         #: Some circuit breaker is not closed: checkouts must ask it.
         self.tripped = False
+        #: The pool serves an asyncio engine: a checkout records its task.
+        self.asyncio = False

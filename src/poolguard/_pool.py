@@ -2,10 +2,14 @@
 
 Every checkout path (Core, ORM, ``raw_connection()``, ``pool.connect()``)
 goes through :meth:`Pool.connect`, and every record handed out comes back
-through :meth:`Pool._do_return_conn` (close, invalidate, detach, garbage
-collection). The mix-in takes a permit in the first, registers the record in
-the gate's ``out`` map, and gives the permit back in the second when it finds
-the record there (or at once, if the checkout fails). It
+through ``Pool._return_conn`` (close, invalidate, garbage collection) or,
+detached, ``Pool._do_return_conn``. The mix-in takes a permit in the first,
+registers the record in the gate's ``out`` map, and gives the permit back in
+the others when it finds the record there (or at once, if the checkout
+fails). Both replace the plain method that only calls the next one
+(``Pool.connect`` calls ``_ConnectionFairy._checkout``, ``_return_conn``
+calls ``_do_return_conn``), so a guarded cycle runs no more Python frames
+than a plain one. It
 keeps :meth:`recreate` carrying the guard, so that ``engine.dispose()``
 keeps it. It adds no ``__init__``, so the guarded
 classes take exactly the arguments of the classes they extend and work as
@@ -17,6 +21,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from asyncio import current_task
+from asyncio.events import _get_running_loop
 from bisect import bisect_left
 from threading import get_ident
 from time import perf_counter
@@ -31,10 +37,11 @@ from sqlalchemy.pool import (
     StaticPool,
 )
 
-from ._compat import logging_name, plain_return
+from ._compat import GatedQueue, keeps_return_conn, logging_name, plain_checkout, plain_return
 from ._context import _current
 from ._histogram import BOUNDS
-from ._hold import REQUEST, T0, TOP_STAT, WARNED, Hold
+from ._hold import REQUEST, T0, TASK, TOP_STAT, WARNED, Hold
+from ._policies import BACKGROUND
 from ._queries import count_ping
 
 if TYPE_CHECKING:
@@ -81,8 +88,12 @@ class GuardedPoolMixin(Pool):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         plain = cls._poolguard_plain
-        cls._poolguard_connect = staticmethod(plain.connect)
+        cls._poolguard_connect = staticmethod(plain_checkout(plain))
         cls._poolguard_return = staticmethod(plain_return(plain))
+        if not keeps_return_conn(plain):
+            # A pool with its own _return_conn: keep it (it ends in
+            # _do_return_conn, guarded below).
+            cls._return_conn = plain._return_conn  # type: ignore[method-assign]  # sqla-private
 
     def connect(self) -> PoolProxiedConnection:  # noqa: PLR0912, PLR0915 - the hot path, inlined
         gate = self._poolguard_gate
@@ -91,8 +102,12 @@ class GuardedPoolMixin(Pool):
         # Bound before any wait: unwrap() may restore the plain class meanwhile.
         connect = self._poolguard_connect
         request = _current.get()
-        if request is not None and request.deadline is not None:
-            _check_deadline(request.deadline, gate)
+        take = gate.take
+        if request is not None:
+            if request.deadline is not None:
+                _check_deadline(request.deadline, gate)
+            if request.priority == BACKGROUND:  # passes nobody waiting
+                take = gate.take_last
         hooks = self._poolguard_hooks
         if hooks.tripped:  # circuit breaker open or probing: CircuitOpen, or a probe
             self._poolguard.breaker_admit(self)  # type: ignore[union-attr]
@@ -101,7 +116,7 @@ class GuardedPoolMixin(Pool):
         # nothing between two of them checks for one (no calls, no loops).
         waiter = None
         try:
-            gate.take()  # a C call: an exception after it means it took a permit
+            take()  # a C call: an exception after it means it took a permit
         except IndexError:
             waiter = gate.new_waiter()
         except BaseException:
@@ -153,10 +168,17 @@ class GuardedPoolMixin(Pool):
                     guard.breaker_record(error, 0.0, request)
             raise
         if now >= hooks.slow_at:  # a scan is due, or per-checkout extras are on
-            self._poolguard.after_checkout(hold, now)  # type: ignore[union-attr]
+            if hooks.asyncio:  # the task that holds it (inline: no call per checkout)
+                loop = _get_running_loop()
+                if loop is not None:
+                    hold[TASK] = current_task(loop)
+            if now >= hooks.call_at:  # a scan is due, or the guard's extras are on
+                self._poolguard.after_checkout(hold, now)  # type: ignore[union-attr]
         return conn
 
-    def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+    def _return_conn(self, record: ConnectionPoolEntry) -> None:
+        # Pool._return_conn only calls _do_return_conn: replaced by it, a
+        # checkin costs no more Python frames than a plain one.
         try:
             self._poolguard_return(self, record)
         finally:
@@ -192,6 +214,10 @@ class GuardedPoolMixin(Pool):
                         stat.held += held
                     if hold[WARNED]:
                         self._poolguard.after_checkin(hold, held)  # type: ignore[union-attr]
+
+    # A detached connection's record comes back through _do_return_conn
+    # directly; every other through _return_conn.
+    _do_return_conn = _return_conn
 
     def recreate(self: _P) -> _P:
         pool = cast("_P", super().recreate())
@@ -261,6 +287,9 @@ class GuardedQueuePool(GuardedPoolMixin, QueuePool):
     """:class:`sqlalchemy.pool.QueuePool` behind a poolguard gate."""
 
     _poolguard_plain = QueuePool
+    # Its idle records in a queue that takes no lock while nobody waits in it
+    # (the gate does the waiting); wrap() gives one to a pool it swaps in.
+    _queue_class = GatedQueue
 
 
 class GuardedAsyncAdaptedQueuePool(GuardedPoolMixin, AsyncAdaptedQueuePool):

@@ -1,8 +1,10 @@
 """The guard's once-a-second scan, and the per-checkout extras that ride on it.
 
 The guarded pool calls :meth:`Scanner.after_checkout` only from the time in
-``hooks.slow_at`` on: the next scan, or always while some per-checkout extra
-is on (asyncio task, call site, a half-open breaker's probe). The scan warns
+``hooks.call_at`` on: the next scan, or always while some per-checkout extra
+is on (call site, a half-open breaker's probe). An asyncio pool's checkout
+records its task itself (``hooks.asyncio``, past ``hooks.slow_at``: the one
+threshold a synchronous checkout compares with). The scan warns
 about leaks, keeps the log and the exporter current and evaluates the alerts.
 """
 
@@ -12,7 +14,7 @@ import threading
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from ._hold import SITE, TASK
+from ._hold import SITE
 from ._sites import current_site
 
 if TYPE_CHECKING:
@@ -63,18 +65,15 @@ class Scanner:
         """Tell the pool from when on a checkout must call :meth:`after_checkout`."""
         hooks = self._hooks
         # tripped: a half-open probe's checkout records its outcome there.
-        extras = self._config().capture_call_sites or self._is_async() or hooks.tripped
-        hooks.slow_at = float("-inf") if extras else self.next_scan
+        # An asyncio pool's checkout records its task itself (hooks.asyncio),
+        # without a call: past slow_at, before call_at.
+        is_async = hooks.asyncio = self._is_async()
+        extras = self._config().capture_call_sites or hooks.tripped
+        hooks.call_at = float("-inf") if extras else self.next_scan
+        hooks.slow_at = float("-inf") if extras or is_async else self.next_scan
 
     def after_checkout(self, hold: Hold, now: float) -> None:
-        """Extras of a checkout: asyncio task, call site, the periodic scan."""
-        if self._is_async():
-            import asyncio
-
-            try:
-                hold[TASK] = asyncio.current_task()
-            except RuntimeError:
-                hold[TASK] = None
+        """Extras of a checkout: call site, the periodic scan."""
         if self._config().capture_call_sites:
             hold[SITE] = current_site(3)
         if self._hooks.tripped:  # a half-open probe got a working connection
