@@ -300,7 +300,6 @@ class _Raw:
     uses: int
     hold_total_ms: float
     peak_in_use: int
-    most_server: int | None = None
 
 
 def _drive(
