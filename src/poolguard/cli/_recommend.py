@@ -181,7 +181,11 @@ def _pooler_check(
                 f"within PgBouncer's max_client_conn {most}; other clients need room too."
             )
         share = math.ceil(size / replicas)
-        used = f"; the fleet kept {busy:.1f} of them busy on average" if busy is not None else ""
+        used = ""
+        if busy is not None:
+            used = (f"; the fleet held {busy:.1f} client connections on average (Little's "
+                    "law)" + (", more than the server connections: requests waited in "
+                              "PgBouncer's queue while holding them" if busy > size else ""))
         notes.append(
             f"The database sees at most {size} connections from PgBouncer (its pool_size), "
             f"{'which' if clients > size else 'of which'} the fleet's {clients} client "
