@@ -79,7 +79,8 @@ STORM_CALLERS = 18
 REPORT_SECONDS = 8
 API_DEADLINE = 1.0
 REPORT_DEADLINE = 30.0
-#: Seconds a new connection (to PgBouncer) may take: without it one hung for minutes.
+#: Seconds a new connection (to PgBouncer) may take: a stalled PgBouncer kept connects
+#: (under ``request(timeout=1)``) waiting for minutes without it.
 CONNECT_TIMEOUT = 5
 PGBOUNCER = {
     "pool_mode": "transaction",
