@@ -127,14 +127,17 @@ class PgBouncer:
         if os.geteuid() == 0:
             command += ["-u", self.user]
         command.append(str(config))
-        self.process = subprocess.Popen(  # noqa: S603 - a fixed binary and our own config
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        # PgBouncer logs to stderr as well as to its logfile: into a file, not
+        # a pipe nobody reads (a full pipe blocks PgBouncer after ~64 KB).
+        stderr_path = self.dir / "stderr.log"
+        with stderr_path.open("wb") as stderr:
+            self.process = subprocess.Popen(  # noqa: S603 - a fixed binary and our own config
+                command, stdout=subprocess.DEVNULL, stderr=stderr
+            )
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
-                stderr = self.process.stderr
-                err = stderr.read().decode(errors="replace") if stderr else ""
+                err = stderr_path.read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"pgbouncer exited at start: {err.strip()} {self.log()}")
             try:
                 with psycopg.connect(self.admin_dsn(), connect_timeout=2, autocommit=True) as c:
@@ -156,8 +159,6 @@ class PgBouncer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(5)
-        if process is not None and process.stderr is not None:
-            process.stderr.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> PgBouncer:

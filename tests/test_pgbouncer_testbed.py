@@ -36,3 +36,19 @@ def test_own_instance_reports_transaction_mode(postgresql_url: str) -> None:
         assert pools[url.database or "test"]["pool_mode"] == "transaction"
         config = {row["key"]: row["value"] for row in bouncer.admin("SHOW CONFIG")}
         assert config["default_pool_size"] == "3"
+
+
+def test_own_instance_keeps_answering_after_much_logging(postgresql_url: str) -> None:
+    # PgBouncer logs each login and each disconnect to stderr as well as to its
+    # log file: an unread pipe filled up after ~64 KB and PgBouncer stopped
+    # answering anyone (it hung in a benchmark after ~500 log lines).
+    import psycopg
+
+    url = sa.engine.make_url(postgresql_url)
+    with PgBouncer(upstream_port=url.port or 5432) as bouncer:
+        dsn = (f"host=127.0.0.1 port={bouncer.port} user={bouncer.user} "
+               f"dbname={url.database or 'test'} connect_timeout=5")
+        for _ in range(600):
+            psycopg.connect(dsn).close()
+        assert len(bouncer.log()) > 0
+        assert bouncer.admin("SHOW VERSION")[0]["version"].startswith("PgBouncer")

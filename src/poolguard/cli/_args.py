@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_OPTIONS",
+    "connect_arg",
+    "connect_value",
     "guard_options",
     "option_pair",
     "parse_duration",
@@ -79,6 +81,39 @@ def option_pair(text: str) -> tuple[str, str]:
             f"invalid option {text!r}: expected NAME=VALUE, e.g. reserved_critical=2"
         )
     return key.strip(), value.strip()
+
+
+def connect_value(raw: str) -> Any:
+    """A ``--connect-arg`` value: ``None``/``null``, ``true``/``false``, an integer,
+    a decimal number, or else the text (quoted in ``'...'`` or ``"..."`` to keep
+    text that would read as one of the others, e.g. ``'5'``)."""
+    text = raw.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    lowered = text.lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return number if math.isfinite(number) else text
+
+
+def connect_arg(text: str) -> tuple[str, Any]:
+    """``--connect-arg NAME=VALUE`` as ``(NAME, value)`` (see :func:`connect_value`)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(
+            f"invalid driver option {text!r}: expected NAME=VALUE, e.g. prepare_threshold=None"
+        )
+    return key.strip(), connect_value(value)
 
 
 def guard_options(pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:

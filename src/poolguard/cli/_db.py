@@ -189,14 +189,14 @@ def _driver_hint(url: URL) -> str:
     return f"; install the DBAPI driver {driver!r} (see SQLAlchemy's dialect documentation)"
 
 
-def ping(url: str | URL) -> str:
+def ping(url: str | URL, connect_args: dict[str, Any] | None = None) -> str:
     """Connect once and run ``SELECT 1``; return the server's version string.
 
     Raises :class:`CliError` with a one-line reason when the server cannot be
     reached (the password never appears in it).
     """
     parsed = url if isinstance(url, URL) else parse_url(url)
-    engine = create_engine(parsed, poolclass=NullPool)
+    engine = create_engine(parsed, poolclass=NullPool, connect_args=connect_args or {})
     try:
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1")).scalar_one()

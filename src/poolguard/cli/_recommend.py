@@ -7,6 +7,7 @@ runs, Little's law from the measured hold times, and the server's
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from ._output import ms_text
@@ -15,9 +16,10 @@ from ._runner import Cell, cells
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from ._bouncer import PgBouncerInfo
     from ._runner import Result
 
-__all__ = ["KNEE_SHARE", "NOISY_PCT", "SQLITE_WARNING", "recommend"]
+__all__ = ["KNEE_SHARE", "NOISY_PCT", "SQLITE_WARNING", "invalid_runs", "recommend"]
 
 #: The knee: the smallest pool whose throughput reaches this share of the best.
 KNEE_SHARE = 0.9
@@ -134,20 +136,142 @@ def _server_check(
     return limit, notes, warnings
 
 
+def _pooler_check(
+    results: Sequence[Cell],
+    recommended: int | None,
+    replicas: int,
+    pooler: PgBouncerInfo,
+    server: dict[str, int] | None,
+    busy: float | None,
+) -> tuple[list[str], list[str]]:
+    """``replicas`` x pool size against PgBouncer's limits: (notes, warnings).
+
+    Behind PgBouncer the fleet's pools are client connections, bounded by
+    ``max_client_conn``; the database sees PgBouncer's server connections
+    (its ``pool_size``), whatever the pools add up to.
+    """
+    if not pooler.settings_known:
+        return [], [
+            f"a connection pooler seems to be in front ({pooler.found_by}); {pooler.problem}. "
+            "Without its settings the fleet cannot be checked against them, and the "
+            "database's max_connections says nothing about the fleet's pools."
+        ]
+    size, most = pooler.pool_size or 0, pooler.max_client_conn or 0
+    notes = [
+        f"{pooler.version or 'PgBouncer'} ({pooler.found_by}): pool_mode {pooler.pool_mode}, "
+        f"{size} server connections for this database (default_pool_size "
+        f"{pooler.default_pool_size}), max_client_conn {most}, query_wait_timeout "
+        f"{pooler.query_wait_timeout:g} s." if pooler.query_wait_timeout is not None else
+        f"{pooler.version or 'PgBouncer'} ({pooler.found_by}): pool_mode {pooler.pool_mode}, "
+        f"{size} server connections for this database, max_client_conn {most}."
+    ]
+    warnings: list[str] = []
+    if recommended is not None:
+        clients = replicas * recommended
+        if clients > most:
+            warnings.append(
+                f"replicas x pool size = {replicas} x {recommended} = {clients} client "
+                f"connections, more than PgBouncer's max_client_conn {most}: it refuses the "
+                f"rest. Lower the pool size to {max(1, most // replicas)} or raise "
+                "max_client_conn."
+            )
+        else:
+            notes.append(
+                f"{replicas} replica(s) x pool {recommended} = {clients} client connections, "
+                f"within PgBouncer's max_client_conn {most}; other clients need room too."
+            )
+        share = math.ceil(size / replicas)
+        used = ""
+        if busy is not None:
+            used = (f"; the fleet held {busy:.1f} client connections on average (Little's "
+                    "law)" + (", more than the server connections: requests waited in "
+                              "PgBouncer's queue while holding them" if busy > size else ""))
+        notes.append(
+            f"The database sees at most {size} connections from PgBouncer (its pool_size), "
+            f"{'which' if clients > size else 'of which'} the fleet's {clients} client "
+            f"connections {'share' if clients > size else 'can use as many'}{used}. "
+            "A pool per replica "
+            f"above its share ({share} = {size} / {replicas} replicas, rounded up) only moves "
+            "the waiting from the guard, where priorities and deadlines apply, into "
+            "PgBouncer's queue, unless the load is uneven between replicas."
+        )
+    over = sorted({r.pool_size for r in results if replicas * r.pool_size > most})
+    if over and (recommended is None or replicas * recommended <= most):
+        warnings.append(
+            f"pool sizes {', '.join(map(str, over))} x {replicas} replica(s) would exceed "
+            f"PgBouncer's max_client_conn {most}."
+        )
+    if server is not None:
+        usable = server["max_connections"] - server.get("reserved", 0)
+        needed = size + (pooler.reserve_pool_size or 0)
+        if needed > usable:
+            warnings.append(
+                f"PgBouncer may open {needed} server connections for this database (pool_size "
+                f"+ reserve_pool_size), more than the server's {usable} usable: lower "
+                "PgBouncer's pool_size."
+            )
+    return notes, warnings
+
+
+def invalid_runs(results: Sequence[Result]) -> list[str]:
+    """Why the runs cannot be trusted: one line per cell whose requests failed."""
+    lines = []
+    for cell in cells(results):
+        runs = [r for r in results
+                if (r.pool_size, r.concurrency) == (cell.pool_size, cell.concurrency)]
+        requests = sum(r.requests for r in runs)
+        kinds: dict[str, int] = {}
+        for r in runs:
+            for key, n in r.error_types.items():
+                kinds[key] = kinds.get(key, 0) + n
+        failed = cell.timeouts + cell.errors
+        if not failed:
+            continue
+        what = ([f"{cell.timeouts} timed out"] if cell.timeouts else []) + [
+            f"{n} {key.removeprefix('error:')}" for key, n in sorted(kinds.items())
+        ]
+        lines.append(
+            f"pool {cell.pool_size} x {cell.concurrency} workers: {failed} of {requests} "
+            f"requests failed ({failed / max(requests, 1):.1%}: {', '.join(what)})."
+        )
+    return lines
+
+
 def recommend(
     results: Sequence[Result],
     *,
     replicas: int = 1,
     server_limit: dict[str, int] | None = None,
     backend: str | None = None,
+    pooler: PgBouncerInfo | None = None,
 ) -> dict[str, Any]:
     """The pool size to use, and why: the throughput knee within the noise between
-    runs, Little's law, max_connections. ``results`` may hold several runs per cell."""
+    runs, Little's law, max_connections (or PgBouncer's limits when ``pooler``).
+    ``results`` may hold several runs per cell.
+
+    Runs where requests failed (timeouts, errors) make the whole sweep
+    invalid: it then recommends nothing and says which cells failed.
+    """
     reasoning: list[str] = []
     warnings: list[str] = []
     by_c: dict[int, list[Cell]] = {}
     for cell in cells(results):
         by_c.setdefault(cell.concurrency, []).append(cell)
+    invalid = invalid_runs(results)
+    if invalid:
+        return {
+            "valid": False,
+            "invalid_because": invalid,
+            "recommended_pool_size": None,
+            "knee_share": KNEE_SHARE,
+            "knees": {},
+            "littles_law": {},
+            "replicas": replicas,
+            "server_limit": None,
+            "reasoning": [],
+            "warnings": ([] if pooler is None else
+                         _pooler_check([], None, replicas, pooler, None, None)[1]),
+        }
     knees: dict[int, Cell] = {}
     for c, rows in sorted(by_c.items()):
         rows.sort(key=lambda r: r.pool_size)
@@ -159,11 +283,12 @@ def recommend(
     if recommended is not None:
         peak = max(knees, key=lambda c: (knees[c].pool_size, c))
         row = knees[peak]
-        share = row.busy_connections / recommended
+        share = row.busy_connections / (recommended * replicas)
+        fleet = f" ({replicas} replicas: all their pools)" if replicas > 1 else ""
         reasoning.append(
             f"Recommended pool size: {recommended} (the largest knee, at {peak} workers); "
-            f"there {row.busy_connections:.1f} of {recommended} connections are busy on "
-            f"average ({share:.0%}), acquire wait p99 {row.wait_p99_ms:.1f} ms."
+            f"there {row.busy_connections:.1f} of {recommended * replicas} connections{fleet} "
+            f"are busy on average ({share:.0%}), acquire wait p99 {row.wait_p99_ms:.1f} ms."
         )
         reasoning.append(
             f"For another rate, Little's law with this hold time: each 1,000 req/s keeps "
@@ -177,7 +302,15 @@ def recommend(
                 "at that concurrency; bound the concurrency (or the waits) instead."
             )
     limit = None
-    if server_limit is not None:
+    if pooler is not None:
+        busy = knees[peak].busy_connections if recommended is not None else None
+        all_cells = [cell for rows in by_c.values() for cell in rows]
+        notes, more = _pooler_check(all_cells, recommended, replicas, pooler, server_limit,
+                                    busy)
+        reasoning += notes
+        warnings += more
+        limit = server_limit
+    elif server_limit is not None:
         all_cells = [cell for rows in by_c.values() for cell in rows]
         limit, notes, more = _server_check(all_cells, recommended, replicas, server_limit)
         reasoning += notes
@@ -195,6 +328,8 @@ def recommend(
     if backend == "sqlite":
         warnings.append(SQLITE_WARNING)
     return {
+        "valid": True,
+        "invalid_because": [],
         "recommended_pool_size": recommended,
         "knee_share": KNEE_SHARE,
         "knees": {str(c): k.pool_size for c, k in knees.items()},

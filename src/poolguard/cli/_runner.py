@@ -8,9 +8,12 @@ of one pool size x concurrency into a :class:`Cell` (medians and spread);
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
+import multiprocessing
 import os
+import queue
 import random
 import statistics
 import threading
@@ -28,6 +31,7 @@ from ._output import percentile, rounded
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
+    from ._bouncer import AdminConsole
     from ._workload import Statement
 
 __all__ = ["Cell", "Result", "ServerConnections", "cells", "run_one"]
@@ -134,10 +138,19 @@ def cells(results: Sequence[Result]) -> list[Cell]:
 
 
 class ServerConnections:
-    """Counts the run's connections as the database server sees them."""
+    """Counts the run's connections as the database server sees them.
 
-    def __init__(self, url: sa.URL, dialect_name: str) -> None:
+    Behind PgBouncer (``console``: its admin console), the server connections
+    of the URL's pool as PgBouncer counts them (``SHOW POOLS``): the
+    connections the database sees, whichever client uses them.
+    """
+
+    def __init__(
+        self, url: sa.URL, dialect_name: str, console: AdminConsole | None = None
+    ) -> None:
         self.dialect_name = dialect_name
+        self.console = console
+        self.pool = (url.database, url.username)
         self.engine: sa.Engine | None = None
         self.conn: sa.Connection | None = None
         if dialect_name == "postgresql":
@@ -151,6 +164,8 @@ class ServerConnections:
             self.conn = self.engine.connect()
 
     def count(self, application_name: str, ids: set[int]) -> int | None:
+        if self.console is not None:
+            return self.console.server_connections(*self.pool)
         conn = self.conn
         if conn is None:
             return None
@@ -183,6 +198,8 @@ class ServerConnections:
         return {"max_connections": most, "reserved": 0}
 
     def close(self) -> None:
+        if self.console is not None:
+            self.console.close()
         if self.conn is not None:
             self.conn.close()
         if self.engine is not None:
@@ -262,11 +279,30 @@ def _request(engine: sa.Engine, statement: Statement) -> tuple[str | None, float
     except sa.exc.TimeoutError:
         return "timeout", 0.0
     except Exception as exc:  # noqa: BLE001 - counted by type
-        return f"error:{type(exc).__name__}", 0.05  # a failing statement must not spin
+        # The driver's own class says more than SQLAlchemy's wrapper
+        # (InvalidSqlStatementName, not ProgrammingError).
+        orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else None
+        name = type(orig if isinstance(orig, BaseException) else exc).__name__
+        return f"error:{name}", 0.05  # a failing statement must not spin
     return None, 0.0
 
 
-def run_one(
+@dataclasses.dataclass
+class _Raw:
+    """What one process of a run measured, before the replicas are merged."""
+
+    served_ms: list[float]
+    failed: dict[str, int]
+    elapsed: float
+    wait_p50_ms: float
+    wait_p99_ms: float
+    #: Connections checked out and returned, and their summed hold time (ms).
+    uses: int
+    hold_total_ms: float
+    peak_in_use: int
+
+
+def _drive(
     url: sa.URL,
     *,
     pool_size: int,
@@ -274,18 +310,23 @@ def run_one(
     duration: float,
     workload: Sequence[Statement],
     options: dict[str, Any],
-    monitor: ServerConnections,
-    seed: int = 1,
-    tick: Callable[[float, int], None] | None = None,
-) -> Result:
-    """Drive ``workload`` with ``concurrency`` closed-loop workers through a guarded
-    pool of ``pool_size`` connections for ``duration`` seconds."""
-    app_name = f"poolguard-bench-{os.getpid()}-{pool_size}x{concurrency}"
-    connect_args = {"application_name": app_name} if monitor.dialect_name == "postgresql" else {}
+    connect_args: dict[str, Any],
+    app_name: str,
+    ids: set[int] | None,
+    seed: int,
+    ready: Callable[[], None],
+    sample: Callable[[float, int], None],
+) -> _Raw:
+    """One guarded engine driven by closed-loop workers (one process of a run).
+
+    ``ready`` is called once the pool's connections are open, before the clock
+    starts (replicas wait there for each other); ``sample(elapsed, served)``
+    every :data:`SAMPLE_EVERY` while the workers run.
+    """
+    extra = {"application_name": app_name} if url.get_backend_name() == "postgresql" else {}
     engine = create_engine(url, poolclass=sa.QueuePool, pool_size=pool_size, max_overflow=0,
-                           connect_args=connect_args)
-    ids: set[int] = set()
-    if monitor.dialect_name in ("mysql", "mariadb"):
+                           connect_args={**extra, **connect_args})
+    if ids is not None:
 
         @sa.event.listens_for(engine, "connect")
         def _remember_id(dbapi_connection: Any, record: Any) -> None:
@@ -302,21 +343,15 @@ def run_one(
         poolguard.wrap(engine, name=f"bench-{pool_size}x{concurrency}", **options)
         guard = poolguard.get_guard(engine)
         workers = _Workers(engine, workload, concurrency, seed)
+        ready()
         start = perf_counter()
         end_at = start + duration
         workers.start(end_at)
-        most_server: int | None = None
         peak_in_use = 0
         give_up = end_at + (options.get("acquire_timeout") or 30.0) + 60.0
         while workers.alive() and perf_counter() < give_up:
-            now = perf_counter()
             peak_in_use = max(peak_in_use, guard.gate.in_use)
-            if now < end_at + SAMPLE_EVERY:
-                seen = monitor.count(app_name, ids)
-                if seen is not None:
-                    most_server = seen if most_server is None else max(most_server, seen)
-            if tick is not None:
-                tick(now - start, workers.served())
+            sample(perf_counter() - start, workers.served())
             time.sleep(SAMPLE_EVERY)
         workers.stop.set()
         finished = perf_counter()
@@ -325,12 +360,154 @@ def run_one(
         engine.dispose()
     # Requests running when the time is up finish and count: the rate is over
     # the time they took, not over --duration alone (else busy > pool size).
-    elapsed = max(min(finished, end_at), *workers.last_end) - start
     served, failed = workers.outcomes()
+    return _Raw(
+        served_ms=served,
+        failed=failed,
+        elapsed=max(min(finished, end_at), *workers.last_end) - start,
+        wait_p50_ms=stats.wait_time.p50 * 1000,
+        wait_p99_ms=stats.wait_time.p99 * 1000,
+        uses=stats.use_time.count,
+        hold_total_ms=stats.use_time.mean * stats.use_time.count * 1000,
+        peak_in_use=peak_in_use,
+    )
+
+
+def _replica(
+    url: sa.URL,
+    kwargs: dict[str, Any],
+    index: int,
+    barrier: Any,
+    served: Any,
+    results: Any,
+) -> None:
+    """One replica process of ``run_one(replicas=N)``: its own engine and workers."""
+    try:
+
+        def progress(elapsed: float, count: int) -> None:
+            served[index] = count
+
+        raw = _drive(url, ids=None, ready=lambda: barrier.wait(_START_TIMEOUT),
+                     sample=progress, **kwargs)
+        results.put((index, raw, None))
+    except BaseException as exc:  # noqa: BLE001 - reported by the parent
+        with contextlib.suppress(Exception):
+            barrier.abort()
+        results.put((index, None, f"{type(exc).__name__}: {exc}"))
+
+
+#: Seconds the replicas of a run may take to open their pools and meet.
+_START_TIMEOUT = 60.0
+
+
+def _run_replicas(
+    url: sa.URL,
+    replicas: int,
+    kwargs: dict[str, Any],
+    sample: Callable[[float, int], None],
+) -> list[_Raw]:
+    """``replicas`` processes, each :func:`_drive`; sampled from here while they run."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(replicas + 1)
+    served = ctx.Array("q", replicas, lock=False)
+    results = ctx.Queue()
+    processes = [
+        ctx.Process(target=_replica, args=(url, kwargs, i, barrier, served, results),
+                    name=f"poolguard-bench-replica-{i}", daemon=True)
+        for i in range(replicas)
+    ]
+    for process in processes:
+        process.start()
+    raws: dict[int, _Raw] = {}
+    errors: list[str] = []
+    try:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            # A replica that failed to start broke the barrier: its error is queued.
+            barrier.wait(_START_TIMEOUT)
+        start = perf_counter()
+        give_up = start + kwargs["duration"] + (kwargs["options"].get("acquire_timeout")
+                                                or 30.0) + 90.0
+        while len(raws) + len(errors) < replicas and perf_counter() < give_up:
+            sample(perf_counter() - start, sum(served))
+            try:
+                index, raw, error = results.get(timeout=SAMPLE_EVERY)
+            except queue.Empty:
+                continue
+            if raw is not None:
+                raws[index] = raw
+            else:
+                errors.append(f"replica {index}: {error}")
+    finally:
+        for process in processes:
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+        results.close()
+    if errors or len(raws) < replicas:
+        from ._db import CliError
+
+        raise CliError("a replica process of the run failed: "
+                       + ("; ".join(errors) or "it did not finish in time"))
+    return [raws[i] for i in sorted(raws)]
+
+
+def run_one(
+    url: sa.URL,
+    *,
+    pool_size: int,
+    concurrency: int,
+    duration: float,
+    workload: Sequence[Statement],
+    options: dict[str, Any],
+    monitor: ServerConnections,
+    seed: int = 1,
+    tick: Callable[[float, int], None] | None = None,
+    replicas: int = 1,
+    connect_args: dict[str, Any] | None = None,
+) -> Result:
+    """Drive ``workload`` with ``concurrency`` closed-loop workers through a guarded
+    pool of ``pool_size`` connections for ``duration`` seconds.
+
+    With ``replicas`` > 1, that many processes do so at once, each with its own
+    engine, pool and workers (a fleet of the service): the result merges them
+    (throughput and busy connections are the fleet's; acquire wait p50 is the
+    median of the replicas', p99 the worst replica's; ``peak_in_use`` sums the
+    replicas' peaks).
+    """
+    app_name = f"poolguard-bench-{os.getpid()}-{pool_size}x{concurrency}"
+    ids: set[int] | None = set() if monitor.dialect_name in ("mysql", "mariadb") else None
+    most: list[int] = []
+
+    def sample(elapsed: float, served: int) -> None:
+        if elapsed < duration + SAMPLE_EVERY:
+            seen = monitor.count(app_name, ids or set())
+            if seen is not None:
+                most.append(seen)
+        if tick is not None:
+            tick(elapsed, served)
+
+    kwargs: dict[str, Any] = {
+        "pool_size": pool_size, "concurrency": concurrency, "duration": duration,
+        "workload": list(workload), "options": options, "connect_args": connect_args or {},
+        "app_name": app_name, "seed": seed,
+    }
+    if replicas == 1:
+        raws = [_drive(url, ids=ids, ready=lambda: None, sample=sample, **kwargs)]
+    else:
+        # One seed per replica, so the replicas do not pick the same statements.
+        raws = _run_replicas(url, replicas, {**kwargs, "seed": seed * 1009}, sample)
+    served = sorted(x for raw in raws for x in raw.served_ms)
+    failed: dict[str, int] = {}
+    for raw in raws:
+        for key, n in raw.failed.items():
+            failed[key] = failed.get(key, 0) + n
+    elapsed = max(raw.elapsed for raw in raws)
     timeouts = failed.pop("timeout", 0)
     rejected = failed.pop("rejected", 0)
     throughput = round(len(served) / elapsed, 2)
-    hold_ms = round(stats.use_time.mean * 1000, 3)
+    uses = sum(raw.uses for raw in raws)
+    hold_ms = round(sum(raw.hold_total_ms for raw in raws) / uses, 3) if uses else 0.0
     return Result(
         pool_size=pool_size,
         concurrency=concurrency,
@@ -341,14 +518,14 @@ def run_one(
         p50_ms=rounded(percentile(served, 50), 3),
         p95_ms=rounded(percentile(served, 95), 3),
         p99_ms=rounded(percentile(served, 99), 3),
-        wait_p50_ms=round(stats.wait_time.p50 * 1000, 3),
-        wait_p99_ms=round(stats.wait_time.p99 * 1000, 3),
+        wait_p50_ms=round(statistics.median(raw.wait_p50_ms for raw in raws), 3),
+        wait_p99_ms=round(max(raw.wait_p99_ms for raw in raws), 3),
         timeouts=timeouts,
         rejections=rejected,
         errors=sum(failed.values()),
         error_types=failed,
-        server_connections=most_server,
-        peak_in_use=peak_in_use,
+        server_connections=max(most) if most else None,
+        peak_in_use=sum(raw.peak_in_use for raw in raws),
         mean_hold_ms=hold_ms,
         busy_connections=_busy(throughput, hold_ms),
     )

@@ -52,12 +52,14 @@ import sqlalchemy as sa
 import poolguard
 
 from ._args import (
+    connect_arg,
     guard_options,
     option_pair,
     parse_duration,
     parse_sizes,
     positive_int,
 )
+from ._bouncer import AdminConsole, PgBouncerInfo, admin_url_for, detect_pgbouncer
 from ._db import UsageError, create_engine, install_hint, parse_url, ping, shown
 from ._output import StatusLine, ms_cell, ms_text, wrap
 from ._plot import check_plot, plot
@@ -139,6 +141,8 @@ SWEEP_DEFAULTS: dict[str, Any] = {
     "print_workload": False,
     "replicas": 1,
     "option": [],
+    "connect_arg": [],
+    "pgbouncer_admin_url": None,
     "plot": None,
     "seed": 1,
 }
@@ -147,6 +151,10 @@ HOT_PATH_DEFAULTS: dict[str, Any] = {"rounds": 20, "iterations": 2000, "otel": F
                                      "contention": False, "quick": False}
 #: What ``--hot-path --contention`` does not use (it sizes its own runs, on SQLite).
 CONTENTION_IGNORES = ("url", "rounds", "iterations", "otel")
+
+
+#: The most ``--replicas``: each is a process on this machine.
+MAX_REPLICAS = 32
 
 
 def _flag(dest: str) -> str:
@@ -182,6 +190,9 @@ def resolve_defaults(args: argparse.Namespace) -> None:
     for dest, default in defaults.items():
         if getattr(args, dest) is None:
             setattr(args, dest, default)
+    if not args.hot_path and args.replicas > MAX_REPLICAS:
+        raise UsageError(f"--replicas {args.replicas}: at most {MAX_REPLICAS}; each replica is a "
+                         "process of its own on this machine, with its own pool and workers")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -208,8 +219,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-workload", action="store_true", default=None,
                         help="print the workload (built-in, or --workload) and exit")
     parser.add_argument("--replicas", type=positive_int, metavar="N",
-                        help="instances of the service sharing the database (default 1): "
-                        "warns when replicas x pool size exceeds max_connections")
+                        help="instances of the service sharing the database (default 1): runs "
+                        "N processes at once, each with its own engine, pool and workers, and "
+                        "checks replicas x pool size against max_connections, or PgBouncer's "
+                        "max_client_conn")
+    parser.add_argument("--connect-arg", type=connect_arg, action="append",
+                        metavar="NAME=VALUE",
+                        help="a driver option (SQLAlchemy connect_args), e.g. "
+                        "prepare_threshold=None for psycopg behind PgBouncer (repeatable; "
+                        "None, true/false and numbers are read as such, '5' stays text)")
+    parser.add_argument("--pgbouncer-admin-url", metavar="URL",
+                        help="PgBouncer's admin console, e.g. postgresql://stats@host:6432/"
+                        "pgbouncer (default: tried on the --url's host and port)")
     parser.add_argument("--option", type=option_pair, action="append", metavar="NAME=VALUE",
                         help="a poolguard.wrap option of the engines, e.g. reserved_critical=2 "
                         "(repeatable; default acquire_timeout=2)")
@@ -286,8 +307,11 @@ def run(args: argparse.Namespace) -> int:
         if args.print_workload:
             sys.stdout.write(format_workload(workload))
             return 0
-        server = ping(url)
-        report = _bench(args, url, server, workload, options)
+        connect_args = dict(args.connect_arg)
+        server = ping(url, connect_args)
+        admin = parse_url(args.pgbouncer_admin_url) if args.pgbouncer_admin_url else None
+        pooler = detect_pgbouncer(url, admin, connect_args)
+        report = _bench(args, url, server, workload, options, connect_args, pooler)
     if args.json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
@@ -299,7 +323,11 @@ def run(args: argparse.Namespace) -> int:
              report["recommendation"]["recommended_pool_size"], args.plot, title)
         if not args.json:
             sys.stdout.write(f"plot saved to {args.plot}\n")
-    return 0
+    return 0 if report["recommendation"]["valid"] else INVALID_STATUS
+
+
+#: The exit status of a sweep whose requests failed: it ran, and recommends nothing.
+INVALID_STATUS = 3
 
 
 def _bench(
@@ -308,16 +336,22 @@ def _bench(
     server: str,
     workload: list[Statement],
     options: dict[str, Any],
+    connect_args: dict[str, Any],
+    pooler: PgBouncerInfo | None,
 ) -> dict[str, Any]:
     backend = url.get_backend_name()
     where = shown(url) if args.url else "SQLite, a file in a temporary folder"
     source = str(args.workload) if args.workload else "built-in workload"
-    check = create_engine(url, poolclass=sa.NullPool)
+    check = create_engine(url, poolclass=sa.NullPool, connect_args=connect_args)
     try:
         check_workload(check, workload, source)
     finally:
         check.dispose()
-    monitor = ServerConnections(url, backend)
+    console = None
+    if pooler is not None and pooler.admin_url is not None:
+        console = AdminConsole(parse_url(args.pgbouncer_admin_url) if args.pgbouncer_admin_url
+                               else admin_url_for(url))
+    monitor = ServerConnections(url, backend, console)
     try:
         limit = monitor.max_connections()
         # Round after round over every cell: a drift of the machine's speed
@@ -327,8 +361,12 @@ def _bench(
         if not args.json:
             total = len(runs) * args.duration
             cells_n = len(args.concurrency) * len(args.pool_sizes)
+            fleet = (f"{args.replicas} replica processes, each with its own pool and workers; "
+                     if args.replicas > 1 else "")
+            behind = f"behind {_pooler_text(pooler)}; " if pooler is not None else ""
             sys.stdout.write(wrap(
-                f"poolguard bench: {where} ({server}); {cells_n} pool size x concurrency "
+                f"poolguard bench: {where} ({server}); {behind}{fleet}{cells_n} pool size x "
+                "concurrency "
                 f"cells, {args.repeat} run(s) of {args.duration:g} s each (about "
                 f"{_about(total)}); workload: {source}, {len(workload)} statements; guard "
                 f"options: {' '.join(f'{k}={v}' for k, v in options.items())}"
@@ -349,7 +387,7 @@ def _bench(
             result = run_one(
                 url, pool_size=pool_size, concurrency=concurrency, duration=args.duration,
                 workload=workload, options=options, monitor=monitor, seed=args.seed + rep,
-                tick=tick,
+                tick=tick, replicas=args.replicas, connect_args=connect_args,
             )
             results.append(result)
             failed = result.timeouts + result.rejections + result.errors
@@ -358,7 +396,10 @@ def _bench(
     finally:
         monitor.close()
     recommendation = recommend(results, replicas=args.replicas, server_limit=limit,
-                               backend=backend)
+                               backend=backend, pooler=pooler)
+    if not recommendation["valid"]:
+        recommendation["reasoning"] = _invalid_reasoning(recommendation["invalid_because"],
+                                                         pooler, url, connect_args)
     return {
         "command": "bench",
         "database": {"where": where, "server": server, "backend": backend},
@@ -373,12 +414,45 @@ def _bench(
             "seed": args.seed,
         },
         "guard_options": options,
+        "connect_args": dict(connect_args),
+        "pgbouncer": dataclasses.asdict(pooler) if pooler is not None else None,
         "workload": {"source": source,
                      "statements": [dataclasses.asdict(s) for s in workload]},
         "results": [dataclasses.asdict(c) for c in cells(results)],
         "runs": [dataclasses.asdict(r) for r in results],
         "recommendation": recommendation,
     }
+
+
+def _pooler_text(pooler: PgBouncerInfo) -> str:
+    if pooler.settings_known:
+        return (f"{pooler.version} ({pooler.pool_mode} mode, {pooler.pool_size} server "
+                f"connections, max_client_conn {pooler.max_client_conn})")
+    return "a pooler or proxy whose settings could not be read"
+
+
+def _invalid_reasoning(
+    failed: list[str], pooler: PgBouncerInfo | None, url: sa.URL, connect_args: dict[str, Any]
+) -> list[str]:
+    """Why nothing is recommended, and what to change before running again."""
+    lines = [
+        "Requests failed, so these runs measured failures as much as pool sizes (a failed "
+        "request frees its worker early, a timeout hides the wait it cut): no recommendation.",
+        *failed,
+    ]
+    text = " ".join(failed)
+    if ("prepared statement" in text or "InvalidSqlStatementName" in text
+            or "DuplicatePreparedStatement" in text) or (
+            pooler is not None and url.get_driver_name() == "psycopg"
+            and "prepare_threshold" not in connect_args):
+        lines.append("Behind a pooler in transaction mode, psycopg's prepared statements fail "
+                     "on another server connection: add --connect-arg prepare_threshold=None.")
+    if pooler is not None and ("timed out" in text or "PoolerSaturated" in text):
+        lines.append("Behind PgBouncer, timeouts and PoolerSaturated errors mean its queue is "
+                     "full: fewer workers or --replicas, or a larger pool_size in PgBouncer.")
+    lines.append("Measure again with concurrencies and pool sizes that do not fail (or a "
+                 "longer --option acquire_timeout) before sizing from them.")
+    return lines
 
 
 def _about(seconds: float) -> str:
@@ -391,8 +465,11 @@ def format_report(report: dict[str, Any]) -> str:
     lines = ["", _HEAD, "-" * len(_HEAD), *rows, "", wrap(LEGEND), ""]
     rec = report["recommendation"]
     size = rec["recommended_pool_size"]
-    lines.append(f"Recommendation: pool_size={size}" if size is not None
-                 else "Recommendation: none (nothing was served)")
+    if not rec.get("valid", True):
+        lines.append("INVALID RUN: requests failed; no recommendation")
+    else:
+        lines.append(f"Recommendation: pool_size={size}" if size is not None
+                     else "Recommendation: none (nothing was served)")
     lines += [wrap(line, "  - ", "    ") for line in rec["reasoning"]]
     lines += [wrap(w, "  WARNING: ", "    ") for w in rec["warnings"]]
     return "\n".join(lines) + "\n"
