@@ -286,7 +286,7 @@ class Load:
                 try:
                     with poolguard.request(tag=tag, priority=priority):
                         fn()
-                except sa.exc.SQLAlchemyError as exc:
+                except sa.exc.SQLAlchemyError as exc:  # noqa: PERF203 - one per call
                     name = getattr(exc, "reason", None) or type(exc).__name__
                     with self.lock:
                         self.errors[name] = self.errors.get(name, 0) + 1

@@ -738,6 +738,13 @@ class Culprits:
         with self._lock:
             return self.detector.attribution()
 
+    def isolated_by_kind(self) -> dict[str, int]:
+        """How many shapes and tags are isolated now."""
+        counts = {SHAPE: 0, TAG: 0}
+        for iso in list(self.detector.isolated.values()):
+            counts[iso.kind] += 1
+        return counts
+
     def isolated(self) -> list[Isolation]:
         """The shapes and tags isolated (or being lifted) now."""
         return list(self.detector.isolated.values())
