@@ -161,6 +161,37 @@ def test_a_shape_is_preferred_and_its_tag_is_then_not_isolated() -> None:
     assert [(c.isolation.kind, c.isolation.key) for c in changes] == [(SHAPE, "bad")]
 
 
+def test_a_shape_held_by_one_tag_is_isolated_in_that_tag_only() -> None:
+    # "reports" runs the shape for seconds; "api" runs the same shape (other
+    # parameters) in milliseconds: only the reports' executions are isolated.
+    detector = Detector()
+    def sample(t: float) -> list[Observation]:
+        # The fast ones are seen running now and then, as a sample would.
+        seen = round(t / PRESSED_INTERVAL) % 10 == 0
+        return (_bad(4, tag="reports") + _good(1, tag="api")
+                + [Observation("bad", "api", 0.004, 0.002)] * seen)
+
+    changes = _run(detector, 0.0, 2.0, sample)
+    assert detector.pairs[("bad", "api")].cs > 0
+    (change,) = changes
+    iso = change.isolation
+    assert (iso.kind, iso.key, iso.scoped, iso.scope) == (SHAPE, "bad", True, "reports")
+    assert iso.covers("bad", "reports")
+    assert not iso.covers("bad", "api")
+    assert not iso.covers("bad", None)
+
+
+def test_a_shape_held_across_tags_is_isolated_everywhere() -> None:
+    detector = Detector()
+    changes = _run(detector, 0.0, 2.0, lambda t: _bad(2, tag="reports") + _bad(2, tag="search")
+                   + _good(1, tag="api"))
+    (change,) = changes
+    iso = change.isolation
+    assert (iso.key, iso.scoped) == ("bad", False)
+    assert iso.covers("bad", "api")
+    assert iso.covers("bad", None)
+
+
 def _isolated_at(detector: Detector) -> float:
     changes = _run(detector, 0.0, 1.0, lambda t: _bad(4) + _good(1))
     assert changes

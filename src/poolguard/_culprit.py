@@ -100,6 +100,8 @@ HOLD_MAX = 30.0
 #: While lifted: one execution in N goes through, N stepping down every STEP seconds.
 RAMP = (8, 4, 2)
 STEP = 1.0
+#: A shape whose connection-seconds come this much from one tag is isolated in that tag only.
+SCOPE_SHARE = 0.9
 #: Most isolations at once, and most (shape, tag) pairs tracked.
 MAX_ISOLATED = 4
 MAX_PAIRS = 512
@@ -158,7 +160,17 @@ class Isolation:
     step: int | None = None
     step_at: float = 0.0
     isolations: int = 1
+    #: A shape isolated only in the requests of one tag (``scope``; None:
+    #: untagged code), the one that held nearly all of its connection-seconds.
+    scoped: bool = False
+    scope: str | None = None
     counter: Any = dataclasses.field(default_factory=itertools.count)
+
+    def covers(self, shape: str | None, tag: str | None) -> bool:
+        """Whether a hold running ``shape`` under ``tag`` belongs to this isolation."""
+        if self.kind == TAG:
+            return tag == self.key
+        return shape == self.key and (not self.scoped or tag == self.scope)
 
     @property
     def phase(self) -> str:
@@ -335,19 +347,16 @@ class Detector:
 
     # -- deciding -----------------------------------------------------------------
 
-    def _excluded(self) -> set[str | None]:
-        return {key for (kind, key) in self.isolated if kind == SHAPE}
-
     def totals(self, kind: str) -> dict[str | None, list[float]]:
         """Per shape or tag: [connection-seconds, run sum, run n, age sum, age n, held].
 
         A tag's totals leave out the shapes isolated (their holds are not the tag's doing).
         """
         index = 0 if kind == SHAPE else 1
-        excluded = self._excluded() if kind == TAG else set()
+        shapes = [i for i in self.isolated.values() if i.kind == SHAPE] if kind == TAG else []
         totals: dict[str | None, list[float]] = {}
         for key, pair in self.pairs.items():
-            if key[0] in excluded:
+            if any(iso.covers(*key) for iso in shapes):
                 continue
             row = totals.setdefault(key[index], [0.0] * 6)
             row[0] += pair.cs
@@ -400,6 +409,16 @@ class Detector:
         iso = self.isolated[(kind, key)] = Isolation(
             kind=kind, key=key, share=share, slow=slow, since=now, hold=HOLD_FIRST
         )
+        if kind == SHAPE:
+            # Held nearly all by one tag's requests (or by untagged code): the
+            # same shape elsewhere (other parameters, other callers) goes on.
+            by_tag: dict[str | None, float] = {}
+            for (shape, tag), pair in self.pairs.items():
+                if shape == key:
+                    by_tag[tag] = by_tag.get(tag, 0.0) + pair.cs
+            top = max(by_tag, key=lambda tag: by_tag[tag])
+            if by_tag[top] >= SCOPE_SHARE * cs:
+                iso.scoped, iso.scope = True, top
         self.isolations[kind] += 1
         return Change("isolated", iso, int(row[5]))
 
@@ -410,7 +429,7 @@ class Detector:
                 if now - iso.since >= iso.hold and (not standing or now - iso.since >= HOLD_MAX):
                     iso.step, iso.step_at = 0, now
                 continue
-            mine = [o for o in obs if (o.shape if iso.kind == SHAPE else o.tag) == iso.key]
+            mine = [o for o in obs if iso.covers(o.shape, o.tag)]
             seen = max((o.running if iso.kind == SHAPE else o.age for o in mine), default=0.0)
             if seen >= iso.slow:  # a probe as slow as the culprit was: isolate it again
                 iso.step, iso.since = None, now
@@ -661,7 +680,8 @@ class Culprits:
                 "kind": iso.kind,
                 "shape": iso.key if iso.kind == SHAPE else None,
                 "statement": self._texts.get(iso.key, "")[:200] if iso.kind == SHAPE else None,
-                "tag": iso.key if iso.kind == TAG else None,
+                "tag": iso.key if iso.kind == TAG else iso.scope,
+                "scoped": iso.scoped,
                 "site": site,
                 "share": round(iso.share, 3),
                 "held": change.held,
@@ -687,7 +707,9 @@ class Culprits:
         """A statement of an isolated shape: let it through as a probe, or shed it."""
         shapes = self.shapes
         iso = shapes.get(shape) if shapes is not None else None
-        if iso is None or iso.admit():
+        if iso is None or (iso.scoped and iso.scope != (request.tag if request else None)):
+            return
+        if iso.admit():
             return
         raise self._shed(iso, request)
 
@@ -716,7 +738,10 @@ class Culprits:
         retry_after = max(0.1, iso.since + iso.hold - perf_counter())
         if iso.kind == SHAPE:
             text = self._texts.get(iso.key, "")
-            what = f"statement shape {iso.key} {text[:80]!r}{where}"
+            scope = ""
+            if iso.scoped:
+                scope = f" in requests tagged {iso.scope!r}" if iso.scope else " in untagged code"
+            what = f"statement shape {iso.key} {text[:80]!r}{where}{scope}"
             done = "not sending the statement"
         else:
             what = f"request tag {iso.key!r}{where}"
