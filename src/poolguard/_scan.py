@@ -46,12 +46,12 @@ class Scanner:
         breakers: Breakers,
         *,
         is_async: Callable[[], bool],
-        exporter: Callable[[], Any],
         changed: Callable[[], None],
+        exporter: Callable[[], Any],
     ) -> None:
-        self._hooks = hooks
-        self._log = parts.log
         self._config = parts.config
+        self._log = parts.log
+        self._hooks = hooks
         self._diagnostics = diagnostics
         self._breakers = breakers
         #: Sheds counted for the ``load.shed`` summary.
