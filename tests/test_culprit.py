@@ -148,6 +148,28 @@ def test_a_tag_is_isolated_when_no_single_shape_explains_it() -> None:
     assert [(c.isolation.kind, c.isolation.key) for c in changes] == [(TAG, "reports")]
 
 
+def test_a_tag_idle_in_transaction_after_one_shape_is_isolated() -> None:
+    # Each "checkout" request runs one fast statement, then holds its
+    # connection for seconds (calls a payment API): the tag is the culprit.
+    detector = Detector()
+
+    def sample(t: float) -> list[Observation]:
+        return [Observation("q", "checkout", 3.0, 0.0)] * 4 + _good(1, tag="api")
+
+    changes = _run(detector, 0.0, 2.0, sample)
+    assert [(c.isolation.kind, c.isolation.key) for c in changes] == [(TAG, "checkout")]
+
+
+def test_a_tag_is_not_isolated_while_one_slow_shape_explains_it() -> None:
+    # The login tag holds most of the pool because one of its shapes runs
+    # slow; that shape is below culprit_share yet (the tag's other statements
+    # add to the tag): the tag waits for the shape's turn, it is not isolated.
+    detector = Detector(share=0.65)
+    changes = _run(detector, 0.0, 3.0, lambda t: _bad(3, tag="login")
+                   + _good(1, tag="login", running=0.004) + _good(1, tag="api"))
+    assert changes == []
+
+
 def test_a_shape_is_preferred_and_its_tag_is_then_not_isolated() -> None:
     # The critical login flow's own query went bad: isolate the shape, not
     # the login tag (its other statements keep being served).

@@ -370,14 +370,12 @@ class Detector:
     def _find(self, now: float, kind: str, obs: list[Observation]) -> Change | None:
         totals = self.totals(kind)
         total_cs = sum(row[0] for row in totals.values())
-        if total_cs <= 0.0:
-            return None
         candidates = [
             (row[0], key)
             for key, row in totals.items()
             if key is not None and (kind, key) not in self.isolated
         ]
-        if not candidates:
+        if total_cs <= 0.0 or not candidates:
             return None
         cs, key = max(candidates)
         assert key is not None
@@ -385,10 +383,29 @@ class Detector:
         share = cs / total_cs
         if share < self.share or row[5] < MIN_HELD:
             return None
-        others = [r for k, r in totals.items() if k != key]
+        if kind == TAG and self._explained(key):
+            return None  # one slow shape explains it: that shape is the culprit, if any
+        slow = self._slow(kind, key, row, [r for k, r in totals.items() if k != key])
+        if slow is None:
+            return None
+        iso = self.isolated[(kind, key)] = Isolation(
+            kind=kind, key=key, share=share, slow=slow, since=now, hold=HOLD_FIRST
+        )
+        if kind == SHAPE:
+            self._scope(iso, cs)
+        self.isolations[kind] += 1
+        return Change("isolated", iso, int(row[5]))
+
+    def _slow(
+        self, kind: str, key: str, row: list[float], others: list[list[float]]
+    ) -> float | None:
+        """How long a probe of a slow ``key`` runs; None: it is not slow next to the others.
+
+        A shape is slow by its statements (running, or completed lately), a
+        tag by its checkouts. None too when nobody else used the pool lately:
+        there is nothing to protect.
+        """
         seen = sum(r[4] for r in others)
-        # A shape is slow by its statements (running, or completed lately), a
-        # tag by its checkouts.
         at = (1, 2) if kind == SHAPE else (3, 4)
         mine = _mean(row[at[0]], row[at[1]])
         theirs = _mean(sum(r[at[0]] for r in others), sum(r[at[1]] for r in others))
@@ -401,26 +418,40 @@ class Detector:
             theirs = max(theirs, _mean(sum(r[1] for r in done), sum(r[0] for r in done)))
         else:
             seen += sum(1 for tag in self.waiting if tag != key)
-        if seen <= 1e-9:
-            return None  # nobody else used the pool lately: nothing to protect
-        if mine < MIN_DURATION or mine < SLOW_RATIO * theirs:
+        if seen <= 1e-9 or mine < MIN_DURATION or mine < SLOW_RATIO * theirs:
             return None
-        slow = max(MIN_DURATION, SLOW_RATIO * theirs, mine / 2)
-        iso = self.isolated[(kind, key)] = Isolation(
-            kind=kind, key=key, share=share, slow=slow, since=now, hold=HOLD_FIRST
-        )
-        if kind == SHAPE:
-            # Held nearly all by one tag's requests (or by untagged code): the
-            # same shape elsewhere (other parameters, other callers) goes on.
-            by_tag: dict[str | None, float] = {}
-            for (shape, tag), pair in self.pairs.items():
-                if shape == key:
-                    by_tag[tag] = by_tag.get(tag, 0.0) + pair.cs
-            top = max(by_tag, key=lambda tag: by_tag[tag])
-            if by_tag[top] >= SCOPE_SHARE * cs:
-                iso.scoped, iso.scope = True, top
-        self.isolations[kind] += 1
-        return Change("isolated", iso, int(row[5]))
+        return max(MIN_DURATION, SLOW_RATIO * theirs, mine / 2)
+
+    def _scope(self, iso: Isolation, cs: float) -> None:
+        """Held nearly all by one tag's requests (or by untagged code): isolate
+        the shape there only; elsewhere (other parameters, other callers) it goes on."""
+        by_tag: dict[str | None, float] = {}
+        for (shape, tag), pair in self.pairs.items():
+            if shape == iso.key:
+                by_tag[tag] = by_tag.get(tag, 0.0) + pair.cs
+        top = max(by_tag, key=lambda tag: by_tag[tag])
+        if by_tag[top] >= SCOPE_SHARE * cs:
+            iso.scoped, iso.scope = True, top
+
+    def _explained(self, tag: str) -> bool:
+        """Most of ``tag``'s connection-seconds are one shape's, and its statements run slow."""
+        top = self._one_shape(tag)
+        if top is None:
+            return False
+        shapes = self.totals(SHAPE)
+        others = [r for k, r in shapes.items() if k != top]
+        return top in shapes and self._slow(SHAPE, top, shapes[top], others) is not None
+
+    def _one_shape(self, tag: str) -> str | None:
+        """The shape that holds at least half of ``tag``'s connection-seconds, if any."""
+        shapes = [i for i in self.isolated.values() if i.kind == SHAPE]
+        by_shape: dict[str | None, float] = {}
+        for (shape, pair_tag), pair in self.pairs.items():
+            if pair_tag == tag and not any(iso.covers(shape, tag) for iso in shapes):
+                by_shape[shape] = by_shape.get(shape, 0.0) + pair.cs
+        total = sum(by_shape.values())
+        top = max(by_shape, key=lambda shape: by_shape[shape], default=None)
+        return top if top is not None and by_shape[top] >= 0.5 * total else None
 
     def _lift(self, now: float, obs: list[Observation], changes: list[Change]) -> None:
         standing = self.standing(now)
@@ -540,7 +571,9 @@ class Culprits:
         *,
         changed: Callable[[], None],
         sheds: Callable[[], int],
+        maybe_scan: Callable[[float], None],
     ) -> None:
+        self._maybe_scan = maybe_scan
         self._parts = parts
         self._recorder = recorder
         #: Per stats row: (statements, seconds) at the last sample.
@@ -715,6 +748,8 @@ class Culprits:
 
     def admit(self, pool: object = None) -> None:
         """A checkout while a breaker is not closed or a tag is isolated."""
+        # Sampled here too: an open breaker refuses the checkouts the scan rides on.
+        self._maybe_scan(perf_counter())
         if self.tags_on:
             self.check_checkout()
         self._breakers.admit(pool)

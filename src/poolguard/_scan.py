@@ -63,6 +63,7 @@ class Scanner:
             hooks.recorder,
             changed=changed,
             sheds=lambda: self.shed_summary.total + hooks.recorder.timeouts,
+            maybe_scan=self.maybe_scan,
         )
         #: perf_counter() time of the next full scan (samples may come between).
         self.next_full = 0.0
