@@ -434,24 +434,19 @@ class Detector:
             iso.scoped, iso.scope = True, top
 
     def _explained(self, tag: str) -> bool:
-        """Most of ``tag``'s connection-seconds are one shape's, and its statements run slow."""
-        top = self._one_shape(tag)
-        if top is None:
-            return False
-        shapes = self.totals(SHAPE)
-        others = [r for k, r in shapes.items() if k != top]
-        return top in shapes and self._slow(SHAPE, top, shapes[top], others) is not None
-
-    def _one_shape(self, tag: str) -> str | None:
-        """The shape that holds at least half of ``tag``'s connection-seconds, if any."""
+        """One shape whose statements run slow holds at least half of ``tag``'s
+        connections now: that shape, not the tag, is the culprit to isolate."""
         shapes = [i for i in self.isolated.values() if i.kind == SHAPE]
-        by_shape: dict[str | None, float] = {}
-        for (shape, pair_tag), pair in self.pairs.items():
+        held: dict[str | None, int] = {}
+        for (shape, pair_tag), n in self.held.items():
             if pair_tag == tag and not any(iso.covers(shape, tag) for iso in shapes):
-                by_shape[shape] = by_shape.get(shape, 0.0) + pair.cs
-        total = sum(by_shape.values())
-        top = max(by_shape, key=lambda shape: by_shape[shape], default=None)
-        return top if top is not None and by_shape[top] >= 0.5 * total else None
+                held[shape] = held.get(shape, 0) + n
+        top = max(held, key=lambda shape: held[shape], default=None)
+        if top is None or 2 * held[top] < sum(held.values()):
+            return False
+        totals = self.totals(SHAPE)
+        others = [r for k, r in totals.items() if k != top]
+        return top in totals and self._slow(SHAPE, top, totals[top], others) is not None
 
     def _lift(self, now: float, obs: list[Observation], changes: list[Change]) -> None:
         standing = self.standing(now)
