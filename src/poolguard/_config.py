@@ -148,6 +148,8 @@ class Config:
             ``breaker``): with ``breaker_slow_call_duration`` and
             ``breaker_slow_call_rate`` it sheds one slow query shape's tag
             (:class:`poolguard.CircuitOpen`) while the other tags are served.
+            A tag's breaker counts its statements, not its checkouts that
+            timed out waiting for the pool (the victims of another's).
         connect_retries: Retries of a failed connection set-up (transient
             errors only, exponential backoff with jitter, never past the
             request's deadline nor the acquire timeout); ``0`` turns
