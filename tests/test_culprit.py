@@ -165,8 +165,12 @@ def test_a_tag_is_not_isolated_while_one_slow_shape_explains_it() -> None:
     # slow; that shape is below culprit_share yet (the tag's other statements
     # add to the tag): the tag waits for the shape's turn, it is not isolated.
     detector = Detector(share=0.65)
-    changes = _run(detector, 0.0, 3.0, lambda t: _bad(3, tag="login")
-                   + _good(1, tag="login", running=0.004) + _good(1, tag="api"))
+    changes = _run(
+        detector,
+        0.0,
+        3.0,
+        lambda t: _bad(3, tag="login") + _good(1, tag="login", running=0.004) + _good(1, tag="api"),
+    )
     assert changes == []
 
 
@@ -187,11 +191,15 @@ def test_a_shape_held_by_one_tag_is_isolated_in_that_tag_only() -> None:
     # "reports" runs the shape for seconds; "api" runs the same shape (other
     # parameters) in milliseconds: only the reports' executions are isolated.
     detector = Detector()
+
     def sample(t: float) -> list[Observation]:
         # The fast ones are seen running now and then, as a sample would.
         seen = round(t / PRESSED_INTERVAL) % 10 == 0
-        return (_bad(4, tag="reports") + _good(1, tag="api")
-                + [Observation("bad", "api", 0.004, 0.002)] * seen)
+        return (
+            _bad(4, tag="reports")
+            + _good(1, tag="api")
+            + [Observation("bad", "api", 0.004, 0.002)] * seen
+        )
 
     changes = _run(detector, 0.0, 2.0, sample)
     assert detector.pairs[("bad", "api")].cs > 0
@@ -205,8 +213,12 @@ def test_a_shape_held_by_one_tag_is_isolated_in_that_tag_only() -> None:
 
 def test_a_shape_held_across_tags_is_isolated_everywhere() -> None:
     detector = Detector()
-    changes = _run(detector, 0.0, 2.0, lambda t: _bad(2, tag="reports") + _bad(2, tag="search")
-                   + _good(1, tag="api"))
+    changes = _run(
+        detector,
+        0.0,
+        2.0,
+        lambda t: _bad(2, tag="reports") + _bad(2, tag="search") + _good(1, tag="api"),
+    )
     (change,) = changes
     iso = change.isolation
     assert (iso.key, iso.scoped) == ("bad", False)
