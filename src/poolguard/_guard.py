@@ -99,9 +99,8 @@ class Guard:
         #: The once-a-second scan, and the extras of a checkout that ride on it.
         self.scanner = Scanner(
             self.hooks, parts, self.diagnostics, self.breakers,
-            is_async=lambda: self._async, exporter=lambda: self.exporter,
-            changed=self._breaker_changed,
-        )
+            is_async=lambda: self._async, changed=self._breaker_changed,
+            exporter=lambda: self.exporter)
         #: Who holds the pool (``culprits.attribution()``), and culprit isolation.
         self.culprits = self.scanner.culprits
         self.after_checkout = self.scanner.after_checkout
