@@ -311,3 +311,26 @@ def test_turning_the_option_off_drops_the_tag_breakers(
     assert guard.breakers_on is False
     assert guard.hooks.tripped is False
     assert _run(engine, "report") == 1
+
+
+def test_a_tag_that_times_out_waiting_for_the_pool_keeps_its_breaker_closed(
+    tmp_path: Path, make_engine: EngineFactory, events: list[dict[str, Any]],
+) -> None:
+    # Another caller holds the pool's one connection: the "api" checkouts
+    # time out in its queue. That says nothing about api's own statements:
+    # its breaker must not open (it would shed the victim, not the culprit).
+    engine = make_engine.using(pool={"poolclass": sa.pool.QueuePool})(
+        f"sqlite:///{tmp_path / 'wait.db'}", 1, max_overflow=0, acquire_timeout=0.01,
+        breaker=True, **SETTINGS,
+    )
+    guard = poolguard.get_guard(engine)
+    with engine.connect():
+        for _ in range(SETTINGS["breaker_minimum_calls"]):
+            with pytest.raises(poolguard.PoolTimeout):
+                _run(engine, "api")
+    assert guard.tag_breakers.get("api") is None or guard.tag_breakers["api"].state == CLOSED
+    # The guard-wide breaker still counts them: a pool that never frees up
+    # can mean a database that stopped answering.
+    assert guard.breaker is not None
+    assert guard.breaker.state == OPEN
+    assert ("breaker.open", "api") not in _breaker_events(events)

@@ -105,7 +105,9 @@ class SlowCheckout:
             error = self._timeout_error(timeout if timeout is not None else waited, by_deadline)
             breakers = self._breakers
             if breakers.on:
-                breakers.record(error, waited, request)
+                # The guard-wide breaker only: a tag that waited in vain for a
+                # pool others hold is their victim, its own statements may be fine.
+                breakers.record(error, waited)
             raise error
         if pre_ping(pool):
             # The pre-ping, still to come inside the checkout, gets what is

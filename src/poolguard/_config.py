@@ -148,6 +148,8 @@ class Config:
             ``breaker``): with ``breaker_slow_call_duration`` and
             ``breaker_slow_call_rate`` it sheds one slow query shape's tag
             (:class:`poolguard.CircuitOpen`) while the other tags are served.
+            A tag's breaker counts its statements, not its checkouts that
+            timed out waiting for the pool (the victims of another's).
         connect_retries: Retries of a failed connection set-up (transient
             errors only, exponential backoff with jitter, never past the
             request's deadline nor the acquire timeout); ``0`` turns
@@ -168,6 +170,18 @@ class Config:
             whether there is one (not its pool mode); ``"transaction"`` or
             ``"session"`` says there is one and how it pools; ``"none"``
             says there is none (no probe).
+        isolate_culprits: Isolate the culprit nobody named: while the pool
+            is under pressure (a standing queue, a pool at capacity, sheds or
+            timeouts), the statement shape (else the request tag) that holds
+            at least ``culprit_share`` of the recent connection-seconds and
+            runs several times slower than everything else is isolated: its
+            statements raise :class:`poolguard.LoadShed` (reason ``culprit``)
+            before they are sent, in every request, critical ones included
+            (an isolated tag's non-critical checkouts are shed). Lifted
+            gradually once the pressure is gone. Never isolates anything
+            when every statement is slow alike.
+        culprit_share: The least share (0 < x <= 1) of the pool's recent
+            connection-seconds a culprit holds.
         adaptive_limit: Let non-critical requests use only as many
             connections as a Gradient2 limit allows, which shrinks when hold
             times grow (the database slows down) and grows back when they
@@ -235,6 +249,8 @@ class Config:
     breaker_half_open_calls: int = _opt(3, _COUNT)
     breaker_classifier: Any = dataclasses.field(default=None, metadata={"kind": _OBJECT})
     breaker_per_tag: bool = _opt(False, _FLAG)
+    isolate_culprits: bool = _opt(False, _FLAG)
+    culprit_share: float = _opt(0.5, _RATE)
     connect_retries: int = _opt(2, _INT0)
     retry_budget: float = _opt(0.1, _FRACTION)
     pgbouncer_admin_url: str | None = _opt(None, _ADMIN_URL, shown=False)

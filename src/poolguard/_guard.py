@@ -99,9 +99,12 @@ class Guard:
         #: The once-a-second scan, and the extras of a checkout that ride on it.
         self.scanner = Scanner(
             self.hooks, parts, self.diagnostics, self.breakers,
-            is_async=lambda: self._async, exporter=lambda: self.exporter,
-        )
+            is_async=lambda: self._async, changed=self._breaker_changed,
+            exporter=lambda: self.exporter)
+        #: Who holds the pool (``culprits.attribution()``), and culprit isolation.
+        self.culprits = self.scanner.culprits
         self.after_checkout = self.scanner.after_checkout
+        self._update_slow_at = self.scanner.update_slow_at
         self.maybe_scan = self.scanner.maybe_scan
         self.note_wait = self.scanner.note_wait
         #: The slow path of a checkout (wait, shed, time out).
@@ -115,7 +118,7 @@ class Guard:
                                    url=lambda: self._engine.url if self._engine else None,
                                    retry_after=self.retry_after)
         # Bound once: the pool and the statement timer call these directly.
-        self.breaker_admit = self.breakers.admit
+        self.breaker_admit = self.culprits.admit  # an isolated tag's checkout, then breakers
         self.breaker_record = self.breakers.record
         #: Some breaker records outcomes (guard-wide or per tag): one check per statement.
         self.breakers_on = False
@@ -149,13 +152,14 @@ class Guard:
         self._apply_policies()
         if self.retry_budget is not None:
             self.retry_budget.ratio = cfg.retry_budget
+        self.culprits.configure(cfg)
         self.breakers.configure(cfg)
         self.breakers_on = self.breakers.on
         self._update_slow_at()
 
     def _breaker_changed(self) -> None:
-        # Checkouts consult breaker_admit while any breaker is not closed.
-        self.hooks.tripped = self.breakers.not_closed()
+        # Checkouts consult breaker_admit while a breaker is not closed or a tag is isolated.
+        self.hooks.tripped = self.breakers.not_closed() or self.culprits.tags_on
         self._update_slow_at()
 
     @property
@@ -178,15 +182,13 @@ class Guard:
 
     def _reject(self, reason: str, priority: str) -> None:
         key = (reason, priority)
+        self.scanner.shed_summary.add(reason, priority)
         with self._lock:
             self.rejections[key] = self.rejections.get(key, 0) + 1
 
     def _apply_policies(self) -> None:
         gate = self.gate
         gate.configure_policy(admission(self.config, gate.capacity))
-
-    def _update_slow_at(self) -> None:
-        self.scanner.update_slow_at()
 
     def scan(self, now: float | None = None) -> None:
         """Check for connections held too long and evaluate the alerts."""

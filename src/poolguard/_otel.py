@@ -505,6 +505,26 @@ class Exporter:
             for state, n in sorted(breaker.transitions.items()):
                 yield Observation(n, {**attrs, "poolguard.state": state})
 
+    def _culprits(self, read: Callable[[Any], dict[str, int]]) -> Iterable[Observation]:
+        """One observation per kind (shape, tag), with isolate_culprits on."""
+        culprits = getattr(self.guard, "culprits", None)
+        if culprits is None or not self.guard.config.isolate_culprits:
+            return
+        base = self._base()
+        for kind, n in sorted(read(culprits).items()):
+            yield Observation(n, {**base, "poolguard.culprit.kind": kind})
+
+    @_observed("poolguard.culprit.isolations", "{isolation}",
+               "Culprits isolated (isolate_culprits), by poolguard.culprit.kind (shape or tag); "
+               "a relapse while being lifted counts again.", monotonic=True)
+    def _culprit_isolations(self) -> Iterable[Observation]:
+        yield from self._culprits(lambda c: dict(c.detector.isolations))
+
+    @_observed("poolguard.culprit.isolated", "{isolation}",
+               "Shapes and tags isolated now, being lifted included, by poolguard.culprit.kind.")
+    def _culprit_isolated(self) -> Iterable[Observation]:
+        yield from self._culprits(lambda c: c.isolated_by_kind())
+
     @_observed("poolguard.connection.leak_warnings", "{warning}",
                "Connections held longer than leak_threshold.", monotonic=True)
     def _leaks(self) -> Iterable[Observation]:

@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 
     from ._config import Config
     from ._context import RequestContext
+    from ._culprit import Culprits
     from ._fingerprint import Fingerprint
     from ._gate import Gate
     from ._hold import Hold
@@ -110,6 +111,7 @@ class StatementGuard(Protocol):
     limits_on: bool
     breakers_on: bool
     slow_query_threshold: float | None
+    culprits: Culprits
 
     @property
     def db_system(self) -> str: ...
@@ -262,8 +264,11 @@ class QueryTimer:
         new_stat, failed, log = self._stat, self._failed, self._log
 
         limit, finish, limit_failed = self._limit, self._finish, self._limit_failed
+        culprits = guard.culprits
 
-        def timed(cursor: DBAPICursor, statement: str, *args: Any) -> Any:  # noqa: PLR0912
+        def timed(  # noqa: PLR0912, PLR0915
+            cursor: DBAPICursor, statement: str, *args: Any
+        ) -> Any:
             try:
                 context = args[context_at]
                 dbapi_connection = context.root_connection._dbapi_connection  # sqla-private
@@ -271,6 +276,9 @@ class QueryTimer:
             except (IndexError, AttributeError):  # no context, or not pooled
                 context = hold = None
             send, armed = statement, None
+            if culprits.shapes is not None:  # some shape is isolated: is it this one?
+                culprits.check_statement((stats.get(statement) or new_stat(statement)).fp.id,
+                                         hold[REQUEST] if hold is not None else _current.get())
             start = perf_counter()
             if hold is not None:
                 # Set before the time limit is applied: the SET LOCAL is a

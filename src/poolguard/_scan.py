@@ -4,8 +4,11 @@ The guarded pool calls :meth:`Scanner.after_checkout` only from the time in
 ``hooks.call_at`` on: the next scan, or always while some per-checkout extra
 is on (call site, a half-open breaker's probe). An asyncio pool's checkout
 records its task itself (``hooks.asyncio``, past ``hooks.slow_at``: the one
-threshold a synchronous checkout compares with). The scan warns
-about leaks, keeps the log and the exporter current and evaluates the alerts.
+threshold a synchronous checkout compares with). The scan warns about leaks,
+keeps the log and the exporter current, evaluates the alerts and logs the
+``load.shed`` summary. Each scan also samples the holds for culprit
+attribution (``_culprit.py``); under pressure the samples come faster than
+the scans, between them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import threading
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+from ._culprit import Culprits, ShedSummary
 from ._hold import SITE
 from ._sites import current_site
 
@@ -42,13 +46,27 @@ class Scanner:
         breakers: Breakers,
         *,
         is_async: Callable[[], bool],
+        changed: Callable[[], None],
         exporter: Callable[[], Any],
     ) -> None:
-        self._hooks = hooks
-        self._log = parts.log
         self._config = parts.config
+        self._log = parts.log
+        self._hooks = hooks
         self._diagnostics = diagnostics
         self._breakers = breakers
+        #: Sheds counted for the ``load.shed`` summary.
+        self.shed_summary = ShedSummary()
+        #: Attribution and culprit isolation, sampled here.
+        self.culprits = self._culprits = Culprits(
+            parts,
+            breakers,
+            hooks.recorder,
+            changed=changed,
+            sheds=lambda: self.shed_summary.total + hooks.recorder.timeouts,
+            maybe_scan=self.maybe_scan,
+        )
+        #: perf_counter() time of the next full scan (samples may come between).
+        self.next_full = 0.0
         self._is_async = is_async
         self._exporter = exporter
         self._lock = threading.Lock()
@@ -85,9 +103,14 @@ class Scanner:
         if now >= self.next_scan and self._lock.acquire(blocking=False):
             try:
                 if now >= self.next_scan:
-                    self.next_scan = now + _SCAN_INTERVAL
+                    full = now >= self.next_full
+                    if full:
+                        self.next_full = now + _SCAN_INTERVAL
+                    self.next_scan = min(self.next_full, now + self._culprits.interval())
                     self.update_slow_at()
-                    self.scan(now)
+                    self._culprits.sample(now)
+                    if full:
+                        self.scan(now)
             finally:
                 self._lock.release()
 
@@ -101,3 +124,4 @@ class Scanner:
             exporter.poll()  # an SDK installed since wrap(): keep samples from now on
         wait_max, self.wait_max = self.wait_max, 0.0
         self._diagnostics.check_alerts(now, wait_max)
+        self.shed_summary.emit(self._log, now)

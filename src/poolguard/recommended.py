@@ -11,7 +11,9 @@ setting": the README (a test compares its code block with :func:`options`),
 It is for a service whose requests take milliseconds and whose critical work
 (logins) must keep being served while something else drains the pool. It
 names no tag: a bulkhead (``tag_limits``) for a query class known to be
-dangerous is the service's own choice, added next to these options.
+dangerous is the service's own choice, added next to these options. A
+request's deadline (``poolguard.request(timeout=...)``) bounds each of its
+statements, with or without these options.
 """
 
 from __future__ import annotations
@@ -37,6 +39,16 @@ def options() -> dict[str, Any]:
         # stack walk per checkout): the question an exhausted pool raises.
         "capture_call_sites": True,
         # While the database itself fails, checkouts fail at once instead of
-        # dialling it; one slow query class alone does not open it.
+        # dialling it; one slow query class among others does not open it.
         "breaker": True,
+        # Every request tag gets a breaker of its own that opens when half of
+        # its recent statements took a second or more: that tag is shed, the
+        # others are served.
+        "breaker_per_tag": True,
+        "breaker_slow_call_duration": 1.0,
+        "breaker_slow_call_rate": 0.5,
+        # Under pressure, the statement shape (or tag) holding most of the
+        # pool and running far slower than the rest is shed before it is sent,
+        # in every request, critical ones included; lifted gradually after.
+        "isolate_culprits": True,
     }

@@ -1,0 +1,577 @@
+"""Culprit isolation: the pure detector (explicit times), then real PostgreSQL.
+
+The detector is fed :class:`Observation` samples and a ``pressed`` flag at
+times the test chooses. The PostgreSQL tests drive a small pool with threads
+running ``pg_sleep`` (the culprit) and fast statements (everyone else), and
+check what is isolated, what is shed, and that it is lifted again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import sqlalchemy as sa
+
+import poolguard
+from _support import wait_until
+from poolguard import _culprit
+from poolguard._culprit import (
+    HOLD_FIRST,
+    HOLD_MAX,
+    PRESSED_INTERVAL,
+    PRESSURE_FOR,
+    RAMP,
+    SHAPE,
+    STEP,
+    TAG,
+    Detector,
+    Observation,
+    ShedSummary,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from sqlalchemy.engine import Engine
+
+    from _support import EngineFactory
+
+# -- the pure detector ------------------------------------------------------------------
+
+
+def _bad(n: int, running: float = 2.0, tag: str | None = None) -> list[Observation]:
+    return [Observation("bad", tag, running + 0.01, running) for _ in range(n)]
+
+
+def _good(
+    n: int, running: float = 0.003, tag: str | None = None, shape: str = "good"
+) -> list[Observation]:
+    return [Observation(shape, tag, running + 0.002, running) for _ in range(n)]
+
+
+def _run(
+    detector: Detector,
+    start: float,
+    seconds: float,
+    make: Callable[[float], list[Observation]],
+    *,
+    pressed: bool = True,
+) -> list[_culprit.Change]:
+    """Sample every PRESSED_INTERVAL from ``start`` for ``seconds``; return the changes."""
+    changes = []
+    steps = round(seconds / PRESSED_INTERVAL)
+    for i in range(steps + 1):
+        now = start + i * PRESSED_INTERVAL
+        changes += detector.sample(now, make(now), pressed)
+    return changes
+
+
+def test_a_slow_shape_holding_most_of_the_pool_is_isolated_once_the_pressure_stands() -> None:
+    detector = Detector()
+    # Calm: no pressure, the same holders: nothing, however long.
+    assert _run(detector, 0.0, 5.0, lambda t: _bad(4) + _good(1), pressed=False) == []
+    changes = _run(detector, 6.0, PRESSURE_FOR - PRESSED_INTERVAL, lambda t: _bad(4) + _good(1))
+    assert changes == []  # pressure, not standing yet
+    changes = _run(detector, 6.0 + PRESSURE_FOR, 0.0, lambda t: _bad(4) + _good(1))
+    assert [(c.action, c.isolation.kind, c.isolation.key) for c in changes] == [
+        ("isolated", SHAPE, "bad")
+    ]
+    iso = changes[0].isolation
+    assert iso.share > 0.7
+    assert changes[0].held == 4
+    assert detector.isolations == {SHAPE: 1, TAG: 0}
+    assert iso.phase == "isolated"
+    assert not any(iso.admit() for _ in range(50))  # isolated: nothing goes through
+    shares = {a.key: a for a in detector.attribution() if a.kind == SHAPE}
+    assert shares["bad"].isolated == "isolated"
+    assert shares["bad"].held == 4
+    assert shares["bad"].share > shares["good"].share
+
+
+def test_no_culprit_when_every_shape_is_slow_alike() -> None:
+    detector = Detector()
+
+    def uniformly_slow(t: float) -> list[Observation]:
+        # The busiest shape holds most of the pool, but only because it is
+        # most of the traffic: its statements run as long as the others'.
+        return (
+            _good(6, running=0.8, shape="login")
+            + _good(2, running=0.7, shape="api")
+            + _good(1, running=0.9, shape="search")
+        )
+
+    assert _run(detector, 0.0, 20.0, uniformly_slow) == []
+    assert detector.isolated == {}
+    assert detector.standing(20.0)
+
+
+def test_no_culprit_without_pressure_below_the_share_or_with_one_connection() -> None:
+    for make, pressed in [
+        (lambda t: _bad(4) + _good(1), False),  # no pressure
+        (lambda t: _bad(1) + _good(3, running=0.5), True),  # one connection, and no share
+        (
+            lambda t: _bad(2) + _good(4, running=0.05) + [Observation(None, None, 2.0, 0.0)] * 2,
+            True,
+        ),  # a third of the pool
+    ]:
+        detector = Detector()
+        assert _run(detector, 0.0, 10.0, make, pressed=pressed) == []
+
+
+def test_nothing_is_isolated_when_nobody_else_uses_the_pool() -> None:
+    # The slow shape is the whole workload: isolating it would protect nobody.
+    detector = Detector()
+    assert _run(detector, 0.0, 10.0, lambda t: _bad(4)) == []
+
+
+def test_fast_statements_are_never_a_culprit_however_unequal() -> None:
+    # 40x slower than the rest, but 10 ms: below MIN_DURATION.
+    detector = Detector()
+    assert (
+        _run(detector, 0.0, 10.0, lambda t: _bad(4, running=0.01) + _good(1, running=0.00025)) == []
+    )
+
+
+def test_a_tag_is_isolated_when_no_single_shape_explains_it() -> None:
+    # "reports" checkouts hold their connections idle for seconds, each last
+    # running a different (fast) statement: no shape is slow, the tag is.
+    detector = Detector()
+
+    def sample(t: float) -> list[Observation]:
+        reports = [Observation(f"r{i}", "reports", 3.0, 0.0) for i in range(4)]
+        return reports + _good(1, tag="login")
+
+    changes = _run(detector, 0.0, 2.0, sample)
+    assert [(c.isolation.kind, c.isolation.key) for c in changes] == [(TAG, "reports")]
+
+
+def test_a_tag_idle_in_transaction_after_one_shape_is_isolated() -> None:
+    # Each "checkout" request runs one fast statement, then holds its
+    # connection for seconds (calls a payment API): the tag is the culprit.
+    detector = Detector()
+
+    def sample(t: float) -> list[Observation]:
+        return [Observation("q", "checkout", 3.0, 0.0)] * 4 + _good(1, tag="api")
+
+    changes = _run(detector, 0.0, 2.0, sample)
+    assert [(c.isolation.kind, c.isolation.key) for c in changes] == [(TAG, "checkout")]
+
+
+def test_a_tag_is_not_isolated_while_one_slow_shape_explains_it() -> None:
+    # The login tag holds most of the pool because one of its shapes runs
+    # slow; that shape is below culprit_share yet (the tag's other statements
+    # add to the tag): the tag waits for the shape's turn, it is not isolated.
+    detector = Detector(share=0.65)
+    changes = _run(
+        detector,
+        0.0,
+        3.0,
+        lambda t: _bad(3, tag="login") + _good(1, tag="login", running=0.004) + _good(1, tag="api"),
+    )
+    assert changes == []
+
+
+def test_a_shape_is_preferred_and_its_tag_is_then_not_isolated() -> None:
+    # The critical login flow's own query went bad: isolate the shape, not
+    # the login tag (its other statements keep being served).
+    detector = Detector()
+    changes = _run(
+        detector,
+        0.0,
+        5.0,
+        lambda t: _bad(4, tag="login") + _good(1, tag="login") + _good(1, tag="api"),
+    )
+    assert [(c.isolation.kind, c.isolation.key) for c in changes] == [(SHAPE, "bad")]
+
+
+def test_a_shape_held_by_one_tag_is_isolated_in_that_tag_only() -> None:
+    # "reports" runs the shape for seconds; "api" runs the same shape (other
+    # parameters) in milliseconds: only the reports' executions are isolated.
+    detector = Detector()
+
+    def sample(t: float) -> list[Observation]:
+        # The fast ones are seen running now and then, as a sample would.
+        seen = round(t / PRESSED_INTERVAL) % 10 == 0
+        return (
+            _bad(4, tag="reports")
+            + _good(1, tag="api")
+            + [Observation("bad", "api", 0.004, 0.002)] * seen
+        )
+
+    changes = _run(detector, 0.0, 2.0, sample)
+    assert detector.pairs[("bad", "api")].cs > 0
+    (change,) = changes
+    iso = change.isolation
+    assert (iso.kind, iso.key, iso.scoped, iso.scope) == (SHAPE, "bad", True, "reports")
+    assert iso.covers("bad", "reports")
+    assert not iso.covers("bad", "api")
+    assert not iso.covers("bad", None)
+
+
+def test_a_shape_held_across_tags_is_isolated_everywhere() -> None:
+    detector = Detector()
+    changes = _run(
+        detector,
+        0.0,
+        2.0,
+        lambda t: _bad(2, tag="reports") + _bad(2, tag="search") + _good(1, tag="api"),
+    )
+    (change,) = changes
+    iso = change.isolation
+    assert (iso.key, iso.scoped) == ("bad", False)
+    assert iso.covers("bad", "api")
+    assert iso.covers("bad", None)
+
+
+def _isolated_at(detector: Detector) -> float:
+    changes = _run(detector, 0.0, 1.0, lambda t: _bad(4) + _good(1))
+    assert changes
+    return changes[0].isolation.since
+
+
+def test_lifted_gradually_once_the_pressure_is_gone() -> None:
+    detector = Detector()
+    since = _isolated_at(detector)
+    iso = detector.isolated[(SHAPE, "bad")]
+    # Pressure gone (the culprit's connections drained), fast probes.
+    start = since + PRESSED_INTERVAL
+    events = []
+    fractions = []
+    t = start
+    while t < since + HOLD_FIRST + STEP * (len(RAMP) + 3):
+        events += detector.sample(t, _good(1), False)
+        if (SHAPE, "bad") in detector.isolated:
+            fractions.append(iso.step)
+        t += PRESSED_INTERVAL
+    assert [c.action for c in events] == ["released"]
+    # Isolated for HOLD_FIRST, then one in 8, 4, 2, in that order.
+    seen = [s for i, s in enumerate(fractions) if i == 0 or fractions[i - 1] != s]
+    assert seen == [None, 0, 1, 2]
+    assert (SHAPE, "bad") not in detector.isolated
+
+
+def test_probing_lets_one_in_n_through() -> None:
+    iso = _culprit.Isolation(SHAPE, "bad", share=0.8, slow=1.0, since=0.0, hold=HOLD_FIRST)
+    iso.step = 0
+    assert sum(iso.admit() for _ in range(80)) == 80 // RAMP[0]
+    iso.step = len(RAMP) - 1
+    assert sum(iso.admit() for _ in range(80)) == 80 // RAMP[-1]
+
+
+def test_a_slow_probe_isolates_it_again_for_twice_as_long() -> None:
+    detector = Detector()
+    since = _isolated_at(detector)
+    iso = detector.isolated[(SHAPE, "bad")]
+    t = since + HOLD_FIRST + PRESSURE_FOR + 1.5
+    assert detector.sample(t, _good(1), False) == []
+    assert iso.phase == "probing"
+    changes = detector.sample(t + PRESSED_INTERVAL, _bad(1, running=1.5) + _good(1), False)
+    assert [c.action for c in changes] == ["isolated"]
+    assert iso.phase == "isolated"
+    assert iso.hold == 2 * HOLD_FIRST
+    assert iso.isolations == 2
+    assert detector.isolations[SHAPE] == 2
+
+
+def test_an_isolation_is_lifted_after_hold_max_even_under_pressure() -> None:
+    detector = Detector()
+    since = _isolated_at(detector)
+    iso = detector.isolated[(SHAPE, "bad")]
+    # The pressure never ends (everyone else is slow too), the culprit is gone.
+    probing_at = None
+    t = since
+    while t < since + HOLD_MAX + 1.0 and probing_at is None:
+        t += PRESSED_INTERVAL
+        detector.sample(t, _good(5, running=0.3), True)
+        if iso.phase == "probing":
+            probing_at = t
+    assert probing_at is not None
+    assert HOLD_MAX <= probing_at - since < HOLD_MAX + 2 * PRESSED_INTERVAL
+
+
+def test_turning_it_off_releases_everything() -> None:
+    detector = Detector()
+    _isolated_at(detector)
+    released = detector.reset()
+    assert [(c.action, c.isolation.key) for c in released] == [("released", "bad")]
+    assert detector.isolated == {}
+
+
+def test_samples_come_faster_under_pressure() -> None:
+    detector = Detector()
+    detector.sample(0.0, _good(1), False)
+    assert detector.interval() == _culprit.CALM_INTERVAL
+    detector.sample(1.0, _good(1), True)
+    assert detector.interval() == PRESSED_INTERVAL
+    detector.sample(1.0 + _culprit.PRESSURE_CLEAR + 0.1, _good(1), False)
+    assert detector.interval() == _culprit.CALM_INTERVAL
+
+
+def test_the_shed_summary_is_rate_limited_and_loses_no_count() -> None:
+    summary = ShedSummary()
+    for _ in range(3):
+        summary.add("queue_delay", "normal")
+    with poolguard.request(tag="reports", priority="background"):
+        summary.add("culprit", "background")
+    first = summary.take(100.0)
+    assert first == {("queue_delay", "normal", None): 3, ("culprit", "background", "reports"): 1}
+    summary.add("queue_full", "normal")
+    assert summary.take(100.0 + _culprit.SHED_SUMMARY_EVERY / 2) is None  # too soon: kept
+    summary.add("queue_full", "normal")
+    assert summary.take(100.0 + _culprit.SHED_SUMMARY_EVERY) == {("queue_full", "normal", None): 2}
+    assert summary.take(1000.0) is None  # nothing since
+    assert summary.total == 5  # culprit isolation's own sheds are no sign of pressure
+
+
+# -- real PostgreSQL ---------------------------------------------------------------------
+
+SLEEP = sa.text("SELECT pg_sleep(:s)")
+FAST = sa.text("SELECT 1")
+POOL = 4
+
+
+class Load:
+    """Threads in a closed loop: ``run(fn)`` starts one; :meth:`stop` joins them all."""
+
+    def __init__(self) -> None:
+        self.stopping = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.errors: dict[str, int] = {}
+        self.ok = 0
+        self.lock = threading.Lock()
+
+    def run(
+        self, fn: Callable[[], None], *, tag: str | None = None, priority: str = "normal"
+    ) -> None:
+        def loop() -> None:
+            while not self.stopping.is_set():
+                try:
+                    with poolguard.request(tag=tag, priority=priority):
+                        fn()
+                except sa.exc.SQLAlchemyError as exc:  # noqa: PERF203 - one per call
+                    name = getattr(exc, "reason", None) or type(exc).__name__
+                    with self.lock:
+                        self.errors[name] = self.errors.get(name, 0) + 1
+                    time.sleep(0.02)
+                else:
+                    with self.lock:
+                        self.ok += 1
+
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=15)
+        assert not any(t.is_alive() for t in self.threads)
+
+
+@pytest.fixture
+def load() -> Iterator[Load]:
+    running = Load()
+    yield running
+    running.stop()
+
+
+def _engine(make_engine: EngineFactory, url: str, **options: Any) -> Engine:
+    return make_engine(
+        url, POOL, max_overflow=0, isolate_culprits=True, acquire_timeout=1.0, **options
+    )
+
+
+def _execute(engine: Engine, statement: sa.TextClause, **params: Any) -> Callable[[], None]:
+    def run() -> None:
+        with engine.connect() as conn:
+            conn.execute(statement, params)
+            conn.rollback()
+
+    return run
+
+
+def _isolated(engine: Engine) -> list[_culprit.Isolation]:
+    return poolguard.get_guard(engine).culprits.isolated()
+
+
+def _named(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["event"] == name]
+
+
+@pytest.mark.timing
+def test_pg_an_untagged_slow_shape_is_isolated_and_its_statements_shed(
+    make_engine: EngineFactory,
+    postgresql_url: str,
+    load: Load,
+    events: list[dict[str, Any]],
+) -> None:
+    engine = _engine(make_engine, postgresql_url, capture_call_sites=True)
+    for _ in range(POOL):
+        load.run(_execute(engine, SLEEP, s=1.5))
+    for _ in range(2):
+        load.run(_execute(engine, FAST))
+    wait_until(lambda: _isolated(engine), "the slow shape isolated", timeout=10)
+    (iso,) = _isolated(engine)
+    assert iso.kind == SHAPE
+    (event,) = _named(events, "culprit.isolated")
+    assert event["shape"] == iso.key
+    assert "pg_sleep" in event["statement"]
+    assert event["share"] >= 0.5
+    assert event["size"] == POOL
+    assert event["site"] is not None
+    assert "test_culprit" in event["site"]
+    # New executions fail at once, before they are sent, naming the shape.
+    with engine.connect() as conn:
+        start = time.perf_counter()
+        with pytest.raises(poolguard.LoadShed) as shed:
+            conn.execute(SLEEP, {"s": 1.5})
+        assert time.perf_counter() - start < 1.0
+        conn.rollback()
+        assert conn.execute(FAST).scalar_one() == 1  # the connection is fine
+    assert shed.value.reason == "culprit"
+    assert iso.key in str(shed.value)
+    assert "pg_sleep" in str(shed.value)
+    assert "test_culprit" in str(shed.value)  # its call site
+    # The fast traffic is served again.
+    served = load.ok
+    wait_until(lambda: load.ok > served + 20, "fast statements served")
+    assert poolguard.get_guard(engine).rejections.get(("culprit", "normal"), 0) >= 1
+
+
+@pytest.mark.timing
+def test_pg_a_tag_holding_its_connections_is_shed_at_checkout(
+    make_engine: EngineFactory,
+    postgresql_url: str,
+    load: Load,
+    events: list[dict[str, Any]],
+) -> None:
+    engine = _engine(make_engine, postgresql_url)
+
+    def idle_in_transaction() -> None:
+        with engine.connect() as conn:
+            conn.execute(FAST)
+            time.sleep(1.5)  # holds the connection, runs nothing: no shape is slow
+
+    for _ in range(POOL):
+        load.run(idle_in_transaction, tag="reports")
+    for _ in range(2):
+        load.run(_execute(engine, FAST), tag="api")
+    wait_until(lambda: _isolated(engine), "the tag isolated", timeout=10)
+    (iso,) = _isolated(engine)
+    assert (iso.kind, iso.key) == (TAG, "reports")
+    (event,) = _named(events, "culprit.isolated")
+    assert event["tag"] == "reports"
+    with poolguard.request(tag="reports"), pytest.raises(poolguard.LoadShed) as shed:
+        engine.connect()
+    assert shed.value.reason == "culprit"
+    assert "'reports'" in str(shed.value)
+    # Priority protects requests: a critical one of the same tag is served.
+    with poolguard.request(tag="reports", priority="critical"), engine.connect() as conn:
+        assert conn.execute(FAST).scalar_one() == 1
+
+
+@pytest.mark.timing
+def test_pg_a_critical_request_is_shed_for_the_culprit_shape_only(
+    make_engine: EngineFactory,
+    postgresql_url: str,
+    load: Load,
+) -> None:
+    engine = _engine(make_engine, postgresql_url, reserved_critical=1)
+    for _ in range(POOL):
+        load.run(_execute(engine, SLEEP, s=1.5), tag="login", priority="critical")
+    for _ in range(2):
+        load.run(_execute(engine, FAST), tag="login", priority="critical")
+    wait_until(lambda: _isolated(engine), "the slow shape isolated", timeout=10)
+    assert [i.kind for i in _isolated(engine)] == [SHAPE]
+    with poolguard.request(tag="login", priority="critical"), engine.connect() as conn:
+        assert conn.execute(FAST).scalar_one() == 1
+        with pytest.raises(poolguard.LoadShed) as shed:
+            conn.execute(SLEEP, {"s": 1.5})
+        assert conn.execute(sa.text("SELECT 2")).scalar_one() == 2
+    assert shed.value.priority == "critical"
+    assert shed.value.reason == "culprit"
+
+
+@pytest.mark.timing
+def test_pg_lifted_gradually_after_the_storm(
+    make_engine: EngineFactory,
+    postgresql_url: str,
+    load: Load,
+    events: list[dict[str, Any]],
+) -> None:
+    engine = _engine(make_engine, postgresql_url)
+    storm = threading.Event()
+    storm.set()
+
+    def culprit() -> None:
+        # The same shape, slow during the storm, fast after it.
+        with engine.connect() as conn:
+            conn.execute(SLEEP, {"s": 1.5 if storm.is_set() else 0.0})
+
+    for _ in range(POOL):
+        load.run(culprit)
+    for _ in range(2):
+        load.run(_execute(engine, FAST))
+    wait_until(lambda: _isolated(engine), "the slow shape isolated", timeout=10)
+    storm.clear()
+    shed_before = load.errors.get("culprit", 0)
+    wait_until(
+        lambda: _named(events, "culprit.released"),
+        "the isolation lifted",
+        timeout=HOLD_FIRST + STEP * len(RAMP) + 10,
+    )
+    assert _isolated(engine) == []
+    (released,) = _named(events, "culprit.released")
+    assert "pg_sleep" in released["statement"]
+    # While it was lifted some of its executions went through, others were shed.
+    assert load.errors.get("culprit", 0) > shed_before
+    ok = load.ok
+    wait_until(lambda: load.ok > ok + 20, "the shape served again")
+
+
+@pytest.mark.timing
+def test_pg_no_culprit_when_the_database_is_slow_for_everyone(
+    make_engine: EngineFactory,
+    postgresql_url: str,
+    load: Load,
+    events: list[dict[str, Any]],
+) -> None:
+    engine = _engine(make_engine, postgresql_url, codel=True, codel_target=0.05)
+    shapes = [
+        sa.text("SELECT pg_sleep(:s)"),
+        sa.text("SELECT pg_sleep(:s), 1"),
+        sa.text("SELECT pg_sleep(:s), 2"),
+    ]
+    for i in range(3 * POOL):
+        load.run(_execute(engine, shapes[i % 3], s=0.3))
+    time.sleep(5.0)
+    guard = poolguard.get_guard(engine)
+    assert guard.culprits.detector.standing(time.perf_counter())  # under pressure all along
+    assert _isolated(engine) == []
+    assert _named(events, "culprit.isolated") == []
+    # CoDel (and the acquire timeout) do the shedding instead.
+    assert load.errors.get("queue_delay", 0) + load.errors.get("PoolTimeout", 0) > 0
+    assert "culprit" not in load.errors
+
+
+def test_pg_load_shed_summary_is_logged_from_the_scan(
+    make_engine: EngineFactory,
+    postgresql_url: str,
+    events: list[dict[str, Any]],
+) -> None:
+    engine = make_engine(postgresql_url, 1, max_overflow=0, max_waiting_normal=0)
+    guard = poolguard.get_guard(engine)
+    with engine.connect():
+        for _ in range(3):
+            with poolguard.request(tag="api"), pytest.raises(poolguard.LoadShed):
+                engine.connect()
+    guard.scan()
+    (summary,) = _named(events, "load.shed")
+    assert summary["shed"] == 3
+    assert summary["by_reason"] == {"queue_full": 3}
+    assert summary["by_tag"] == {"api": 3}
+    guard.scan()
+    assert len(_named(events, "load.shed")) == 1  # nothing new: no second event
