@@ -41,7 +41,9 @@ Two hazards shape the locked sections:
   attribute and item stores, which never check, with a C call (whose effect
   is complete when it returns) as the last step, and each waiter carries
   its own state (``granted``, ``tagged``) so an interrupted acquire can undo
-  exactly what happened, however far it got.
+  exactly what happened, however far it got. The undo runs again while it
+  is interrupted: it takes the lock, and a blocked ``lock.acquire()`` runs
+  the signal handlers, for as long as the holder is descheduled.
 """
 
 from __future__ import annotations

@@ -6,7 +6,10 @@ through ``Pool._return_conn`` (close, invalidate, garbage collection) or,
 detached, ``Pool._do_return_conn``. The mix-in takes a permit in the first,
 registers the record in the gate's ``out`` map, and gives the permit back in
 the others when it finds the record there (or at once, if the checkout
-fails). Both replace the plain method that only calls the next one
+fails). A checkin takes the record out of ``out`` before the pool has it
+back (the hand-over point: a checkout that gets it finds it not out) and
+gives the permit back after (a checkout holding a permit finds a record).
+Both replace the plain method that only calls the next one
 (``Pool.connect`` calls ``_ConnectionFairy._checkout``, ``_return_conn``
 calls ``_do_return_conn``), so a guarded cycle runs no more Python frames
 than a plain one. It
@@ -194,47 +197,45 @@ class GuardedPoolMixin(Pool):
         # Pool._return_conn only calls _do_return_conn: replaced by it, a
         # checkin costs no more Python frames than a plain one.
         gate = self._poolguard_gate
-        hold: Hold | None = None
-        if gate is not None:
-            out = gate.out
-            if record in out:
-                # Out of ``out`` before the record is back in the pool (the
-                # hand-over point): a checkout that pops it from the pool's
-                # queue must not find it still out, as a nested checkout.
-                # Item reads and a delete, then the call below, in its try:
-                # no interrupt can land between them.
-                hold = out[record]
-                del out[record]
+        if gate is None or record not in gate.out:
+            self._poolguard_return(self, record)
+            return
+        out = gate.out
+        # Out of ``out`` before the record is back in the pool (the hand-over
+        # point): a checkout that pops it from the pool's queue must not find
+        # it still out, as a nested checkout. Item reads and a delete, then
+        # the call in the try: no interrupt can land between them.
+        hold: Hold = out[record]
+        del out[record]
         try:
             self._poolguard_return(self, record)
         finally:
             # The permit only once the record is back: a checkout holding a
-            # permit finds an idle record, or room to open one.
-            if hold is not None and gate is not None:
-                # Gate.release(), inlined: this runs on every checkin. The
-                # use-time histogram below counts the release.
-                gate.give(None)
-                held = perf_counter() - hold[T0]
-                if gate.policy_checkin:  # tag bulkheads, adaptive limit
-                    gate.on_checkin(hold[REQUEST], held)
-                if gate.waiters:
-                    gate.wake()
-                recorder = self._poolguard_hooks.recorder
-                buf = recorder.export_use
-                # Histogram.add() without min, inlined (as per statement in
-                # _queries.py): a call would cost more than these lines.
-                use = recorder.use
-                use.counts[bisect_left(BOUNDS, held)] += 1
-                use.sum += held
-                if held > use.max:
-                    use.max = held
-                if buf is not None:
-                    buf.append(held)
-                stat = hold[TOP_STAT]
-                if stat is not None:  # connection-seconds of its main statement
-                    stat.held += held
-                if hold[WARNED]:
-                    self._poolguard.after_checkin(hold, held)  # type: ignore[union-attr]
+            # permit finds an idle record, or room to open one. Gate.release(),
+            # inlined: this runs on every checkin. The use-time histogram
+            # below counts the release.
+            gate.give(None)
+            held = perf_counter() - hold[T0]
+            if gate.policy_checkin:  # tag bulkheads, adaptive limit
+                gate.on_checkin(hold[REQUEST], held)
+            if gate.waiters:
+                gate.wake()
+            recorder = self._poolguard_hooks.recorder
+            buf = recorder.export_use
+            # Histogram.add() without min, inlined (as per statement in
+            # _queries.py): a call would cost more than these lines.
+            use = recorder.use
+            use.counts[bisect_left(BOUNDS, held)] += 1
+            use.sum += held
+            if held > use.max:
+                use.max = held
+            if buf is not None:
+                buf.append(held)
+            stat = hold[TOP_STAT]
+            if stat is not None:  # connection-seconds of its main statement
+                stat.held += held
+            if hold[WARNED]:
+                self._poolguard.after_checkin(hold, held)  # type: ignore[union-attr]
 
     # A detached connection's record comes back through _do_return_conn
     # directly; every other through _return_conn.
