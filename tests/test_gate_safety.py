@@ -9,8 +9,10 @@ of hanging the suite (the stuck daemon thread is left behind).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -744,3 +746,158 @@ def test_an_interrupt_in_the_undo_of_a_tagged_waiter_loses_no_tag_slot(
         gate.give_back(waiter)  # run again, as acquire() and the pool do
     assert gate.tag_in_use.get("t", 0) == 0
     assert gate.in_use == 0
+
+
+class _InterruptAt:
+    """Raises Interrupted at the ``n``-th point of the main thread's code in
+    poolguard or SQLAlchemy where a signal handler can run (a Python
+    function's entry, the end of a C call), as a profile function: exact
+    where a timer's barrage is random. ``fired``: it got that far."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.seen, self.fired = n, 0, False
+
+    def __enter__(self) -> _InterruptAt:
+        sys.setprofile(self._profile)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.setprofile(None)
+
+    def _profile(self, frame: FrameType, event: str, arg: object) -> None:
+        if event in ("call", "c_return") and (
+            "/poolguard/" in frame.f_code.co_filename or "/sqlalchemy/" in frame.f_code.co_filename
+        ):
+            self.seen += 1
+            if self.seen == self.n:
+                self.fired = True
+                raise Interrupted  # (a profile function that raises is removed)
+
+
+def _checkout_while_a_checkin_is_in_flight(sqlite_url: str, fault_at: int) -> bool:
+    """One record, checked in on a thread paused right after the pool's put;
+    meanwhile the main thread checks out (with the other permit) and gets
+    that record. Checks that the pool and the gate agree; returns whether
+    the interrupt at ``fault_at`` (0: none) fired."""
+    engine = poolguard.wrap(sa.create_engine(sqlite_url, pool_size=2, max_overflow=0))
+    gate = poolguard.get_guard(engine).gate
+    pool = engine.pool
+    assert isinstance(pool, sa.pool.QueuePool)
+    first = engine.raw_connection()  # the pool's only record so far
+    queue = pool._pool  # sqla-private (test)
+    put, in_queue, resume = queue.put, threading.Event(), threading.Event()
+
+    def paused_put(item: Any, block: bool = True, timeout: float | None = None) -> None:
+        put(item, block, timeout)
+        if threading.current_thread() is closer:  # that checkin only
+            in_queue.set()
+            resume.wait(SAFETY_TIMEOUT)
+
+    queue.put = paused_put  # type: ignore[method-assign]
+    closer = threading.Thread(target=first.close, daemon=True)
+    closer.start()
+    second = None
+    try:
+        assert in_queue.wait(SAFETY_TIMEOUT)
+        with _InterruptAt(fault_at) as fault, contextlib.suppress(Interrupted):
+            second = engine.raw_connection()  # the other permit, the same record
+    finally:
+        resume.set()
+        closer.join(SAFETY_TIMEOUT)
+    assert not closer.is_alive()
+    queue.put = put  # type: ignore[method-assign]
+    gc.collect()  # a connection dropped by the interrupt comes back
+    try:
+        # What is out: the pool, the gate's permits and its records agree (a
+        # record SQLAlchemy lost to the interrupt: the gate counts no more).
+        assert gate.in_use == len(gate.out) == (second is not None) <= pool.checkedout()
+    finally:
+        if second is not None:
+            second.close()
+    assert gate.in_use == len(gate.out) == 0
+    assert gate.waiting == 0
+    engine.dispose()
+    return fault.fired
+
+
+def test_a_record_back_in_the_queue_is_no_longer_out_under_its_permit(sqlite_url: str) -> None:
+    # A checkin puts its record back in the pool's queue, then gives its
+    # permit back. In between, a checkout holding the other permit can pop
+    # that record: it must find it not out (else it took it for a nested
+    # checkout of a record already out, gave its own permit back, and held a
+    # connection the gate did not count).
+    _checkout_while_a_checkin_is_in_flight(sqlite_url, 0)
+
+
+def test_an_interrupt_anywhere_in_a_checkout_racing_a_checkin_loses_no_permit(
+    sqlite_url: str,
+) -> None:
+    # The same race, with an interrupt at each point of the checkout in turn.
+    # One at the entry of the nested checkout's hand-back kept its permit for
+    # good: the gate counted a permit nobody held, the pool nothing out.
+    n = 1
+    while _checkout_while_a_checkin_is_in_flight(sqlite_url, n):
+        n += 1
+    assert n > 10  # the checkout has that many points, at least
+
+
+class _InterruptedLock:
+    """The gate's lock, whose waits are interrupted: after ``skip`` entries,
+    the next ``n`` entries on the main thread raise Interrupted, as a signal
+    handler does when it runs inside a blocked ``lock.acquire()`` (a lock's
+    wait runs the handlers) while another thread holds the lock."""
+
+    def __init__(self, lock: Any, skip: int, n: int) -> None:
+        self.lock, self.skip, self.n, self.raised = lock, skip, n, 0
+
+    def __enter__(self) -> Any:
+        if threading.current_thread() is threading.main_thread():
+            if self.skip:
+                self.skip -= 1
+            elif self.raised < self.n:
+                self.raised += 1
+                raise Interrupted
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.__exit__(*exc)
+
+
+@pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "policy"])
+def test_an_undo_interrupted_again_and_again_on_the_lock_leaves_no_waiter(policy: bool) -> None:
+    # A wait that ends in an interrupt is undone under the gate's lock; each
+    # try can be interrupted again while it blocks on that lock, for as long
+    # as its holder is descheduled. Three tries ran out and left the waiter
+    # queued for good (a later hand-off would give it a permit nobody holds).
+    gate = Gate(1)
+    if policy:
+        gate.configure_policy(max_waiting={"normal": 9})
+    assert gate.acquire(0, asyncio_mode=False)  # the only permit: the next one waits
+    # Queued under the first entry; the wait's end (the second) and the next
+    # four tries of the undo are interrupted.
+    gate._lock = _InterruptedLock(gate._lock, skip=1, n=5)  # type: ignore[assignment]
+    waiter = gate.new_waiter()
+    with pytest.raises(Interrupted):
+        gate.acquire(0.01, asyncio_mode=False, waiter=waiter)
+    assert gate.waiting == 0
+    assert not waiter.queued
+    assert gate._lock.raised == 5  # type: ignore[attr-defined]
+    assert gate.in_use == 1
+    gate.release()
+    assert gate.in_use == 0
+    assert gate.acquire(0, asyncio_mode=False)  # the permit can be had again
+
+
+def test_a_give_back_interrupted_again_and_again_on_the_lock_gives_the_permit_back() -> None:
+    # The pool gives back a granted waiter's permit when its checkout fails;
+    # interrupts while it blocks on the lock must not keep the permit.
+    gate = Gate(1)
+    waiter = gate.new_waiter()
+    assert gate.acquire(0, asyncio_mode=False, waiter=waiter)
+    assert waiter.granted
+    gate._lock = _InterruptedLock(gate._lock, skip=0, n=5)  # type: ignore[assignment]
+    with pytest.raises(Interrupted):  # the first interrupt, once the permit is back
+        gate.give_back(waiter)
+    assert not waiter.granted
+    assert gate.in_use == 0
+    assert gate.acquire(0, asyncio_mode=False)

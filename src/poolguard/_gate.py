@@ -41,7 +41,9 @@ Two hazards shape the locked sections:
   attribute and item stores, which never check, with a C call (whose effect
   is complete when it returns) as the last step, and each waiter carries
   its own state (``granted``, ``tagged``) so an interrupted acquire can undo
-  exactly what happened, however far it got.
+  exactly what happened, however far it got. The undo runs again while it
+  is interrupted: it takes the lock, and a blocked ``lock.acquire()`` runs
+  the signal handlers, for as long as the holder is descheduled.
 """
 
 from __future__ import annotations
@@ -65,6 +67,12 @@ __all__ = ["Gate"]
 
 # Gives a permit back to a gate without a limit: there is nothing to keep.
 _discard: Callable[[object], None] = deque[object](maxlen=0).append
+
+
+#: How many times an undo runs while interrupted (see Gate.acquire): enough
+#: for an interrupt every 0.1 ms while it blocks on the lock for 100 ms; a
+#: bound, so that an undo failing for another reason cannot spin for ever.
+_UNDO_TRIES = range(1000)
 
 
 def _zero() -> int:
@@ -771,14 +779,18 @@ class Gate:
                 return True
         except BaseException:
             # However far it got (a signal's exception can land between any
-            # two steps, even in the clean-up): undo it, again if interrupted.
-            try:
-                self._abandon(waiter)
-            except BaseException:  # noqa: BLE001 - a second interrupt: the first one propagates
+            # two steps, even in the clean-up): undo it, again while
+            # interrupted. Mostly it is interrupted while it blocks on the
+            # lock (a lock's wait runs the signal handlers), for as long as a
+            # holder is descheduled: a fixed number of tries ran out there,
+            # and left the waiter queued for good (a later hand-off gave it a
+            # permit nobody held). The first exception propagates.
+            for _ in _UNDO_TRIES:
                 try:
                     self._abandon(waiter)
-                except BaseException:  # noqa: BLE001
-                    self._abandon(waiter)
+                except BaseException:  # noqa: BLE001, S112 - interrupted again: once more
+                    continue
+                break
             raise
         if queued < limit:
             raise AdmissionRefused("queue_delay")
@@ -856,8 +868,23 @@ class Gate:
     def give_back(self, waiter: _Waiter) -> None:
         """Give back the permit ``waiter`` was granted and the caller never
         passed on (a checkout that failed after its wait). Idempotent: a call
-        cut short by an interrupt can simply run again."""
-        self._abandon(waiter, counted=True)
+        cut short by an interrupt can simply run again.
+
+        An interrupt inside does not cut it short (it runs again, as the
+        undo in :meth:`acquire`): it propagates once the permit is back. Only
+        one at its very entry does, for the caller to call it again.
+        """
+        error: BaseException | None = None
+        for _ in _UNDO_TRIES:
+            try:
+                self._abandon(waiter, counted=True)
+            except BaseException as exc:  # noqa: BLE001 - interrupted: once more
+                if error is None:
+                    error = exc
+                continue
+            break
+        if error is not None:
+            raise error
 
     def _abandon(self, waiter: _Waiter, *, counted: bool = False) -> None:
         # Interrupted (a signal, a cancelled task): leave nothing behind.

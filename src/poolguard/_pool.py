@@ -6,7 +6,10 @@ through ``Pool._return_conn`` (close, invalidate, garbage collection) or,
 detached, ``Pool._do_return_conn``. The mix-in takes a permit in the first,
 registers the record in the gate's ``out`` map, and gives the permit back in
 the others when it finds the record there (or at once, if the checkout
-fails). Both replace the plain method that only calls the next one
+fails). A checkin takes the record out of ``out`` before the pool has it
+back (the hand-over point: a checkout that gets it finds it not out) and
+gives the permit back after (a checkout holding a permit finds a record).
+Both replace the plain method that only calls the next one
 (``Pool.connect`` calls ``_ConnectionFairy._checkout``, ``_return_conn``
 calls ``_do_return_conn``), so a guarded cycle runs no more Python frames
 than a plain one. It
@@ -49,7 +52,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.pool.base import ConnectionPoolEntry, PoolProxiedConnection
 
-    from ._gate import Gate, _Waiter
+    from ._gate import Gate
     from ._guard import Guard
     from ._hooks import CheckoutHooks
 
@@ -130,7 +133,13 @@ class GuardedPoolMixin(Pool):
             try:
                 wait = self._poolguard.acquire_slow(self, waiter)  # type: ignore[union-attr]
             except BaseException:
-                _give_back(gate, waiter)  # granted, then interrupted on the way here
+                # Granted, then interrupted on the way here? give_back() runs
+                # to its end whatever interrupts it inside; one at its very
+                # entry (no exception has been raised yet), once more.
+                try:
+                    gate.give_back(waiter)
+                except BaseException:  # noqa: BLE001 - the first exception propagates
+                    gate.give_back(waiter)
                 raise
             if gate.closed:  # unwrapped while we waited: plain checkout
                 return connect(self)
@@ -146,8 +155,13 @@ class GuardedPoolMixin(Pool):
                 # of the thread's connection (SingletonThreadPool), or
                 # StaticPool handing its one record to a second caller. One
                 # record, one permit.
-                hold = out[record]
-                _give_back(gate, waiter)
+                if waiter is None:
+                    hold = out[record]  # first: the handler below gives nothing back
+                    gate.give(None)  # inline: the permit is back once this C call returns
+                    gate.returned()
+                else:
+                    # Idempotent: cut short, the handler below runs it again.
+                    gate.give_back(waiter)
                 return conn
             # the ping ran inside the checkout: part of its wait
             if self._pre_ping:  # sqla-private
@@ -161,8 +175,11 @@ class GuardedPoolMixin(Pool):
                 if waiter is None:
                     gate.give(None)  # inline, as above
                     gate.returned()
-                else:
-                    _give_back(gate, waiter)
+                else:  # as after acquire_slow() above
+                    try:
+                        gate.give_back(waiter)
+                    except BaseException:  # noqa: BLE001 - the first exception propagates
+                        gate.give_back(waiter)
                 guard = self._poolguard
                 if guard is not None and guard.breakers_on:
                     guard.breaker_record(error, 0.0, request)
@@ -179,41 +196,46 @@ class GuardedPoolMixin(Pool):
     def _return_conn(self, record: ConnectionPoolEntry) -> None:
         # Pool._return_conn only calls _do_return_conn: replaced by it, a
         # checkin costs no more Python frames than a plain one.
+        gate = self._poolguard_gate
+        if gate is None or record not in gate.out:
+            self._poolguard_return(self, record)
+            return
+        out = gate.out
+        # Out of ``out`` before the record is back in the pool (the hand-over
+        # point): a checkout that pops it from the pool's queue must not find
+        # it still out, as a nested checkout. Item reads and a delete, then
+        # the call in the try: no interrupt can land between them.
+        hold: Hold = out[record]
+        del out[record]
         try:
             self._poolguard_return(self, record)
         finally:
-            gate = self._poolguard_gate
-            if gate is not None:
-                out = gate.out
-                if record in out:
-                    # Item reads and deletes, not dict.pop(): no interrupt can
-                    # land between the record leaving and its permit coming back.
-                    hold: Hold = out[record]
-                    del out[record]
-                    # Gate.release(), inlined: this runs on every checkin. The
-                    # use-time histogram below counts the release.
-                    gate.give(None)
-                    held = perf_counter() - hold[T0]
-                    if gate.policy_checkin:  # tag bulkheads, adaptive limit
-                        gate.on_checkin(hold[REQUEST], held)
-                    if gate.waiters:
-                        gate.wake()
-                    recorder = self._poolguard_hooks.recorder
-                    buf = recorder.export_use
-                    # Histogram.add() without min, inlined (as per statement in
-                    # _queries.py): a call would cost more than these lines.
-                    use = recorder.use
-                    use.counts[bisect_left(BOUNDS, held)] += 1
-                    use.sum += held
-                    if held > use.max:
-                        use.max = held
-                    if buf is not None:
-                        buf.append(held)
-                    stat = hold[TOP_STAT]
-                    if stat is not None:  # connection-seconds of its main statement
-                        stat.held += held
-                    if hold[WARNED]:
-                        self._poolguard.after_checkin(hold, held)  # type: ignore[union-attr]
+            # The permit only once the record is back: a checkout holding a
+            # permit finds an idle record, or room to open one. Gate.release(),
+            # inlined: this runs on every checkin. The use-time histogram
+            # below counts the release.
+            gate.give(None)
+            held = perf_counter() - hold[T0]
+            if gate.policy_checkin:  # tag bulkheads, adaptive limit
+                gate.on_checkin(hold[REQUEST], held)
+            if gate.waiters:
+                gate.wake()
+            recorder = self._poolguard_hooks.recorder
+            buf = recorder.export_use
+            # Histogram.add() without min, inlined (as per statement in
+            # _queries.py): a call would cost more than these lines.
+            use = recorder.use
+            use.counts[bisect_left(BOUNDS, held)] += 1
+            use.sum += held
+            if held > use.max:
+                use.max = held
+            if buf is not None:
+                buf.append(held)
+            stat = hold[TOP_STAT]
+            if stat is not None:  # connection-seconds of its main statement
+                stat.held += held
+            if hold[WARNED]:
+                self._poolguard.after_checkin(hold, held)  # type: ignore[union-attr]
 
     # A detached connection's record comes back through _do_return_conn
     # directly; every other through _return_conn.
@@ -248,27 +270,6 @@ class GuardedPoolMixin(Pool):
                 return guard
         guard._wait_attached()
         return guard
-
-
-def _give_back(gate: Gate, waiter: _Waiter | None) -> None:
-    """Release the permit of a checkout that did not reach a record.
-
-    ``waiter`` None: the permit came from the fast path (``take()``). An
-    interrupt may cut this short anywhere: the permit itself goes back in one
-    C call (fast path) or by the waiter's flags, which make retrying safe.
-    """
-    if waiter is None:
-        gate.give(None)  # the permit is back once this call returns
-        gate.returned()
-        return
-    try:
-        gate.give_back(waiter)
-    except BaseException:
-        try:
-            gate.give_back(waiter)
-        finally:
-            gate.give_back(waiter)
-        raise
 
 
 def _check_deadline(deadline: float, gate: Gate) -> None:
