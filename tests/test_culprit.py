@@ -560,6 +560,41 @@ def test_pg_a_critical_request_is_shed_for_the_culprit_shape_only(
 
 
 @pytest.mark.timing
+def test_pg_a_shape_slow_in_one_tag_and_fast_in_another_is_shed_in_the_slow_one_only(
+    make_engine: EngineFactory,
+    postgresql_url: str,
+    load: Load,
+) -> None:
+    # The same statement text: seconds in "report", a millisecond in "api",
+    # whose transactions then go on for a while (a good share of the
+    # shape's connection-seconds, none of it running slow).
+    engine = _engine(make_engine, postgresql_url)
+
+    def api() -> None:
+        with engine.connect() as conn:
+            conn.execute(SLEEP, {"s": 0.001})
+            time.sleep(1.0)
+            conn.rollback()
+
+    for _ in range(2):
+        load.run(_execute(engine, SLEEP, s=1.5), tag="report")
+    for _ in range(2):
+        load.run(api, tag="api")
+    load.run(_execute(engine, FAST), tag="web")
+    wait_until(lambda: _isolated(engine), "the slow shape isolated", timeout=10)
+    iso = _isolated(engine)[0]
+    assert (iso.kind, iso.tags) == (SHAPE, {"report"})
+    with poolguard.request(tag="api"), engine.connect() as conn:
+        conn.execute(SLEEP, {"s": 0.001})
+        conn.rollback()
+    with poolguard.request(tag="report"), engine.connect() as conn:
+        with pytest.raises(poolguard.LoadShed) as shed:
+            conn.execute(SLEEP, {"s": 0.001})
+        conn.rollback()
+    assert "'report' only" in str(shed.value)
+
+
+@pytest.mark.timing
 def test_pg_lifted_gradually_after_the_storm(
     make_engine: EngineFactory,
     postgresql_url: str,

@@ -730,6 +730,9 @@ class Culprits:
                 "shape": iso.key if iso.kind == SHAPE else None,
                 "statement": self._texts.get(iso.key, "")[:200] if iso.kind == SHAPE else None,
                 "tag": iso.key if iso.kind == TAG else iso.scope,
+                "tags": sorted(iso.tags, key=lambda t: (t is not None, t or ""))
+                if iso.tags is not None
+                else None,
                 "scoped": iso.scoped,
                 "site": site,
                 "share": round(iso.share, 3),
