@@ -16,7 +16,11 @@ tag) that, while the pressure has lasted :data:`PRESSURE_FOR`, holds at least
 connections or more now, and runs slow: its running statements (a tag: its
 holds) have been going for :data:`SLOW_RATIO` times as long as everyone
 else's, and at least :data:`MIN_DURATION`. When every shape is slow alike the
-ratio stays near 1: nothing is isolated.
+ratio stays near 1: nothing is isolated. A shape is isolated only in the tags
+(None: untagged code) whose own running statements of it are that slow: the
+same text run fast elsewhere goes on (everywhere only when no sample saw it
+running slow). A hold waiting on the wire in a pooler's queue is nobody's
+consumer: it is left out of the samples.
 
 An isolation is lifted gradually: after its hold time (:data:`HOLD_FIRST`,
 doubled by each relapse up to :data:`HOLD_MAX`) and once the pressure is
