@@ -211,7 +211,52 @@ def test_a_shape_held_by_one_tag_is_isolated_in_that_tag_only() -> None:
     assert not iso.covers("bad", None)
 
 
-def test_a_shape_held_across_tags_is_isolated_everywhere() -> None:
+def test_a_shape_shared_by_a_slow_and_a_fast_tag_is_isolated_in_the_slow_tag_only() -> None:
+    # The same statement text: slow in "report", fast in "api", and the API's
+    # connections waiting in the pooler's queue (on the wire) make up more than
+    # a tenth of the shape's holds. Only the reports' executions are isolated.
+    detector = Detector()
+
+    def sample(t: float) -> list[Observation]:
+        seen = round(t / PRESSED_INTERVAL) % 2 == 0
+        queued = [Observation("bad", "api", 1.5, 1.5, wire=True)] * 3
+        return (
+            _bad(3, tag="report")
+            + queued
+            + [Observation("bad", "api", 0.004, 0.002)] * seen
+            + _good(1, tag="web")
+        )
+
+    changes = _run(detector, 0.0, 2.0, sample)
+    (change,) = changes
+    iso = change.isolation
+    assert (iso.kind, iso.key, iso.scoped, iso.tags) == (SHAPE, "bad", True, {"report"})
+    assert iso.covers("bad", "report")
+    assert not iso.covers("bad", "api")
+    assert not iso.covers("bad", None)
+    assert ("bad", "api") not in detector.pairs or detector.pairs[("bad", "api")].run_n < 10
+
+
+def test_a_shape_slow_in_two_tags_and_fast_in_a_third_spares_the_third() -> None:
+    detector = Detector()
+
+    def sample(t: float) -> list[Observation]:
+        return (
+            _bad(2, tag="report")
+            + _bad(2, tag=None)
+            + [Observation("bad", "api", 0.004, 0.002)] * 2
+            + _good(1, tag="web")
+        )
+
+    (change,) = _run(detector, 0.0, 2.0, sample)
+    iso = change.isolation
+    assert (iso.key, iso.scoped, iso.tags) == ("bad", True, {"report", None})
+    assert iso.covers("bad", "report")
+    assert iso.covers("bad", None)
+    assert not iso.covers("bad", "api")
+
+
+def test_a_shape_held_across_tags_is_isolated_in_each_tag_it_runs_slow_in() -> None:
     detector = Detector()
     changes = _run(
         detector,
@@ -221,7 +266,26 @@ def test_a_shape_held_across_tags_is_isolated_everywhere() -> None:
     )
     (change,) = changes
     iso = change.isolation
-    assert (iso.key, iso.scoped) == ("bad", False)
+    assert (iso.key, iso.tags) == ("bad", {"reports", "search"})
+    assert iso.covers("bad", "search")
+    assert not iso.covers("bad", "api")
+    assert not iso.covers("bad", None)
+
+
+def test_a_shape_slow_by_its_completed_statements_only_is_isolated_everywhere() -> None:
+    # No sample sees it running slow (its holds are idle between statements),
+    # the completed ones say it is slow: no tag to scope it to.
+    detector = Detector()
+    changes = []
+    for i in range(11):
+        now = i * PRESSED_INTERVAL
+        obs = [Observation("bad", t, 1.0, 0.0) for t in ("reports", "search") for _ in range(2)]
+        obs += _good(1, tag="api")
+        done = {"bad": (4.0, 8.0), "good": (50.0, 0.1)}
+        changes += detector.sample(now, obs, True, done)
+    (change,) = changes
+    iso = change.isolation
+    assert (iso.key, iso.scoped, iso.tags) == ("bad", False, None)
     assert iso.covers("bad", "api")
     assert iso.covers("bad", None)
 
@@ -493,6 +557,41 @@ def test_pg_a_critical_request_is_shed_for_the_culprit_shape_only(
         assert conn.execute(sa.text("SELECT 2")).scalar_one() == 2
     assert shed.value.priority == "critical"
     assert shed.value.reason == "culprit"
+
+
+@pytest.mark.timing
+def test_pg_a_shape_slow_in_one_tag_and_fast_in_another_is_shed_in_the_slow_one_only(
+    make_engine: EngineFactory,
+    postgresql_url: str,
+    load: Load,
+) -> None:
+    # The same statement text: seconds in "report", a millisecond in "api",
+    # whose transactions then go on for a while (a good share of the
+    # shape's connection-seconds, none of it running slow).
+    engine = _engine(make_engine, postgresql_url)
+
+    def api() -> None:
+        with engine.connect() as conn:
+            conn.execute(SLEEP, {"s": 0.001})
+            time.sleep(1.0)
+            conn.rollback()
+
+    for _ in range(2):
+        load.run(_execute(engine, SLEEP, s=1.5), tag="report")
+    for _ in range(2):
+        load.run(api, tag="api")
+    load.run(_execute(engine, FAST), tag="web")
+    wait_until(lambda: _isolated(engine), "the slow shape isolated", timeout=10)
+    iso = _isolated(engine)[0]
+    assert (iso.kind, iso.tags) == (SHAPE, {"report"})
+    with poolguard.request(tag="api"), engine.connect() as conn:
+        conn.execute(SLEEP, {"s": 0.001})
+        conn.rollback()
+    with poolguard.request(tag="report"), engine.connect() as conn:
+        with pytest.raises(poolguard.LoadShed) as shed:
+            conn.execute(SLEEP, {"s": 0.001})
+        conn.rollback()
+    assert "'report' only" in str(shed.value)
 
 
 @pytest.mark.timing

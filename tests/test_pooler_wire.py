@@ -211,6 +211,46 @@ def test_the_wait_in_the_queue_is_taken_off_the_statements_limit(
         engine.dispose()
 
 
+@pytest.mark.timing
+def test_a_statement_runs_from_when_the_pooler_gave_it_a_server_connection(
+    bouncer: tuple[PgBouncer, str],
+) -> None:
+    # ~1.2 s in PgBouncer's queue (shown on the wire), then a 1 s statement:
+    # once it runs, the holder's running time leaves out the queue (culprit
+    # isolation reads it: a fast statement that waited is not a slow one).
+    running, database = bouncer
+    engine = _engine(running, database, statement_timeout=5.0)
+    guard = poolguard.get_guard(engine)
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+            conn.commit()
+        holder = _hold(running, database, 1.2)
+        seen: list[Any] = []
+
+        def look() -> None:
+            wait_until(lambda: _in_queue(running), "a client in PgBouncer's queue", timeout=5)
+            wait_until(
+                lambda: any(h.running and h.on_wire is None for h in guard.holders()),
+                "the statement running on a server connection",
+                timeout=10,
+            )
+            seen.extend(guard.holders())
+
+        looker = threading.Thread(target=look)
+        looker.start()
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT pg_sleep(1.0)")
+        looker.join(10)
+        holder.join(10)
+        (one,) = seen
+        assert one.statement == "SELECT pg_sleep(?)"
+        assert one.age >= 1.0
+        assert one.running_for + 0.6 < one.age
+    finally:
+        engine.dispose()
+
+
 # -- done when: deadlines hold through PgBouncer ---------------------------------------
 
 

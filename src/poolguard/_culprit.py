@@ -16,7 +16,11 @@ tag) that, while the pressure has lasted :data:`PRESSURE_FOR`, holds at least
 connections or more now, and runs slow: its running statements (a tag: its
 holds) have been going for :data:`SLOW_RATIO` times as long as everyone
 else's, and at least :data:`MIN_DURATION`. When every shape is slow alike the
-ratio stays near 1: nothing is isolated.
+ratio stays near 1: nothing is isolated. A shape is isolated only in the tags
+(None: untagged code) whose own running statements of it are that slow: the
+same text run fast elsewhere goes on (everywhere only when no sample saw it
+running slow). A hold waiting on the wire in a pooler's queue is nobody's
+consumer: it is left out of the samples.
 
 An isolation is lifted gradually: after its hold time (:data:`HOLD_FIRST`,
 doubled by each relapse up to :data:`HOLD_MAX`) and once the pressure is
@@ -44,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._context import _current
 from ._fingerprint import fingerprint
-from ._hold import REQUEST, RUNNING_SINCE, SITE, STATEMENT, T0, TASK, THREAD
+from ._hold import REQUEST, RUNNING_SINCE, SITE, STATEMENT, T0, TASK, THREAD, WIRE
 from ._policies import CRITICAL, NORMAL
 from ._sites import task_site, thread_site
 from .errors import LoadShed
@@ -119,6 +123,9 @@ class Observation:
     age: float
     #: Seconds its statement has been running (0: none runs now).
     running: float
+    #: Waiting on the wire for a pooler (its ``SET LOCAL`` queued in PgBouncer):
+    #: it holds no server connection, so it is nobody's consumer.
+    wire: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -160,17 +167,19 @@ class Isolation:
     step: int | None = None
     step_at: float = 0.0
     isolations: int = 1
-    #: A shape isolated only in the requests of one tag (``scope``; None:
-    #: untagged code), the one that held nearly all of its connection-seconds.
+    #: A shape isolated only in the requests of some tags (``tags``; None in
+    #: it: untagged code): those whose own executions of it run slow.
+    #: ``scope``: the tag when there is one only.
     scoped: bool = False
     scope: str | None = None
+    tags: frozenset[str | None] | None = None
     counter: Any = dataclasses.field(default_factory=itertools.count)
 
     def covers(self, shape: str | None, tag: str | None) -> bool:
         """Whether a hold running ``shape`` under ``tag`` belongs to this isolation."""
         if self.kind == TAG:
             return tag == self.key
-        return shape == self.key and (not self.scoped or tag == self.scope)
+        return shape == self.key and (self.tags is None or tag in self.tags)
 
     @property
     def phase(self) -> str:
@@ -323,6 +332,8 @@ class Detector:
                 pair.decay(factor)
         held: dict[tuple[str | None, str | None], int] = {}
         for o in obs:
+            if o.wire:
+                continue
             key = (o.shape, o.tag)
             held[key] = held.get(key, 0) + 1
             pair = pairs.get(key) or pairs.setdefault(key, _Pair())
@@ -385,21 +396,23 @@ class Detector:
             return None
         if kind == TAG and self._explained(key):
             return None  # one slow shape explains it: that shape is the culprit, if any
-        slow = self._slow(kind, key, row, [r for k, r in totals.items() if k != key])
-        if slow is None:
+        found = self._slow(kind, key, row, [r for k, r in totals.items() if k != key])
+        if found is None:
             return None
+        slow, bar = found
         iso = self.isolated[(kind, key)] = Isolation(
             kind=kind, key=key, share=share, slow=slow, since=now, hold=HOLD_FIRST
         )
         if kind == SHAPE:
-            self._scope(iso, cs)
+            self._scope(iso, cs, bar)
         self.isolations[kind] += 1
         return Change("isolated", iso, int(row[5]))
 
     def _slow(
         self, kind: str, key: str, row: list[float], others: list[list[float]]
-    ) -> float | None:
-        """How long a probe of a slow ``key`` runs; None: it is not slow next to the others.
+    ) -> tuple[float, float] | None:
+        """How long a probe of a slow ``key`` runs, and the least a slow
+        statement runs; None: it is not slow next to the others.
 
         A shape is slow by its statements (running, or completed lately), a
         tag by its checkouts. None too when nobody else used the pool lately:
@@ -420,18 +433,29 @@ class Detector:
             seen += sum(1 for tag in self.waiting if tag != key)
         if seen <= 1e-9 or mine < MIN_DURATION or mine < SLOW_RATIO * theirs:
             return None
-        return max(MIN_DURATION, SLOW_RATIO * theirs, mine / 2)
+        bar = max(MIN_DURATION, SLOW_RATIO * theirs)
+        return max(bar, mine / 2), bar
 
-    def _scope(self, iso: Isolation, cs: float) -> None:
-        """Held nearly all by one tag's requests (or by untagged code): isolate
-        the shape there only; elsewhere (other parameters, other callers) it goes on."""
+    def _scope(self, iso: Isolation, cs: float, bar: float) -> None:
+        """Isolate the shape only in the tags (None: untagged code) whose own
+        running statements of it run slow (at least ``bar``), the same
+        statement text may run fast elsewhere (other parameters, other
+        callers): there it goes on. Held nearly all by one tag's requests:
+        that tag only. When no tag's running statements are slow (it was
+        found slow by the ones completed), everywhere."""
         by_tag: dict[str | None, float] = {}
+        slow: set[str | None] = set()
         for (shape, tag), pair in self.pairs.items():
             if shape == iso.key:
                 by_tag[tag] = by_tag.get(tag, 0.0) + pair.cs
+                if _mean(pair.run_sum, pair.run_n) >= bar:
+                    slow.add(tag)
         top = max(by_tag, key=lambda tag: by_tag[tag])
         if by_tag[top] >= SCOPE_SHARE * cs:
-            iso.scoped, iso.scope = True, top
+            slow = {top}
+        if slow:
+            iso.scoped, iso.tags = True, frozenset(slow)
+            iso.scope = next(iter(slow)) if len(slow) == 1 else None
 
     def _explained(self, tag: str) -> bool:
         """One shape whose statements run slow holds at least half of ``tag``'s
@@ -626,6 +650,7 @@ class Culprits:
                     tag=request.tag if request is not None else None,
                     age=max(0.0, now - hold[T0]),
                     running=max(0.0, now - since) if since else 0.0,
+                    wire=hold[WIRE] is not None,
                 )
             )
         capacity = gate.capacity
@@ -709,6 +734,9 @@ class Culprits:
                 "shape": iso.key if iso.kind == SHAPE else None,
                 "statement": self._texts.get(iso.key, "")[:200] if iso.kind == SHAPE else None,
                 "tag": iso.key if iso.kind == TAG else iso.scope,
+                "tags": sorted(iso.tags, key=lambda t: (t is not None, t or ""))
+                if iso.tags is not None
+                else None,
                 "scoped": iso.scoped,
                 "site": site,
                 "share": round(iso.share, 3),
@@ -735,7 +763,9 @@ class Culprits:
         """A statement of an isolated shape: let it through as a probe, or shed it."""
         shapes = self.shapes
         iso = shapes.get(shape) if shapes is not None else None
-        if iso is None or (iso.scoped and iso.scope != (request.tag if request else None)):
+        if iso is None or (
+            iso.tags is not None and (request.tag if request else None) not in iso.tags
+        ):
             return
         if iso.admit():
             return
@@ -769,8 +799,11 @@ class Culprits:
         if iso.kind == SHAPE:
             text = self._texts.get(iso.key, "")
             scope = ""
-            if iso.scoped:
-                scope = f" in requests tagged {iso.scope!r}" if iso.scope else " in untagged code"
+            if iso.tags is not None:
+                names = sorted(repr(tag) if tag else "untagged" for tag in iso.tags)
+                scope = f" in requests tagged {', '.join(names)} only"
+                if iso.tags == {None}:
+                    scope = " in untagged code"
             what = f"statement shape {iso.key} {text[:80]!r}{where}{scope}"
             done = "not sending the statement"
         else:

@@ -574,6 +574,10 @@ class QueryTimer:
             if waited > RESET_AFTER:
                 rest = limit_ms(max(seconds - waited, 0.0))
                 cursor.execute(f"SET LOCAL statement_timeout = {rest}")
+            # It has a server connection now: from here the statement runs
+            # (the wait in the pooler's queue was shown on the wire, and is
+            # not the statement's running time: culprit isolation reads it).
+            hold[RUNNING_SINCE] = perf_counter()
         except Exception as error:
             if cut:
                 saturated = guard.pooler.queue_timeout(
