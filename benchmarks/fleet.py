@@ -16,9 +16,9 @@ same PgBouncer and database:
 * ``at2+breaker`` / ``at2``: ``acquire_timeout=2`` with and without
   ``breaker=True`` (the issue's first two rows);
 * ``readme+st2``: the README's starting point plus ``statement_timeout=2``;
-* ``recommended``: exactly ``poolguard.recommended.options()`` (plus
-  ``replicas=6`` if the guard has that option: a fact of the fleet, not a
-  culprit), the configuration the done-when is about;
+* ``recommended``: exactly ``poolguard.recommended.options()`` plus two facts
+  of the fleet, not of a culprit: ``replicas=6`` and ``pooler="transaction"``;
+  the configuration the done-when is about;
 * ``rec+report=1``: for comparison only, the same plus ``tag_limits={"report": 1}``
   on each replica: the culprit named in advance, what isolating it within the
   fleet's share of server connections would give.
@@ -65,7 +65,6 @@ import sqlalchemy as sa
 
 import poolguard
 from poolguard import recommended
-from poolguard._config import Config
 from poolguard.cli._bouncer import AdminConsole
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -111,9 +110,10 @@ QUICK = Plan(warm=1.0, pre=4.0, storm=6.0)
 
 def configurations() -> dict[str, dict[str, Any] | None]:
     """Name -> guard options (None: plain SQLAlchemy), in the order they run."""
-    rec = recommended.options()
-    if "replicas" in Config.option_names():
-        rec["replicas"] = REPLICAS
+    # Facts of the fleet, not culprits: how many replicas, and that a pooler
+    # pools by transaction (each replica opens its pool before it is wrapped,
+    # so the guard gets no new connection to find the pooler on).
+    rec = {**recommended.options(), "replicas": REPLICAS, "pooler": "transaction"}
     return {
         "plain": None,
         "at2+breaker": {"acquire_timeout": 2.0, "breaker": True},
