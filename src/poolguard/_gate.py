@@ -221,8 +221,12 @@ class Gate:
         #: take() is the lock-free pop whenever the queue is empty.
         self._fast_policy = False
         #: The waiter woken to take a free permit itself, not yet run (no
-        #: policy): one at a time, so a release wakes nobody in vain.
-        self._signalled: _Waiter | None = None
+        #: policy): one at a time, so a release wakes nobody in vain. While
+        #: set without a policy, it is the head and owed nothing, so a
+        #: release's dispatch would do nothing: the pool's checkin and
+        #: :meth:`returned` skip it (no lock). Whoever clears it looks at the
+        #: free permits afterwards and passes the wake-up on.
+        self.signalled: _Waiter | None = None
         #: Queued waiters owed a hand-off (they lost a race once), by
         #: priority; newcomers of that priority or worse queue behind them.
         self._owed: dict[str, int] = {}
@@ -337,8 +341,8 @@ class Gate:
             if mine in owed and owed[mine] > 0:
                 owed[mine] -= 1
             waiter.handoff = False
-        if self._signalled is waiter:
-            self._signalled = None
+        if self.signalled is waiter:
+            self.signalled = None
         if self._fast_policy:
             self._set_take()
 
@@ -496,7 +500,7 @@ class Gate:
         next(self._released)
         if self.policy_checkin:
             self.untag(tag)
-        if self.waiters:
+        if self.waiters and (self.signalled is None or self.admission is not None):
             self.wake()
 
     def returned(self) -> None:
@@ -506,7 +510,9 @@ class Gate:
         returns the permit is back, whatever interrupts next), then this.
         """
         next(self._released)
-        if self.waiters:
+        # No dispatch (no lock) while a waiter is signalled without a policy
+        # (see ``signalled``).
+        if self.waiters and (self.signalled is None or self.admission is not None):
             self.wake()
 
     def wake(self) -> None:
@@ -539,7 +545,7 @@ class Gate:
             waiter = waiters[0]
             if not waiter.granted:
                 if not waiter.handoff:
-                    if self._signalled is None and self._tokens:
+                    if self.signalled is None and self._tokens:
                         self._signal(waiter)
                     return
                 waiter.granted = True
@@ -567,7 +573,7 @@ class Gate:
             loop.call_soon(self._signal_soon, waiter)
         else:
             waiter.wake()
-        self._signalled = waiter
+        self.signalled = waiter
 
     def _signal_soon(self, waiter: _Waiter) -> None:
         # A loop callback (see _signal): wake the waiter if a permit is still
@@ -582,14 +588,17 @@ class Gate:
                         if waiter.future is not None:
                             _resolve(waiter.future)  # on its loop's thread: at once
                     else:
-                        if self._signalled is waiter:
-                            self._signalled = None
+                        if self.signalled is waiter:
+                            self.signalled = None
                         # The count, then the flag, no call between (as _dequeue).
                         owed, mine = self._owed, waiter.priority
                         owed[mine] = (owed[mine] if mine in owed else 0) + 1  # noqa: SIM401 - no call
                         waiter.handoff = True
                         if self._fast_policy:
                             self._set_take()  # owed first: no lock-free take now
+                        # A release that saw it signalled woke nobody: a permit
+                        # given back since the look above is handed over now.
+                        self._rewake = bool(self._tokens)
             finally:
                 self._busy = False
                 if self._rewake or self._deferred:
@@ -617,7 +626,7 @@ class Gate:
             if best is None:
                 break
             if not best.granted:
-                signalled = self._signalled
+                signalled = self.signalled
                 if not best.handoff and (
                     signalled is None
                     or signalled is best
@@ -938,8 +947,8 @@ class Gate:
                     codel.on_grant(waited, self._clock())
                 if not waiter.granted and waited < timeout and waiter.woken and not self.closed:
                     # Lost the race: wait again, first in line for a hand-off.
-                    if self._signalled is waiter:
-                        self._signalled = None
+                    if self.signalled is waiter:
+                        self.signalled = None
                     if not waiter.handoff:
                         waiter.handoff = True
                         owed, mine = self._owed, waiter.priority
@@ -961,7 +970,7 @@ class Gate:
                 if self.waiters and self._tokens:  # pass the wake-up on
                     self._rewake = True
                 if waiter.granted:
-                    if self._signalled is None and not self.waiters and codel is not None:
+                    if self.signalled is None and not self.waiters and codel is not None:
                         codel.on_empty(self._clock())  # took the last queued permit itself
                     return True
                 self.timeouts += 1
