@@ -75,6 +75,11 @@ _discard: Callable[[object], None] = deque[object](maxlen=0).append
 _UNDO_TRIES = range(1000)
 
 
+#: Serving order by priority (``rank()``), read inline on the policy's paths:
+#: a dict item, not a Python call, per lane and per owed count looked at.
+_RANK: dict[str, int] = {p: rank(p) for p in PRIORITIES}
+
+
 def _zero() -> int:
     return 0
 
@@ -630,7 +635,7 @@ class Gate:
                 if not best.handoff and (
                     signalled is None
                     or signalled is best
-                    or rank(signalled.priority) <= rank(best.priority)
+                    or _RANK[signalled.priority] <= _RANK[best.priority]
                 ):
                     # Woken to take the permit itself, one waiter at a time:
                     # a running caller of its priority or better may take it
@@ -649,14 +654,17 @@ class Gate:
 
     def _owed_at_or_above(self, priority: str) -> bool:
         # In a section: a waiter of this priority or better is owed a hand-off.
-        my_rank = rank(priority)
-        return any(n > 0 and rank(p) <= my_rank for p, n in self._owed.items())
+        my_rank = _RANK[priority]
+        for p, n in self._owed.items():  # noqa: SIM110 - a loop: no generator frames
+            if n > 0 and _RANK[p] <= my_rank:
+                return True
+        return False
 
     def _better_waiting(self, admission: Admission, priority: str) -> bool:
         # In a section: a waiter of a better priority could be served now.
-        my_rank = rank(priority)
+        my_rank = _RANK[priority]
         for p, lane in self._lanes:
-            if rank(p) >= my_rank:
+            if _RANK[p] >= my_rank:
                 return False
             if lane and self._ready(admission, lane, False) is not None:
                 return True
