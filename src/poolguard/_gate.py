@@ -625,7 +625,11 @@ class Gate:
             best: _Waiter | None = None
             for priority, lane in self._lanes:
                 if lane and admission.eligible(priority, free, capacity):
-                    best = self._ready(admission, lane, lifo)
+                    best = (  # _ready(), inline without tag caps
+                        self._ready(admission, lane, lifo)
+                        if admission.tag_limits
+                        else (lane[-1] if lifo else lane[0])
+                    )
                     if best is not None:
                         break
             if best is None:
@@ -666,7 +670,9 @@ class Gate:
         for p, lane in self._lanes:
             if _RANK[p] >= my_rank:
                 return False
-            if lane and self._ready(admission, lane, False) is not None:
+            if lane and (
+                not admission.tag_limits or self._ready(admission, lane, False) is not None
+            ):
                 return True
         return False
 
