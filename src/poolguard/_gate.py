@@ -724,8 +724,8 @@ class Gate:
         # Waiters of a better priority go first, and so do those owed a
         # hand-off; a newcomer may take a free permit ahead of waiters of its
         # own priority (the woken one among them takes the next, handed over).
-        queued_ahead = (
-            self._better_waiting(admission, priority) or self._owed_at_or_above(priority)
+        queued_ahead = self._better_waiting(admission, priority) or (
+            bool(self._owed) and self._owed_at_or_above(priority)  # no call while none owed
         )
         if (
             not queued_ahead
