@@ -10,7 +10,10 @@ whose ``pop`` and ``append`` are atomic, so taking a free permit is one
 ``pop`` and giving one back is one ``append``. The lock guards only the
 waiters: a caller that finds no token queues itself under the lock and then
 tries once more, and a release that sees waiters wakes one under the lock,
-so no wake-up is lost between the two.
+so no wake-up is lost between the two. Without a policy, a release skips
+that section while a waiter it woke has not run yet (``Gate.signalled``):
+there is nothing to dispatch, and whoever clears the mark looks at the free
+permits afterwards and passes the wake-up on.
 
 Under contention the gate does not hand each free permit to a parked
 waiter (a convoy: every checkout would park and be scheduled again).
