@@ -661,3 +661,43 @@ async def test_a_running_caller_may_take_a_woken_waiters_permit_once() -> None:
         gate.take()  # no second barge
     assert await asyncio.wait_for(waiter, SAFETY_TIMEOUT) is True
     assert (gate.in_use, gate.waiting, gate.timeouts) == (1, 0, 0)
+
+
+class _CountingLock:
+    """The gate's lock, counting how often a section takes it."""
+
+    def __init__(self, lock: Any) -> None:
+        self.lock = lock
+        self.entries = 0
+
+    def __enter__(self) -> Any:
+        self.entries += 1
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc: object) -> Any:
+        return self.lock.__exit__(*exc)
+
+
+async def test_a_release_while_a_waiter_is_signalled_takes_no_lock() -> None:
+    # No policy: the head waiter woken by a release and not run yet is owed
+    # nothing, so a second release has nothing to dispatch: it does not take
+    # the gate's lock (one lock section fewer per release under contention).
+    # The waiter still gets a permit, and nothing is lost.
+    gate = Gate(2)
+    gate.take()
+    gate.take()
+    waiter = spawn_async_waiter(gate)
+    try:
+        await async_wait_until(lambda: gate.waiting == 1, "the async waiter to queue")
+        gate.release()  # signals the waiter (a loop callback, not run yet)
+        assert gate.signalled is gate.waiters[0]
+        counting = _CountingLock(gate._lock)
+        gate._lock = counting  # type: ignore[assignment]
+        gate.give(None)  # the pool's checkin path: the permit, then returned()
+        gate.returned()
+        assert counting.entries == 0
+        assert await asyncio.wait_for(waiter, SAFETY_TIMEOUT) is True
+        assert (gate.in_use, gate.waiting, gate.timeouts) == (1, 0, 0)
+        assert gate.signalled is None
+    finally:
+        waiter.cancel()

@@ -313,7 +313,7 @@ class PolicyGateMachine(RuleBasedStateMachine):
             # A free permit one of them may take: a waiter is woken to take it
             # itself (one at a time; a running caller may take it first). It
             # is in flight, not lost.
-            signalled = self.gate._signalled
+            signalled = self.gate.signalled
             assert signalled is not None, "a free permit and nobody woken for it"
             assert signalled.woken
             return

@@ -10,7 +10,10 @@ whose ``pop`` and ``append`` are atomic, so taking a free permit is one
 ``pop`` and giving one back is one ``append``. The lock guards only the
 waiters: a caller that finds no token queues itself under the lock and then
 tries once more, and a release that sees waiters wakes one under the lock,
-so no wake-up is lost between the two.
+so no wake-up is lost between the two. Without a policy, a release skips
+that section while a waiter it woke has not run yet (``Gate.signalled``):
+there is nothing to dispatch, and whoever clears the mark looks at the free
+permits afterwards and passes the wake-up on.
 
 Under contention the gate does not hand each free permit to a parked
 waiter (a convoy: every checkout would park and be scheduled again).
@@ -73,6 +76,11 @@ _discard: Callable[[object], None] = deque[object](maxlen=0).append
 #: for an interrupt every 0.1 ms while it blocks on the lock for 100 ms; a
 #: bound, so that an undo failing for another reason cannot spin for ever.
 _UNDO_TRIES = range(1000)
+
+
+#: Serving order by priority (``rank()``), read inline on the policy's paths:
+#: a dict item, not a Python call, per lane and per owed count looked at.
+_RANK: dict[str, int] = {p: rank(p) for p in PRIORITIES}
 
 
 def _zero() -> int:
@@ -221,8 +229,12 @@ class Gate:
         #: take() is the lock-free pop whenever the queue is empty.
         self._fast_policy = False
         #: The waiter woken to take a free permit itself, not yet run (no
-        #: policy): one at a time, so a release wakes nobody in vain.
-        self._signalled: _Waiter | None = None
+        #: policy): one at a time, so a release wakes nobody in vain. While
+        #: set without a policy, it is the head and owed nothing, so a
+        #: release's dispatch would do nothing: the pool's checkin and
+        #: :meth:`returned` skip it (no lock). Whoever clears it looks at the
+        #: free permits afterwards and passes the wake-up on.
+        self.signalled: _Waiter | None = None
         #: Queued waiters owed a hand-off (they lost a race once), by
         #: priority; newcomers of that priority or worse queue behind them.
         self._owed: dict[str, int] = {}
@@ -337,8 +349,8 @@ class Gate:
             if mine in owed and owed[mine] > 0:
                 owed[mine] -= 1
             waiter.handoff = False
-        if self._signalled is waiter:
-            self._signalled = None
+        if self.signalled is waiter:
+            self.signalled = None
         if self._fast_policy:
             self._set_take()
 
@@ -496,7 +508,7 @@ class Gate:
         next(self._released)
         if self.policy_checkin:
             self.untag(tag)
-        if self.waiters:
+        if self.waiters and (self.signalled is None or self.admission is not None):
             self.wake()
 
     def returned(self) -> None:
@@ -506,7 +518,9 @@ class Gate:
         returns the permit is back, whatever interrupts next), then this.
         """
         next(self._released)
-        if self.waiters:
+        # No dispatch (no lock) while a waiter is signalled without a policy
+        # (see ``signalled``).
+        if self.waiters and (self.signalled is None or self.admission is not None):
             self.wake()
 
     def wake(self) -> None:
@@ -539,7 +553,7 @@ class Gate:
             waiter = waiters[0]
             if not waiter.granted:
                 if not waiter.handoff:
-                    if self._signalled is None and self._tokens:
+                    if self.signalled is None and self._tokens:
                         self._signal(waiter)
                     return
                 waiter.granted = True
@@ -567,7 +581,7 @@ class Gate:
             loop.call_soon(self._signal_soon, waiter)
         else:
             waiter.wake()
-        self._signalled = waiter
+        self.signalled = waiter
 
     def _signal_soon(self, waiter: _Waiter) -> None:
         # A loop callback (see _signal): wake the waiter if a permit is still
@@ -582,14 +596,17 @@ class Gate:
                         if waiter.future is not None:
                             _resolve(waiter.future)  # on its loop's thread: at once
                     else:
-                        if self._signalled is waiter:
-                            self._signalled = None
+                        if self.signalled is waiter:
+                            self.signalled = None
                         # The count, then the flag, no call between (as _dequeue).
                         owed, mine = self._owed, waiter.priority
                         owed[mine] = (owed[mine] if mine in owed else 0) + 1  # noqa: SIM401 - no call
                         waiter.handoff = True
                         if self._fast_policy:
                             self._set_take()  # owed first: no lock-free take now
+                        # A release that saw it signalled woke nobody: a permit
+                        # given back since the look above is handed over now.
+                        self._rewake = bool(self._tokens)
             finally:
                 self._busy = False
                 if self._rewake or self._deferred:
@@ -611,17 +628,21 @@ class Gate:
             best: _Waiter | None = None
             for priority, lane in self._lanes:
                 if lane and admission.eligible(priority, free, capacity):
-                    best = self._ready(admission, lane, lifo)
+                    best = (  # _ready(), inline without tag caps
+                        self._ready(admission, lane, lifo)
+                        if admission.tag_limits
+                        else (lane[-1] if lifo else lane[0])
+                    )
                     if best is not None:
                         break
             if best is None:
                 break
             if not best.granted:
-                signalled = self._signalled
+                signalled = self.signalled
                 if not best.handoff and (
                     signalled is None
                     or signalled is best
-                    or rank(signalled.priority) <= rank(best.priority)
+                    or _RANK[signalled.priority] <= _RANK[best.priority]
                 ):
                     # Woken to take the permit itself, one waiter at a time:
                     # a running caller of its priority or better may take it
@@ -640,16 +661,21 @@ class Gate:
 
     def _owed_at_or_above(self, priority: str) -> bool:
         # In a section: a waiter of this priority or better is owed a hand-off.
-        my_rank = rank(priority)
-        return any(n > 0 and rank(p) <= my_rank for p, n in self._owed.items())
+        my_rank = _RANK[priority]
+        for p, n in self._owed.items():  # noqa: SIM110 - a loop: no generator frames
+            if n > 0 and _RANK[p] <= my_rank:
+                return True
+        return False
 
     def _better_waiting(self, admission: Admission, priority: str) -> bool:
         # In a section: a waiter of a better priority could be served now.
-        my_rank = rank(priority)
+        my_rank = _RANK[priority]
         for p, lane in self._lanes:
-            if rank(p) >= my_rank:
+            if _RANK[p] >= my_rank:
                 return False
-            if lane and self._ready(admission, lane, False) is not None:
+            if lane and (
+                not admission.tag_limits or self._ready(admission, lane, False) is not None
+            ):
                 return True
         return False
 
@@ -701,8 +727,8 @@ class Gate:
         # Waiters of a better priority go first, and so do those owed a
         # hand-off; a newcomer may take a free permit ahead of waiters of its
         # own priority (the woken one among them takes the next, handed over).
-        queued_ahead = (
-            self._better_waiting(admission, priority) or self._owed_at_or_above(priority)
+        queued_ahead = self._better_waiting(admission, priority) or (
+            bool(self._owed) and self._owed_at_or_above(priority)  # no call while none owed
         )
         if (
             not queued_ahead
@@ -938,8 +964,8 @@ class Gate:
                     codel.on_grant(waited, self._clock())
                 if not waiter.granted and waited < timeout and waiter.woken and not self.closed:
                     # Lost the race: wait again, first in line for a hand-off.
-                    if self._signalled is waiter:
-                        self._signalled = None
+                    if self.signalled is waiter:
+                        self.signalled = None
                     if not waiter.handoff:
                         waiter.handoff = True
                         owed, mine = self._owed, waiter.priority
@@ -961,7 +987,7 @@ class Gate:
                 if self.waiters and self._tokens:  # pass the wake-up on
                     self._rewake = True
                 if waiter.granted:
-                    if self._signalled is None and not self.waiters and codel is not None:
+                    if self.signalled is None and not self.waiters and codel is not None:
                         codel.on_empty(self._clock())  # took the last queued permit itself
                     return True
                 self.timeouts += 1

@@ -256,7 +256,8 @@ class Admission:
 
     def eligible(self, priority: str, free: int, capacity: int) -> bool:
         """Whether ``priority`` may take one of ``free`` permits (reserve, adaptive limit)."""
-        if not may_take(priority, free, self.reserved):
+        # may_take(), inline: this runs on every policy checkout and dispatch.
+        if free <= 0 or (priority != CRITICAL and free <= self.reserved):
             return False
         adaptive = self.adaptive
         if adaptive is None or priority == CRITICAL:
