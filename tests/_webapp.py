@@ -85,6 +85,11 @@ class Service:
         self.released.set()
         return {"released": True}
 
+    def in_use(self) -> dict[str, Any]:
+        # Reads the stats only: a probe (as /healthz runs) would take the one
+        # connection a report needs and race the test that waits for it.
+        return {"in_use": self.guard.stats().in_use}
+
     def _catalog_from_db(self) -> dict[str, Any]:
         with self.engine.connect() as conn:
             rows = [int(v) for v in conn.execute(sa.text("SELECT 1 UNION ALL SELECT 2")).scalars()]
@@ -152,6 +157,10 @@ def create_fastapi_app(url: str | None = None) -> FastAPI:
     def release() -> dict[str, Any]:
         return svc.release()
 
+    @app.get("/_test/in_use")
+    def in_use() -> dict[str, Any]:
+        return svc.in_use()
+
     @app.get("/catalog")
     def catalog() -> dict[str, Any]:
         return svc.catalog()
@@ -205,6 +214,10 @@ def create_flask_app(url: str | None = None) -> Flask:
     @app.post("/_test/release")
     def release() -> dict[str, Any]:
         return svc.release()
+
+    @app.get("/_test/in_use")
+    def in_use() -> dict[str, Any]:
+        return svc.in_use()
 
     @app.get("/catalog")
     def catalog() -> dict[str, Any]:

@@ -751,7 +751,9 @@ def _storm(base: str) -> None:
             )
             try:
                 wait_until(
-                    lambda: slow.done() or client.get("/healthz").json()["in_use"] >= 1,
+                    # Not /healthz: its probe takes a connection, and a report
+                    # arriving meanwhile finds none (background never waits).
+                    lambda: slow.done() or client.get("/_test/in_use").json()["in_use"] >= 1,
                     "the slow report to take its connection",
                     STARTUP_LIMIT,
                 )
