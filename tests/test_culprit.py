@@ -364,14 +364,89 @@ def test_turning_it_off_releases_everything() -> None:
     assert detector.isolated == {}
 
 
-def test_samples_come_faster_under_pressure() -> None:
+def test_samples_come_fast_while_isolation_is_on_and_under_pressure() -> None:
     detector = Detector()
+    assert detector.interval() == PRESSED_INTERVAL  # on: a drain must be seen early
+    detector.enabled = False  # attribution only: calm samples unless pressed
     detector.sample(0.0, _good(1), False)
     assert detector.interval() == _culprit.CALM_INTERVAL
     detector.sample(1.0, _good(1), True)
     assert detector.interval() == PRESSED_INTERVAL
     detector.sample(1.0 + _culprit.PRESSURE_CLEAR + 0.1, _good(1), False)
     assert detector.interval() == _culprit.CALM_INTERVAL
+
+
+# -- the early cap: a slow shape bounded before the pool runs dry ----------------------
+
+
+def _capping(detector: Detector, start: float, seconds: float,
+             make: Callable[[float], list[Observation]], *, pressed: bool = False,
+             capacity: int = 10) -> list[_culprit.Change]:
+    changes = []
+    for i in range(round(seconds / PRESSED_INTERVAL) + 1):
+        now = start + i * PRESSED_INTERVAL
+        changes += detector.sample(now, make(now), pressed, capacity=capacity)
+    return changes
+
+
+def test_a_slow_shape_taking_half_the_pool_is_capped_before_any_pressure() -> None:
+    detector = Detector()
+    # Four of ten: below the share, nothing, however long.
+    assert _capping(detector, 0.0, 3.0, lambda t: _bad(4) + _good(2)) == []
+    (change,) = _capping(detector, 3.2, 0.0, lambda t: _bad(5) + _good(2))
+    assert change.action == "isolated"
+    iso = change.isolation
+    assert (iso.kind, iso.key, iso.cap, iso.phase) == (SHAPE, "bad", 5, "capped")
+    assert change.held == 5
+    assert not detector.pressured()  # capped with no pressure seen at all
+    assert iso.bar >= _culprit.MIN_DURATION
+
+
+def test_the_cap_is_culprit_share_of_the_pool() -> None:
+    detector = Detector(share=0.3)
+    (change,) = _capping(detector, 0.0, 1.0, lambda t: _bad(3) + _good(2))
+    assert change.isolation.cap == 3
+
+
+def test_nothing_is_capped_when_every_shape_is_slow_alike_or_the_pool_is_tiny() -> None:
+    alike = Detector()
+    slow_too = lambda t: _bad(5) + _good(4, running=2.0, shape="other")  # noqa: E731
+    assert _capping(alike, 0.0, 5.0, slow_too) == []
+    fast = Detector()  # held by a shape whose statements are fast: no culprit
+    assert _capping(fast, 0.0, 5.0, lambda t: _good(8) + _good(1, shape="x")) == []
+    tiny = Detector()  # a pool of two: half of it is the whole of MIN_HELD
+    assert _capping(tiny, 0.0, 5.0, lambda t: _bad(2) + _good(1), capacity=2) == []
+    unbounded = Detector()
+    changes = []
+    for i in range(20):
+        changes += unbounded.sample(i * PRESSED_INTERVAL, _bad(5) + _good(2), False)
+    assert changes == []
+
+
+def test_a_cap_is_lifted_once_none_of_its_statements_runs_slow() -> None:
+    detector = Detector()
+    (capped,) = _capping(detector, 0.0, 1.0, lambda t: _bad(5) + _good(2))
+    since = capped.isolation.since
+    # Still running slow past its hold time: kept.
+    assert _capping(detector, since + 0.2, HOLD_FIRST + 1.0, lambda t: _bad(5) + _good(2)) == []
+    # Its statements are gone: released at the next sample.
+    (released,) = _capping(detector, since + HOLD_FIRST + 1.4, 0.0, lambda t: _good(2))
+    assert released.action == "released"
+    assert released.isolation is capped.isolation
+    assert detector.isolated == {}
+
+
+def test_a_capped_shape_is_isolated_when_the_pressure_stands_all_the_same() -> None:
+    detector = Detector()
+    (capped,) = _capping(detector, 0.0, 1.0, lambda t: _bad(5) + _good(2))
+    assert capped.isolation.cap == 5
+    changes = _capping(detector, 1.2, PRESSURE_FOR + PRESSED_INTERVAL,
+                       lambda t: _bad(5) + _good(2), pressed=True)
+    assert [(c.action, c.isolation.cap) for c in changes] == [("isolated", None)]
+    iso = changes[0].isolation
+    assert iso.phase == "isolated"
+    assert iso.isolations == 2
+    assert detector.isolated[(SHAPE, "bad")] is iso
 
 
 def test_the_shed_summary_is_rate_limited_and_loses_no_count() -> None:
@@ -674,3 +749,64 @@ def test_pg_load_shed_summary_is_logged_from_the_scan(
     assert summary["by_tag"] == {"api": 3}
     guard.scan()
     assert len(_named(events, "load.shed")) == 1  # nothing new: no second event
+
+
+@pytest.mark.timing
+def test_pg_a_slow_shape_is_capped_at_half_the_pool_and_the_rest_keeps_flowing(
+    make_engine: EngineFactory,
+    postgresql_url: str,
+    load: Load,
+    events: list[dict[str, Any]],
+) -> None:
+    size = 8
+    engine = make_engine(postgresql_url, size, max_overflow=0, isolate_culprits=True,
+                         acquire_timeout=1.0)
+    watcher = sa.create_engine(postgresql_url, poolclass=sa.pool.NullPool)
+
+    def running_slow() -> int:
+        with watcher.connect() as conn:
+            return int(conn.execute(sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                "AND query LIKE 'SELECT pg_sleep%' AND datname = current_database() "
+                "AND pid <> pg_backend_pid()"
+            )).scalar_one())
+
+    try:
+        load.run(_execute(engine, FAST))
+        # More callers of the slow shape than its cap, too few to fill the
+        # pool: no pressure ever, what is seen is the cap alone.
+        for _ in range(size // 2 + 2):
+            load.run(_execute(engine, SLEEP, s=1.0))
+            time.sleep(0.05)
+        wait_until(lambda: _isolated(engine), "the slow shape capped", timeout=10)
+        (iso,) = _isolated(engine)
+        assert (iso.kind, iso.cap) == (SHAPE, size // 2)
+        (event,) = _named(events, "culprit.isolated")
+        assert event["cap"] == size // 2
+        assert "pg_sleep" in event["statement"]
+        # Once the statements that ran before the cap are over (1 s each), the
+        # database never runs more than the cap at once (one more: two callers
+        # racing at cap - 1), while the fast traffic goes on.
+        time.sleep(1.5)
+        served = load.ok
+        most = max(running_slow() for _ in range(30))
+        assert most <= size // 2 + 1
+        assert most >= 1  # the culprit still runs, within its cap
+        wait_until(lambda: load.ok > served + 50, "fast statements served")
+        assert load.errors.get("culprit", 0) > 0
+        assert "PoolTimeout" not in load.errors
+        assert _isolated(engine)[0].cap == size // 2  # never escalated: no pressure
+    finally:
+        load.stop()
+        watcher.dispose()
+    # Its callers gone, the cap is lifted (after its hold time).
+    wait_until(lambda: not _isolated(engine) or _touch(engine), "the cap lifted", timeout=15)
+    released = _named(events, "culprit.released")
+    assert [e["cap"] for e in released] == [size // 2]
+
+
+def _touch(engine: Engine) -> bool:
+    """A checkout: the samples ride on checkouts; False to keep waiting."""
+    with engine.connect() as conn:
+        conn.execute(FAST)
+    return False

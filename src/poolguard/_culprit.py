@@ -2,9 +2,8 @@
 
 Nothing here runs per checkout or per statement. The guard's scan samples
 the holds it already keeps (one per checked-out connection: statement,
-since when it runs, request tag) once a second, and every
-:data:`PRESSED_INTERVAL` seconds while the pool is under pressure or
-something is isolated. Each sample adds, per (statement shape, tag) pair,
+since when it runs, request tag) every :data:`PRESSED_INTERVAL` seconds
+while isolation is on (else once a second). Each sample adds, per (statement shape, tag) pair,
 the connections held now x the time since the last sample: connection-seconds,
 decayed over about :data:`WINDOW` seconds.
 
@@ -21,6 +20,15 @@ ratio stays near 1: nothing is isolated. A shape is isolated only in the tags
 same text run fast elsewhere goes on (everywhere only when no sample saw it
 running slow). A hold waiting on the wire in a pooler's queue is nobody's
 consumer: it is left out of the samples.
+
+Before any pressure, a shape that holds ``culprit_share`` of the pool's
+connections now and runs slow (the same test) is *capped*: at most that many
+of its statements run at once (:meth:`Culprits.check_statement` counts them
+over the holds, for that shape's statements only). Waiting for pressure
+would wait until it holds the whole pool, and its running statements cannot
+be taken back. A cap ends once its hold time is over and none of its
+statements runs slow; a capped shape that still meets the bar under pressure
+is isolated.
 
 An isolation is lifted gradually: after its hold time (:data:`HOLD_FIRST`,
 doubled by each relapse up to :data:`HOLD_MAX`) and once the pressure is
@@ -140,7 +148,8 @@ class Attribution:
         connection_seconds: its decayed connection-seconds.
         running_for: how long its statements (a tag: its checkouts) had been
             running when the samples saw them, on average.
-        isolated: ``"isolated"``, ``"probing"`` (being lifted) or None.
+        isolated: ``"isolated"``, ``"probing"`` (being lifted), ``"capped"``
+            (a shape bounded to ``culprit_share`` of the pool) or None.
     """
 
     kind: str
@@ -173,6 +182,11 @@ class Isolation:
     scoped: bool = False
     scope: str | None = None
     tags: frozenset[str | None] | None = None
+    #: A shape capped, not isolated: at most ``cap`` of its statements run at
+    #: once (the early bound, before any pressure); None: isolated.
+    cap: int | None = None
+    #: The least a statement of it runs to count as slow (seconds).
+    bar: float = 0.0
     counter: Any = dataclasses.field(default_factory=itertools.count)
 
     def covers(self, shape: str | None, tag: str | None) -> bool:
@@ -183,6 +197,8 @@ class Isolation:
 
     @property
     def phase(self) -> str:
+        if self.cap is not None:
+            return "capped"
         return "isolated" if self.step is None else "probing"
 
     def admit(self) -> bool:
@@ -251,11 +267,16 @@ class Detector:
         return since is not None and now - since >= PRESSURE_FOR
 
     def interval(self) -> float:
-        """Seconds until the next sample is due."""
+        """Seconds until the next sample is due.
+
+        While isolation is on, samples come every PRESSED_INTERVAL: a slow
+        shape must be capped before it holds the pool, and one arriving a few
+        times a second takes half a pool of 10 in well under a second.
+        """
         return (
             PRESSED_INTERVAL
-            if self.pressure_since is not None or self.isolated
-            else (CALM_INTERVAL)
+            if self.enabled or self.pressure_since is not None or self.isolated
+            else CALM_INTERVAL
         )
 
     def reset(self) -> list[Change]:
@@ -273,11 +294,13 @@ class Detector:
         pressed: bool,
         done: Mapping[str, tuple[float, float]] | None = None,
         waiting: Iterable[str | None] = (),
+        capacity: int | None = None,
     ) -> list[Change]:
         """Account one sample taken at ``now``; return what it changed.
 
         ``done``: per shape, the statements completed since the last sample
-        and their seconds; ``waiting``: the tags of the checkouts waiting now.
+        and their seconds; ``waiting``: the tags of the checkouts waiting now;
+        ``capacity``: the pool's size (None: unbounded, nothing is capped).
         """
         obs = list(observations)
         self._pressure(now, pressed)
@@ -288,8 +311,12 @@ class Detector:
         if not self.enabled:
             return changes
         self._lift(now, obs, changes)
-        if self.standing(now) and len(self.isolated) < MAX_ISOLATED:
-            found = self._find(now, SHAPE, obs) or self._find(now, TAG, obs)
+        if len(self.isolated) < MAX_ISOLATED:
+            found = None
+            if self.standing(now):
+                found = self._find(now, SHAPE, obs) or self._find(now, TAG, obs)
+            if found is None and capacity:
+                found = self._cap(now, capacity)
             if found is not None:
                 changes.append(found)
         return changes
@@ -381,10 +408,12 @@ class Detector:
     def _find(self, now: float, kind: str, obs: list[Observation]) -> Change | None:
         totals = self.totals(kind)
         total_cs = sum(row[0] for row in totals.values())
+        isolated = self.isolated
         candidates = [
             (row[0], key)
             for key, row in totals.items()
-            if key is not None and (kind, key) not in self.isolated
+            if key is not None
+            and ((kind, key) not in isolated or isolated[(kind, key)].cap is not None)
         ]
         if total_cs <= 0.0 or not candidates:
             return None
@@ -400,13 +429,55 @@ class Detector:
         if found is None:
             return None
         slow, bar = found
-        iso = self.isolated[(kind, key)] = Isolation(
-            kind=kind, key=key, share=share, slow=slow, since=now, hold=HOLD_FIRST
+        capped = isolated.get((kind, key))  # a capped shape still under pressure: isolate it
+        iso = isolated[(kind, key)] = Isolation(
+            kind=kind, key=key, share=share, slow=slow, since=now, hold=HOLD_FIRST, bar=bar,
+            isolations=capped.isolations + 1 if capped is not None else 1,
         )
         if kind == SHAPE:
             self._scope(iso, cs, bar)
         self.isolations[kind] += 1
         return Change("isolated", iso, int(row[5]))
+
+    def _cap(self, now: float, capacity: int) -> Change | None:
+        """Cap a shape that holds ``share`` of the pool now and runs slow.
+
+        The early bound, before there is any pressure to see: a slow shape
+        taking half the pool is the start of a drain (every new execution of
+        it adds a connection held for its whole run, and the ones already
+        running cannot be taken back). Capped, it keeps running, at most
+        ``share x capacity`` at once; the rest of the pool stays for the
+        others. Same test of slowness as isolation: nothing is capped when
+        every shape runs slow alike.
+        """
+        limit = max(MIN_HELD, int(self.share * capacity))
+        if limit >= capacity:
+            return None
+        held: dict[str, int] = {}
+        for (shape, _tag), n in self.held.items():
+            if shape is not None and (SHAPE, shape) not in self.isolated:
+                held[shape] = held.get(shape, 0) + n
+        heavy = [(n, key) for key, n in held.items() if n >= limit]
+        if not heavy:
+            return None
+        totals = self.totals(SHAPE)
+        total_cs = sum(row[0] for row in totals.values()) or 1.0
+        for n, key in sorted(heavy, reverse=True):
+            row = totals.get(key)
+            if row is None:
+                continue
+            found = self._slow(SHAPE, key, row, [r for k, r in totals.items() if k != key])
+            if found is None:
+                continue
+            slow, bar = found
+            iso = self.isolated[(SHAPE, key)] = Isolation(
+                kind=SHAPE, key=key, share=row[0] / total_cs, slow=slow, since=now,
+                hold=HOLD_FIRST, cap=limit, bar=bar,
+            )
+            self._scope(iso, row[0], bar)
+            self.isolations[SHAPE] += 1
+            return Change("isolated", iso, n)
+        return None
 
     def _slow(
         self, kind: str, key: str, row: list[float], others: list[list[float]]
@@ -475,6 +546,16 @@ class Detector:
     def _lift(self, now: float, obs: list[Observation], changes: list[Change]) -> None:
         standing = self.standing(now)
         for ident, iso in list(self.isolated.items()):
+            if iso.cap is not None:
+                # Lifted once its hold time is over and none of its running
+                # statements is slow any more (capped again within a sample if
+                # it comes back).
+                if now - iso.since >= iso.hold and not any(
+                    o.running >= iso.bar for o in obs if iso.covers(o.shape, o.tag)
+                ):
+                    del self.isolated[ident]
+                    changes.append(Change("released", iso, self._held(iso)))
+                continue
             if iso.step is None:
                 if now - iso.since >= iso.hold and (not standing or now - iso.since >= HOLD_MAX):
                     iso.step, iso.step_at = 0, now
@@ -493,6 +574,9 @@ class Detector:
                     changes.append(Change("released", iso, len(mine)))
                 else:
                     iso.step, iso.step_at = iso.step + 1, now
+
+    def _held(self, iso: Isolation) -> int:
+        return sum(n for key, n in self.held.items() if iso.covers(*key))
 
     def attribution(self) -> list[Attribution]:
         """Shapes and tags by their share of the connection-seconds, biggest first."""
@@ -667,7 +751,7 @@ class Culprits:
         )
         self._sheds_seen = sheds
         with self._lock:
-            changes = self.detector.sample(now, obs, pressed, done, waiting)
+            changes = self.detector.sample(now, obs, pressed, done, waiting, capacity)
         if changes:
             self._apply(changes, holds)
 
@@ -740,6 +824,7 @@ class Culprits:
                 "scoped": iso.scoped,
                 "site": site,
                 "share": round(iso.share, 3),
+                "cap": iso.cap,
                 "held": change.held,
                 "size": gate.capacity,
                 "checked_out": gate.in_use,
@@ -767,9 +852,30 @@ class Culprits:
             iso.tags is not None and (request.tag if request else None) not in iso.tags
         ):
             return
-        if iso.admit():
+        if iso.cap is not None:
+            if self._running(iso) < iso.cap:
+                return
+        elif iso.admit():
             return
         raise self._shed(iso, request)
+
+    def _running(self, iso: Isolation) -> int:
+        """Statements of a capped shape running now (in its scope): a count
+        over the holds, paid only by the statements of that shape while it
+        is capped. Two racing threads may both pass at ``cap - 1``: a cap
+        is a bound on a drain, not a semaphore."""
+        db = self._parts.db_system()
+        n = 0
+        for hold in list(self._parts.gate().out.values()):
+            statement = hold[STATEMENT]
+            if statement is None or not hold[RUNNING_SINCE] or hold[WIRE] is not None:
+                continue
+            request = hold[REQUEST]
+            if iso.covers(
+                fingerprint(statement, db).id, request.tag if request is not None else None
+            ):
+                n += 1
+        return n
 
     def admit(self, pool: object = None) -> None:
         """A checkout while a breaker is not closed or a tag is isolated."""
@@ -809,10 +915,19 @@ class Culprits:
         else:
             what = f"request tag {iso.key!r}{where}"
             done = "not checking out a connection"
+        if iso.cap is not None:
+            why = (
+                f"is capped as a culprit at {iso.cap} statements at once: it held "
+                f"{iso.cap} or more of the pool's {self._parts.gate().capacity} connections "
+                f"running slow ({iso.bar:.2f}s or more while the rest run far faster)"
+            )
+        else:
+            why = (
+                f"is isolated as the culprit: it held {iso.share:.0%} of the pool's "
+                "connection-seconds under pressure and runs slow"
+            )
         return LoadShed(
-            f"pool {name!r}: {what} is isolated as the culprit: it held {iso.share:.0%} of "
-            f"the pool's connection-seconds under pressure and runs slow; {done} "
-            f"(retry after {retry_after:.1f}s)",
+            f"pool {name!r}: {what} {why}; {done} (retry after {retry_after:.1f}s)",
             reason=REASON,
             priority=priority,
             retry_after=retry_after,

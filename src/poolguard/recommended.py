@@ -47,8 +47,9 @@ def options() -> dict[str, Any]:
         "breaker_per_tag": True,
         "breaker_slow_call_duration": 1.0,
         "breaker_slow_call_rate": 0.5,
-        # Under pressure, the statement shape (or tag) holding most of the
-        # pool and running far slower than the rest is shed before it is sent,
+        # A statement shape running far slower than the rest never holds more
+        # than half the pool (capped before any pressure); under pressure, the
+        # shape (or tag) holding most of the pool is shed before it is sent,
         # in every request, critical ones included; lifted gradually after.
         "isolate_culprits": True,
     }
