@@ -190,7 +190,7 @@ def test_connect_failures_still_open_the_breaker_behind_a_pooler(
     bouncer: tuple[PgBouncer, str],
 ) -> None:
     # A real outage: the pooler refuses connections (its database is gone).
-    running, database = bouncer
+    running, _ = bouncer
     url = running.url("no_such_database_here")
     engine = _engine(url, pooler="transaction", **TOUCHY)
     guard = poolguard.get_guard(engine)
