@@ -20,6 +20,8 @@ same PgBouncer and database:
   facts of the fleet, not of a culprit: ``replicas=6``, ``pooler="transaction"``
   and ``server_connections=10`` (PgBouncer's ``default_pool_size``; or
   ``pgbouncer_admin_url`` to read it); the configuration the done-when is about;
+* ``rec-no-servers``: the same without ``server_connections`` (the guard
+  cannot tell the replica's share of server connections: no fair share);
 * ``rec+report=1``: for comparison only, the same plus ``tag_limits={"report": 1}``
   on each replica: the culprit named in advance, what isolating it within the
   fleet's share of server connections would give.
@@ -122,6 +124,9 @@ def configurations() -> dict[str, dict[str, Any] | None]:
         "at2": {"acquire_timeout": 2.0},
         "readme+st2": {**recommended.options(), "statement_timeout": 2.0},
         "recommended": rec,
+        # Without the server connections stated: no fair share (the breakers'
+        # fixes alone).
+        "rec-no-servers": {k: v for k, v in rec.items() if k != "server_connections"},
         # Not a configuration to ship: the culprit named in advance, one report
         # per replica (6 of PgBouncer's 10 server connections fleet-wide).
         # What the recommended setting would give if it isolated the culprit

@@ -125,3 +125,45 @@ def test_no_fair_share_without_the_facts_or_the_need(
         assert guard.gate.checkin_seen is None
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgresql
+def test_the_admin_console_tells_the_pool_mode_and_the_server_connections(
+    bouncer: tuple[PgBouncer, str],
+) -> None:
+    # A pool opened before it was wrapped gives the guard no new connection to
+    # probe: PgBouncer's admin console says a pooler is there, that it pools
+    # by transaction, and how many server connections it keeps (2).
+    running, database = bouncer
+    engine = sa.create_engine(running.url(database), pool_size=4, max_overflow=0,
+                              connect_args={"prepare_threshold": None})
+    conns = [engine.connect() for _ in range(4)]
+    for conn in conns:
+        conn.exec_driver_sql("SELECT 1")
+        conn.close()
+    poolguard.wrap(engine, codel=True, replicas=2, pgbouncer_admin_url="auto",
+                   pgbouncer_poll_interval=0.1)
+    guard = poolguard.get_guard(engine)
+    try:
+        with poolguard.request(tag="api"), engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        assert guard.pooler.behind is None  # no new connection: nothing probed
+        wait_until(lambda: (guard.fleet.pgbouncer() or _NONE).pool_size == 2,
+                   "PgBouncer's numbers read")
+        guard.fleet.sample(time.perf_counter())
+        behind = guard.pooler.behind
+        assert behind is not None
+        assert (behind.mode, behind.how) == ("transaction", "admin console")
+        assert guard.fleet.fair.caps is not None  # share 2 / 2 = 1 server connection
+        with poolguard.request(tag="api"), engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")  # api uses the pooler now
+        guard.fleet.sample(time.perf_counter())
+        caps = guard.fleet.fair.caps
+        assert caps is not None
+        assert caps.cap("report") == 1
+    finally:
+        engine.dispose()
+
+
+class _NONE:
+    pool_size = None

@@ -270,7 +270,7 @@ class Fleet:
         self._gate = parts.gate
         # The engine's URL (None: not attached).
         self._url: Callable[[], Any] = lambda: guard._engine.url if guard._engine else None
-        self._behind: Callable[[], Any] = lambda: guard.pooler.behind
+        self._pooler: Callable[[], Any] = lambda: guard.pooler
         #: The fair share of server connections per tag.
         self.fair = FairShare(parts)
         self._lock = threading.Lock()
@@ -337,7 +337,10 @@ class Fleet:
     def sample(self, now: float) -> None:
         """With the scan's samples: the fair share's caps."""
         stats = self.pgbouncer()
-        self.fair.sample(now, self._behind(), stats.pool_size if stats is not None else None)
+        if stats is not None and stats.pool_mode is not None:
+            self._pooler().admin_mode(stats.pool_mode)
+        self.fair.sample(now, self._pooler().behind,
+                         stats.pool_size if stats is not None else None)
 
     def stop(self) -> None:
         """Stop reading PgBouncer (the guard was removed)."""
