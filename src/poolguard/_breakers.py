@@ -28,7 +28,7 @@ from .breaker import (
     TagBreaker,
     default_classifier,
 )
-from .errors import CircuitOpen
+from .errors import CircuitOpen, DeadlineExceeded, PoolTimeout, StatementTimeout
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -77,6 +77,10 @@ class Breakers:
         self.lock = threading.Lock()
         self._classify: Callable[[BaseException], bool] = default_classifier
         self._classifier_failed = False
+        #: perf_counter() time of the last statement that succeeded: a timeout
+        #: of a call that ran while the database answered others is that
+        #: call's, not the database's (see :meth:`record`).
+        self.answered_at = float("-inf")
 
     def not_closed(self) -> bool:
         """Some breaker is open or half-open: checkouts must consult :meth:`admit`."""
@@ -206,10 +210,18 @@ class Breakers:
         breaker = self.breaker
         failed = error is not None and self._is_failure(error)
         now = perf_counter()
+        if error is None:
+            self.answered_at = now
+        # The guard-wide breaker is about the database: a call that timed out
+        # (its statement's limit, the request's deadline, an acquire timeout)
+        # while the database answered other calls is one slow query class,
+        # or a full pool, not a failing database. Its tag's breaker counts it.
+        db_failed = failed and not (
+            self.answered_at >= now - duration and self._timed_out(error))
         entered = tag_entered = None
         with self.lock:
             if breaker is not None:
-                entered = breaker.record(failed, duration, now)
+                entered = breaker.record(db_failed, duration, now)
             tag_breaker = self.tag_breaker(request)
             if tag_breaker is not None:
                 tag_entered = tag_breaker.record(failed, duration, now)
@@ -217,6 +229,14 @@ class Breakers:
             self._breaker_changed(entered)
         if tag_entered is not None and request is not None:
             self._breaker_changed(tag_entered, request.tag)
+
+    def _timed_out(self, error: BaseException | None) -> bool:
+        """``error`` is a time limit's (a statement's, a deadline's, an acquire
+        timeout's), not a failed connection."""
+        if isinstance(error, (PoolTimeout, DeadlineExceeded, StatementTimeout)):
+            return True
+        orig = getattr(error, "orig", error)
+        return orig is not None and is_timeout_error(self._parts.db_system(), orig)
 
     def probe_forfeit(self) -> None:
         """The checkout under way gets no outcome (shed, cancelled, interrupted):

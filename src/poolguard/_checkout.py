@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from ._compat import is_asyncio, pre_ping
 from ._context import _current
 from ._gate import AdmissionRefused
+from ._hold import WIRE
 from ._holders import describe_groups
 from ._policies import NORMAL
 from ._queries import _gate_wait
@@ -104,7 +105,10 @@ class SlowCheckout:
             self._recorder.add_wait(waited, TIMED_OUT)
             error = self._timeout_error(timeout if timeout is not None else waited, by_deadline)
             breakers = self._breakers
-            if breakers.on:
+            # Connections out waiting in a pooler's queue for a server
+            # connection: the pooler is saturated, the database not failing.
+            if breakers.on and not any(
+                    h[WIRE] is not None for h in list(self._parts.gate().out.values())):
                 # The guard-wide breaker only: a tag that waited in vain for a
                 # pool others hold is their victim, its own statements may be fine.
                 breakers.record(error, waited)

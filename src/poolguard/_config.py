@@ -198,6 +198,14 @@ class Config:
         replicas: How many replicas (processes) of the service share the
             database: the divisor of the fleet budgets.
             ``POOLGUARD_REPLICAS`` sets it from the deployment.
+        server_connections: The server connections the pooler keeps for
+            the database, for the whole fleet (PgBouncer's ``pool_size`` or
+            ``default_pool_size``; read from its admin console when
+            ``pgbouncer_admin_url`` is set). With ``replicas`` and a pooler
+            that pools by transaction, fewer of them than ``replicas`` x the
+            pool turns on the fair share: each replica's share of server
+            connections is divided among the request tags using it (see
+            ``docs/resilience.md``).
         fleet_tag_limits: Bulkheads for the whole fleet, in server
             connections, e.g. ``{"report": 5}``: each replica may hold
             ``max(1, floor(5 / replicas))`` for the tag, so the fleet never
@@ -256,6 +264,7 @@ class Config:
     pgbouncer_admin_url: str | None = _opt(None, _ADMIN_URL, shown=False)
     pgbouncer_poll_interval: float = _opt(5.0, _INTERVAL)
     replicas: int | None = _opt(None, _COUNT)
+    server_connections: int | None = _opt(None, _COUNT)
     fleet_tag_limits: Mapping[str, int] | None = _opt(None, _FLEET_TAGS)
     fleet_reserved_critical: int = _opt(0, _INT0)
 

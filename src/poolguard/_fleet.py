@@ -20,8 +20,10 @@ import logging
 import math
 import os
 import threading
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+from ._hold import REQUEST
 from ._pgbouncer import AdminReader, PgBouncerStats, admin_target
 
 if TYPE_CHECKING:
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
     from ._config import Config
     from ._parts import GuardParts
 
-__all__ = ["Budget", "Fleet", "divide", "fleet_limits"]
+__all__ = ["Budget", "FairCaps", "FairShare", "Fleet", "divide", "fleet_limits"]
 
 #: A division whose fleet total is off the budget by more than this share warns.
 OFF_BY = 0.25
@@ -104,13 +106,173 @@ def fleet_limits(cfg: Config) -> tuple[dict[str, int], int | None]:
     return limits, reserve
 
 
+#: A tag whose checkouts lately were this short on average (seconds) uses a
+#: sliver of a server connection: the fair share never caps it.
+FAST = 0.1
+#: Checkouts a tag must have completed before it can be known fast.
+KNOWN_AFTER = 5
+#: Seconds a tag counts as using the pooler after its last checkin.
+ACTIVE_FOR = 10.0
+#: Weight of a new hold time in a tag's moving mean.
+ALPHA = 0.2
+
+
+class FairCaps(dict[str, int]):
+    """The gate's tag caps while the fair share is on: the stated ones (the
+    dict's items: ``tag_limits``, fleet budgets), and for every other tag not
+    known fast, its fair share of the replica's server connections.
+
+    A tag using the pooler now (``active``) gets ``share / len(active)``; a
+    tag new to it ``share / (len(active) + 1)``, rounded down, at least one;
+    no cap while no other tag uses it. Fixed between two samples: the gate
+    counts a tag's connections from when it is capped (:meth:`Gate.set_tag_caps`).
+    """
+
+    __slots__ = ("active", "exempt", "fair_in", "fair_new")
+
+    def __init__(
+        self, stated: dict[str, int], share: float, active: frozenset[str],
+        exempt: frozenset[str],
+    ) -> None:
+        super().__init__(stated)
+        self.active = active
+        self.exempt = exempt
+        n = len(active)
+        self.fair_in = max(1, math.floor(share / n)) if n >= 2 else None
+        self.fair_new = max(1, math.floor(share / (n + 1))) if n >= 1 else None
+
+    def __contains__(self, tag: object) -> bool:
+        return dict.__contains__(self, tag) or (
+            isinstance(tag, str) and tag not in self.exempt)
+
+    def get(self, tag: str, default: Any = None) -> Any:
+        if dict.__contains__(self, tag):
+            return dict.__getitem__(self, tag)
+        if not isinstance(tag, str) or tag in self.exempt:
+            return default
+        return self.fair_in if tag in self.active else self.fair_new
+
+    def __bool__(self) -> bool:
+        return True
+
+    def cap(self, tag: str) -> int | None:
+        """The cap of ``tag`` (None: none)."""
+        return self.get(tag) if tag in self else None
+
+
+class _Seen:
+    __slots__ = ("at", "mean", "n")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean = 0.0
+        self.at = 0.0
+
+
+class FairShare:
+    """The fleet's fair share of server connections, per request tag.
+
+    On when a pooler that pools by transaction is in front, ``replicas`` is
+    set, the fleet's server connections are known (``server_connections``,
+    or PgBouncer's pool size from its admin console) and fewer than
+    ``replicas`` x the pool. Then this replica's share of them is
+    ``server_connections / replicas``, and while another tag uses the pooler
+    too, a tag not known fast may hold at most its fair part of that share
+    (at least one connection); past it, checkouts are shed (``fair_share``).
+    Known fast: its last checkouts held a connection :data:`FAST` seconds or
+    less on average (a sliver of a server connection each). Holding more
+    than the replica's share is taking server connections from the other
+    replicas, whose requests then wait in the pooler's queue, which this
+    replica cannot see: by the time it could, the server connections are
+    held for as long as the slow statements run. Sampled with the culprit
+    samples (off the request path); the gate learns hold times at checkin.
+    """
+
+    def __init__(self, parts: GuardParts) -> None:
+        self._log = parts.log
+        self._gate = parts.gate
+        self._config = parts.config
+        self._seen: dict[str, _Seen] = {}
+        #: The caps installed (None: off).
+        self.caps: FairCaps | None = None
+        self._logged: tuple[Any, ...] | None = None
+
+    def checked_in(self, tag: str | None, held: float) -> None:
+        """A connection of ``tag`` came back after ``held`` seconds (from the gate, unlocked)."""
+        if tag is None:
+            return
+        seen = self._seen.get(tag)
+        if seen is None:
+            if len(self._seen) >= 256:
+                return
+            seen = self._seen[tag] = _Seen()
+        seen.n += 1
+        seen.mean += (held - seen.mean) * max(ALPHA, 1.0 / seen.n)
+        seen.at = perf_counter()
+
+    def share(self, behind: Any, pool_size: int | None) -> float | None:
+        """This replica's share of the server connections (None: the fair share is off)."""
+        cfg = self._config()
+        capacity = self._gate().capacity
+        servers = cfg.server_connections or pool_size
+        if (cfg.replicas is None or servers is None or not capacity or behind is None
+                or not behind.may_pool_transactions or servers >= cfg.replicas * capacity):
+            return None
+        return servers / cfg.replicas
+
+    def sample(self, now: float, behind: Any, pool_size: int | None) -> None:
+        """Recompute the caps (from the scan's samples)."""
+        gate = self._gate()
+        share = self.share(behind, pool_size)
+        admission = gate.admission
+        if share is None or admission is None:
+            if self.caps is not None:
+                self.caps = None
+                gate.checkin_seen = None
+                if admission is not None and isinstance(admission.tag_limits, FairCaps):
+                    gate.set_tag_caps(dict(admission.tag_limits))
+            return
+        stated = admission.tag_limits
+        stated = dict(stated.items()) if isinstance(stated, FairCaps) else dict(stated)
+        active = {tag for tag, seen in list(self._seen.items()) if seen.at >= now - ACTIVE_FOR}
+        for hold in list(gate.out.values()):
+            request = hold[REQUEST]
+            if request is not None and request.tag is not None:
+                active.add(request.tag)
+        exempt = frozenset(
+            tag for tag, seen in list(self._seen.items())
+            if seen.n >= KNOWN_AFTER and seen.mean <= FAST
+        )
+        caps = FairCaps(stated, share, frozenset(active), exempt)
+        old = self.caps
+        if (old is not None and admission.tag_limits is old and dict(old) == stated
+                and (old.active, old.exempt, old.fair_in, old.fair_new)
+                == (caps.active, caps.exempt, caps.fair_in, caps.fair_new)):
+            return
+        gate.checkin_seen = self.checked_in
+        if gate.set_tag_caps(caps):
+            self.caps = caps
+            key = (round(share, 3), caps.fair_in, caps.fair_new, tuple(sorted(exempt)))
+            if key != self._logged:
+                self._logged = key
+                self._log.emit(
+                    logging.INFO, "fleet.fair_share", share=round(share, 3),
+                    active=sorted(active), known_fast=sorted(exempt),
+                    cap=caps.fair_in, cap_new_tag=caps.fair_new,
+                )
+
+
 class Fleet:
     """One guard's view of its fleet: the budgets' division, and PgBouncer's numbers."""
 
-    def __init__(self, parts: GuardParts, *, url: Callable[[], Any]) -> None:
+    def __init__(self, parts: GuardParts, *, guard: Any) -> None:
         self._log = parts.log
         self._gate = parts.gate
-        self._url = url  # the engine's URL (None: not attached)
+        # The engine's URL (None: not attached).
+        self._url: Callable[[], Any] = lambda: guard._engine.url if guard._engine else None
+        self._pooler: Callable[[], Any] = lambda: guard.pooler
+        #: The fair share of server connections per tag.
+        self.fair = FairShare(parts)
         self._lock = threading.Lock()
         self._reader: AdminReader | None = None
         self._reader_key: tuple[Any, ...] | None = None
@@ -171,6 +333,14 @@ class Fleet:
             old.stop()
         if self._reader is not None:
             self._reader.start()
+
+    def sample(self, now: float) -> None:
+        """With the scan's samples: the fair share's caps."""
+        stats = self.pgbouncer()
+        if stats is not None and stats.pool_mode is not None:
+            self._pooler().admin_mode(stats.pool_mode)
+        self.fair.sample(now, self._pooler().behind,
+                         stats.pool_size if stats is not None else None)
 
     def stop(self) -> None:
         """Stop reading PgBouncer (the guard was removed)."""

@@ -278,6 +278,9 @@ class Gate:
         self.tag_in_use: dict[str, int] = {}
         #: A checkin must call :meth:`on_checkin` (tag caps or adaptive limit on).
         self.policy_checkin = False
+        #: Told each checkin's tag and hold time while the fleet's fair share
+        #: caps tags (``_fleet.FairShare``), else None.
+        self.checkin_seen: Callable[[str | None, float], None] | None = None
         # Waiting counters, updated under the lock (slow path only).
         self.waits = 0
         self.wait_total = 0.0
@@ -413,11 +416,43 @@ class Gate:
                 if self._rewake or self._deferred:
                     self._drain()
 
+    def set_tag_caps(self, caps: dict[str, int]) -> bool:
+        """Replace the policy's tag caps (the fleet's fair share); whether a policy was there.
+
+        Every tag capped is counted afresh from the connections out now.
+        """
+        with self._lock:
+            try:
+                self._busy = True
+                admission = self.admission
+                if admission is None:
+                    return False
+                counts: dict[str, int] = {}
+                for hold in list(self.out.values()):
+                    request = hold[REQUEST]
+                    tag = request.tag if request is not None else None
+                    if tag is not None and tag in caps:
+                        counts[tag] = counts.get(tag, 0) + 1
+                admission.tag_limits = caps
+                self.tag_in_use = counts
+                self.policy_checkin = admission.on_checkin
+                self._fast_policy = not admission.shapes_grants
+                self._set_take()
+                self._rewake = bool(self.waiters)
+                return True
+            finally:
+                self._busy = False
+                if self._rewake or self._deferred:
+                    self._drain()
+
     def on_checkin(self, request: Any, held: float) -> None:
         """A connection comes back: its tag's slot, the adaptive limit's sample."""
         if (admission := self.admission) is None:  # turned off since the pool looked
             return
         if admission.tag_limits and request is not None:
+            seen = self.checkin_seen
+            if seen is not None:
+                seen(request.tag, held)
             self.untag(request.tag)
         if admission.adaptive is not None:
             self.sample_hold(held)
@@ -723,7 +758,9 @@ class Gate:
         if tag in admission.tag_limits and admission.tag_full(
             tag, self.tag_in_use, sum(w.tag == tag for w in self.waiters)
         ):
-            raise AdmissionRefused("tag_limit")
+            # A cap the fair share set (a tag with no stated limit): its own reason.
+            raise AdmissionRefused("tag_limit" if dict.__contains__(admission.tag_limits, tag)
+                                   else "fair_share")
         # Waiters of a better priority go first, and so do those owed a
         # hand-off; a newcomer may take a free permit ahead of waiters of its
         # own priority (the woken one among them takes the next, handed over).

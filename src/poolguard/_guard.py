@@ -87,7 +87,7 @@ class Guard:
             reject=self._reject,
         )
         #: Fleet budgets, and PgBouncer's own numbers (pgbouncer_admin_url).
-        self.fleet = Fleet(parts, url=lambda: self._engine.url if self._engine else None)
+        self.fleet = Fleet(parts, guard=self)
         self.diagnostics = Diagnostics(parts, upstream=self.fleet.pgbouncer)
         # Bound once: the pool calls it directly.
         self.after_checkin = self.diagnostics.returned_after_warning
@@ -100,7 +100,7 @@ class Guard:
         self.scanner = Scanner(
             self.hooks, parts, self.diagnostics, self.breakers,
             is_async=lambda: self._async, changed=self._breaker_changed,
-            exporter=lambda: self.exporter)
+            exporter=lambda: self.exporter, fleet=self.fleet)
         #: Who holds the pool (``culprits.attribution()``), and culprit isolation.
         self.culprits = self.scanner.culprits
         self.after_checkout = self.scanner.after_checkout

@@ -227,6 +227,8 @@ class PoolerErrors:
         self._unlogged = 0
         self._parts = parts
         self._detected: Pooler | None = None
+        #: The pool mode PgBouncer's admin console showed (``pgbouncer_admin_url``).
+        self._admin_mode: str | None = None
         #: Whether the first connection has been looked at.
         self.checked = False
 
@@ -265,7 +267,8 @@ class PoolerErrors:
                            db_system=db_system, message=unenforced)
         if db_system != "postgresql":
             return
-        behind = self._detected = detect_pooler(dbapi_connection, config.pooler, admin_mode)
+        behind = self._detected = detect_pooler(
+            dbapi_connection, config.pooler, admin_mode or self._admin_mode)
         if behind is None:
             return
         address = pooler_address(self._url())
@@ -284,6 +287,25 @@ class PoolerErrors:
                          "max_prepared_statements), or pooler='session' if it pools by "
                          "session"),
             )
+
+    def admin_mode(self, mode: str | None) -> None:
+        """PgBouncer's admin console showed its pool mode (off the request path).
+
+        With the ``pooler`` option at ``"auto"``, it says how the pooler pools
+        (the connection probe only tells one is there) and that one is there
+        (a pool opened before it was wrapped gives the guard no connection
+        to probe).
+        """
+        if mode not in ("transaction", "session", "statement") or mode == self._admin_mode:
+            return
+        self._admin_mode = mode
+        detected = self._detected
+        if self._parts.config().pooler != "auto" or (
+                detected is not None and detected.how == "admin console"):
+            return
+        self._detected = Pooler("transaction" if mode == "statement" else mode, "admin console")
+        self._log.emit(logging.INFO, "pooler.detected", pooler=pooler_address(self._url()),
+                       mode=self._detected.mode, detected_by="admin console")
 
     def queue_timeout(
         self, error: BaseException, waited: float, limit: float, statement: str | None,

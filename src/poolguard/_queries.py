@@ -80,6 +80,9 @@ LIMIT = "_poolguard_limit"
 CUT = "_poolguard_cut"
 #: Set on a driver error that is a pooler's saturation: its PoolerSaturated.
 POOLER = "_poolguard_pooler"
+#: Set on a driver error of a round trip cut by the request's deadline while
+#: it waited in a pooler's queue for a server connection.
+ON_WIRE = "_poolguard_on_wire"
 
 #: Dialect methods that run statements, and where their context argument is.
 _METHODS = {"do_execute": 1, "do_executemany": 1, "do_execute_no_params": 0}
@@ -279,7 +282,7 @@ class QueryTimer:
             if culprits.shapes is not None:  # some shape is isolated: is it this one?
                 culprits.check_statement((stats.get(statement) or new_stat(statement)).fp.id,
                                          hold[REQUEST] if hold is not None else _current.get())
-            start = perf_counter()
+            start = begun = perf_counter()
             if hold is not None:
                 # Set before the time limit is applied: the SET LOCAL is a
                 # round trip of this statement (behind PgBouncer, the queue
@@ -296,6 +299,10 @@ class QueryTimer:
                     except BaseException as exc:
                         limit_failed(statement, start, hold, exc)
                         raise
+                    # Behind a pooler, from when it had a server connection:
+                    # the wait in the pooler's queue is not the statement's
+                    # slowness (the breakers' slow calls).
+                    begun = hold[RUNNING_SINCE]
             try:
                 result = inner(cursor, send, *args)
             except BaseException as exc:
@@ -326,7 +333,8 @@ class QueryTimer:
                     hold[TOP_STAT] = stat
             if guard.breakers_on:
                 guard.breaker_record(
-                    None, duration, hold[REQUEST] if hold is not None else _current.get()
+                    None, start + duration - begun,
+                    hold[REQUEST] if hold is not None else _current.get(),
                 )
             slow = guard.slow_query_threshold
             if (slow is not None and duration >= slow) or (
@@ -579,6 +587,13 @@ class QueryTimer:
             # not the statement's running time: culprit isolation reads it).
             hold[RUNNING_SINCE] = perf_counter()
         except Exception as error:
+            request = hold[REQUEST]
+            if not cut and request is not None and request.deadline is not None and (
+                    time.monotonic() >= request.deadline):
+                # The deadline's watchdog cut it in the pooler's queue: no
+                # outcome of the database's, nor of the statement's.
+                with contextlib.suppress(Exception):
+                    setattr(error, ON_WIRE, True)
             if cut:
                 saturated = guard.pooler.queue_timeout(
                     error, perf_counter() - start, seconds,
@@ -724,10 +739,18 @@ class QueryTimer:
             ops.append((duration, stat.fp, error_type))
         if hold is not None:
             hold[RUNNING_SINCE] = 0.0
-        if guard.breakers_on:
+        if guard.breakers_on and not getattr(exc, ON_WIRE, False):
+            # (Cut by the deadline in a pooler's queue: saturation, no outcome.)
             request = hold[REQUEST] if hold is not None else _current.get()
-            # A classifier sees the error the caller will see.
-            guard.breaker_record(saturated or exc, duration, request)
+            # A classifier sees the error the caller will see: cut by the
+            # request's deadline, a DeadlineExceeded (a timeout, whatever the
+            # driver said of its cut socket).
+            seen: BaseException = saturated or exc
+            if saturated is None and request is not None and request.deadline is not None and (
+                    time.monotonic() >= request.deadline):
+                seen = DeadlineExceeded(
+                    f"pool {guard.name!r}: the database did not answer by the request's deadline")
+            guard.breaker_record(seen, duration, request)
         timed_out = is_timeout_error(guard.db_system, exc)
         slow = guard.slow_query_threshold
         if slow is not None and duration >= slow:

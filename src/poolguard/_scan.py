@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from ._breakers import Breakers
     from ._diagnostics import Diagnostics
+    from ._fleet import Fleet
     from ._hold import Hold
     from ._hooks import CheckoutHooks
     from ._parts import GuardParts
@@ -48,7 +49,9 @@ class Scanner:
         is_async: Callable[[], bool],
         changed: Callable[[], None],
         exporter: Callable[[], Any],
+        fleet: Fleet | None = None,
     ) -> None:
+        self._fleet = fleet
         self._config = parts.config
         self._log = parts.log
         self._hooks = hooks
@@ -109,6 +112,8 @@ class Scanner:
                     self.next_scan = min(self.next_full, now + self._culprits.interval())
                     self.update_slow_at()
                     self._culprits.sample(now)
+                    if self._fleet is not None:
+                        self._fleet.sample(now)
                     if full:
                         self.scan(now)
             finally:

@@ -241,6 +241,13 @@ def default_classifier(error: BaseException) -> bool:
     answered; and the saturation of a pooler in front of the database
     (:class:`poolguard.PoolerSaturated`, or PgBouncer's ``query_wait_timeout``
     and ``max_client_conn`` errors as the driver raises them).
+
+    The guard applies two more rules around any classifier: a time limit's
+    error (a statement timeout, a request's deadline, an acquire timeout)
+    of a call during which another statement succeeded is not counted by the
+    guard-wide breaker (one slow query class, not a failing database; its
+    tag's breaker counts it), and a round trip cut by its deadline while it
+    waited in a pooler's queue for a server connection is no outcome at all.
     """
     import sqlalchemy.exc as sa_exc
 
