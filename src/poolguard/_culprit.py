@@ -489,15 +489,17 @@ class Detector:
         tag by its checkouts. None too when nobody else used the pool lately:
         there is nothing to protect.
         """
-        seen = sum(r[4] for r in others)
         at = (1, 2) if kind == SHAPE else (3, 4)
         mine = _mean(row[at[0]], row[at[1]])
+        ran = self.done.get(key) if kind == SHAPE else None
+        if ran is not None:
+            mine = max(mine, _mean(ran[1], ran[0]))
+        if mine < MIN_DURATION:  # the common case, answered before any sum
+            return None
+        seen = sum(r[4] for r in others)
         theirs = _mean(sum(r[at[0]] for r in others), sum(r[at[1]] for r in others))
         if kind == SHAPE:
             done = [r for k, r in self.done.items() if k != key]
-            ran = self.done.get(key)
-            if ran is not None:
-                mine = max(mine, _mean(ran[1], ran[0]))
             seen += sum(r[0] for r in done)
             theirs = max(theirs, _mean(sum(r[1] for r in done), sum(r[0] for r in done)))
         else:
@@ -681,6 +683,7 @@ class Culprits:
         self._recorder = recorder
         #: Per stats row: (statements, seconds) at the last sample.
         self._counted: dict[str, tuple[int, float]] | None = None
+        self._completed_at = -math.inf
         self._log = parts.log
         self._breakers = breakers
         self._changed = changed  # tag isolation changed: refresh the checkout hooks
@@ -718,6 +721,7 @@ class Culprits:
         holds: list[Hold] = list(gate.out.values())
         db = self._parts.db_system()
         obs = []
+        slow_seen = False  # a connection held for MIN_DURATION or more
         for hold in holds:
             statement = hold[STATEMENT]
             shape = None
@@ -728,12 +732,15 @@ class Culprits:
                     self._texts[shape] = fp.text
             request = hold[REQUEST]
             since = hold[RUNNING_SINCE]
+            running = max(0.0, now - since) if since else 0.0
+            age = max(0.0, now - hold[T0])
+            slow_seen = slow_seen or age >= MIN_DURATION
             obs.append(
                 Observation(
                     shape=shape,
                     tag=request.tag if request is not None else None,
-                    age=max(0.0, now - hold[T0]),
-                    running=max(0.0, now - since) if since else 0.0,
+                    age=age,
+                    running=running,
                     wire=hold[WIRE] is not None,
                 )
             )
@@ -742,7 +749,13 @@ class Culprits:
             waiting = [w.tag for w in list(gate.waiters)]
         except RuntimeError:  # changed while copied: none this time
             waiting = []
-        done = self._completed()
+        # The completed statements (a pass over every query stat) only when a
+        # decision may need them, else once a second: the deltas are kept.
+        if slow_seen or now - self._completed_at >= CALM_INTERVAL:
+            self._completed_at = now
+            done = self._completed()
+        else:
+            done = {}
         sheds = self._sheds()
         pressed = (
             bool(gate.waiting)
