@@ -10,7 +10,9 @@ more replicas than connections the fleet can hold one per replica, and the
 what was asked. :func:`divide` is the arithmetic the gate's admission policy
 uses; :class:`Fleet` logs what was decided (once per configuration) and owns
 the PgBouncer admin reader (:mod:`poolguard._pgbouncer`), whose numbers give
-a lower bound of the replica count to check the told one against.
+a lower bound of the replica count to check the told one against. When the
+fair share needs the fleet's server connections and nobody said them, the
+Fleet reads PgBouncer's pool size itself, once, on a thread of its own.
 """
 
 from __future__ import annotations

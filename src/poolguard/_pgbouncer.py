@@ -15,6 +15,9 @@ A failure (PgBouncer down, wrong credentials, the user not in
 keeps the last numbers marked ``stale``, and retries with a growing delay (up
 to a minute). The password is never logged: events carry ``host:port`` and
 the error's type only.
+
+:func:`read_once` reads the pool size and mode once, on a connection closed
+after: the fleet's server connections when nobody stated them (``_fleet``).
 """
 
 from __future__ import annotations
