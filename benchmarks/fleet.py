@@ -16,12 +16,17 @@ same PgBouncer and database:
 * ``at2+breaker`` / ``at2``: ``acquire_timeout=2`` with and without
   ``breaker=True`` (the issue's first two rows);
 * ``readme+st2``: the README's starting point plus ``statement_timeout=2``;
-* ``recommended``: exactly ``poolguard.recommended.options()`` plus three
-  facts of the fleet, not of a culprit: ``replicas=6``, ``pooler="transaction"``
-  and ``server_connections=10`` (PgBouncer's ``default_pool_size``; or
-  ``pgbouncer_admin_url`` to read it); the configuration the done-when is about;
-* ``rec-no-servers``: the same without ``server_connections`` (the guard
-  cannot tell the replica's share of server connections: no fair share);
+* ``recommended``: exactly ``poolguard.recommended.options()`` plus two
+  facts of the fleet, not of a culprit: ``replicas=6`` and
+  ``pooler="transaction"``; the configuration the done-when is about. The
+  fleet's server connections (10, PgBouncer's ``default_pool_size``) are read
+  by each guard from PgBouncer's admin console, once, with the engine's
+  credentials: this PgBouncer has the service's user in ``stats_users`` (the
+  read-only console), its admin (``admin_users``) another user, as a
+  deployment would;
+* ``rec+servers``: the same with ``server_connections=10`` stated (what a
+  deployment whose PgBouncer does not let the service's user read its
+  console states; nothing is read);
 * ``rec+report=1``: for comparison only, the same plus ``tag_limits={"report": 1}``
   on each replica: the culprit named in advance, what isolating it within the
   fleet's share of server connections would give.
@@ -116,17 +121,15 @@ def configurations() -> dict[str, dict[str, Any] | None]:
     # Facts of the fleet, not culprits: how many replicas, and that a pooler
     # pools by transaction (each replica opens its pool before it is wrapped,
     # so the guard gets no new connection to find the pooler on).
-    rec = {**recommended.options(), "replicas": REPLICAS, "pooler": "transaction",
-           "server_connections": PGBOUNCER["default_pool_size"]}
+    rec = {**recommended.options(), "replicas": REPLICAS, "pooler": "transaction"}
     return {
         "plain": None,
         "at2+breaker": {"acquire_timeout": 2.0, "breaker": True},
         "at2": {"acquire_timeout": 2.0},
         "readme+st2": {**recommended.options(), "statement_timeout": 2.0},
         "recommended": rec,
-        # Without the server connections stated: no fair share (the breakers'
-        # fixes alone).
-        "rec-no-servers": {k: v for k, v in rec.items() if k != "server_connections"},
+        # The server connections stated rather than read.
+        "rec+servers": {**rec, "server_connections": PGBOUNCER["default_pool_size"]},
         # Not a configuration to ship: the culprit named in advance, one report
         # per replica (6 of PgBouncer's 10 server connections fleet-wide).
         # What the recommended setting would give if it isolated the culprit
@@ -472,6 +475,10 @@ def main(argv: list[str] | None = None) -> int:
         upstream_host=upstream.host or "127.0.0.1",
         upstream_port=upstream.port or 5432,
         user=upstream.username or "postgres",
+        # The set-up step the recommended row needs: the service's user may
+        # read PgBouncer's console (SHOW ...), not administer it.
+        admin_user="pgbouncer_admin",
+        stats_users=upstream.username or "postgres",
         **PGBOUNCER,
     ) as bouncer:
         url = bouncer.url(database)

@@ -57,6 +57,8 @@ class PgBouncer:
         upstream_host: str = "127.0.0.1",
         upstream_port: int = 5432,
         user: str = "postgres",
+        admin_user: str | None = None,
+        stats_users: str | None = None,
         **settings: Any,
     ) -> None:
         binary = find_binary()
@@ -64,6 +66,10 @@ class PgBouncer:
             raise RuntimeError("pgbouncer not found (apt-get install pgbouncer)")
         self.binary = binary
         self.user = user
+        #: The one user of PgBouncer's admin_users (default: ``user``).
+        self.admin_user = admin_user or user
+        #: PgBouncer's stats_users (read-only console; default: ``admin_user``).
+        self.stats_users = stats_users or self.admin_user
         self.port = free_port()
         self.upstream = (upstream_host, upstream_port)
         self.settings: dict[str, Any] = {
@@ -92,7 +98,7 @@ class PgBouncer:
     def admin_url(self, password: str | None = None) -> str:
         """A URL of this PgBouncer's admin console (``pgbouncer_admin_url``)."""
         secret = f":{password}" if password else ""
-        return f"postgresql://{self.user}{secret}@127.0.0.1:{self.port}/pgbouncer"
+        return f"postgresql://{self.admin_user}{secret}@127.0.0.1:{self.port}/pgbouncer"
 
     # -- set-up ---------------------------------------------------------------
 
@@ -107,14 +113,14 @@ class PgBouncer:
             "unix_socket_dir =",
             "auth_type = trust",
             f"auth_file = {self.dir / 'users.txt'}",
-            f"admin_users = {self.user}",
-            f"stats_users = {self.user}",
+            f"admin_users = {self.admin_user}",
+            f"stats_users = {self.stats_users}",
             f"logfile = {self.dir / 'pgbouncer.log'}",
             f"pidfile = {self.dir / 'pgbouncer.pid'}",
             *(f"{key} = {value}" for key, value in self.settings.items()),
         ]
         users = self.dir / "users.txt"
-        users.write_text(f'"{self.user}" ""\n')
+        users.write_text("".join(f'"{name}" ""\n' for name in {self.user, self.admin_user}))
         config = self.dir / "pgbouncer.ini"
         config.write_text("\n".join(lines) + "\n")
         for path in (users, config):
@@ -174,7 +180,7 @@ class PgBouncer:
         return f"postgresql+{driver}://{self.user}@127.0.0.1:{self.port}/{database}"
 
     def admin_dsn(self) -> str:
-        return f"host=127.0.0.1 port={self.port} user={self.user} dbname=pgbouncer"
+        return f"host=127.0.0.1 port={self.port} user={self.admin_user} dbname=pgbouncer"
 
     def admin(self, command: str) -> list[dict[str, Any]]:
         """Run an admin console command (``SHOW POOLS``, ``RELOAD``...): rows as dicts."""

@@ -16,7 +16,8 @@ import pytest
 import sqlalchemy as sa
 
 import poolguard
-from _support import wait_until
+from _support import named, wait_until
+from poolguard import _fleet
 from poolguard._fleet import FairCaps
 from test_pooler import _bouncer
 
@@ -110,11 +111,11 @@ def test_a_slow_tag_is_held_to_its_fair_share_and_the_fast_tag_goes_on(
 @pytest.mark.postgresql
 @pytest.mark.parametrize(
     "facts",
-    [{"replicas": 2, "server_connections": 8}, {"server_connections": 2}, {"replicas": 2}],
-    ids=["enough-servers", "no-replicas", "servers-unknown"],
+    [{"replicas": 2, "server_connections": 8}, {"server_connections": 2}],
+    ids=["enough-servers", "no-replicas"],
 )
 def test_no_fair_share_without_the_facts_or_the_need(
-    bouncer: tuple[PgBouncer, str], facts: dict[str, Any],
+    bouncer: tuple[PgBouncer, str], facts: dict[str, Any], events: list[dict[str, Any]],
 ) -> None:
     running, database = bouncer
     engine = _engine(running.url(database), **facts)
@@ -123,7 +124,144 @@ def test_no_fair_share_without_the_facts_or_the_need(
         _warm_api(engine, guard)
         assert guard.fleet.fair.caps is None
         assert guard.gate.checkin_seen is None
+        # Stated server connections, or no replicas: PgBouncer is not asked.
+        assert named(events, "fleet.server_connections") == []
+        assert not _probing()
     finally:
+        engine.dispose()
+
+
+def _probing() -> bool:
+    return any(t.name.startswith("poolguard-pgbouncer-probe") for t in threading.enumerate())
+
+
+def _found(events: list[dict[str, Any]]) -> dict[str, Any]:
+    wait_until(lambda: named(events, "fleet.server_connections"), "PgBouncer's pool size read")
+    (event,) = named(events, "fleet.server_connections")
+    return event
+
+
+@pytest.mark.postgresql
+def test_the_guard_reads_the_server_connections_from_pgbouncer_by_itself(
+    bouncer: tuple[PgBouncer, str], events: list[dict[str, Any]],
+) -> None:
+    # replicas and a transaction pooler, nothing else: the guard asks
+    # PgBouncer's admin console once (the engine's credentials; the test bed's
+    # user is in admin_users) for the pool size of its database: 2.
+    running, database = bouncer
+    engine = _engine(running.url(database), replicas=2)
+    guard = poolguard.get_guard(engine)
+    try:
+        _warm_api(engine, guard)
+        event = _found(events)
+        assert event["level"] == "info"
+        assert (event["server_connections"], event["pool_mode"], event["found_by"]) == (
+            2, "transaction", "admin console")
+        assert event["pgbouncer"] == f"127.0.0.1:{running.port}"
+        guard.fleet.sample(time.perf_counter())
+        assert guard.fleet.fair.caps is not None  # share 2 / 2 = 1
+        _warm_api(engine, guard)  # api uses the pooler (seen at checkin from now on)
+        caps = guard.fleet.fair.caps
+        assert caps is not None
+        assert caps.cap("report") == 1
+        assert guard.fleet.pgbouncer() is None  # no reader was started: one read
+        admins = [c for c in running.admin("SHOW CLIENTS") if c["database"] == "pgbouncer"]
+        assert len(admins) == 1  # this one: the guard's read closed its connection
+        for _ in range(3):
+            guard.fleet.sample(time.perf_counter())
+        assert len(named(events, "fleet.server_connections")) == 1  # read once
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgresql
+def test_a_pooler_found_by_its_backend_pid_gets_its_mode_and_size_from_pgbouncer(
+    bouncer: tuple[PgBouncer, str], events: list[dict[str, Any]],
+) -> None:
+    # pooler="auto" (the default): the first connection tells a pooler is
+    # there, not how it pools; PgBouncer's admin console tells both.
+    running, database = bouncer
+    engine = poolguard.wrap(
+        sa.create_engine(running.url(database), pool_size=4, max_overflow=0,
+                         connect_args={"prepare_threshold": None}),
+        connect_retries=0, codel=True, replicas=2)
+    guard = poolguard.get_guard(engine)
+    try:
+        _warm_api(engine, guard)
+        assert _found(events)["server_connections"] == 2
+        guard.fleet.sample(time.perf_counter())
+        behind = guard.pooler.behind
+        assert behind is not None
+        assert (behind.mode, behind.how) == ("transaction", "admin console")
+        assert guard.fleet.fair.caps is not None
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgresql
+def test_a_user_pgbouncer_does_not_let_in_gives_one_warning_and_no_fair_share(
+    postgresql_url: str, events: list[dict[str, Any]],
+) -> None:
+    # The engine's user is not in PgBouncer's stats_users/admin_users: one
+    # WARNING that says how to state the server connections, no retry.
+    running, database = _bouncer(postgresql_url, default_pool_size=2, admin_user="pgb_admin")
+    with running:
+        engine = _engine(running.url(database), replicas=2)
+        guard = poolguard.get_guard(engine)
+        try:
+            _warm_api(engine, guard)
+            event = _found(events)
+            assert event["level"] == "warning"
+            assert event["server_connections"] is None
+            assert event["reason"] == "the user is not in PgBouncer's stats_users or admin_users"
+            assert event["error_type"] == "OperationalError"
+            assert "server_connections=N" in event["message"]
+            assert "pgbouncer_admin_url" in event["message"]
+            wait_until(lambda: not _probing(), "the read's thread gone")
+            for _ in range(3):
+                _warm_api(engine, guard)
+            assert guard.fleet.fair.caps is None
+            assert guard.gate.checkin_seen is None
+            assert len(named(events, "fleet.server_connections")) == 1  # tried once
+        finally:
+            engine.dispose()
+
+
+@pytest.mark.postgresql
+def test_the_read_never_holds_up_the_scan_or_a_request(
+    bouncer: tuple[PgBouncer, str], monkeypatch: pytest.MonkeyPatch,
+    events: list[dict[str, Any]],
+) -> None:
+    # An admin console that does not answer: the sample that starts the
+    # read returns, requests go on; the read ends on its own thread.
+    running, database = bouncer
+    release = threading.Event()
+    read_on: list[threading.Thread] = []
+
+    def stalled(target: Any) -> tuple[int, str]:
+        read_on.append(threading.current_thread())
+        assert release.wait(30)
+        return 2, "transaction"
+
+    monkeypatch.setattr(_fleet, "read_once", stalled)
+    engine = _engine(running.url(database), replicas=2)
+    guard = poolguard.get_guard(engine)
+    try:
+        _warm_api(engine, guard)
+        wait_until(lambda: read_on, "the read started")
+        with poolguard.request(tag="api"), engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        guard.fleet.sample(time.perf_counter())
+        assert not release.is_set()  # all of the above while the read was stuck
+        assert read_on[0] is not threading.current_thread()
+        assert guard.fleet.fair.caps is None  # not known yet
+        release.set()
+        _found(events)
+        guard.fleet.sample(time.perf_counter())
+        assert guard.fleet.fair.caps is not None
+        assert len(read_on) == 1
+    finally:
+        release.set()
         engine.dispose()
 
 

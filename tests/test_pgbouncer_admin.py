@@ -24,7 +24,13 @@ from _pgbouncer import PgBouncer, find_binary, free_port
 from _proxy import Proxy
 from _support import async_wait_until, named, wait_until
 from poolguard._log import EventLog
-from poolguard._pgbouncer import AdminReader, AdminTarget, admin_target, read_numbers
+from poolguard._pgbouncer import (
+    AdminReader,
+    AdminTarget,
+    admin_target,
+    read_numbers,
+    why_not,
+)
 from test_otel import collect, points, value
 
 if TYPE_CHECKING:
@@ -143,6 +149,33 @@ def test_rows_of_the_engines_database_and_user_are_kept() -> None:
     # No client connected yet: zeros, and PgBouncer's defaults.
     numbers = read_numbers(_TARGET, [], [], config, [])
     assert (numbers["clients_waiting"], numbers["pool_mode"]) == (0, "session")
+
+
+def test_max_db_connections_caps_the_pool_size() -> None:
+    # SHOW DATABASES' max_connections (the database's max_db_connections, else
+    # the global one; 0: none) caps every pool of the database together.
+    config = {"default_pool_size": "20"}
+    capped = [{"name": "app", "pool_size": 10, "pool_mode": None, "max_connections": 6}]
+    assert read_numbers(_TARGET, [], [], config, capped)["pool_size"] == 6
+    unlimited = [{"name": "app", "pool_size": 10, "pool_mode": None, "max_connections": 0}]
+    assert read_numbers(_TARGET, [], [], config, unlimited)["pool_size"] == 10
+
+
+@pytest.mark.parametrize(
+    ("message", "meaning"),
+    [
+        ('connection to server at "h", port 6432 failed: FATAL:  not allowed',
+         "the user is not in PgBouncer's stats_users or admin_users"),
+        ('connection to server at "h", port 5432 failed: FATAL:  database "pgbouncer" '
+         "does not exist", "no admin console there (a pooler other than PgBouncer?)"),
+        (f"FATAL: password authentication failed for user {SECRET}",
+         "PgBouncer refused the password"),
+        ("something else entirely", "the admin console could not be read"),
+    ],
+)
+def test_why_the_admin_console_could_not_be_read_in_words(message: str, meaning: str) -> None:
+    assert why_not(RuntimeError(message)) == meaning
+    assert why_not(ImportError("psycopg")) == "neither psycopg nor psycopg2 is installed"
 
 
 def test_admin_target_auto_and_explicit() -> None:

@@ -200,12 +200,15 @@ class Config:
             ``POOLGUARD_REPLICAS`` sets it from the deployment.
         server_connections: The server connections the pooler keeps for
             the database, for the whole fleet (PgBouncer's ``pool_size`` or
-            ``default_pool_size``; read from its admin console when
-            ``pgbouncer_admin_url`` is set). With ``replicas`` and a pooler
-            that pools by transaction, fewer of them than ``replicas`` x the
-            pool turns on the fair share: each replica's share of server
-            connections is divided among the request tags using it (see
-            ``docs/resilience.md``).
+            ``default_pool_size``). ``None``: read from its admin console
+            when ``pgbouncer_admin_url`` is set; else, behind a pooler that
+            may pool by transaction with ``replicas`` set, read once by the
+            guard itself with the engine's credentials, off the request path
+            (``fleet.server_connections`` says what came of it). With
+            ``replicas`` and a pooler that pools by transaction, fewer of
+            them than ``replicas`` x the pool turns on the fair share: each
+            replica's share of server connections is divided among the
+            request tags using it (see ``docs/resilience.md``).
         fleet_tag_limits: Bulkheads for the whole fleet, in server
             connections, e.g. ``{"report": 5}``: each replica may hold
             ``max(1, floor(5 / replicas))`` for the tag, so the fleet never

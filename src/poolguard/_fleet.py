@@ -10,7 +10,9 @@ more replicas than connections the fleet can hold one per replica, and the
 what was asked. :func:`divide` is the arithmetic the gate's admission policy
 uses; :class:`Fleet` logs what was decided (once per configuration) and owns
 the PgBouncer admin reader (:mod:`poolguard._pgbouncer`), whose numbers give
-a lower bound of the replica count to check the told one against.
+a lower bound of the replica count to check the told one against. When the
+fair share needs the fleet's server connections and nobody said them, the
+Fleet reads PgBouncer's pool size itself, once, on a thread of its own.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from ._hold import REQUEST
-from ._pgbouncer import AdminReader, PgBouncerStats, admin_target
+from ._pgbouncer import AdminReader, AdminTarget, PgBouncerStats, admin_target, read_once, why_not
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -268,6 +270,7 @@ class Fleet:
     def __init__(self, parts: GuardParts, *, guard: Any) -> None:
         self._log = parts.log
         self._gate = parts.gate
+        self._config = parts.config
         # The engine's URL (None: not attached).
         self._url: Callable[[], Any] = lambda: guard._engine.url if guard._engine else None
         self._pooler: Callable[[], Any] = lambda: guard.pooler
@@ -280,6 +283,10 @@ class Fleet:
         #: The told replica count is below what PgBouncer shows (warned once per count).
         self._warned_replicas: int | None = None
         self._replicas: int | None = None
+        #: PgBouncer's pool size and mode as the guard read them by itself, for
+        #: the engine's pool: (its address, database and user; size; mode).
+        #: Read once per pool; (key, None, None) while reading or after a failure.
+        self._found: tuple[tuple[Any, ...], int | None, str | None] | None = None
 
     def configure(self, cfg: Config) -> None:
         """Log the budgets' division (once per setting); start or stop the admin reader."""
@@ -337,10 +344,76 @@ class Fleet:
     def sample(self, now: float) -> None:
         """With the scan's samples: the fair share's caps."""
         stats = self.pgbouncer()
-        if stats is not None and stats.pool_mode is not None:
-            self._pooler().admin_mode(stats.pool_mode)
-        self.fair.sample(now, self._pooler().behind,
-                         stats.pool_size if stats is not None else None)
+        pooler = self._pooler()
+        if stats is not None:
+            mode, pool_size = stats.pool_mode, stats.pool_size
+        else:
+            pool_size, mode = self._discovered(pooler.behind)
+        if mode is not None:
+            pooler.admin_mode(mode)
+        self.fair.sample(now, pooler.behind, pool_size)
+
+    def _discovered(self, behind: Any) -> tuple[int | None, str | None]:
+        """PgBouncer's pool size and mode, read once by the guard itself (else Nones).
+
+        Read when the fair share needs them and nobody said: behind a pooler
+        that may pool by transaction, with ``replicas`` set and neither
+        ``server_connections`` nor ``pgbouncer_admin_url``. On a thread of its
+        own, from the admin console at the engine's address with the engine's
+        credentials (``pgbouncer_admin_url="auto"``, once).
+        """
+        cfg = self._config()
+        url = self._url()
+        if (cfg.server_connections is not None or cfg.replicas is None or behind is None
+                or not behind.may_pool_transactions or url is None
+                or url.get_backend_name() != "postgresql"):
+            return None, None
+        key = (url.host, url.port, url.database, url.username)
+        found = self._found
+        if found is not None and found[0] == key:
+            return found[1], found[2]
+        with self._lock:
+            if self._found is not None and self._found[0] == key:
+                return None, None
+            self._found = (key, None, None)
+        target = admin_target("auto", url)
+        threading.Thread(
+            target=self._discover, args=(key, target), daemon=True,
+            name=f"poolguard-pgbouncer-probe-{self._log.pool_name}",
+        ).start()
+        return None, None
+
+    def _discover(self, key: tuple[Any, ...], target: AdminTarget) -> None:
+        """The discovery's thread: one read, one event."""
+        error_type: str | None = None
+        try:
+            size, mode = read_once(target)
+        except Exception as error:  # noqa: BLE001 - whatever fails, requests must not notice
+            size, mode, error_type = None, None, type(error).__name__
+            reason = why_not(error)
+        else:
+            reason = "PgBouncer showed no pool size"
+        if size:
+            with self._lock:
+                if self._found is not None and self._found[0] == key:
+                    self._found = (key, size, mode)
+            self._log.emit(logging.INFO, "fleet.server_connections", server_connections=size,
+                           pool_mode=mode, found_by="admin console", pgbouncer=target.address)
+            return
+        user = target.user or "the engine's user"
+        self._log.emit(
+            logging.WARNING, "fleet.server_connections", server_connections=None,
+            pool_mode=None, found_by=None, pgbouncer=target.address, error_type=error_type,
+            reason=reason,
+            message=(
+                f"could not read the fleet's server connections from PgBouncer's admin console "
+                f"at {target.address} as {user} ({reason}): no fair share of server connections "
+                f"per tag. State server_connections=N (PgBouncer's pool_size for "
+                f"{target.database}, else its default_pool_size), or pgbouncer_admin_url= "
+                f"a stats user's URL (postgresql://USER:PASSWORD@{target.address}/pgbouncer), "
+                f"or add {user} to PgBouncer's stats_users"
+            ),
+        )
 
     def stop(self) -> None:
         """Stop reading PgBouncer (the guard was removed)."""

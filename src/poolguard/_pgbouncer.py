@@ -15,6 +15,9 @@ A failure (PgBouncer down, wrong credentials, the user not in
 keeps the last numbers marked ``stale``, and retries with a growing delay (up
 to a minute). The password is never logged: events carry ``host:port`` and
 the error's type only.
+
+:func:`read_once` reads the pool size and mode once, on a connection closed
+after: the fleet's server connections when nobody stated them (``_fleet``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ if TYPE_CHECKING:
 
     from ._log import EventLog
 
-__all__ = ["AdminReader", "AdminTarget", "PgBouncerStats", "admin_target"]
+__all__ = ["AdminReader", "AdminTarget", "PgBouncerStats", "admin_target", "read_once", "why_not"]
 
 #: Seconds between two reads of SHOW CONFIG / SHOW DATABASES.
 CONFIG_EVERY = 60.0
@@ -240,7 +243,13 @@ def read_numbers(
     numbers.setdefault("pool_mode", config.get("pool_mode"))
     for row in databases:
         if row.get("name") == target.database:
-            numbers["pool_size"] = _int(row.get("pool_size")) or default_size
+            size = _int(row.get("pool_size")) or default_size
+            # max_db_connections (the row shows the database's, else the global one)
+            # caps every pool of the database together.
+            most = _int(row.get("max_connections"))
+            if size is not None and most:
+                size = min(size, most)
+            numbers["pool_size"] = size
             numbers["pool_mode"] = numbers["pool_mode"] or row.get("pool_mode")
     return numbers
 
@@ -263,6 +272,75 @@ def _rows(conn: Any, command: str) -> list[dict[str, Any]]:
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
     finally:
         cur.close()
+
+
+def connect(target: AdminTarget) -> Any:
+    """A connection to the admin console of ``target`` (autocommit, never prepares)."""
+    options: dict[str, Any] = {
+        "host": target.host,
+        "port": target.port,
+        "dbname": "pgbouncer",
+        "connect_timeout": CONNECT_TIMEOUT,
+        "application_name": "poolguard",
+        # A PgBouncer gone silent is noticed within seconds, not TCP's hours.
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 2,
+    }
+    if target.user is not None:
+        options["user"] = target.user
+    if target.password is not None:
+        options["password"] = target.password
+    conn = _driver().connect(**options)
+    try:
+        conn.autocommit = True  # the admin console refuses transactions
+        if hasattr(conn, "prepare_threshold"):
+            # psycopg 3 prepares a statement run 5 times: the admin console
+            # speaks only the simple query protocol.
+            conn.prepare_threshold = None
+    except Exception:
+        conn.close()
+        raise
+    return conn
+
+
+def read_once(target: AdminTarget) -> tuple[int | None, str | None]:
+    """``(pool_size, pool_mode)`` of the engine's pool, read once (``SHOW CONFIG``,
+    ``SHOW DATABASES``) on a connection closed after; raises what connecting raised."""
+    conn = connect(target)
+    try:
+        config = {str(r["key"]): str(r["value"]) for r in _rows(conn, "SHOW CONFIG")}
+        databases = _rows(conn, "SHOW DATABASES")
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+    numbers = read_numbers(target, [], [], config, databases)
+    return numbers["pool_size"], numbers["pool_mode"]
+
+
+#: Lower-case message markers of a failed admin login -> what they mean.
+_REFUSALS: tuple[tuple[str, str], ...] = (
+    ("not allowed", "the user is not in PgBouncer's stats_users or admin_users"),
+    ("password authentication failed", "PgBouncer refused the password"),
+    ("no such user", "the user is not in PgBouncer's auth_file"),
+    ("no password supplied", "the engine's URL has no password to log in with"),
+    ("does not exist", "no admin console there (a pooler other than PgBouncer?)"),
+    ("unsupported startup parameter", "no admin console there (a pooler other than PgBouncer?)"),
+    ("connection refused", "nothing listens there"),
+    ("timeout expired", "no answer in time"),
+)
+
+
+def why_not(error: BaseException) -> str:
+    """What an admin console's error means, in words (never its text: no secrets)."""
+    if isinstance(error, ImportError):
+        return "neither psycopg nor psycopg2 is installed"
+    text = str(error).lower()
+    for marker, meaning in _REFUSALS:
+        if marker in text:
+            return meaning
+    return "the admin console could not be read"
 
 
 def _run(ref: weakref.ReferenceType[AdminReader], stop: threading.Event) -> None:
@@ -379,7 +457,7 @@ class AdminReader:
     def _read(self) -> dict[str, Any]:
         conn = self._conn
         if conn is None:
-            conn = self._conn = self._connect()
+            conn = self._conn = connect(self.target)
         now = time.monotonic()
         if now - self._config_at >= CONFIG_EVERY:
             self._config = {str(r["key"]): str(r["value"]) for r in _rows(conn, "SHOW CONFIG")}
@@ -388,36 +466,6 @@ class AdminReader:
         pools = _rows(conn, "SHOW POOLS")
         stats = _rows(conn, "SHOW STATS")
         return read_numbers(self.target, pools, stats, self._config, self._databases)
-
-    def _connect(self) -> Any:
-        target = self.target
-        options: dict[str, Any] = {
-            "host": target.host,
-            "port": target.port,
-            "dbname": "pgbouncer",
-            "connect_timeout": CONNECT_TIMEOUT,
-            "application_name": "poolguard",
-            # A PgBouncer gone silent is noticed within seconds, not TCP's hours.
-            "keepalives": 1,
-            "keepalives_idle": 5,
-            "keepalives_interval": 2,
-            "keepalives_count": 2,
-        }
-        if target.user is not None:
-            options["user"] = target.user
-        if target.password is not None:
-            options["password"] = target.password
-        conn = _driver().connect(**options)
-        try:
-            conn.autocommit = True  # the admin console refuses transactions
-            if hasattr(conn, "prepare_threshold"):
-                # psycopg 3 prepares a statement run 5 times: the admin console
-                # speaks only the simple query protocol.
-                conn.prepare_threshold = None
-        except Exception:
-            conn.close()
-            raise
-        return conn
 
     def _failed(self, error: BaseException) -> float:
         numbers, read_at, _, _ = self._last
