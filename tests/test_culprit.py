@@ -555,6 +555,8 @@ def test_pg_an_untagged_slow_shape_is_isolated_and_its_statements_shed(
     wait_until(lambda: _isolated(engine), "the slow shape isolated", timeout=10)
     (iso,) = _isolated(engine)
     assert iso.kind == SHAPE
+    # The isolation is in place before its event is logged (outside the lock).
+    wait_until(lambda: _named(events, "culprit.isolated"), "the event logged")
     (event,) = _named(events, "culprit.isolated")
     assert event["shape"] == iso.key
     assert "pg_sleep" in event["statement"]
@@ -601,6 +603,8 @@ def test_pg_a_tag_holding_its_connections_is_shed_at_checkout(
     wait_until(lambda: _isolated(engine), "the tag isolated", timeout=10)
     (iso,) = _isolated(engine)
     assert (iso.kind, iso.key) == (TAG, "reports")
+    # The isolation is in place before its event is logged (outside the lock).
+    wait_until(lambda: _named(events, "culprit.isolated"), "the event logged")
     (event,) = _named(events, "culprit.isolated")
     assert event["tag"] == "reports"
     with poolguard.request(tag="reports"), pytest.raises(poolguard.LoadShed) as shed:
@@ -781,6 +785,8 @@ def test_pg_a_slow_shape_is_capped_at_half_the_pool_and_the_rest_keeps_flowing(
         wait_until(lambda: _isolated(engine), "the slow shape capped", timeout=10)
         (iso,) = _isolated(engine)
         assert (iso.kind, iso.cap) == (SHAPE, size // 2)
+        # The isolation is in place before its event is logged (outside the lock).
+        wait_until(lambda: _named(events, "culprit.isolated"), "the event logged")
         (event,) = _named(events, "culprit.isolated")
         assert event["cap"] == size // 2
         assert "pg_sleep" in event["statement"]
@@ -801,6 +807,7 @@ def test_pg_a_slow_shape_is_capped_at_half_the_pool_and_the_rest_keeps_flowing(
         watcher.dispose()
     # Its callers gone, the cap is lifted (after its hold time).
     wait_until(lambda: not _isolated(engine) or _touch(engine), "the cap lifted", timeout=15)
+    wait_until(lambda: _named(events, "culprit.released"), "the release logged")
     released = _named(events, "culprit.released")
     assert [e["cap"] for e in released] == [size // 2]
 
