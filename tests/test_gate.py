@@ -566,9 +566,9 @@ async def test_cancelled_async_waiter_is_removed() -> None:
     assert gate.acquire(0, asyncio_mode=False) is True
 
 
-@pytest.mark.parametrize("loop_turns", [0, 1], ids=["grant-pending", "grant-delivered"])
+@pytest.mark.parametrize("elsewhere", [True, False], ids=["grant-pending", "grant-delivered"])
 async def test_async_waiter_cancelled_after_being_granted_gives_the_permit_back(
-    loop_turns: int,
+    elsewhere: bool,
 ) -> None:
     # The permit is granted, then the waiting task is cancelled before it runs
     # (with the grant still pending, or delivered to its future already). The
@@ -579,10 +579,19 @@ async def test_async_waiter_cancelled_after_being_granted_gives_the_permit_back(
     waiter = spawn_async_waiter(gate)
     await async_wait_until(lambda: gate.waiting == 1, "the async waiter to queue")
     await lose_one_race(gate)  # so the next permit is handed over, not just offered
-    gate.release()  # granted to the waiter, which has not run since
+    future = gate.waiters[0].future
+    assert future is not None
+    if elsewhere:
+        # Released on another thread: the grant reaches the waiter's future
+        # through a loop callback that has not run yet (the loop is blocked).
+        thread = threading.Thread(target=gate.release)
+        thread.start()
+        thread.join()
+        assert not future.done()
+    else:
+        gate.release()  # on the loop: its future resolved at once, its task not run since
+        assert future.done()
     assert gate.in_use == 1
-    for _ in range(loop_turns):
-        await asyncio.sleep(0)
     assert not waiter.done()
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):

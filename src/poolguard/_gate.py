@@ -170,9 +170,14 @@ class _Waiter:
             self.event.release()
         elif self.loop is not None and self.future is not None:
             if asyncio._get_running_loop() is self.loop:
-                # From the loop's own thread (a task released): no need to
-                # wake the selector through its self-pipe (a syscall each).
-                self.loop.call_soon(_resolve, self.future)
+                # From the loop's own thread (a task released): resolved at
+                # once. set_result() only schedules the task's wake-up (a
+                # call_soon, nothing runs here), so the waiter runs in the
+                # loop's next pass, not the one after (a callback that
+                # resolves it would cost a pass: under load, one more
+                # select() and GIL hand-over per wait), and no self-pipe
+                # write either.
+                _resolve(self.future)
                 return
             # A closed loop raises RuntimeError: nobody waits on it any more.
             with contextlib.suppress(RuntimeError):
