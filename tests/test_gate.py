@@ -549,6 +549,35 @@ async def test_async_waiter_times_out() -> None:
     assert gate.in_use == 0  # the timed-out waiter did not swallow the permit
 
 
+async def test_async_waiters_time_out_at_their_own_deadlines_with_one_timer() -> None:
+    # asyncio waits share one sweep per loop instead of a timer each: a later
+    # waiter with a shorter timeout still times out first, a longer one is
+    # not cut short, and the loop holds one timer for the gate however many wait.
+    gate = Gate(1)
+    gate.take()
+    loop = asyncio.get_running_loop()
+    scheduled_before = len(loop._scheduled)  # type: ignore[attr-defined]
+    long_ = spawn_async_waiter(gate, timeout=SAFETY_TIMEOUT)
+    others = []
+    try:
+        await async_wait_until(lambda: gate.waiting == 1, "the long waiter to queue")
+        for n in range(2, 12):
+            others.append(spawn_async_waiter(gate, timeout=SAFETY_TIMEOUT))
+            await async_wait_until(lambda n=n: gate.waiting == n, f"waiter {n} to queue")
+        assert len(loop._scheduled) == scheduled_before + 1  # type: ignore[attr-defined]
+        short = spawn_async_waiter(gate, timeout=0.05)
+        assert await asyncio.wait_for(short, SAFETY_TIMEOUT) is False
+        assert gate.timeouts == 1
+        assert not long_.done()
+        assert gate.waiting == 11
+        gate.release()
+        assert await asyncio.wait_for(long_, SAFETY_TIMEOUT) is True  # first in line
+    finally:
+        for task in [long_, *others]:
+            task.cancel()
+        await asyncio.gather(long_, *others, return_exceptions=True)
+
+
 async def test_cancelled_async_waiter_is_removed() -> None:
     gate = Gate(1, clock=ScriptedClock(0.0))
     gate.take()
@@ -566,9 +595,9 @@ async def test_cancelled_async_waiter_is_removed() -> None:
     assert gate.acquire(0, asyncio_mode=False) is True
 
 
-@pytest.mark.parametrize("loop_turns", [0, 1], ids=["grant-pending", "grant-delivered"])
+@pytest.mark.parametrize("elsewhere", [True, False], ids=["grant-pending", "grant-delivered"])
 async def test_async_waiter_cancelled_after_being_granted_gives_the_permit_back(
-    loop_turns: int,
+    elsewhere: bool,
 ) -> None:
     # The permit is granted, then the waiting task is cancelled before it runs
     # (with the grant still pending, or delivered to its future already). The
@@ -579,10 +608,19 @@ async def test_async_waiter_cancelled_after_being_granted_gives_the_permit_back(
     waiter = spawn_async_waiter(gate)
     await async_wait_until(lambda: gate.waiting == 1, "the async waiter to queue")
     await lose_one_race(gate)  # so the next permit is handed over, not just offered
-    gate.release()  # granted to the waiter, which has not run since
+    future = gate.waiters[0].future
+    assert future is not None
+    if elsewhere:
+        # Released on another thread: the grant reaches the waiter's future
+        # through a loop callback that has not run yet (the loop is blocked).
+        thread = threading.Thread(target=gate.release)
+        thread.start()
+        thread.join()
+        assert not future.done()
+    else:
+        gate.release()  # on the loop: its future resolved at once, its task not run since
+        assert future.done()
     assert gate.in_use == 1
-    for _ in range(loop_turns):
-        await asyncio.sleep(0)
     assert not waiter.done()
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -132,8 +132,8 @@ class _Waiter:
     in-use count includes it.
     """
 
-    __slots__ = ("event", "future", "granted", "handoff", "loop", "priority", "queued", "since",
-                 "tag", "tagged", "woken")
+    __slots__ = ("deadline", "event", "future", "granted", "handoff", "loop", "priority", "queued",
+                 "since", "tag", "tagged", "woken")
 
     def __init__(self, priority: str = NORMAL, tag: str | None = None, since: float = 0.0) -> None:
         self.granted = False
@@ -151,6 +151,8 @@ class _Waiter:
         self.event: threading.Lock | None = None
         self.future: asyncio.Future[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        #: asyncio: when (``loop.time()``) its wait times out (the gate's sweep).
+        self.deadline = math.inf
 
     def arm(self, asyncio_mode: bool) -> None:
         """Set up what the wait blocks on (asyncio mode: RuntimeError without a running loop)."""
@@ -170,9 +172,14 @@ class _Waiter:
             self.event.release()
         elif self.loop is not None and self.future is not None:
             if asyncio._get_running_loop() is self.loop:
-                # From the loop's own thread (a task released): no need to
-                # wake the selector through its self-pipe (a syscall each).
-                self.loop.call_soon(_resolve, self.future)
+                # From the loop's own thread (a task released): resolved at
+                # once. set_result() only schedules the task's wake-up (a
+                # call_soon, nothing runs here), so the waiter runs in the
+                # loop's next pass, not the one after (a callback that
+                # resolves it would cost a pass: under load, one more
+                # select() and GIL hand-over per wait), and no self-pipe
+                # write either.
+                _resolve(self.future)
                 return
             # A closed loop raises RuntimeError: nobody waits on it any more.
             with contextlib.suppress(RuntimeError):
@@ -286,6 +293,8 @@ class Gate:
         self.wait_total = 0.0
         self.wait_max = 0.0
         self.timeouts = 0
+        #: asyncio waits: each loop's next sweep, (when, its TimerHandle).
+        self._sweeps: dict[asyncio.AbstractEventLoop, tuple[float, asyncio.TimerHandle]] = {}
 
     # -- locked sections --------------------------------------------------------
     #
@@ -917,16 +926,51 @@ class Gate:
             return
         assert waiter.loop is not None
         assert waiter.future is not None
-        if seconds is None:
-            await_only(waiter.future)
-            return
-        # Not asyncio.wait_for(): before Python 3.12 it swallows a
-        # cancellation that comes once the future is resolved (gh-86296).
-        timer = waiter.loop.call_later(seconds, _resolve, waiter.future)
-        try:
-            await_only(waiter.future)
-        finally:
-            timer.cancel()
+        if seconds is not None:
+            # No timer of its own (a TimerHandle, pushed on and later popped
+            # off the loop's heap, a few Python comparisons each): the gate's
+            # sweep for this loop resolves it at its deadline. Deadlines come
+            # in about the order of arrival, so mostly the sweep already due
+            # earlier covers it. Not asyncio.wait_for(): before Python 3.12 it
+            # swallows a cancellation that comes once the future is resolved
+            # (gh-86296).
+            loop = waiter.loop
+            deadline = waiter.deadline = loop.time() + seconds
+            due = self._sweeps.get(loop)
+            if due is None or due[0] > deadline:
+                self._sweep_at(loop, deadline)
+        await_only(waiter.future)
+
+    def _sweep_at(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        # On ``loop``'s thread (the only one that touches its entry): the
+        # loop's sweep runs at ``when``, not later. A loop closed meanwhile
+        # never runs its sweep: its entry is dropped here.
+        due = self._sweeps.get(loop)
+        if due is not None:
+            due[1].cancel()
+        for other in [lp for lp in self._sweeps if lp is not loop and lp.is_closed()]:
+            self._sweeps.pop(other, None)
+        self._sweeps[loop] = (when, loop.call_at(when, self._sweep, loop))
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        # A loop callback at the earliest deadline of its waiters: resolve
+        # the futures of those past their deadline (each then finds it timed
+        # out, as it would after a timer of its own), and run again at the
+        # next deadline. At most once per deadline, whatever the traffic.
+        self._sweeps.pop(loop, None)
+        with self._lock:
+            now = loop.time()
+            upcoming = math.inf
+            for waiter in list(self.waiters):
+                future = waiter.future
+                if waiter.loop is not loop or future is None or future.done():
+                    continue
+                if waiter.deadline <= now:
+                    future.set_result(None)
+                elif waiter.deadline < upcoming:
+                    upcoming = waiter.deadline
+        if upcoming < math.inf:
+            self._sweep_at(loop, upcoming)
 
     def give_back(self, waiter: _Waiter) -> None:
         """Give back the permit ``waiter`` was granted and the caller never
