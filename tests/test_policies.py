@@ -540,6 +540,39 @@ def test_slough_timeout_refuses_a_non_critical_waiter_with_queue_delay() -> None
     assert gate.timeouts == 4
 
 
+def test_codel_sees_a_standing_normal_queue_that_critical_callers_pass(
+    waiters: Callable[[Gate], Waiters],
+) -> None:
+    # Regression (the postmortem's uniform control, before the reserve
+    # counted what critical holds): logins took free permits at once while
+    # 15 API calls stood in the queue for ~0.83 s each, for seconds. Each
+    # immediate critical grant counted as a wait of 0, so CoDel never found
+    # the standing queue and every API call waited until it was late.
+    clock = FakeClock(100.0)
+    codel = Codel(target=0.005, interval=0.1)
+    gate = policy_gate(3, clock, codel=codel, reserved=1)
+    assert take(gate, NORMAL) is True
+    assert take(gate, NORMAL) is True  # 1 free: the reserve
+    w = waiters(gate)
+    w.start("api-1")
+    for granted in (1, 2):
+        if granted == 2:
+            w.start("api-3")  # api-2 will not leave the queue empty
+        for _ in range(3):
+            clock.now += 0.05
+            assert take(gate, CRITICAL) is True  # passes the queue, waits nothing
+            gate.release()
+        gate.release()  # a normal permit back: the head of the queue takes it
+        w.wait_for(granted)
+        if granted == 1:
+            assert not codel.overloaded  # the queue emptied: no verdict
+            w.start("api-2")  # 1 free again: the reserve
+    assert [name for name, _ in w.results] == ["api-1", "api-2"]
+    assert codel.overloaded  # a whole interval of waits of 0.3 s: a standing queue
+    with pytest.raises(AdmissionRefused, match="queue_delay"):
+        gate.acquire(SAFETY_TIMEOUT, asyncio_mode=False, priority=NORMAL)
+
+
 def test_queue_delay_needs_an_overloaded_queue() -> None:
     clock = FakeClock(10.0)
     gate = policy_gate(1, clock, codel=Codel(target=0.005, interval=0.1))

@@ -116,8 +116,8 @@ class Config:
         max_waiting_normal: The same for ``normal`` requests.
         max_waiting_background: The same for ``background`` requests (``0``:
             background work never waits).
-        codel: Shed queue delay with CoDel: once the shortest acquire wait
-            over ``codel_interval`` exceeds ``codel_target`` (a standing
+        codel: Shed queue delay with CoDel: once the shortest non-critical
+            acquire wait over ``codel_interval`` exceeds ``codel_target`` (a standing
             queue), non-critical requests wait at most ``2 x codel_target``
             (reason ``queue_delay``) and waiters are served newest first.
         codel_target: CoDel's target wait, seconds (Facebook uses 5 ms).

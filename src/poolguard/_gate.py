@@ -691,7 +691,9 @@ class Gate:
                     break
                 if not self._grant(admission, best):
                     break
-                if codel is not None:
+                if codel is not None and best.priority != CRITICAL:
+                    # CoDel sheds non-critical waits: their queue is the one
+                    # it watches (critical waiters pass it, and wait little).
                     codel.on_grant(now - best.since, now)
             best.wake()
             self._dequeue(best)
@@ -781,7 +783,10 @@ class Gate:
             )
             and self._grant(admission, waiter)
         ):
-            if admission.codel is not None:
+            if admission.codel is not None and not self.waiters:
+                # No wait, and nobody queued: no standing queue. A caller
+                # taking a permit past queued ones (critical) says nothing
+                # about how long those wait.
                 admission.codel.on_grant(0.0, now)
             return True
         if priority == HEALTH:
@@ -1006,6 +1011,7 @@ class Gate:
                         waiter.granted = False
                 elif (
                     waiter.woken and self._take_as_woken(admission, waiter) and codel is not None
+                    and waiter.priority != CRITICAL
                 ):
                     codel.on_grant(waited, self._clock())
                 if not waiter.granted and waited < timeout and waiter.woken and not self.closed:

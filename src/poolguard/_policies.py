@@ -122,6 +122,10 @@ class Codel:
     serves the newest waiter first (adaptive LIFO). It goes back to normal
     after an interval whose shortest wait met the target, or when the queue
     empties.
+
+    The gate feeds it the waits of non-critical callers (the ones it sheds)
+    and a wait of 0 only for a permit taken while nobody is queued: a
+    critical caller passing a standing queue says nothing about it.
     """
 
     __slots__ = ("_interval_end", "_min_wait", "interval", "overloaded", "target")
