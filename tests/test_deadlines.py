@@ -37,6 +37,7 @@ import poolguard
 from _proxy import Proxy, bounded
 from _support import EngineFactory, through_proxy
 from poolguard._timeouts import KILL_GRACE, Watchdog, watchdog
+from poolguard.breaker import CLOSED, OPEN
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -677,3 +678,59 @@ def test_watchdog_works_in_a_child_forked_while_a_callback_runs() -> None:
     release.set()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+#: A tag breaker that opens after 4 calls, half of them failed or slow.
+TAG_BREAKER: dict[str, Any] = {
+    "breaker_per_tag": True,
+    "breaker_window": "count",
+    "breaker_window_size": 4,
+    "breaker_minimum_calls": 4,
+    "breaker_slow_call_duration": 1.0,
+    "breaker_slow_call_rate": 0.5,
+    "breaker_wait_in_open": 30.0,
+}
+
+
+@pytest.mark.postgresql
+@pytest.mark.timing
+def test_a_deadline_spent_waiting_for_the_pool_is_no_slow_call_of_the_tag(
+    postgresql_url: str, make_engine: EngineFactory, events: list[dict[str, Any]],
+) -> None:
+    # Regression (the postmortem's uniform control): API calls waited ~0.85 s
+    # of their 1 s deadline for a pool the logins held, then their 0.16 s
+    # statement was cut by the deadline; counted as the api tag's failures,
+    # they opened its breaker and api was shed outright (circuit_open). A
+    # statement cut sooner than its checkout waited is no outcome of its tag;
+    # one that spent the deadline running still is.
+    engine = make_engine(postgresql_url, 1, max_overflow=0, **TAG_BREAKER)
+    guard = poolguard.get_guard(engine)
+    calls = TAG_BREAKER["breaker_minimum_calls"]
+    for _ in range(calls):
+        release = threading.Event()
+        held = threading.Event()
+
+        def hold_the_pool(held: threading.Event, release: threading.Event) -> None:
+            with engine.connect():
+                held.set()
+                release.wait(30)
+
+        holder = threading.Thread(target=hold_the_pool, args=(held, release))
+        holder.start()
+        assert held.wait(30)
+        timer = threading.Timer(0.8, release.set)  # the api call waits 0.8 s of its 1.2 s
+        timer.start()
+        with pytest.raises(poolguard.StatementTimeout):
+            with poolguard.request(timeout=1.2, tag="api"), engine.connect() as conn:
+                conn.exec_driver_sql("SELECT pg_sleep(2)")  # cut after at most 0.4 s
+        holder.join(30)
+        timer.join(30)
+    assert guard.tag_breakers.get("api") is None or guard.tag_breakers["api"].state == CLOSED
+    assert {"event": "breaker.open", "tag": "api"} not in [
+        {"event": e["event"], "tag": e.get("tag")} for e in events
+    ]
+    for _ in range(calls):  # no wait: the deadline went on the statement itself
+        with pytest.raises(poolguard.StatementTimeout):
+            with poolguard.request(timeout=0.2, tag="report"), engine.connect() as conn:
+                conn.exec_driver_sql("SELECT pg_sleep(0.5)")
+    assert guard.tag_breakers["report"].state == OPEN

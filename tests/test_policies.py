@@ -172,6 +172,18 @@ def test_may_take_keeps_the_reserve_from_non_critical(priority: str) -> None:
     assert may_take(priority, 0, 0) is False
 
 
+@pytest.mark.parametrize("priority", [NORMAL, BACKGROUND, HEALTH])
+def test_may_take_counts_what_critical_holds_toward_the_reserve(priority: str) -> None:
+    # The reserve guarantees critical work its share of the pool; permits
+    # critical requests hold already are that share, not a reason to keep
+    # more idle beside them while others queue.
+    assert may_take(priority, 2, 2, critical_held=1) is True
+    assert may_take(priority, 1, 2, critical_held=1) is False  # 1 more kept for critical
+    assert may_take(priority, 1, 2, critical_held=2) is True
+    assert may_take(priority, 1, 2, critical_held=6) is True
+    assert may_take(priority, 0, 2, critical_held=6) is False
+
+
 def test_may_take_lets_critical_take_the_last_permit() -> None:
     assert may_take(CRITICAL, 1, 2) is True
     assert may_take(CRITICAL, 1, 1) is True
@@ -309,6 +321,47 @@ def test_reserve_keeps_the_last_permits_for_critical() -> None:
     gate.release()
     assert take(gate, NORMAL) is False  # the one free permit is reserved
     assert take(gate, CRITICAL) is True
+
+
+def hold_as(gate: Gate, priority: str) -> object:
+    """Register one connection out under a request of ``priority``, as the pool does."""
+    record = object()
+    gate.out[record] = new_hold(0.0, 0.0, 0, RequestContext(None, None, priority))
+    return record
+
+
+def test_permits_critical_holds_count_toward_the_reserve() -> None:
+    # Regression (the postmortem's uniform control): logins held 6 of 10
+    # connections, yet 2 more were kept free beside them while API calls
+    # queued until they were late. What critical holds is its reserve.
+    gate = policy_gate(4, reserved=2)
+    assert take(gate, CRITICAL) is True
+    hold_as(gate, CRITICAL)
+    assert take(gate, NORMAL) is True
+    assert take(gate, NORMAL) is True  # 2 were free: critical holds 1, 1 kept
+    assert take(gate, NORMAL) is False  # the last one is kept for critical
+    assert take(gate, CRITICAL) is True
+    hold_as(gate, CRITICAL)  # critical holds its 2
+    gate.release()  # a normal one comes back: nothing is kept idle beside critical's 2
+    assert take(gate, NORMAL) is True
+    assert gate.in_use == 4
+    assert take(gate, CRITICAL) is False  # a full pool: critical waits its turn
+
+
+def test_waiting_normal_gets_a_permit_once_critical_holds_the_reserve(
+    waiters: Callable[[Gate], Waiters],
+) -> None:
+    gate = policy_gate(3, reserved=2)
+    assert take(gate, NORMAL) is True
+    w = waiters(gate)
+    w.start("normal")  # 2 free, both reserved
+    assert take(gate, CRITICAL) is True
+    hold_as(gate, CRITICAL)
+    assert take(gate, CRITICAL) is True
+    hold_as(gate, CRITICAL)  # critical holds 2: the reserve is in use
+    gate.release()  # the first normal's permit comes back: the waiter's now
+    assert w.wait_for(1) == [("normal", True)]
+    assert gate.in_use == 3
 
 
 def test_waiting_normal_is_not_handed_a_reserved_permit(
@@ -485,6 +538,39 @@ def test_slough_timeout_refuses_a_non_critical_waiter_with_queue_delay() -> None
     overload(codel, clock)
     assert gate.acquire(0.03, asyncio_mode=False, priority=CRITICAL) is False
     assert gate.timeouts == 4
+
+
+def test_codel_sees_a_standing_normal_queue_that_critical_callers_pass(
+    waiters: Callable[[Gate], Waiters],
+) -> None:
+    # Regression (the postmortem's uniform control, before the reserve
+    # counted what critical holds): logins took free permits at once while
+    # 15 API calls stood in the queue for ~0.83 s each, for seconds. Each
+    # immediate critical grant counted as a wait of 0, so CoDel never found
+    # the standing queue and every API call waited until it was late.
+    clock = FakeClock(100.0)
+    codel = Codel(target=0.005, interval=0.1)
+    gate = policy_gate(3, clock, codel=codel, reserved=1)
+    assert take(gate, NORMAL) is True
+    assert take(gate, NORMAL) is True  # 1 free: the reserve
+    w = waiters(gate)
+    w.start("api-1")
+    for granted in (1, 2):
+        if granted == 2:
+            w.start("api-3")  # api-2 will not leave the queue empty
+        for _ in range(3):
+            clock.now += 0.05
+            assert take(gate, CRITICAL) is True  # passes the queue, waits nothing
+            gate.release()
+        gate.release()  # a normal permit back: the head of the queue takes it
+        w.wait_for(granted)
+        if granted == 1:
+            assert not codel.overloaded  # the queue emptied: no verdict
+            w.start("api-2")  # 1 free again: the reserve
+    assert [name for name, _ in w.results] == ["api-1", "api-2"]
+    assert codel.overloaded  # a whole interval of waits of 0.3 s: a standing queue
+    with pytest.raises(AdmissionRefused, match="queue_delay"):
+        gate.acquire(SAFETY_TIMEOUT, asyncio_mode=False, priority=NORMAL)
 
 
 def test_queue_delay_needs_an_overloaded_queue() -> None:
@@ -821,6 +907,28 @@ def test_load_shed_through_the_engine(guarded: sa.Engine) -> None:
     with guarded.connect() as conn:  # the pool works as before
         assert conn.execute(sa.text("SELECT 1")).scalar() == 1
     assert gate.in_use == 0
+
+
+def test_critical_connections_out_count_toward_the_reserve_through_the_engine(
+    guarded: sa.Engine,
+) -> None:
+    # The pool registers each connection with the request it was taken
+    # under: one critical connection out is the whole reserve (1 of 3).
+    gate = poolguard.get_guard(guarded).gate
+    with poolguard.request(priority=CRITICAL):
+        login = guarded.connect()
+    api = guarded.connect()
+    assert gate.in_use == 2
+    last = guarded.connect()  # normal: the reserve is held by critical work
+    assert gate.in_use == 3
+    for conn in (login, api, last):
+        conn.close()
+    assert gate.in_use == 0
+    held = [guarded.connect(), guarded.connect()]  # nothing critical out: kept
+    with pytest.raises(poolguard.LoadShed):
+        guarded.connect()
+    for conn in held:
+        conn.close()
 
 
 def test_tag_limit_through_the_engine_frees_on_checkin(guarded: sa.Engine) -> None:

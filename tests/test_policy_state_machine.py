@@ -22,7 +22,8 @@ After every step: permits held never exceed capacity and equal what the
 machine holds; a tag's count equals the permits held under it and never
 exceeds its cap (unless the cap was lowered below what was already held);
 critical is never refused while a permit is free; no non-critical caller got
-a permit while ``free <= reserved``; and no waiter is left waiting while a
+a permit while ``free <= reserved`` less the permits critical callers hold
+(the reserve is a guarantee, what critical holds counts); and no waiter is left waiting while a
 permit it may take is free.
 """
 
@@ -116,6 +117,11 @@ class PolicyGateMachine(RuleBasedStateMachine):
     def free(self) -> int:
         return CAPACITY - self.gate.in_use
 
+    @property
+    def kept(self) -> int:
+        """Free permits non-critical callers must leave: the reserve less what critical holds."""
+        return self.policy.reserved - sum(p == CRITICAL for p, _ in self.held.values())
+
     def held_with(self, tag: str) -> int:
         return sum(t == tag for _, t in self.held.values())
 
@@ -130,14 +136,15 @@ class PolicyGateMachine(RuleBasedStateMachine):
         """Whether a caller may take a free permit now (the policy, from the model)."""
         if not self.gate.policies_on:
             return self.free > 0
-        return may_take(priority, self.free, self.policy.reserved) and not self.tag_full(tag)
+        return may_take(priority, self.free, self.kept) and not self.tag_full(tag)
 
     def on_grant(self, key: object, priority: str, tag: str | None) -> None:
         """A permit was granted: check the policy held, and register it like the pool."""
         free_before = len(self.gate._tokens or ()) + 1  # the gate took the token just now
-        if priority != CRITICAL and free_before <= self.policy.reserved:
+        if priority != CRITICAL and free_before <= self.kept:
             self.violations.append(
-                f"{priority} got a permit with {free_before} free, {self.policy.reserved} reserved"
+                f"{priority} got a permit with {free_before} free, {self.policy.reserved} "
+                f"reserved, {self.kept} of them not held by critical"
             )
         cap = self.policy.tag_limits.get(tag) if tag is not None else None
         if cap is not None and self.gate.tag_in_use.get(tag, 0) > cap:  # type: ignore[arg-type]
@@ -165,7 +172,7 @@ class PolicyGateMachine(RuleBasedStateMachine):
         """Whether a caller that did not get a permit had to go without."""
         if self.free == 0:
             return True
-        if priority != CRITICAL and self.free <= self.policy.reserved:
+        if priority != CRITICAL and self.free <= self.kept:
             return True
         return any(
             rank(w.priority) <= rank(priority) and not self.tag_full(w.tag)

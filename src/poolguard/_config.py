@@ -105,16 +105,19 @@ class Config:
             metric names (milliseconds, ``pool.name``/``state`` attributes).
         meter_provider: The OpenTelemetry ``MeterProvider`` to use instead of
             the global one (any object with ``get_meter()``).
-        reserved_critical: Connections only ``priority="critical"`` requests
-            may take: a whole number, or a share of the pool (``0.2``).
+        reserved_critical: Connections kept for ``priority="critical"``
+            requests: a whole number, or a share of the pool (``0.2``).
+            Other requests never take the last ones free, less those
+            critical requests hold already: a guarantee, not headroom kept
+            idle beside critical work that holds its share.
         max_waiting_critical: Most ``critical`` requests that may wait at
             once; the next one is shed (``LoadShed``, reason ``queue_full``).
             ``None``: no limit.
         max_waiting_normal: The same for ``normal`` requests.
         max_waiting_background: The same for ``background`` requests (``0``:
             background work never waits).
-        codel: Shed queue delay with CoDel: once the shortest acquire wait
-            over ``codel_interval`` exceeds ``codel_target`` (a standing
+        codel: Shed queue delay with CoDel: once the shortest non-critical
+            acquire wait over ``codel_interval`` exceeds ``codel_target`` (a standing
             queue), non-critical requests wait at most ``2 x codel_target``
             (reason ``queue_delay``) and waiters are served newest first.
         codel_target: CoDel's target wait, seconds (Facebook uses 5 ms).

@@ -671,7 +671,11 @@ class Gate:
             free = len(tokens)
             best: _Waiter | None = None
             for priority, lane in self._lanes:
-                if lane and admission.eligible(priority, free, capacity):
+                if lane and admission.eligible(
+                    priority, free, capacity,
+                    self._critical_held()
+                    if free <= admission.reserved and priority != CRITICAL else 0,
+                ):
                     best = (  # _ready(), inline without tag caps
                         self._ready(admission, lane, lifo)
                         if admission.tag_limits
@@ -696,7 +700,9 @@ class Gate:
                     break
                 if not self._grant(admission, best):
                     break
-                if codel is not None:
+                if codel is not None and best.priority != CRITICAL:
+                    # CoDel sheds non-critical waits: their queue is the one
+                    # it watches (critical waiters pass it, and wait little).
                     codel.on_grant(now - best.since, now)
             best.wake()
             self._dequeue(best)
@@ -776,12 +782,20 @@ class Gate:
         queued_ahead = self._better_waiting(admission, priority) or (
             bool(self._owed) and self._owed_at_or_above(priority)  # no call while none owed
         )
+        free = len(tokens)
         if (
             not queued_ahead
-            and admission.eligible(priority, len(tokens), capacity)
+            and admission.eligible(
+                priority, free, capacity,
+                self._critical_held()
+                if free <= admission.reserved and priority != CRITICAL else 0,
+            )
             and self._grant(admission, waiter)
         ):
-            if admission.codel is not None:
+            if admission.codel is not None and not self.waiters:
+                # No wait, and nobody queued: no standing queue. A caller
+                # taking a permit past queued ones (critical) says nothing
+                # about how long those wait.
                 admission.codel.on_grant(0.0, now)
             return True
         if priority == HEALTH:
@@ -1041,6 +1055,7 @@ class Gate:
                         waiter.granted = False
                 elif (
                     waiter.woken and self._take_as_woken(admission, waiter) and codel is not None
+                    and waiter.priority != CRITICAL
                 ):
                     codel.on_grant(waited, self._clock())
                 if not waiter.granted and waited < timeout and waiter.woken and not self.closed:
@@ -1087,12 +1102,29 @@ class Gate:
         capacity = self.capacity
         assert tokens is not None
         assert capacity is not None
+        free, priority = len(tokens), waiter.priority
         return (
-            not self._better_waiting(admission, waiter.priority)
+            not self._better_waiting(admission, priority)
             and not admission.tag_full(waiter.tag, self.tag_in_use)
-            and admission.eligible(waiter.priority, len(tokens), capacity)
+            and admission.eligible(
+                priority, free, capacity,
+                self._critical_held()
+                if free <= admission.reserved and priority != CRITICAL else 0,
+            )
             and self._grant(admission, waiter)
         )
+
+    def _critical_held(self) -> int:
+        # In a section, only when a non-critical caller meets the critical
+        # reserve: the permits critical requests hold count toward it
+        # (policies.may_take). Checkouts still in their pre-ping are not in
+        # ``out`` yet: not counted, the reserve errs on the strict side.
+        held = 0
+        for hold in list(self.out.values()):
+            request = hold[REQUEST]
+            if request is not None and request.priority == CRITICAL:
+                held += 1
+        return held
 
     def close(self) -> None:
         """Stop gating: let every waiter through now and every caller from now on."""

@@ -56,13 +56,20 @@ def reserve_size(reserved: float, capacity: int) -> int:
     return min(int(count), capacity)
 
 
-def may_take(priority: str, free: int, reserved: int) -> bool:
-    """Whether a caller of ``priority`` may take one of ``free`` permits now."""
+def may_take(priority: str, free: int, reserved: int, critical_held: int = 0) -> bool:
+    """Whether a caller of ``priority`` may take one of ``free`` permits now.
+
+    The reserve is a guarantee, not idle headroom: a non-critical caller
+    leaves the last ``reserved`` free permits, less those critical callers
+    hold already (``critical_held``). Critical requests that hold their
+    share wait for the next permit released, first in line; permits kept
+    free beside them would only idle while others queue.
+    """
     if free <= 0:
         return False
     if priority == CRITICAL:
         return True
-    return free > reserved
+    return free > reserved - critical_held
 
 
 def tag_limit(limit: float, capacity: int) -> int:
@@ -115,6 +122,10 @@ class Codel:
     serves the newest waiter first (adaptive LIFO). It goes back to normal
     after an interval whose shortest wait met the target, or when the queue
     empties.
+
+    The gate feeds it the waits of non-critical callers (the ones it sheds)
+    and a wait of 0 only for a permit taken while nobody is queued: a
+    critical caller passing a standing queue says nothing about it.
     """
 
     __slots__ = ("_interval_end", "_min_wait", "interval", "overloaded", "target")
@@ -214,7 +225,7 @@ class Admission:
     stay the gate's. With none, the gate's fast path never looks here.
 
     Args:
-        reserved: permits only critical callers may take (:func:`reserve_size`).
+        reserved: permits kept for critical callers (:func:`reserve_size`, :func:`may_take`).
         max_waiting: most waiters per priority (``None``: unbounded).
         codel: CoDel on the queue, or None.
         tag_limits: most connections a request tag may hold (:func:`tag_limit`).
@@ -254,10 +265,15 @@ class Admission:
         """A checkin matters to the policy (a tag's slot, a hold-time sample)."""
         return bool(self.tag_limits) or self.adaptive is not None
 
-    def eligible(self, priority: str, free: int, capacity: int) -> bool:
-        """Whether ``priority`` may take one of ``free`` permits (reserve, adaptive limit)."""
+    def eligible(self, priority: str, free: int, capacity: int, critical_held: int = 0) -> bool:
+        """Whether ``priority`` may take one of ``free`` permits (reserve, adaptive limit).
+
+        ``critical_held``: permits critical callers hold, which count toward
+        the reserve (:func:`may_take`); the gate counts them only when
+        ``free`` is within the reserve.
+        """
         # may_take(), inline: this runs on every policy checkout and dispatch.
-        if free <= 0 or (priority != CRITICAL and free <= self.reserved):
+        if free <= 0 or (priority != CRITICAL and free <= self.reserved - critical_held):
             return False
         adaptive = self.adaptive
         if adaptive is None or priority == CRITICAL:

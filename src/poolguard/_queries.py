@@ -750,6 +750,12 @@ class QueryTimer:
                     time.monotonic() >= request.deadline):
                 seen = DeadlineExceeded(
                     f"pool {guard.name!r}: the database did not answer by the request's deadline")
+                if hold is not None and hold[WAIT] >= duration:
+                    # Its deadline went mostly on waiting for a connection
+                    # others held: the statement, cut sooner than it waited,
+                    # was not shown slow. No outcome for its tag's breaker
+                    # (as for an acquire timeout); the guard-wide one decides.
+                    request = None
             guard.breaker_record(seen, duration, request)
         timed_out = is_timeout_error(guard.db_system, exc)
         slow = guard.slow_query_threshold

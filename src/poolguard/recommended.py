@@ -29,7 +29,8 @@ def options() -> dict[str, Any]:
         # Nothing waits 30 s (QueuePool's default) to fail: a request of a web
         # service that waited a second for a connection has failed already.
         "acquire_timeout": 1.0,
-        # A fifth of the pool only priority="critical" requests may take.
+        # A fifth of the pool kept for priority="critical" requests (what they
+        # hold counts: no connection idles beside critical work holding its share).
         "reserved_critical": 0.2,
         # Background jobs never queue behind a full pool: shed, they retry later.
         "max_waiting_background": 0,
