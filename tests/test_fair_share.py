@@ -269,9 +269,9 @@ def test_the_read_never_holds_up_the_scan_or_a_request(
 def test_the_admin_console_tells_the_pool_mode_and_the_server_connections(
     bouncer: tuple[PgBouncer, str],
 ) -> None:
-    # A pool opened before it was wrapped gives the guard no new connection to
-    # probe: PgBouncer's admin console says a pooler is there, that it pools
-    # by transaction, and how many server connections it keeps (2).
+    # A pool opened before it was wrapped: its first checkout is probed (a
+    # pooler is there, of unknown mode); PgBouncer's admin console says that
+    # it pools by transaction, and how many server connections it keeps (2).
     running, database = bouncer
     engine = sa.create_engine(running.url(database), pool_size=4, max_overflow=0,
                               connect_args={"prepare_threshold": None})
@@ -285,7 +285,8 @@ def test_the_admin_console_tells_the_pool_mode_and_the_server_connections(
     try:
         with poolguard.request(tag="api"), engine.connect() as conn:
             conn.exec_driver_sql("SELECT 1")
-        assert guard.pooler.behind is None  # no new connection: nothing probed
+        assert guard.pooler.behind is not None
+        assert guard.pooler.behind.how == "backend pid"  # the first checkout, looked at
         wait_until(lambda: (guard.fleet.pgbouncer() or _NONE).pool_size == 2,
                    "PgBouncer's numbers read")
         guard.fleet.sample(time.perf_counter())

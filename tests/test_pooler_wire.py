@@ -494,6 +494,37 @@ def test_pgbouncer_is_detected_on_the_first_connection(
     assert not [e for e in events if e["event"] == "pooler.prepared_statements"]
 
 
+def test_pgbouncer_is_detected_on_a_pool_opened_before_wrap(
+    bouncer: tuple[PgBouncer, str],
+) -> None:
+    # A service that warms its pool and wraps it afterwards opens no new
+    # connection for the guard to look at: the first checkout is looked at.
+    running, database = bouncer
+    engine = sa.create_engine(running.url(database), pool_size=2, max_overflow=0,
+                              connect_args={"prepare_threshold": None})
+    with capture_events(logging.INFO) as events:
+        try:
+            conns = [engine.connect() for _ in range(2)]
+            for conn in conns:
+                conn.exec_driver_sql("SELECT 1")
+                conn.close()
+            poolguard.wrap(engine, connect_retries=0)
+            guard = poolguard.get_guard(engine)
+            assert guard.pooler.unlooked  # nothing looked at yet: wrap() itself does no I/O
+            assert guard.pooler.behind is None
+            opened = guard.connections.counts()[0]
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("SELECT 1").scalar_one() == 1
+            assert guard.pooler.behind == Pooler("unknown", "backend pid")
+            assert not guard.pooler.unlooked
+            assert guard.connections.counts()[0] == opened  # no new connection was needed
+            with engine.connect() as conn:  # looked at once
+                conn.exec_driver_sql("SELECT 1")
+        finally:
+            engine.dispose()
+    assert len([e for e in events if e["event"] == "pooler.detected"]) == 1
+
+
 def test_the_pooler_option_says_it_without_a_probe(bouncer: tuple[PgBouncer, str]) -> None:
     running, database = bouncer
     for option, expected in [

@@ -181,6 +181,13 @@ def time_creator(
             if buf is not None:
                 buf.append(elapsed)
 
+    if pooler is not None and not pooler.checked:
+        try:
+            opened = int(pool.checkedin()) + int(pool.checkedout())  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - a pool class that does not count: look at new ones
+            opened = 0
+        pooler.unlooked = opened > 0
+
     timed._poolguard_timed = True  # type: ignore[attr-defined]
     timed._poolguard_inner = inner  # type: ignore[attr-defined]
     set_creator(pool, timed)

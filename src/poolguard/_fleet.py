@@ -274,6 +274,8 @@ class Fleet:
         # The engine's URL (None: not attached).
         self._url: Callable[[], Any] = lambda: guard._engine.url if guard._engine else None
         self._pooler: Callable[[], Any] = lambda: guard.pooler
+        #: The guard's pooler detection (``PoolerErrors``; None before it has one).
+        self.pooler: Callable[[], Any] = lambda: getattr(guard, "pooler", None)
         #: The fair share of server connections per tag.
         self.fair = FairShare(parts)
         self._lock = threading.Lock()

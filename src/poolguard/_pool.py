@@ -190,7 +190,7 @@ class GuardedPoolMixin(Pool):
                 if loop is not None:
                     hold[TASK] = current_task(loop)
             if now >= hooks.call_at:  # a scan is due, or the guard's extras are on
-                self._poolguard.after_checkout(hold, now)  # type: ignore[union-attr]
+                self._poolguard.after_checkout(hold, now, conn)  # type: ignore[union-attr]
         return conn
 
     def _return_conn(self, record: ConnectionPoolEntry) -> None:

@@ -231,6 +231,10 @@ class PoolerErrors:
         self._admin_mode: str | None = None
         #: Whether the first connection has been looked at.
         self.checked = False
+        #: The pool had connections open when it was wrapped: the first
+        #: connection checked out is looked at (:meth:`look_at`), since only
+        #: new ones are (a pool opened before ``wrap()`` may open none).
+        self.unlooked = False
 
     @property
     def behind(self) -> Pooler | None:
@@ -258,6 +262,7 @@ class PoolerErrors:
             if self.checked:
                 return
             self.checked = True
+            self.unlooked = False
         parts = self._parts
         config = parts.config()
         db_system = parts.db_system()
@@ -287,6 +292,12 @@ class PoolerErrors:
                          "max_prepared_statements), or pooler='session' if it pools by "
                          "session"),
             )
+
+    def look_at(self, dbapi_connection: Any) -> None:
+        """A connection that was open before ``wrap()``, just checked out by
+        the caller's own thread: look at it as at a new one (once)."""
+        self.unlooked = False
+        self.check_connection(dbapi_connection)
 
     def admin_mode(self, mode: str | None) -> None:
         """PgBouncer's admin console showed its pool mode (off the request path).

@@ -89,17 +89,30 @@ class Scanner:
         # An asyncio pool's checkout records its task itself (hooks.asyncio),
         # without a call: past slow_at, before call_at.
         is_async = hooks.asyncio = self._is_async()
-        extras = self._config().capture_call_sites or hooks.tripped
+        extras = self._config().capture_call_sites or hooks.tripped or self._unlooked()
         hooks.call_at = float("-inf") if extras else self.next_scan
         hooks.slow_at = float("-inf") if extras or is_async else self.next_scan
 
-    def after_checkout(self, hold: Hold, now: float) -> None:
-        """Extras of a checkout: call site, the periodic scan."""
+    def after_checkout(self, hold: Hold, now: float, conn: Any = None) -> None:
+        """Extras of a checkout: call site, the periodic scan, a first look for a pooler."""
         if self._config().capture_call_sites:
             hold[SITE] = current_site(3)
         if self._hooks.tripped:  # a half-open probe got a working connection
             self._breakers.probe_succeeded()
+        if conn is not None and self._unlooked():
+            # A pool wrapped with its connections open: one round trip, once,
+            # on the checkout's own thread (behind a pooler, waits must be
+            # told from failures from the first request on).
+            pooler = self._fleet.pooler() if self._fleet is not None else None
+            if pooler is not None:
+                pooler.look_at(conn.dbapi_connection)
+            self.update_slow_at()
         self.maybe_scan(now)
+
+    def _unlooked(self) -> bool:
+        fleet = self._fleet
+        pooler = fleet.pooler() if fleet is not None else None
+        return pooler is not None and pooler.unlooked
 
     def maybe_scan(self, now: float) -> None:
         """Run :meth:`scan` if a second has passed since the last one."""
