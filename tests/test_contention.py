@@ -58,6 +58,7 @@ def test_bench_hot_path_contention_cli_json() -> None:
 
 def test_bounded_queue_policy_takes_without_the_lock_unless_a_waiter_is_owed() -> None:
     gate = Gate(1)
+    gate.barge_bound = 0.0  # owed a hand-off as soon as it is passed over once
     gate.configure_policy(max_waiting={NORMAL: 5})
     assert gate.policies_on
     assert gate.take == gate.take_last == gate._take_token  # nobody waits: the fast path
@@ -145,6 +146,7 @@ async def test_policy_lets_a_newcomer_take_a_woken_waiters_permit_only_at_its_pr
     from sqlalchemy.util import greenlet_spawn
 
     gate = Gate(1)
+    gate.barge_bound = 0.0  # owed a hand-off as soon as it is passed over once
     gate.configure_policy(max_waiting={NORMAL: 5, BACKGROUND: 5})
     assert gate.acquire(0, asyncio_mode=False) is True
     waiter = asyncio.ensure_future(greenlet_spawn(gate.acquire, 10.0, asyncio_mode=True))
@@ -248,3 +250,133 @@ async def test_an_asyncio_waiter_is_not_woken_for_a_permit_a_running_task_retake
     assert (await conn.execute(sa.text("SELECT 1"))).scalar() == 1
     await conn.close()
     assert arms == [True]  # armed once: never woken in vain, never re-armed
+
+
+# -- bounded barging ------------------------------------------------------------------
+
+
+def _queue_a_thread_waiter(gate: Gate, results: list[bool]) -> threading.Thread:
+    thread = threading.Thread(
+        target=lambda: results.append(gate.acquire(10.0, asyncio_mode=False)), daemon=True
+    )
+    thread.start()
+    deadline = threading.Event()
+    while gate.waiting == 0 and thread.is_alive() and not deadline.wait(0.001):
+        pass
+    assert gate.waiting == 1
+    return thread
+
+
+def _pass_over(gate: Gate) -> None:
+    """Release a permit and take it back at once, as a running caller does,
+    before the waiter woken for it can look; return once it waits again."""
+    with gate._lock:
+        gate.release()
+        assert gate.signalled is gate.waiters[0]  # woken to take it itself
+        gate.take()
+    deadline = threading.Event()
+    while gate.signalled is not None and not deadline.wait(0.001):
+        pass
+    assert gate.signalled is None
+    assert gate.waiting == 1  # parked again, its place kept
+
+
+@pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "policy"])
+def test_running_callers_may_pass_the_head_waiter_within_the_bound(
+    policy: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from poolguard import _gate
+
+    now = [1000.0]
+    monkeypatch.setattr(_gate, "_monotonic", lambda: now[0])
+    gate = Gate(1)
+    gate.barge_bound = 0.005
+    if policy:
+        gate.configure_policy(max_waiting={NORMAL: 5})
+    gate.take()
+    results: list[bool] = []
+    thread = _queue_a_thread_waiter(gate, results)
+    for _ in range(3):  # passed over again and again while within the bound
+        now[0] += 0.001
+        _pass_over(gate)
+        waiter = gate.waiters[0]
+        assert not waiter.handoff
+        assert not any(gate._owed.values())
+        if policy:
+            assert gate.take == gate._take_token  # a newcomer still takes without the lock
+    # A permit nobody takes goes to the waiter, woken to take it.
+    gate.release()
+    thread.join(10.0)
+    assert results == [True]
+    assert (gate.in_use, gate.waiting) == (1, 0)
+    gate.release()
+    assert gate.in_use == 0
+
+
+@pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "policy"])
+def test_a_waiter_passed_over_past_the_bound_gets_the_next_permit_before_any_newcomer(
+    policy: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from poolguard import _gate
+
+    now = [1000.0]
+    monkeypatch.setattr(_gate, "_monotonic", lambda: now[0])
+    gate = Gate(1)
+    gate.barge_bound = 0.005
+    if policy:
+        gate.configure_policy(max_waiting={NORMAL: 5})
+    gate.take()
+    results: list[bool] = []
+    thread = _queue_a_thread_waiter(gate, results)
+    _pass_over(gate)  # first woken at 1000.0, passed over
+    assert not gate.waiters[0].handoff
+    now[0] += 0.006  # the bound has passed since it was first woken
+    with gate._lock:  # the waiter cannot take the permit itself before the newcomer looks
+        gate.release()
+        # Handed over at the release: no newcomer gets it, locked or not.
+        assert gate.in_use == 1
+        with pytest.raises(IndexError):
+            gate.take()
+        assert gate.acquire(0, asyncio_mode=False) is False
+    thread.join(10.0)
+    assert results == [True]
+    assert (gate.in_use, gate.waiting) == (1, 0)
+    assert not any(gate._owed.values())
+    gate.release()
+    assert gate.in_use == 0
+
+
+async def test_an_async_waiter_is_passed_over_only_within_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    from sqlalchemy.util import greenlet_spawn
+
+    from poolguard import _gate
+
+    now = [1000.0]
+    monkeypatch.setattr(_gate, "_monotonic", lambda: now[0])
+    gate = Gate(1)
+    gate.barge_bound = 0.005
+    gate.take()
+    waiter = asyncio.ensure_future(greenlet_spawn(gate.acquire, 10.0, asyncio_mode=True))
+    while gate.waiting == 0:
+        await asyncio.sleep(0.001)
+    for _ in range(2):
+        gate.release()  # from the loop: the waiter is woken on the loop's next pass...
+        gate.take()  # ...and a running task takes the permit first
+        await asyncio.sleep(0.001)
+        # Within the bound: it stays parked, first in line, owed nothing.
+        assert gate.waiting == 1
+        assert not gate.waiters[0].handoff
+        assert gate.signalled is None
+        assert not waiter.done()
+        now[0] += 0.002
+    now[0] += 0.002  # past the bound since it was first woken
+    gate.release()  # handed to it at once
+    with pytest.raises(IndexError):
+        gate.take()
+    assert await asyncio.wait_for(waiter, 10.0) is True
+    assert (gate.in_use, gate.waiting) == (1, 0)
+    gate.release()

@@ -471,6 +471,7 @@ def spawn_async_waiter(gate: Gate, timeout: float = SAFETY_TIMEOUT) -> asyncio.T
 
 async def lose_one_race(gate: Gate) -> None:
     """Make the (one) queued async waiter lose a permit to a running caller."""
+    gate.barge_bound = 0.0  # owed the next permit as soon as it is passed over once
     gate.release()  # wakes the waiter, which has not run yet
     gate.take()  # a running caller takes the permit first (no await in between)
     await async_wait_until(lambda: gate.waiters[0].handoff, "the waiter to lose the race")

@@ -19,12 +19,15 @@ Under contention the gate does not hand each free permit to a parked
 waiter (a convoy: every checkout would park and be scheduled again).
 Instead the release wakes the first waiter in line to take the permit
 itself, one waiter at a time, and a caller already running may take it
-first, as in SQLAlchemy's own queue. A woken waiter that lost that race is
-owed the next permit, which is handed to it directly, so nobody is passed
-over twice. With a policy on, waiters queue by priority (one lane each),
-only newcomers of the woken waiter's priority or better may pass it, and
-while nobody waits a policy of bounded queues only takes permits without
-the lock.
+first, as in SQLAlchemy's own queue (barging). Barging is bounded, as in
+Go's ``sync.Mutex``: a woken waiter that lost that race parks again at the
+head of the line, and once ``Gate.barge_bound`` has passed since it was
+first woken, it is owed the next permit, which is handed to it directly
+(nobody takes a permit ahead of it then). So each waiter is passed over for
+at most that long once it is first in line. With a policy on, waiters
+queue by priority (one lane each), only newcomers of the woken waiter's
+priority or better may pass it, and while nobody waits a policy of bounded
+queues only takes permits without the lock.
 
 The caller keeps track of which permits it holds (the pool marks each
 checked-out record with its permit and pops the mark to release it, so each
@@ -83,6 +86,11 @@ _UNDO_TRIES = range(1000)
 _RANK: dict[str, int] = {p: rank(p) for p in PRIORITIES}
 
 
+#: The bound on barging reads the system's monotonic clock, not the gate's
+#: (injected, scripted in tests: its readings are the waits it reports).
+_monotonic = time.monotonic
+
+
 def _zero() -> int:
     return 0
 
@@ -132,8 +140,8 @@ class _Waiter:
     in-use count includes it.
     """
 
-    __slots__ = ("deadline", "event", "future", "granted", "handoff", "loop", "priority", "queued",
-                 "since", "tag", "tagged", "woken")
+    __slots__ = ("deadline", "event", "first_signal", "future", "granted", "handoff", "loop",
+                 "priority", "queued", "since", "tag", "tagged", "woken")
 
     def __init__(self, priority: str = NORMAL, tag: str | None = None, since: float = 0.0) -> None:
         self.granted = False
@@ -142,9 +150,13 @@ class _Waiter:
         #: False: not in the queue. True: in it, or just removed (the flag is
         #: set before the append and cleared after the removal).
         self.queued = False
-        #: It was woken to take a free permit and a running caller took it
-        #: first: the next permit is handed to it directly.
+        #: It was passed over (a running caller took the permit it was woken
+        #: for) past the gate's ``barge_bound``: the next permit is handed to
+        #: it directly.
         self.handoff = False
+        #: When (``time.monotonic()``) it was first woken to take a free permit
+        #: itself: the bound on barging counts from there.
+        self.first_signal = math.inf
         self.priority = priority
         self.tag = tag
         self.since = since
@@ -194,6 +206,10 @@ def _resolve(future: asyncio.Future[None]) -> None:
 class Gate:
     """Counts permits and queues the callers that wait for one.
 
+    ``barge_bound`` (seconds): how long a waiter first in line may be passed
+    over by running callers, counted from when it is first woken to take a
+    free permit; past it, the next permit is handed to it.
+
     Args:
         capacity: Number of permits, or ``None`` for no limit.
         adopted: Permits already held by connections checked out before the
@@ -205,6 +221,12 @@ class Gate:
     :meth:`acquire` waits for one. Each granted permit is given back once
     with :meth:`release`.
     """
+
+    #: See the class docstring. 5 ms: long enough that a running caller mostly
+    #: takes the permit it gave back (no parked task or thread to schedule per
+    #: checkout), short against a checkout's timeout (benchmarks/
+    #: bench_contention.py measured 1, 5 and 20 ms).
+    barge_bound = 0.005
 
     def __init__(
         self,
@@ -585,8 +607,8 @@ class Gate:
         # Under the lock, in a section. Without a policy, a free permit is
         # not handed to the head waiter: the head is woken to take it itself,
         # and a running caller may take it first (no convoy of parked
-        # threads, as in SQLAlchemy's own queue). A head that lost that race
-        # once gets the next permit handed over: nobody is passed over twice.
+        # threads, as in SQLAlchemy's own queue). A head passed over for
+        # longer than ``barge_bound`` gets the next permit handed over.
         admission = self.admission
         if admission is not None:
             self._dispatch_by_policy(admission)
@@ -596,7 +618,7 @@ class Gate:
         while waiters:
             waiter = waiters[0]
             if not waiter.granted:
-                if not waiter.handoff:
+                if not waiter.handoff and not self._overdue(waiter):
                     if self.signalled is None and self._tokens:
                         self._signal(waiter)
                     return
@@ -620,6 +642,8 @@ class Gate:
         # that task, or another running one, took the permit meanwhile (as it
         # mostly does), the waiter is owed the next one instead and stays
         # parked, instead of being scheduled to find nothing and park again.
+        if waiter.first_signal == math.inf:
+            waiter.first_signal = _monotonic()
         loop = waiter.loop
         if loop is not None and asyncio._get_running_loop() is loop:
             loop.call_soon(self._signal_soon, waiter)
@@ -629,8 +653,9 @@ class Gate:
 
     def _signal_soon(self, waiter: _Waiter) -> None:
         # A loop callback (see _signal): wake the waiter if a permit is still
-        # free, else make it owed the next one. Nothing to do if it was woken,
-        # granted, owed or dequeued meanwhile.
+        # free, else leave it parked, first in line (owed the next permit
+        # once past the bound). Nothing to do if it was woken, granted, owed
+        # or dequeued meanwhile.
         with self._lock:
             try:
                 self._busy = True
@@ -642,14 +667,9 @@ class Gate:
                     else:
                         if self.signalled is waiter:
                             self.signalled = None
-                        # The count, then the flag, no call between (as _dequeue).
-                        owed, mine = self._owed, waiter.priority
-                        owed[mine] = (owed[mine] if mine in owed else 0) + 1  # noqa: SIM401 - no call
-                        waiter.handoff = True
-                        if self._fast_policy:
-                            self._set_take()  # owed first: no lock-free take now
+                        self._overdue(waiter)
                         # A release that saw it signalled woke nobody: a permit
-                        # given back since the look above is handed over now.
+                        # given back since the look above is dispatched now.
                         self._rewake = bool(self._tokens)
             finally:
                 self._busy = False
@@ -691,10 +711,11 @@ class Gate:
                     signalled is None
                     or signalled is best
                     or _RANK[signalled.priority] <= _RANK[best.priority]
-                ):
+                ) and not self._overdue(best):
                     # Woken to take the permit itself, one waiter at a time:
                     # a running caller of its priority or better may take it
-                    # first (no convoy); if so, it is handed the next one.
+                    # first (no convoy), for up to barge_bound; past it, it
+                    # is handed the next one.
                     if signalled is None:
                         self._signal(best)
                     break
@@ -708,6 +729,22 @@ class Gate:
             self._dequeue(best)
         if not self.waiters and codel is not None:
             codel.on_empty(now)
+
+    def _overdue(self, waiter: _Waiter) -> bool:
+        # In a section: ``waiter`` is owed a hand-off, made so now if it was
+        # first woken longer than ``barge_bound`` ago (while nobody is owed
+        # one, a running caller may take a free permit ahead of it).
+        if waiter.handoff:
+            return True
+        if waiter.first_signal == math.inf or _monotonic() - waiter.first_signal < self.barge_bound:
+            return False
+        # The count, then the flag, no call between (as _dequeue).
+        owed, mine = self._owed, waiter.priority
+        owed[mine] = (owed[mine] if mine in owed else 0) + 1  # noqa: SIM401 - no call
+        waiter.handoff = True
+        if self._fast_policy:
+            self._set_take()  # owed first: no lock-free take now
+        return True
 
     def _owed_at_or_above(self, priority: str) -> bool:
         # In a section: a waiter of this priority or better is owed a hand-off.
@@ -834,6 +871,7 @@ class Gate:
             waiter = _Waiter(priority, tag)
         else:
             waiter.priority, waiter.tag = priority, tag
+            waiter.first_signal = math.inf
         limit = math.inf if timeout is None else timeout
         try:
             with self._lock:
@@ -1059,15 +1097,11 @@ class Gate:
                 ):
                     codel.on_grant(waited, self._clock())
                 if not waiter.granted and waited < timeout and waiter.woken and not self.closed:
-                    # Lost the race: wait again, first in line for a hand-off.
+                    # Lost the race: wait again, first in line (owed a
+                    # hand-off once passed over for longer than the bound).
                     if self.signalled is waiter:
                         self.signalled = None
-                    if not waiter.handoff:
-                        waiter.handoff = True
-                        owed, mine = self._owed, waiter.priority
-                        owed[mine] = (owed[mine] if mine in owed else 0) + 1  # noqa: SIM401 - no call
-                        if self._fast_policy:
-                            self._set_take()  # owed first: no lock-free take now
+                    self._overdue(waiter)
                     waiter.woken = False
                     if waiter.future is not None:
                         waiter.arm(True)

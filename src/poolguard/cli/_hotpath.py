@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -333,6 +334,7 @@ def _thread_round(engine: Engine, callers: int, duration: float) -> _Round:
     start = threading.Barrier(callers + 1)
     waits: list[list[float]] = [[] for _ in range(callers)]
     clock = time.perf_counter
+    end = [math.inf]  # when the round ended (perf_counter), once it has
 
     def caller(mine: list[float]) -> None:
         start.wait()
@@ -340,7 +342,9 @@ def _thread_round(engine: Engine, callers: int, duration: float) -> _Round:
         while not stop.is_set():
             t0 = clock()
             conn = connect()
-            add(clock() - t0)
+            # A wait still running when the round ended counts as long as it
+            # had lasted then (not the drain after it).
+            add(min(clock(), end[0]) - t0)
             try:
                 conn.execute(stmt).scalar()
             finally:
@@ -352,6 +356,7 @@ def _thread_round(engine: Engine, callers: int, duration: float) -> _Round:
     start.wait()
     wall0, cpu0 = time.perf_counter(), time.process_time()
     time.sleep(duration)
+    end[0] = clock()
     stop.set()
     for thread in threads:
         thread.join()
@@ -367,13 +372,14 @@ async def _task_round(engine: Any, callers: int, duration: float) -> _Round:
     stopped = False
     waits: list[list[float]] = [[] for _ in range(callers)]
     clock = time.perf_counter
+    end = math.inf  # when the round ended, once it has (as in _thread_round)
 
     async def caller(mine: list[float]) -> None:
         add = mine.append
         while not stopped:
             t0 = clock()
             conn = await engine.connect()
-            add(clock() - t0)
+            add(min(clock(), end) - t0)
             try:
                 await conn.execute(stmt)
             finally:
@@ -382,6 +388,7 @@ async def _task_round(engine: Any, callers: int, duration: float) -> _Round:
     wall0, cpu0 = time.perf_counter(), time.process_time()
     tasks = [asyncio.ensure_future(caller(w)) for w in waits]
     await asyncio.sleep(duration)
+    end = clock()
     stopped = True
     await asyncio.gather(*tasks)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
