@@ -281,10 +281,11 @@ def _pass_over(gate: Gate) -> None:
     assert gate.waiting == 1  # parked again, its place kept
 
 
-@pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "policy"])
-def test_running_callers_may_pass_the_head_waiter_within_the_bound(
+def _barging(
     policy: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> tuple[Gate, list[float], threading.Thread, list[bool]]:
+    """A gate of one permit, taken, a bound of 5 ms on a scripted clock
+    (``now[0]``), and a thread queued for the permit (its result in ``results``)."""
     from poolguard import _gate
 
     now = [1000.0]
@@ -295,7 +296,14 @@ def test_running_callers_may_pass_the_head_waiter_within_the_bound(
         gate.configure_policy(max_waiting={NORMAL: 5})
     gate.take()
     results: list[bool] = []
-    thread = _queue_a_thread_waiter(gate, results)
+    return gate, now, _queue_a_thread_waiter(gate, results), results
+
+
+@pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "policy"])
+def test_running_callers_may_pass_the_head_waiter_within_the_bound(
+    policy: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate, now, thread, results = _barging(policy, monkeypatch)
     for _ in range(3):  # passed over again and again while within the bound
         now[0] += 0.001
         _pass_over(gate)
@@ -317,17 +325,7 @@ def test_running_callers_may_pass_the_head_waiter_within_the_bound(
 def test_a_waiter_passed_over_past_the_bound_gets_the_next_permit_before_any_newcomer(
     policy: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from poolguard import _gate
-
-    now = [1000.0]
-    monkeypatch.setattr(_gate, "_monotonic", lambda: now[0])
-    gate = Gate(1)
-    gate.barge_bound = 0.005
-    if policy:
-        gate.configure_policy(max_waiting={NORMAL: 5})
-    gate.take()
-    results: list[bool] = []
-    thread = _queue_a_thread_waiter(gate, results)
+    gate, now, thread, results = _barging(policy, monkeypatch)
     _pass_over(gate)  # first woken at 1000.0, passed over
     assert not gate.waiters[0].handoff
     now[0] += 0.006  # the bound has passed since it was first woken
