@@ -197,16 +197,14 @@ class GuardedPoolMixin(Pool):
         # Pool._return_conn only calls _do_return_conn: replaced by it, a
         # checkin costs no more Python frames than a plain one.
         gate = self._poolguard_gate
-        if gate is None or record not in gate.out:
-            self._poolguard_return(self, record)
-            return
-        out = gate.out
         # Out of ``out`` before the record is back in the pool (the hand-over
         # point): a checkout that pops it from the pool's queue must not find
-        # it still out, as a nested checkout. Item reads and a delete, then
-        # the call in the try: no interrupt can land between them.
-        hold: Hold = out[record]
-        del out[record]
+        # it still out, as a nested checkout. One C call (pop), then the call
+        # in the try: no interrupt can land between them.
+        hold: Hold | None
+        if gate is None or (hold := gate.out.pop(record, None)) is None:
+            self._poolguard_return(self, record)
+            return
         try:
             self._poolguard_return(self, record)
         finally:

@@ -86,6 +86,8 @@ ON_WIRE = "_poolguard_on_wire"
 
 #: Dialect methods that run statements, and where their context argument is.
 _METHODS = {"do_execute": 1, "do_executemany": 1, "do_execute_no_params": 0}
+#: In place of the parameters of a do_execute_no_params call.
+_NO_PARAMS: Any = object()
 #: Dialect methods that end a transaction, bounded by a request's deadline.
 _ENDS = {"do_commit": "COMMIT", "do_rollback": "ROLLBACK"}
 #: The holders report's words for the guard's SET LOCAL in flight behind a pooler.
@@ -269,14 +271,16 @@ class QueryTimer:
         limit, finish, limit_failed = self._limit, self._finish, self._limit_failed
         culprits = guard.culprits
 
+        # Fixed arity, not *args: no argument tuple built and unpacked per
+        # statement. do_execute_no_params (no parameters) comes through a
+        # thin wrapper below.
         def timed(  # noqa: PLR0912, PLR0915
-            cursor: DBAPICursor, statement: str, *args: Any
+            cursor: DBAPICursor, statement: str, parameters: Any, context: Any = None
         ) -> Any:
             try:
-                context = args[context_at]
                 dbapi_connection = context.root_connection._dbapi_connection  # sqla-private
                 hold = out.get(dbapi_connection._connection_record)  # sqla-private
-            except (IndexError, AttributeError):  # no context, or not pooled
+            except AttributeError:  # no context, or not pooled
                 context = hold = None
             send, armed = statement, None
             if culprits.shapes is not None:  # some shape is isolated: is it this one?
@@ -304,7 +308,8 @@ class QueryTimer:
                     # slowness (the breakers' slow calls).
                     begun = hold[RUNNING_SINCE]
             try:
-                result = inner(cursor, send, *args)
+                result = (inner(cursor, send, parameters, context) if parameters is not _NO_PARAMS
+                          else inner(cursor, send, context))
             except BaseException as exc:
                 failed(statement, perf_counter() - start, hold, exc)
                 raise
@@ -340,9 +345,16 @@ class QueryTimer:
             if (slow is not None and duration >= slow) or (
                 guard.log.debug and guard.config.query_log_sample_rate
             ):
-                log(cursor, statement, args, duration, rows, stat, hold)
+                log(cursor, statement, None if parameters is _NO_PARAMS else parameters,
+                    duration, rows, stat, hold)
             return result
 
+        if context_at == 0:
+            def timed_no_params(cursor: DBAPICursor, statement: str, context: Any = None) -> Any:
+                return timed(cursor, statement, _NO_PARAMS, context)
+
+            timed_no_params._poolguard_timer = self  # type: ignore[attr-defined]
+            return timed_no_params
         timed._poolguard_timer = self  # type: ignore[attr-defined]
         return timed
 
@@ -672,7 +684,7 @@ class QueryTimer:
         self,
         cursor: DBAPICursor,
         statement: str,
-        args: tuple[Any, ...],
+        parameters: Any,
         duration: float,
         rows: int,
         stat: QueryTotals,
@@ -680,7 +692,6 @@ class QueryTimer:
     ) -> None:
         guard = self.guard
         config = guard.config
-        parameters = args[0] if len(args) > 1 else None
         slow = config.slow_query_threshold
         if slow is not None and duration >= slow:
             self._on_slow_query(stat.fp, duration, rows, hold, statement, parameters, cursor)
