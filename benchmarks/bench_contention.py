@@ -32,13 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: two caller counts, 3 pairs of 0.02 s slices, "
                         "0.05 s continuous runs")
-    parser.add_argument("--rounds", type=int, default=30,
-                        help="ABBA pairs of slices per case (default 30)")
-    parser.add_argument("--duration", type=float, default=0.1,
-                        help="seconds per slice (default 0.1)")
-    parser.add_argument("--fair-duration", type=float, default=2.0,
+    plan = hotpath.CONTENTION_PLAN
+    parser.add_argument("--rounds", type=int, default=plan.pairs,
+                        help=f"ABBA pairs of slices per case (default {plan.pairs})")
+    parser.add_argument("--duration", type=float, default=plan.slice_s,
+                        help=f"seconds per slice (default {plan.slice_s:g})")
+    parser.add_argument("--fair-duration", type=float, default=plan.fair_s,
                         help="seconds of the continuous run per side that gives the waits "
-                        "(default 2.0)")
+                        f"(default {plan.fair_s:g})")
     parser.add_argument("--aa", action="store_true",
                         help="add the A/A self-check: the guarded side a second plain engine")
     parser.add_argument("--callers", default=",".join(map(str, hotpath.CONTENTION_CALLERS)))

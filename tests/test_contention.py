@@ -156,6 +156,9 @@ def test_bench_hot_path_contention_cli_json() -> None:
     report: dict[str, Any] = json.loads(done.stdout)
     assert report["command"] == "bench --hot-path --contention"
     assert report["meta"]["quick"] is True
+    assert (report["meta"]["pairs"], report["meta"]["slice_s"], report["meta"]["fair_s"]) == (
+        3, 0.02, 0.05)
+    assert all(r["rounds"] == 3 and r["aa"] is False for r in report["results"])
     assert {r["callers"] for r in report["results"]} == {1, 4}
     assert {r["mode"] for r in report["results"]} == {"threads", "asyncio"}
 

@@ -559,6 +559,12 @@ class _Plan:
             yield from _SIDES if i % 2 == 0 else _SIDES[::-1]
 
 
+#: The default plan: 30 pairs of 0.1 s slices, 2 s continuous runs.
+CONTENTION_PLAN = _Plan(pairs=30, slice_s=0.1, fair_s=2.0)
+#: ``--quick``: a smoke run, not a measurement.
+_QUICK_PLAN = _Plan(pairs=3, slice_s=0.02, fair_s=0.05)
+
+
 @dataclasses.dataclass
 class _CaseRuns:
     pairs: list[tuple[_Round, _Round]]
@@ -615,9 +621,9 @@ def run_contention(
     callers: tuple[int, ...] = CONTENTION_CALLERS,
     modes: tuple[str, ...] = ("threads", "asyncio"),
     policies: tuple[bool, ...] = (False, True),
-    rounds: int = 30,
-    duration: float = 0.1,
-    fair_duration: float = 2.0,
+    rounds: int = CONTENTION_PLAN.pairs,
+    duration: float = CONTENTION_PLAN.slice_s,
+    fair_duration: float = CONTENTION_PLAN.fair_s,
     pool_size: int = 8,
     acquire_timeout: float = 30.0,
     quick: bool = False,
@@ -639,8 +645,8 @@ def run_contention(
     measurement).
     """
     if quick:
-        callers, rounds, duration, fair_duration = callers[:2], 3, 0.02, 0.05
-    plan = _Plan(rounds, duration, fair_duration)
+        callers = callers[:2]
+    plan = _QUICK_PLAN if quick else _Plan(rounds, duration, fair_duration)
     variants: list[tuple[bool, bool]] = [(policy, False) for policy in policies]
     if aa:
         variants.append((False, True))
@@ -763,18 +769,20 @@ def contention_main(*, as_json: bool = False, quick: bool = False, **options: An
     continuous run per side, ``aa``: add the A/A check).
     """
     results = run_contention(quick=quick, **options)
-    pairs = 3 if quick else options.get("rounds", 30)
-    slice_s = 0.02 if quick else options.get("duration", 0.1)
-    fair_s = 0.05 if quick else options.get("fair_duration", 2.0)
+    plan = _QUICK_PLAN if quick else _Plan(
+        options.get("rounds", CONTENTION_PLAN.pairs),
+        options.get("duration", CONTENTION_PLAN.slice_s),
+        options.get("fair_duration", CONTENTION_PLAN.fair_s),
+    )
     meta = {
         "python": sys.version.split()[0],
         "sqlalchemy": sa.__version__,
         "quick": quick,
         "database": "SQLite, a file in a temporary folder",
         "pool_size": options.get("pool_size", 8),
-        "pairs": pairs,
-        "slice_s": slice_s,
-        "fair_s": fair_s,
+        "pairs": plan.pairs,
+        "slice_s": plan.slice_s,
+        "fair_s": plan.fair_s,
     }
     if as_json:
         payload = {"command": "bench --hot-path --contention", "meta": meta,
@@ -790,9 +798,9 @@ def contention_main(*, as_json: bool = False, quick: bool = False, **options: An
         f"{format_contention(results)}\n\n"
         "Each caller: connect + SELECT 1 + close in a loop; each side's callers persist for the "
         "case, parked\nbetween runs. ratio = guarded / plain time per operation, median (and "
-        f"p25-p75) over {pairs} ABBA pairs\nof {slice_s:g} s slices; us, cpu and ops/s: medians "
-        "over the slices. p99 wait, max wait and cv come\nfrom one continuous "
-        f"{fair_s:g} s run per side (short slices hide starvation): wait = the time connect()\n"
-        f"took; cv = its spread (stdev / mean).{aa_note}\n"
+        f"p25-p75) over {plan.pairs} ABBA pairs\nof {plan.slice_s:g} s slices; us, cpu and "
+        "ops/s: medians over the slices. p99 wait, max wait and cv come\nfrom one continuous "
+        f"{plan.fair_s:g} s run per side (short slices hide starvation): wait = the time "
+        f"connect()\ntook; cv = its spread (stdev / mean).{aa_note}\n"
     )
     return 0
