@@ -19,12 +19,15 @@ from poolguard.cli import _hotpath as hotpath
 
 
 def test_quick_contention_run_reports_every_case() -> None:
+    threads_before = threading.active_count()
     results = hotpath.run_contention(quick=True, callers=(1, 3))
-    cases = {(r.mode, r.callers, r.policy) for r in results}
-    assert cases == {(m, n, p) for m in ("threads", "asyncio") for n in (1, 3)
+    # Every case's callers exited and its engines' threads ended.
+    assert threading.active_count() == threads_before
+    cases = {(r.mode, r.callers, r.policy, r.aa) for r in results}
+    assert cases == {(m, n, p, False) for m in ("threads", "asyncio") for n in (1, 3)
                      for p in (False, True)}
     for r in results:
-        assert r.rounds == 1
+        assert r.rounds == 3  # pairs of slices
         assert r.plain_us > 0
         assert r.guarded_us > 0
         assert r.ratio > 0
@@ -32,10 +35,114 @@ def test_quick_contention_run_reports_every_case() -> None:
         assert r.plain_ops_s > 0
         assert r.guarded_ops_s > 0
         assert r.guarded_max_wait_ms >= r.guarded_p99_wait_ms >= 0
+        assert r.plain_max_wait_ms >= r.plain_p99_wait_ms >= 0
         assert r.guarded_wait_cv >= 0
     table = hotpath.format_contention(results)
     assert table.count("\n") == len(results) + 1
     assert "p99 wait" in table
+    assert " aa " not in table
+
+
+def test_the_aa_check_compares_two_plain_engines_in_rows_of_its_own(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    threads_before = threading.active_count()
+    assert hotpath.contention_main(quick=True, callers=(2,), modes=("threads",),
+                                   policies=(False,), aa=True) == 0
+    assert threading.active_count() == threads_before
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("threads ")]
+    assert [row[:3] for row in rows] == [["threads", "2", "off"], ["threads", "2", "aa"]]
+    assert "A/A self-check" in out
+    assert "from one continuous 0.05 s run per side" in out
+    assert "over 3 ABBA pairs\nof 0.02 s slices" in out
+
+
+def test_slices_alternate_in_abba_pairs() -> None:
+    plan = hotpath._Plan(pairs=3, slice_s=0.1, fair_s=2.0)
+    assert list(plan.slices()) == ["plain", "guarded", "guarded", "plain", "plain", "guarded"]
+
+
+def test_parked_caller_threads_take_part_in_every_run_and_exit_on_close(
+    sqlite_url: str,
+) -> None:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(sqlite_url, pool_size=2, max_overflow=0)
+    threads_before = threading.active_count()
+    callers = hotpath._ThreadCallers(engine, 6)
+    try:
+        assert threading.active_count() == threads_before + 6
+        # Runs far shorter than a thread's wake-up: a thread released late
+        # must still join the run it was released for (and park once), never
+        # miss it and hang the next one.
+        for _ in range(50):
+            callers.run(0.0)
+        done = callers.run(0.05, record=True)
+        assert done.ops > 0
+        assert 0 < len(done.waits) <= done.ops
+        # A wait counts up to the run's end at most, never the drain after it.
+        assert all(0 <= w <= done.wall for w in done.waits)
+        assert callers.run(0.01).waits == []  # waits only in a continuous run
+    finally:
+        callers.close()
+        engine.dispose()
+    assert threading.active_count() == threads_before
+
+
+def test_a_failing_caller_thread_fails_the_run_and_close_still_ends_them_all(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sqlalchemy as sa
+
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # expected, not noise
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'missing' / 'x.db'}")
+    threads_before = threading.active_count()
+    callers = hotpath._ThreadCallers(engine, 3)
+    try:
+        with pytest.raises(sa.exc.OperationalError):
+            callers.run(0.01)
+    finally:
+        callers.close()
+        engine.dispose()
+    assert threading.active_count() == threads_before
+
+
+async def test_parked_caller_tasks_take_part_in_every_run_and_exit_on_close(
+    aiosqlite_url: str, make_async_engine: Any,
+) -> None:
+    import asyncio
+
+    engine = make_async_engine(aiosqlite_url, pool_size=2, max_overflow=0)
+    callers = hotpath._TaskCallers(engine, 6)
+    try:
+        for _ in range(50):  # as with threads: a late task still joins its run
+            await callers.run(0.0)
+        done = await callers.run(0.05, record=True)
+        assert done.ops > 0
+        assert 0 < len(done.waits) <= done.ops
+        assert all(0 <= w <= done.wall for w in done.waits)
+    finally:
+        await callers.close()
+    assert all(task.done() and task.exception() is None for task in callers._tasks)
+    assert not [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+
+async def test_a_failing_caller_task_fails_the_run_and_close_still_ends_them_all(
+    tmp_path: Any,
+) -> None:
+    import sqlalchemy as sa
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'missing' / 'x.db'}")
+    callers = hotpath._TaskCallers(engine, 3)
+    try:
+        with pytest.raises(sa.exc.OperationalError):
+            await callers.run(0.01)
+    finally:
+        await callers.close()
+        await engine.dispose()
+    assert all(task.done() for task in callers._tasks)
 
 
 def test_bench_hot_path_contention_cli_json() -> None:
@@ -49,6 +156,9 @@ def test_bench_hot_path_contention_cli_json() -> None:
     report: dict[str, Any] = json.loads(done.stdout)
     assert report["command"] == "bench --hot-path --contention"
     assert report["meta"]["quick"] is True
+    assert (report["meta"]["pairs"], report["meta"]["slice_s"], report["meta"]["fair_s"]) == (
+        3, 0.02, 0.05)
+    assert all(r["rounds"] == 3 and r["aa"] is False for r in report["results"])
     assert {r["callers"] for r in report["results"]} == {1, 4}
     assert {r["mode"] for r in report["results"]} == {"threads", "asyncio"}
 

@@ -279,28 +279,40 @@ if __name__ == "__main__":
 # -- under contention -----------------------------------------------------------
 #
 # The same comparison with many callers sharing a small pool: every caller
-# runs connect + SELECT 1 + close in a closed loop for a fixed time, on
-# threads (Engine) or asyncio tasks (AsyncEngine). Plain and guarded run in
-# alternating rounds, each round with a fresh set of callers; the ratio per
-# case is the median of the per-round ratios of per-operation time.
+# runs connect + SELECT 1 + close in a closed loop, on threads (Engine) or
+# asyncio tasks (AsyncEngine). Each side keeps its callers for the whole case,
+# parked between runs; plain and guarded take turns in short slices, in ABBA
+# pairs, so that the machine's drift (other processes, a second's worth of
+# noise) falls on both alike. The waits come from one continuous run per side.
 
 #: Caller counts of the full run (``--quick``: the first two).
 CONTENTION_CALLERS = (1, 4, 16, 64, 256)
 #: A policy that puts every checkout through the policy path of the gate
 #: (the queue cap is never reached, so nothing is shed).
 CONTENTION_POLICY: dict[str, Any] = {"max_waiting_normal": 100_000}
+#: How long a run waits for its callers to park once it has stopped them:
+#: far beyond any drain (each caller finishes one operation, its checkout
+#: bounded by the acquire timeout), it turns a hang into an error.
+_PARK_TIMEOUT = 120.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ContentionResult(Comparison):
-    """One case: ``mode`` (threads/asyncio), callers, policy on or off.
+    """One case: ``mode`` (threads/asyncio), callers, policy on or off (or ``aa``).
 
-    Times are medians over rounds: ``*_us`` per operation (wall time of the
-    round divided by the operations all callers completed), ``*_cpu_us`` the
-    process CPU per operation, ``*_p99_wait_ms`` the 99th percentile of the
-    checkout time (connect() returning), ``*_max_wait_ms`` the longest one,
-    ``*_wait_cv`` the coefficient of variation of checkout times (the spread:
-    0 when every caller waits alike), ``*_ops_s`` the throughput.
+    From the slices (medians over them): ``*_us`` per operation (wall time of
+    a slice, release to every caller parked again, divided by the operations
+    completed in it), ``*_cpu_us`` the process CPU per operation, ``*_ops_s``
+    the throughput; ``ratio`` the median over ``rounds`` pairs of slices of
+    guarded/plain time per operation.
+
+    From one continuous run per side: ``*_p99_wait_ms`` the 99th percentile
+    of the checkout time (connect() returning), ``*_max_wait_ms`` the longest
+    one, ``*_wait_cv`` the coefficient of variation of checkout times (the
+    spread: 0 when every caller waits alike).
+
+    ``aa``: the A/A self-check, the guarded side a second plain engine (the
+    instrument's own bias: the ratio should be 1).
     """
 
     mode: str
@@ -314,86 +326,250 @@ class ContentionResult(Comparison):
     guarded_max_wait_ms: float
     plain_wait_cv: float
     guarded_wait_cv: float
+    #: Pairs of slices.
     rounds: int
+    aa: bool = False
 
 
 @dataclasses.dataclass
 class _Round:
+    """One run of one side: operations completed, wall and CPU seconds, and
+    (continuous runs only) every checkout wait in seconds."""
+
     ops: int
     wall: float
     cpu: float
     waits: list[float]
 
 
-def _thread_round(engine: Engine, callers: int, duration: float) -> _Round:
-    import threading
+class _ThreadCallers:
+    """``callers`` threads on one engine, started once, parked between runs.
 
-    stmt = sa.text("SELECT 1")
-    connect = engine.connect
-    stop = threading.Event()
-    start = threading.Barrier(callers + 1)
-    waits: list[list[float]] = [[] for _ in range(callers)]
-    clock = time.perf_counter
-    end = [math.inf]  # when the round ended (perf_counter), once it has
+    A run sets ``_go``; every thread loops until ``_running`` goes false,
+    finishes the operation in progress and parks at ``_parked`` (a barrier
+    whose action clears ``_go`` once all have arrived, so that no thread can
+    miss a run or run twice).
+    """
 
-    def caller(mine: list[float]) -> None:
-        start.wait()
-        add = mine.append
-        while not stop.is_set():
-            t0 = clock()
-            conn = connect()
-            # A wait still running when the round ended counts as long as it
-            # had lasted then (not the drain after it).
-            add(min(clock(), end[0]) - t0)
-            try:
-                conn.execute(stmt).scalar()
-            finally:
-                conn.close()
+    def __init__(self, engine: Engine, callers: int) -> None:
+        import threading
 
-    threads = [threading.Thread(target=caller, args=(w,), daemon=True) for w in waits]
-    for thread in threads:
-        thread.start()
-    start.wait()
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    time.sleep(duration)
-    end[0] = clock()
-    stop.set()
-    for thread in threads:
-        thread.join()
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    flat = [x for w in waits for x in w]
-    return _Round(len(flat), wall, cpu, flat)
+        self._n = callers
+        self._go = threading.Event()
+        self._parked = threading.Barrier(callers + 1, action=self._go.clear)
+        self._running = False
+        self._record = False
+        self._quit = False
+        self._end = math.inf
+        self._ops = [0] * callers
+        self._waits: list[list[float]] = [[] for _ in range(callers)]
+        self._error: BaseException | None = None
+        self._threads = [
+            threading.Thread(target=self._caller, args=(engine, i), daemon=True,
+                             name=f"poolguard-bench-caller-{i}")
+            for i in range(callers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _caller(self, engine: Engine, i: int) -> None:
+        import threading
+
+        stmt = sa.text("SELECT 1")
+        connect = engine.connect
+        clock = time.perf_counter
+        try:
+            while True:
+                self._go.wait()
+                if self._quit:
+                    return
+                n = 0
+                if self._record:
+                    add = self._waits[i].append
+                    while self._running:
+                        t0 = clock()
+                        conn = connect()
+                        t1, end = clock(), self._end
+                        # A wait still running when the run ended counts as
+                        # long as it had lasted then (not the drain after it);
+                        # one begun after the end is the drain's.
+                        if t0 < end:
+                            add(min(t1, end) - t0)
+                        try:
+                            conn.execute(stmt).scalar()
+                        finally:
+                            conn.close()
+                        n += 1
+                else:
+                    while self._running:
+                        conn = connect()
+                        try:
+                            conn.execute(stmt).scalar()
+                        finally:
+                            conn.close()
+                        n += 1
+                self._ops[i] = n
+                self._parked.wait()
+        except threading.BrokenBarrierError:
+            return
+        except Exception as exc:
+            self._error = exc
+            self._parked.abort()
+            raise
+
+    def run(self, seconds: float, *, record: bool = False) -> _Round:
+        """Release the callers for ``seconds``; return once all are parked again."""
+        import threading
+
+        if record:
+            for waits in self._waits:
+                waits.clear()
+        self._record, self._end, self._running = record, math.inf, True
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        self._go.set()
+        time.sleep(seconds)
+        self._end = time.perf_counter()
+        self._running = False
+        try:
+            self._parked.wait(_PARK_TIMEOUT)
+        except threading.BrokenBarrierError:
+            raise self._error or RuntimeError(
+                f"the callers did not park within {_PARK_TIMEOUT:g} s") from self._error
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        waits = [x for w in self._waits for x in w] if record else []
+        return _Round(sum(self._ops), wall, cpu, waits)
+
+    def close(self) -> None:
+        """Let every thread exit (from a run in progress, too) and join them."""
+        self._running = False
+        self._quit = True
+        self._parked.abort()
+        self._go.set()
+        for thread in self._threads:
+            thread.join()
 
 
-async def _task_round(engine: Any, callers: int, duration: float) -> _Round:
-    import asyncio
+class _TaskCallers:
+    """``callers`` asyncio tasks on one AsyncEngine, started once, parked between runs.
 
-    stmt = sa.text("SELECT 1")
-    stopped = False
-    waits: list[list[float]] = [[] for _ in range(callers)]
-    clock = time.perf_counter
-    end = math.inf  # when the round ended, once it has (as in _thread_round)
+    Each run has an ``asyncio.Event`` of its own: a run puts the next run's
+    event in place before it sets its own, so that a task woken late still
+    waits for the next one; the last task to park resolves ``_done``.
+    """
 
-    async def caller(mine: list[float]) -> None:
-        add = mine.append
-        while not stopped:
-            t0 = clock()
-            conn = await engine.connect()
-            add(min(clock(), end) - t0)
-            try:
-                await conn.execute(stmt)
-            finally:
-                await conn.close()
+    def __init__(self, engine: Any, callers: int) -> None:
+        import asyncio
 
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    tasks = [asyncio.ensure_future(caller(w)) for w in waits]
-    await asyncio.sleep(duration)
-    end = clock()
-    stopped = True
-    await asyncio.gather(*tasks)
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    flat = [x for w in waits for x in w]
-    return _Round(len(flat), wall, cpu, flat)
+        self._n = callers
+        self._go = asyncio.Event()
+        self._running = False
+        self._record = False
+        self._quit = False
+        self._end = math.inf
+        self._parked = 0
+        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._ops = [0] * callers
+        self._waits: list[list[float]] = [[] for _ in range(callers)]
+        self._tasks = [asyncio.ensure_future(self._caller(engine, i, self._go))
+                       for i in range(callers)]
+
+    async def _caller(self, engine: Any, i: int, go: Any) -> None:
+        stmt = sa.text("SELECT 1")
+        clock = time.perf_counter
+        try:
+            while True:
+                await go.wait()
+                if self._quit:
+                    return
+                go = self._go  # the next run's (in place before this one was set)
+                n = 0
+                if self._record:
+                    add = self._waits[i].append
+                    while self._running:
+                        t0 = clock()
+                        conn = await engine.connect()
+                        t1, end = clock(), self._end
+                        if t0 < end:  # as in _ThreadCallers
+                            add(min(t1, end) - t0)
+                        try:
+                            await conn.execute(stmt)
+                        finally:
+                            await conn.close()
+                        n += 1
+                else:
+                    while self._running:
+                        conn = await engine.connect()
+                        try:
+                            await conn.execute(stmt)
+                        finally:
+                            await conn.close()
+                        n += 1
+                self._ops[i] = n
+                self._parked += 1
+                if self._parked == self._n and not self._done.done():
+                    self._done.set_result(None)
+        except Exception as exc:
+            if not self._done.done():
+                self._done.set_exception(exc)
+            raise
+
+    async def run(self, seconds: float, *, record: bool = False) -> _Round:
+        """Release the tasks for ``seconds``; return once all are parked again."""
+        import asyncio
+
+        if record:
+            for waits in self._waits:
+                waits.clear()
+        self._record, self._end, self._running = record, math.inf, True
+        self._parked = 0
+        self._done = asyncio.get_running_loop().create_future()
+        go, self._go = self._go, asyncio.Event()
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        go.set()
+        await asyncio.sleep(seconds)
+        self._end = time.perf_counter()
+        self._running = False
+        await asyncio.wait_for(self._done, _PARK_TIMEOUT)
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        waits = [x for w in self._waits for x in w] if record else []
+        return _Round(sum(self._ops), wall, cpu, waits)
+
+    async def close(self) -> None:
+        """Let every task exit (from a run in progress, too) and gather them."""
+        import asyncio
+
+        self._running = False
+        self._quit = True
+        self._go.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What one case runs on each side: a warm-up slice, ``pairs`` ABBA pairs
+    of ``slice_s`` slices, then one continuous run of ``fair_s`` seconds."""
+
+    pairs: int
+    slice_s: float
+    fair_s: float
+
+    def slices(self) -> Iterator[str]:
+        """The sides of the measured slices in order: AB BA AB ..."""
+        for i in range(self.pairs):
+            yield from _SIDES if i % 2 == 0 else _SIDES[::-1]
+
+
+#: The default plan: 30 pairs of 0.1 s slices, 2 s continuous runs.
+CONTENTION_PLAN = _Plan(pairs=30, slice_s=0.1, fair_s=2.0)
+#: ``--quick``: a smoke run, not a measurement.
+_QUICK_PLAN = _Plan(pairs=3, slice_s=0.02, fair_s=0.05)
+
+
+@dataclasses.dataclass
+class _CaseRuns:
+    pairs: list[tuple[_Round, _Round]]
+    #: The continuous run of each side (plain, guarded).
+    fair: tuple[_Round, _Round]
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -411,16 +587,18 @@ def _spread(values: list[float]) -> float:
 
 
 def _contention_case(
-    rounds: list[tuple[_Round, _Round]], mode: str, callers: int, policy: bool
+    runs: _CaseRuns, mode: str, callers: int, policy: bool, aa: bool = False
 ) -> ContentionResult:
-    per_op = [(p.wall / max(p.ops, 1), g.wall / max(g.ops, 1)) for p, g in rounds]
+    pairs = runs.pairs
+    per_op = [(p.wall / max(p.ops, 1), g.wall / max(g.ops, 1)) for p, g in pairs]
     ratios = [g / p for p, g in per_op]
 
     def med(side: int, fn: Callable[[_Round], float]) -> float:
-        return statistics.median(fn(r[side]) for r in rounds)
+        return statistics.median(fn(r[side]) for r in pairs)
 
+    plain_fair, guarded_fair = runs.fair
     return ContentionResult(
-        mode=mode, callers=callers, policy=policy,
+        mode=mode, callers=callers, policy=policy, aa=aa,
         plain_us=statistics.median(p for p, _ in per_op) * 1e6,
         guarded_us=statistics.median(g for _, g in per_op) * 1e6,
         **_ratio_stats(ratios),
@@ -428,13 +606,13 @@ def _contention_case(
         guarded_cpu_us=med(1, lambda r: r.cpu / max(r.ops, 1)) * 1e6,
         plain_ops_s=med(0, lambda r: r.ops / r.wall),
         guarded_ops_s=med(1, lambda r: r.ops / r.wall),
-        plain_p99_wait_ms=med(0, lambda r: _quantile(r.waits, 0.99)) * 1e3,
-        guarded_p99_wait_ms=med(1, lambda r: _quantile(r.waits, 0.99)) * 1e3,
-        plain_max_wait_ms=max(max(r[0].waits, default=0.0) for r in rounds) * 1e3,
-        guarded_max_wait_ms=max(max(r[1].waits, default=0.0) for r in rounds) * 1e3,
-        plain_wait_cv=med(0, lambda r: _spread(r.waits)),
-        guarded_wait_cv=med(1, lambda r: _spread(r.waits)),
-        rounds=len(rounds),
+        plain_p99_wait_ms=_quantile(plain_fair.waits, 0.99) * 1e3,
+        guarded_p99_wait_ms=_quantile(guarded_fair.waits, 0.99) * 1e3,
+        plain_max_wait_ms=max(plain_fair.waits, default=0.0) * 1e3,
+        guarded_max_wait_ms=max(guarded_fair.waits, default=0.0) * 1e3,
+        plain_wait_cv=_spread(plain_fair.waits),
+        guarded_wait_cv=_spread(guarded_fair.waits),
+        rounds=len(pairs),
     )
 
 
@@ -443,97 +621,135 @@ def run_contention(
     callers: tuple[int, ...] = CONTENTION_CALLERS,
     modes: tuple[str, ...] = ("threads", "asyncio"),
     policies: tuple[bool, ...] = (False, True),
-    rounds: int = 5,
-    duration: float = 0.5,
+    rounds: int = CONTENTION_PLAN.pairs,
+    duration: float = CONTENTION_PLAN.slice_s,
+    fair_duration: float = CONTENTION_PLAN.fair_s,
     pool_size: int = 8,
     acquire_timeout: float = 30.0,
     quick: bool = False,
+    aa: bool = False,
 ) -> list[ContentionResult]:
     """Plain against guarded with ``callers`` sharing a ``pool_size`` pool.
 
-    One process, a SQLite file per engine pair; per case, ``rounds``
-    alternating rounds of ``duration`` seconds each side. ``quick``: two
-    caller counts, one short round (a smoke run, not a measurement).
+    One process, one SQLite file. Per case, each side's callers (threads or
+    tasks) are started once and parked between runs; after a warm-up slice
+    per side, ``rounds`` pairs of slices of ``duration`` seconds alternate
+    ABBA (the order flips every pair): the time per operation, CPU and
+    throughput, and the ratio (median and quartiles over the pairs), come
+    from these. Then one continuous run of ``fair_duration`` seconds per side
+    gives the waits (p99, longest, spread): short slices would hide a
+    starving caller, since every waiter is served in the drain at a slice's
+    end. ``aa`` adds the A/A self-check per mode and caller count: the guarded
+    side replaced by a second plain engine. ``quick``: two caller counts, 3
+    pairs of 0.02 s slices, 0.05 s continuous runs (a smoke run, not a
+    measurement).
     """
     if quick:
-        callers, rounds, duration = callers[:2], 1, 0.05
+        callers = callers[:2]
+    plan = _QUICK_PLAN if quick else _Plan(rounds, duration, fair_duration)
+    variants: list[tuple[bool, bool]] = [(policy, False) for policy in policies]
+    if aa:
+        variants.append((False, True))
     results = []
-    gc_was_enabled = gc.isenabled()
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{os.path.join(tmp, 'contention.db')}"
-        try:
-            for mode in modes:
-                for policy in policies:
-                    options = dict(CONTENTION_POLICY) if policy else {}
+        for mode in modes:
+            for policy, is_aa in variants:
+                options = None if is_aa else dict(CONTENTION_POLICY) if policy else {}
+                if options is not None:
                     options["acquire_timeout"] = acquire_timeout
-                    for n in callers:
-                        pairs = _contention_rounds(mode, url, n, pool_size, rounds, duration,
-                                                   options)
-                        results.append(_contention_case(pairs, mode, n, policy))
-        finally:
-            if gc_was_enabled:
-                gc.enable()
+                for n in callers:
+                    runs = _contention_rounds(mode, url, n, pool_size, plan, options)
+                    results.append(_contention_case(runs, mode, n, policy, is_aa))
     return results
 
 
 def _contention_rounds(
-    mode: str, url: str, callers: int, pool_size: int, rounds: int, duration: float,
-    options: dict[str, Any],
-) -> list[tuple[_Round, _Round]]:
-    pairs: list[tuple[_Round, _Round]] = []
-    if mode == "threads":
-        plain = sa.create_engine(url, pool_size=pool_size, max_overflow=0)
-        guarded = wrap(sa.create_engine(url, pool_size=pool_size, max_overflow=0), **options)
-        try:
-            _thread_round(plain, min(callers, 4), 0.02)  # warm up
-            _thread_round(guarded, min(callers, 4), 0.02)
-            for i in range(rounds):
-                got: dict[str, _Round] = {}
-                for side in _SIDES if i % 2 == 0 else _SIDES[::-1]:
-                    gc.collect()
-                    got[side] = _thread_round(plain if side == "plain" else guarded, callers,
-                                              duration)
-                pairs.append((got["plain"], got["guarded"]))
-        finally:
-            plain.dispose()
-            guarded.dispose()
-        return pairs
-    import asyncio
+    mode: str, url: str, callers: int, pool_size: int, plan: _Plan,
+    options: dict[str, Any] | None,
+) -> _CaseRuns:
+    """Run one case (``options`` None: the A/A check, two plain engines) and
+    leave nothing behind: callers exited, engines disposed, their threads joined."""
+    import threading
 
+    before = set(threading.enumerate())
+    try:
+        if mode == "threads":
+            return _thread_case(url, callers, pool_size, plan, options)
+        if mode == "asyncio":
+            import asyncio
+
+            return asyncio.run(_task_case(url, callers, pool_size, plan, options))
+        raise ValueError(f"unknown mode {mode!r}: threads or asyncio")
+    finally:
+        # aiosqlite's connection threads end just after their close returns.
+        for thread in set(threading.enumerate()) - before:
+            thread.join(10.0)
+
+
+def _thread_case(
+    url: str, callers: int, pool_size: int, plan: _Plan, options: dict[str, Any] | None
+) -> _CaseRuns:
+    plain = sa.create_engine(url, pool_size=pool_size, max_overflow=0)
+    other = sa.create_engine(url, pool_size=pool_size, max_overflow=0)
+    guarded = other if options is None else wrap(other, **options)
+    sides: dict[str, _ThreadCallers] = {}
+    try:
+        for side, engine in zip(_SIDES, (plain, guarded), strict=True):
+            sides[side] = _ThreadCallers(engine, callers)
+        for side in _SIDES:  # warm up: connections made, code paths hot
+            sides[side].run(plan.slice_s)
+        gc.collect()
+        got: dict[str, list[_Round]] = {side: [] for side in _SIDES}
+        for side in plan.slices():
+            got[side].append(sides[side].run(plan.slice_s))
+        fair = [sides[side].run(plan.fair_s, record=True) for side in _SIDES]
+    finally:
+        for callers_of_side in sides.values():
+            callers_of_side.close()
+        plain.dispose()
+        guarded.dispose()
+    return _CaseRuns(list(zip(got["plain"], got["guarded"], strict=True)), (fair[0], fair[1]))
+
+
+async def _task_case(
+    url: str, callers: int, pool_size: int, plan: _Plan, options: dict[str, Any] | None
+) -> _CaseRuns:
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    async def main() -> None:
-        aurl = url.replace("sqlite://", "sqlite+aiosqlite://", 1)
-        plain = create_async_engine(aurl, pool_size=pool_size, max_overflow=0)
-        guarded = wrap(create_async_engine(aurl, pool_size=pool_size, max_overflow=0), **options)
-        try:
-            await _task_round(plain, min(callers, 4), 0.02)
-            await _task_round(guarded, min(callers, 4), 0.02)
-            for i in range(rounds):
-                got: dict[str, _Round] = {}
-                for side in _SIDES if i % 2 == 0 else _SIDES[::-1]:
-                    gc.collect()
-                    got[side] = await _task_round(plain if side == "plain" else guarded,
-                                                  callers, duration)
-                pairs.append((got["plain"], got["guarded"]))
-        finally:
-            await plain.dispose()
-            await guarded.dispose()
-
-    asyncio.run(main())
-    return pairs
+    aurl = url.replace("sqlite://", "sqlite+aiosqlite://", 1)
+    plain = create_async_engine(aurl, pool_size=pool_size, max_overflow=0)
+    other = create_async_engine(aurl, pool_size=pool_size, max_overflow=0)
+    guarded = other if options is None else wrap(other, **options)
+    sides: dict[str, _TaskCallers] = {}
+    try:
+        for side, engine in zip(_SIDES, (plain, guarded), strict=True):
+            sides[side] = _TaskCallers(engine, callers)
+        for side in _SIDES:
+            await sides[side].run(plan.slice_s)
+        gc.collect()
+        got: dict[str, list[_Round]] = {side: [] for side in _SIDES}
+        for side in plan.slices():
+            got[side].append(await sides[side].run(plan.slice_s))
+        fair = [await sides[side].run(plan.fair_s, record=True) for side in _SIDES]
+    finally:
+        for callers_of_side in sides.values():
+            await callers_of_side.close()
+        await plain.dispose()
+        await guarded.dispose()
+    return _CaseRuns(list(zip(got["plain"], got["guarded"], strict=True)), (fair[0], fair[1]))
 
 
 def format_contention(results: list[ContentionResult]) -> str:
-    """The contention results as an aligned text table."""
+    """The contention results as an aligned text table (policy ``aa``: the A/A check)."""
     head = (
         f"{'mode':<8} {'callers':>7} {'policy':>6} {'plain us':>9} {'guarded us':>10} "
         f"{'ratio':>6} {'(p25-p75)':>13} {'cpu p/g us':>13} {'ops/s p/g':>13} "
         f"{'p99 wait ms p/g':>16} {'max wait ms p/g':>16} {'wait cv p/g':>12}"
     )
     rows = [
-        f"{r.mode:<8} {r.callers:>7} {'on' if r.policy else 'off':>6} {r.plain_us:>9.1f} "
-        f"{r.guarded_us:>10.1f} {r.ratio:>6.3f} "
+        f"{r.mode:<8} {r.callers:>7} {'aa' if r.aa else 'on' if r.policy else 'off':>6} "
+        f"{r.plain_us:>9.1f} {r.guarded_us:>10.1f} {r.ratio:>6.3f} "
         f"{f'{r.ratio_p25:.3f}-{r.ratio_p75:.3f}':>13} "
         f"{f'{r.plain_cpu_us:.0f}/{r.guarded_cpu_us:.0f}':>13} "
         f"{f'{r.plain_ops_s:.0f}/{r.guarded_ops_s:.0f}':>13} "
@@ -546,26 +762,45 @@ def format_contention(results: list[ContentionResult]) -> str:
 
 
 def contention_main(*, as_json: bool = False, quick: bool = False, **options: Any) -> int:
-    """``poolguard bench --hot-path --contention``: run and print (table or JSON)."""
+    """``poolguard bench --hot-path --contention``: run and print (table or JSON).
+
+    ``options`` go to :func:`run_contention` (``rounds``: pairs of slices,
+    ``duration``: seconds per slice, ``fair_duration``: seconds of the
+    continuous run per side, ``aa``: add the A/A check).
+    """
     results = run_contention(quick=quick, **options)
+    plan = _QUICK_PLAN if quick else _Plan(
+        options.get("rounds", CONTENTION_PLAN.pairs),
+        options.get("duration", CONTENTION_PLAN.slice_s),
+        options.get("fair_duration", CONTENTION_PLAN.fair_s),
+    )
     meta = {
         "python": sys.version.split()[0],
         "sqlalchemy": sa.__version__,
         "quick": quick,
         "database": "SQLite, a file in a temporary folder",
         "pool_size": options.get("pool_size", 8),
+        "pairs": plan.pairs,
+        "slice_s": plan.slice_s,
+        "fair_s": plan.fair_s,
     }
     if as_json:
         payload = {"command": "bench --hot-path --contention", "meta": meta,
                    "results": [dataclasses.asdict(r) for r in results]}
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return 0
+    aa_note = ("\npolicy aa: the A/A self-check, the guarded side a second plain engine (the "
+               "instrument's own bias;\nits ratio should be 1.00)."
+               if any(r.aa for r in results) else "")
     sys.stdout.write(
         f"poolguard bench --hot-path --contention: python {meta['python']}, sqlalchemy "
         f"{meta['sqlalchemy']}, pool of {meta['pool_size']}{' (quick)' if quick else ''}\n\n"
         f"{format_contention(results)}\n\n"
-        "Each caller: connect + SELECT 1 + close in a loop. ratio = guarded / plain time per "
-        "operation\n(median of alternating rounds); wait = the time connect() took; cv = its "
-        "spread (stdev / mean).\n"
+        "Each caller: connect + SELECT 1 + close in a loop; each side's callers persist for the "
+        "case, parked\nbetween runs. ratio = guarded / plain time per operation, median (and "
+        f"p25-p75) over {plan.pairs} ABBA pairs\nof {plan.slice_s:g} s slices; us, cpu and "
+        "ops/s: medians over the slices. p99 wait, max wait and cv come\nfrom one continuous "
+        f"{plan.fair_s:g} s run per side (short slices hide starvation): wait = the time "
+        f"connect()\ntook; cv = its spread (stdev / mean).{aa_note}\n"
     )
     return 0
