@@ -488,3 +488,104 @@ async def test_an_async_waiter_is_passed_over_only_within_the_bound(
     assert await asyncio.wait_for(waiter, 10.0) is True
     assert (gate.in_use, gate.waiting) == (1, 0)
     gate.release()
+
+
+def _handed_to_head(gate: Gate, waiter: Any) -> None:
+    """Release the permit held; it must go to ``waiter`` (the head) at once."""
+    with gate._lock:  # the waiter cannot run before the newcomer looks
+        gate.release()
+        assert waiter.granted  # handed over at the release, not woken to race for it
+        assert gate.in_use == 1
+        with pytest.raises(IndexError):
+            gate.take()  # a newcomer takes nothing without the lock...
+        assert gate.acquire(0, asyncio_mode=False) is False  # ...nor with it
+
+
+def _releases_until_handed(gate: Gate, waiter: Any, most: int) -> int | None:
+    """Release the permit held, up to ``most`` times; each time the head is
+    not handed it, a running caller takes it back first (the head, woken to
+    take it, parks again). How many releases it took, or None."""
+    for n in range(1, most + 1):
+        with gate._lock:
+            gate.release()
+            if waiter.granted:
+                assert gate.in_use == 1
+                return n
+            gate.take()
+        deadline = threading.Event()
+        while gate.signalled is not None and not deadline.wait(0.001):
+            pass
+    return None
+
+
+def _queue_a_second_waiter(gate: Gate, results: list[bool], n: int) -> threading.Thread:
+    thread = threading.Thread(
+        target=lambda: results.append(gate.acquire(10.0, asyncio_mode=False)), daemon=True
+    )
+    thread.start()
+    deadline = threading.Event()
+    while gate.waiting < n and thread.is_alive() and not deadline.wait(0.001):
+        pass
+    assert gate.waiting == n
+    return thread
+
+
+@pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "policy"])
+def test_once_a_waiter_is_owed_the_queue_keeps_moving_at_a_share_of_the_releases(
+    policy: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: only the waiter passed over past the bound was owed the
+    # next permit; the one behind it was woken to race running callers again,
+    # and owed nothing until passed over for another bound. The queue moved
+    # one waiter per bound at best (at 256 threads on 8 connections some
+    # waited out a whole 5 s run). Now the first owed hand-off puts the gate
+    # in hand-off mode: one release in handoff_every goes to the head.
+    gate, now, first, results = _barging(policy, monkeypatch)
+    gate.handoff_every = 4
+    _pass_over(gate)  # the head, first woken at 1000.0, passed over
+    others = [_queue_a_second_waiter(gate, results, n) for n in (2, 3)]
+    now[0] += 0.006  # past the bound: the head is owed the next permit
+    queued = list(gate.waiters)
+    _handed_to_head(gate, queued[0])
+    first.join(10.0)
+    # The clock stands still from here: nobody else is ever passed over past
+    # the bound, yet each next waiter gets a permit within handoff_every
+    # releases, in order, while running callers take the others.
+    for waiter, thread in zip(queued[1:], others, strict=True):
+        took = _releases_until_handed(gate, waiter, gate.handoff_every)
+        assert took is not None
+        thread.join(10.0)
+    assert results == [True, True, True]
+    assert (gate.in_use, gate.waiting) == (1, 0)
+    assert not gate.handing_off  # the queue is empty: barging as before
+    assert gate.take == gate._take_token
+    gate.release()
+    assert gate.in_use == 0
+
+
+@pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "policy"])
+def test_hand_off_mode_ends_once_a_waiter_is_served_within_the_bound(
+    policy: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate, now, first, results = _barging(policy, monkeypatch)
+    _pass_over(gate)
+    now[0] += 0.006
+    # Two more arrive now: they will have waited less than the bound.
+    second = _queue_a_second_waiter(gate, results, 2)
+    third = _queue_a_second_waiter(gate, results, 3)
+    queued = list(gate.waiters)
+    _handed_to_head(gate, queued[0])  # waited 6 ms: still hand-off mode
+    first.join(10.0)
+    assert gate.handing_off
+    assert _releases_until_handed(gate, queued[1], gate.handoff_every) is not None
+    second.join(10.0)
+    # Served 0 ms after it came: the queue moves, hand-off mode ends although
+    # the third still waits: running callers may pass it (within the bound).
+    assert not gate.handing_off
+    assert _releases_until_handed(gate, queued[2], 3 * gate.handoff_every) is None
+    assert not queued[2].handoff
+    gate.release()  # a permit nobody takes: the third is woken and takes it
+    third.join(10.0)
+    assert results == [True, True, True]
+    gate.release()
+    assert (gate.in_use, gate.waiting) == (0, 0)

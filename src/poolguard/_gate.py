@@ -23,11 +23,19 @@ first, as in SQLAlchemy's own queue (barging). Barging is bounded, as in
 Go's ``sync.Mutex``: a woken waiter that lost that race parks again at the
 head of the line, and once ``Gate.barge_bound`` has passed since it was
 first woken, it is owed the next permit, which is handed to it directly
-(nobody takes a permit ahead of it then). So each waiter is passed over for
-at most that long once it is first in line. With a policy on, waiters
-queue by priority (one lane each), only newcomers of the woken waiter's
-priority or better may pass it, and while nobody waits a policy of bounded
-queues only takes permits without the lock.
+(nobody takes a permit ahead of it then). From then on the gate is in
+hand-off mode, until the queue is empty or a waiter is served within the
+bound of its arrival: besides any owed hand-off, one release in
+``Gate.handoff_every`` hands its permit to the head of the queue, whoever
+it is. So the queue moves at a share of the pool's pace, not one waiter per
+bound (a queue of 250 took seconds), while running callers still take most
+permits (a permit handed to a parked thread idles until the thread gets the
+GIL: handing every one over, as Go's starvation mode does, cut throughput
+by half at 256 threads). Each waiter is passed over for at most the bound
+once it is first in line, and waits for those ahead of it at that share of
+the pace. With a policy on, waiters queue by priority (one lane each), only
+newcomers of the woken waiter's priority or better may pass it, and while
+nobody waits a policy of bounded queues only takes permits without the lock.
 
 The caller keeps track of which permits it holds (the pool marks each
 checked-out record with its permit and pops the mark to release it, so each
@@ -141,7 +149,7 @@ class _Waiter:
     """
 
     __slots__ = ("deadline", "event", "first_signal", "future", "granted", "handoff", "loop",
-                 "priority", "queued", "since", "tag", "tagged", "woken")
+                 "priority", "queued", "queued_at", "since", "tag", "tagged", "woken")
 
     def __init__(self, priority: str = NORMAL, tag: str | None = None, since: float = 0.0) -> None:
         self.granted = False
@@ -157,6 +165,9 @@ class _Waiter:
         #: When (``time.monotonic()``) it was first woken to take a free permit
         #: itself: the bound on barging counts from there.
         self.first_signal = math.inf
+        #: When (``time.monotonic()``) it joined the queue: a hand-off to a
+        #: waiter that waited less than the bound ends the hand-off mode.
+        self.queued_at = math.inf
         self.priority = priority
         self.tag = tag
         self.since = since
@@ -227,6 +238,9 @@ class Gate:
     #: checkout), short against a checkout's timeout (benchmarks/
     #: bench_contention.py measured 1, 5 and 20 ms).
     barge_bound = 0.005
+    #: In hand-off mode, one dispatch in this many hands a permit to the head
+    #: of the queue (see the module docstring).
+    handoff_every = 4
 
     def __init__(
         self,
@@ -261,12 +275,20 @@ class Gate:
         #: policy): one at a time, so a release wakes nobody in vain. While
         #: set without a policy, it is the head and owed nothing, so a
         #: release's dispatch would do nothing: the pool's checkin and
-        #: :meth:`returned` skip it (no lock). Whoever clears it looks at the
-        #: free permits afterwards and passes the wake-up on.
+        #: :meth:`returned` skip it (no lock), except in hand-off mode.
+        #: Whoever clears it looks at the free permits afterwards and passes
+        #: the wake-up on.
         self.signalled: _Waiter | None = None
         #: Queued waiters owed a hand-off (they lost a race once), by
         #: priority; newcomers of that priority or worse queue behind them.
         self._owed: dict[str, int] = {}
+        #: Hand-off mode (see the module docstring): set when a waiter is
+        #: first owed a hand-off, cleared when the queue empties or a waiter
+        #: served had waited less than the bound. While set, every release
+        #: dispatches (even while a waiter is signalled) and one dispatch in
+        #: ``handoff_every`` hands a permit to the head (``_turns`` counts).
+        self.handing_off = False
+        self._turns = 0
         #: Connection records out under a permit of this gate, to their holds.
         self.out: dict[object, Any] = {}
         #: Checkouts in their pre-ping (not in ``out`` yet): DBAPI connection
@@ -377,6 +399,7 @@ class Gate:
             waiter.queued = False
             if not self.waiters:
                 self._owed.clear()
+                self.handing_off = False
         if waiter.handoff:
             # As in _abandon: the count, then the flag, with no call between.
             owed, mine = self._owed, waiter.priority
@@ -574,7 +597,8 @@ class Gate:
         next(self._released)
         if self.policy_checkin:
             self.untag(tag)
-        if self.waiters and (self.signalled is None or self.admission is not None):
+        if self.waiters and (self.signalled is None or self.admission is not None
+                             or self.handing_off):
             self.wake()
 
     def returned(self) -> None:
@@ -585,8 +609,9 @@ class Gate:
         """
         next(self._released)
         # No dispatch (no lock) while a waiter is signalled without a policy
-        # (see ``signalled``).
-        if self.waiters and (self.signalled is None or self.admission is not None):
+        # (see ``signalled``), unless in hand-off mode (its turns count releases).
+        if self.waiters and (self.signalled is None or self.admission is not None
+                             or self.handing_off):
             self.wake()
 
     def wake(self) -> None:
@@ -618,7 +643,8 @@ class Gate:
         while waiters:
             waiter = waiters[0]
             if not waiter.granted:
-                if not waiter.handoff and not self._overdue(waiter):
+                if not (waiter.handoff or self._overdue(waiter)
+                        or (self.handing_off and self._tokens and self._handoff_turn())):
                     if self.signalled is None and self._tokens:
                         self._signal(waiter)
                     return
@@ -634,6 +660,10 @@ class Gate:
             if waiters and waiters[0] is waiter:
                 waiters.popleft()
                 waiter.queued = False
+                if self.signalled is waiter:  # handed the permit it was woken to race for
+                    self.signalled = None
+                if not waiters:
+                    self.handing_off = False
 
     def _signal(self, waiter: _Waiter) -> None:
         # In a section: wake ``waiter`` to take a free permit itself. An
@@ -711,7 +741,7 @@ class Gate:
                     signalled is None
                     or signalled is best
                     or _RANK[signalled.priority] <= _RANK[best.priority]
-                ) and not self._overdue(best):
+                ) and not self._overdue(best) and not (self.handing_off and self._handoff_turn()):
                     # Woken to take the permit itself, one waiter at a time:
                     # a running caller of its priority or better may take it
                     # first (no convoy), for up to barge_bound; past it, it
@@ -742,8 +772,18 @@ class Gate:
         owed, mine = self._owed, waiter.priority
         owed[mine] = (owed[mine] if mine in owed else 0) + 1  # noqa: SIM401 - no call
         waiter.handoff = True
+        self.handing_off = True  # hand-off mode (see the module docstring)
         if self._fast_policy:
             self._set_take()  # owed first: no lock-free take now
+        return True
+
+    def _handoff_turn(self) -> bool:
+        # In a section, in hand-off mode: this dispatch hands a permit to the
+        # head (one in handoff_every).
+        self._turns += 1
+        if self._turns < self.handoff_every:
+            return False
+        self._turns = 0
         return True
 
     def _owed_at_or_above(self, priority: str) -> bool:
@@ -943,6 +983,7 @@ class Gate:
                 # A standing queue: don't wait behind it for long.
                 timeout = codel.slough_timeout
             if timeout > 0:
+                waiter.queued_at = _monotonic()
                 waiter.queued = True
                 self.waiters.append(waiter)
                 self._lane[waiter.priority].append(waiter)
@@ -950,6 +991,7 @@ class Gate:
             return timeout
         # Queue first, then try again: a release between our failed take and
         # now either left its token for this take or sees us queued.
+        waiter.queued_at = _monotonic()
         waiter.queued = True
         self.waiters.append(waiter)
         waiter.granted = True  # true once the take below returns
@@ -1117,6 +1159,10 @@ class Gate:
                 if self.waiters and self._tokens:  # pass the wake-up on
                     self._rewake = True
                 if waiter.granted:
+                    if self.handing_off and _monotonic() - waiter.queued_at < self.barge_bound:
+                        # Served soon after it came: the queue moves (the
+                        # empty queue ends it in _dequeue).
+                        self.handing_off = False
                     if self.signalled is None and not self.waiters and codel is not None:
                         codel.on_empty(self._clock())  # took the last queued permit itself
                     return True

@@ -216,7 +216,8 @@ class GuardedPoolMixin(Pool):
             held = perf_counter() - hold[T0]
             if gate.policy_checkin:  # tag bulkheads, adaptive limit
                 gate.on_checkin(hold[REQUEST], held)
-            if gate.waiters and (gate.signalled is None or gate.admission is not None):
+            if gate.waiters and (gate.signalled is None or gate.admission is not None
+                                 or gate.handing_off):
                 gate.wake()  # not while a waiter is signalled (see Gate.signalled)
             recorder = self._poolguard_hooks.recorder
             buf = recorder.export_use
