@@ -365,15 +365,16 @@ async def test_an_asyncio_waiter_is_not_woken_for_a_permit_a_running_task_retake
 # -- bounded barging ------------------------------------------------------------------
 
 
-def _queue_a_thread_waiter(gate: Gate, results: list[bool]) -> threading.Thread:
+def _queue_a_thread_waiter(gate: Gate, results: list[bool], n: int = 1) -> threading.Thread:
+    """Queue a thread for a permit, the ``n``-th waiter in line."""
     thread = threading.Thread(
         target=lambda: results.append(gate.acquire(10.0, asyncio_mode=False)), daemon=True
     )
     thread.start()
     deadline = threading.Event()
-    while gate.waiting == 0 and thread.is_alive() and not deadline.wait(0.001):
+    while gate.waiting < n and thread.is_alive() and not deadline.wait(0.001):
         pass
-    assert gate.waiting == 1
+    assert gate.waiting == n
     return thread
 
 
@@ -518,18 +519,6 @@ def _releases_until_handed(gate: Gate, waiter: Any, most: int) -> int | None:
     return None
 
 
-def _queue_a_second_waiter(gate: Gate, results: list[bool], n: int) -> threading.Thread:
-    thread = threading.Thread(
-        target=lambda: results.append(gate.acquire(10.0, asyncio_mode=False)), daemon=True
-    )
-    thread.start()
-    deadline = threading.Event()
-    while gate.waiting < n and thread.is_alive() and not deadline.wait(0.001):
-        pass
-    assert gate.waiting == n
-    return thread
-
-
 @pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "policy"])
 def test_once_a_waiter_is_owed_the_queue_keeps_moving_at_a_share_of_the_releases(
     policy: bool, monkeypatch: pytest.MonkeyPatch
@@ -543,7 +532,7 @@ def test_once_a_waiter_is_owed_the_queue_keeps_moving_at_a_share_of_the_releases
     gate, now, first, results = _barging(policy, monkeypatch)
     gate.handoff_every = 4
     _pass_over(gate)  # the head, first woken at 1000.0, passed over
-    others = [_queue_a_second_waiter(gate, results, n) for n in (2, 3)]
+    others = [_queue_a_thread_waiter(gate, results, n) for n in (2, 3)]
     now[0] += 0.006  # past the bound: the head is owed the next permit
     queued = list(gate.waiters)
     _handed_to_head(gate, queued[0])
@@ -571,8 +560,8 @@ def test_hand_off_mode_ends_once_a_waiter_is_served_within_the_bound(
     _pass_over(gate)
     now[0] += 0.006
     # Two more arrive now: they will have waited less than the bound.
-    second = _queue_a_second_waiter(gate, results, 2)
-    third = _queue_a_second_waiter(gate, results, 3)
+    second = _queue_a_thread_waiter(gate, results, 2)
+    third = _queue_a_thread_waiter(gate, results, 3)
     queued = list(gate.waiters)
     _handed_to_head(gate, queued[0])  # waited 6 ms: still hand-off mode
     first.join(10.0)
