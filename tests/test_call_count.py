@@ -28,12 +28,12 @@ if TYPE_CHECKING:
 # Calls the guard adds to a checkout/checkin cycle, as cProfile counts them:
 # the C calls deque.pop (take a permit), deque.append (give it back),
 # ContextVar.get (the request), get_ident (the holder's thread), two
-# perf_counter (use time), bisect_left (its histogram bucket) and dict.pop
-# (the record leaves Gate.out: one C call costs fewer instructions than the
-# membership test, item read and delete it replaced). No Python call:
-# GuardedPoolMixin.connect and ._return_conn replace Pool.connect and
-# Pool._return_conn, which only call the next step.
-GUARD_EXTRA_CALLS = 8
+# perf_counter (use time) and bisect_left (its histogram bucket). No Python
+# call: GuardedPoolMixin.connect and ._return_conn replace Pool.connect and
+# Pool._return_conn, which only call the next step. The record leaves
+# Gate.out by item read and delete (no call: see _return_conn on why not
+# dict.pop).
+GUARD_EXTRA_CALLS = 7
 
 # Calls it adds to one statement: QueryTimer's wrapper, two perf_counter,
 # one dict.get for the holder and one for the statement's stats row, and

@@ -901,3 +901,74 @@ def test_a_give_back_interrupted_again_and_again_on_the_lock_gives_the_permit_ba
     assert not waiter.granted
     assert gate.in_use == 0
     assert gate.acquire(0, asyncio_mode=False)
+
+
+def test_an_interrupt_anywhere_in_a_checkin_keeps_permits_and_records_in_step(
+    sqlite_url: str,
+) -> None:
+    # A checkin, with an interrupt at each of its points in turn: whatever it
+    # cut short, the gate's permits and its records agree. Regression: the
+    # record left Gate.out by dict.pop() outside the try that gives the
+    # permit back; an interrupt at the end of that C call kept the permit
+    # with no record (the holders report, culprit scan and critical reserve
+    # read ``out``).
+    n = 1
+    while True:
+        engine = poolguard.wrap(sa.create_engine(sqlite_url, pool_size=2, max_overflow=0))
+        gate = poolguard.get_guard(engine).gate
+        conn = engine.raw_connection()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a connection dropped by the interrupt
+            with _InterruptAt(n) as fault, contextlib.suppress(Interrupted):
+                conn.close()
+            del conn
+            gc.collect()
+        assert gate.in_use == len(gate.out), f"interrupt at point {n}"
+        engine.dispose()
+        if not fault.fired:
+            break
+        n += 1
+    assert n > 10  # the checkin has that many points, at least
+
+
+@pytest.mark.timing
+def test_an_interrupt_as_the_queue_empties_leaves_no_hand_off_mode_behind() -> None:
+    # Regression: the empty queue cleared the owed counts (a C call) before
+    # leaving hand-off mode; an interrupt at the end of that call left the
+    # mode on with nobody queued (the undo finds the waiter already out).
+    gate = Gate(1)
+    gate.barge_bound = 0.0  # owed as soon as it is passed over once
+    assert gate.acquire(0, asyncio_mode=False)
+    owed: list[bool] = []
+
+    def pass_over() -> None:
+        wait_until(lambda: gate.waiting == 1, "the waiter to queue")
+        with gate._lock:  # the release wakes the waiter; a running caller takes it first
+            gate.release()
+            gate.take()
+        wait_until(lambda: gate.handing_off, "the waiter to be owed")
+        owed.append(True)
+
+    fired: list[bool] = []
+
+    def profile(frame: FrameType, event: str, arg: object) -> None:
+        if (event == "c_return" and frame.f_code.co_name == "_dequeue"
+                and getattr(arg, "__name__", "") == "clear"):
+            sys.setprofile(None)
+            fired.append(True)
+            raise Interrupted
+
+    thread = threading.Thread(target=pass_over, daemon=True)
+    thread.start()
+    sys.setprofile(profile)
+    try:
+        with contextlib.suppress(Interrupted):
+            gate.acquire(1.0, asyncio_mode=False)  # passed over, owed, then times out
+    finally:
+        sys.setprofile(None)
+    thread.join(SAFETY_TIMEOUT)
+    assert owed == [True]
+    assert fired == [True]
+    assert gate.waiting == 0
+    assert not gate.handing_off
+    assert gate.in_use == 1

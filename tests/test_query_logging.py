@@ -584,3 +584,25 @@ def test_no_explain_unless_asked(
         conn.execute(sa.text("SELECT 1")).all()
     assert named(debug_events, "query.slow") != []
     assert named(debug_events, "query.explain") == []
+
+
+def test_the_statement_timer_hands_the_dialect_the_context_it_was_given(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: a context whose connection the timer could not look up
+    # (here: none behind it) reached the dialect as None.
+    import types
+
+    engine = sa.create_engine(sqlite_url)
+    seen: list[object] = []
+    monkeypatch.setattr(type(engine.dialect), "do_execute",
+                        lambda self, cursor, statement, parameters, context=None:
+                        seen.append(context))
+    engine = poolguard.wrap(engine)
+    context = types.SimpleNamespace(root_connection=types.SimpleNamespace(_dbapi_connection=None))
+    raw = engine.raw_connection()
+    try:
+        engine.dialect.do_execute(raw.cursor(), "SELECT 1", (), context)
+    finally:
+        raw.close()
+    assert seen == [context]

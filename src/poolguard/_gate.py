@@ -398,8 +398,10 @@ class Gate:
                 pass
             waiter.queued = False
             if not self.waiters:
-                self._owed.clear()
+                # The store first, the C call last: an interrupt after
+                # clear() must not leave hand-off mode on for an empty queue.
                 self.handing_off = False
+                self._owed.clear()
         if waiter.handoff:
             # As in _abandon: the count, then the flag, with no call between.
             owed, mine = self._owed, waiter.priority

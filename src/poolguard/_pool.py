@@ -197,14 +197,18 @@ class GuardedPoolMixin(Pool):
         # Pool._return_conn only calls _do_return_conn: replaced by it, a
         # checkin costs no more Python frames than a plain one.
         gate = self._poolguard_gate
-        # Out of ``out`` before the record is back in the pool (the hand-over
-        # point): a checkout that pops it from the pool's queue must not find
-        # it still out, as a nested checkout. One C call (pop), then the call
-        # in the try: no interrupt can land between them.
-        hold: Hold | None
-        if gate is None or (hold := gate.out.pop(record, None)) is None:
+        if gate is None or record not in gate.out:
             self._poolguard_return(self, record)
             return
+        out = gate.out
+        # Out of ``out`` before the record is back in the pool (the hand-over
+        # point): a checkout that pops it from the pool's queue must not find
+        # it still out, as a nested checkout. An item read and a delete, then
+        # the call in the try: no interrupt can land between them. Not
+        # dict.pop(): a signal handler may run at the end of that C call,
+        # with the record gone from ``out`` and its permit never given back.
+        hold: Hold = out[record]
+        del out[record]
         try:
             self._poolguard_return(self, record)
         finally:

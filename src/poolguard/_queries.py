@@ -281,7 +281,7 @@ class QueryTimer:
                 dbapi_connection = context.root_connection._dbapi_connection  # sqla-private
                 hold = out.get(dbapi_connection._connection_record)  # sqla-private
             except AttributeError:  # no context, or not pooled
-                context = hold = None
+                hold = None  # the context still goes to the dialect as it came
             send, armed = statement, None
             if culprits.shapes is not None:  # some shape is isolated: is it this one?
                 culprits.check_statement((stats.get(statement) or new_stat(statement)).fp.id,
