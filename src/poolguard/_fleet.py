@@ -273,7 +273,6 @@ class Fleet:
         self._config = parts.config
         # The engine's URL (None: not attached).
         self._url: Callable[[], Any] = lambda: guard._engine.url if guard._engine else None
-        self._pooler: Callable[[], Any] = lambda: guard.pooler
         #: The guard's pooler detection (``PoolerErrors``; None before it has one).
         self.pooler: Callable[[], Any] = lambda: getattr(guard, "pooler", None)
         #: The fair share of server connections per tag.
@@ -346,7 +345,7 @@ class Fleet:
     def sample(self, now: float) -> None:
         """With the scan's samples: the fair share's caps."""
         stats = self.pgbouncer()
-        pooler = self._pooler()
+        pooler = self.pooler()
         if stats is not None:
             mode, pool_size = stats.pool_mode, stats.pool_size
         else:
