@@ -553,6 +553,37 @@ def test_once_a_waiter_is_owed_the_queue_keeps_moving_at_a_share_of_the_releases
 
 
 @pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "policy"])
+def test_in_hand_off_mode_a_head_past_half_its_timeout_is_handed_the_next_permit(
+    policy: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: in hand-off mode the head was handed one permit in
+    # handoff_every whatever its timeout, so a pace too slow for a short
+    # timeout timed waiters out behind running callers. A head that has used
+    # half of its time to wait (10 s here) now gets the next permit.
+    gate, now, first, results = _barging(policy, monkeypatch)
+    _pass_over(gate)
+    second = _queue_a_thread_waiter(gate, results, 2)
+    now[0] += 0.006  # past the bound: the head is owed, hand-off mode
+    queued = list(gate.waiters)
+    _handed_to_head(gate, queued[0])
+    first.join(10.0)
+    assert gate.handing_off
+    # From here only the timeout can make it the second's turn: no turns, and
+    # it is never owed (however long it is passed over).
+    gate.handoff_every = 10**9
+    gate.barge_bound = 10**9
+    assert _releases_until_handed(gate, queued[1], 8) is None  # running callers pass it
+    now[0] += 4.9  # it came at 1000.0: 4.906 s waited, short of half its 10 s
+    assert _releases_until_handed(gate, queued[1], 8) is None
+    now[0] += 0.1  # 5.006 s: past half
+    assert _releases_until_handed(gate, queued[1], 1) == 1
+    second.join(10.0)
+    assert results == [True, True]
+    gate.release()
+    assert (gate.in_use, gate.waiting) == (0, 0)
+
+
+@pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "policy"])
 def test_hand_off_mode_ends_once_a_waiter_is_served_within_the_bound(
     policy: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:

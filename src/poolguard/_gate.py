@@ -33,9 +33,12 @@ permits (a permit handed to a parked thread idles until the thread gets the
 GIL: handing every one over, as Go's starvation mode does, cut throughput
 by half at 256 threads). Each waiter is passed over for at most the bound
 once it is first in line, and waits for those ahead of it at that share of
-the pace. With a policy on, waiters queue by priority (one lane each), only
-newcomers of the woken waiter's priority or better may pass it, and while
-nobody waits a policy of bounded queues only takes permits without the lock.
+the pace; a head waiter that has used half of its timeout is handed every
+permit until it has one (``URGENT_SHARE``), so a pace too slow for a short
+timeout speeds up instead of timing callers out. With a policy on,
+waiters queue by priority (one lane each), only newcomers of the woken
+waiter's priority or better may pass it, and while nobody waits a policy of
+bounded queues only takes permits without the lock.
 
 The caller keeps track of which permits it holds (the pool marks each
 checked-out record with its permit and pops the mark to release it, so each
@@ -98,6 +101,13 @@ _RANK: dict[str, int] = {p: rank(p) for p in PRIORITIES}
 #: (injected, scripted in tests: its readings are the waits it reports).
 _monotonic = time.monotonic
 
+#: In hand-off mode, a head waiter that has waited this share of its timeout
+#: is handed every permit until it has one: the mode's usual pace (one permit
+#: in ``Gate.handoff_every``) keeps the queue moving, this keeps a waiter from
+#: timing out behind running callers when the pace is too slow for its
+#: timeout (a short timeout, a long queue).
+URGENT_SHARE = 0.5
+
 
 def _zero() -> int:
     return 0
@@ -149,7 +159,8 @@ class _Waiter:
     """
 
     __slots__ = ("deadline", "event", "first_signal", "future", "granted", "handoff", "loop",
-                 "priority", "queued", "queued_at", "since", "tag", "tagged", "woken")
+                 "priority", "queued", "queued_at", "since", "tag", "tagged", "urgent_at",
+                 "woken")
 
     def __init__(self, priority: str = NORMAL, tag: str | None = None, since: float = 0.0) -> None:
         self.granted = False
@@ -168,6 +179,9 @@ class _Waiter:
         #: When (``time.monotonic()``) it joined the queue: a hand-off to a
         #: waiter that waited less than the bound ends the hand-off mode.
         self.queued_at = math.inf
+        #: When (``time.monotonic()``) half of its time to wait has gone: at
+        #: the head from then on, hand-off mode hands it every permit.
+        self.urgent_at = math.inf
         self.priority = priority
         self.tag = tag
         self.since = since
@@ -239,8 +253,11 @@ class Gate:
     #: bench_contention.py measured 1, 5 and 20 ms).
     barge_bound = 0.005
     #: In hand-off mode, one dispatch in this many hands a permit to the head
-    #: of the queue (see the module docstring).
-    handoff_every = 4
+    #: of the queue (see the module docstring). 16: each hand-off idles its
+    #: permit until the parked caller runs, which on some machines costs
+    #: 20% of the throughput at 4 (benchmarks/bench_contention.py); a head
+    #: waiter close to its timeout gets every permit (URGENT_SHARE).
+    handoff_every = 16
 
     def __init__(
         self,
@@ -646,7 +663,7 @@ class Gate:
             waiter = waiters[0]
             if not waiter.granted:
                 if not (waiter.handoff or self._overdue(waiter)
-                        or (self.handing_off and self._tokens and self._handoff_turn())):
+                        or (self.handing_off and self._tokens and self._handoff_turn(waiter))):
                     if self.signalled is None and self._tokens:
                         self._signal(waiter)
                     return
@@ -743,7 +760,9 @@ class Gate:
                     signalled is None
                     or signalled is best
                     or _RANK[signalled.priority] <= _RANK[best.priority]
-                ) and not self._overdue(best) and not (self.handing_off and self._handoff_turn()):
+                ) and not self._overdue(best) and not (
+                    self.handing_off and self._handoff_turn(best)
+                ):
                     # Woken to take the permit itself, one waiter at a time:
                     # a running caller of its priority or better may take it
                     # first (no convoy), for up to barge_bound; past it, it
@@ -779,11 +798,12 @@ class Gate:
             self._set_take()  # owed first: no lock-free take now
         return True
 
-    def _handoff_turn(self) -> bool:
+    def _handoff_turn(self, head: _Waiter) -> bool:
         # In a section, in hand-off mode: this dispatch hands a permit to the
-        # head (one in handoff_every).
+        # head (one in handoff_every, or every one while the head has used
+        # up half of its time to wait).
         self._turns += 1
-        if self._turns < self.handoff_every:
+        if self._turns < self.handoff_every and _monotonic() < head.urgent_at:
             return False
         self._turns = 0
         return True
@@ -986,6 +1006,7 @@ class Gate:
                 timeout = codel.slough_timeout
             if timeout > 0:
                 waiter.queued_at = _monotonic()
+                waiter.urgent_at = waiter.queued_at + timeout * URGENT_SHARE
                 waiter.queued = True
                 self.waiters.append(waiter)
                 self._lane[waiter.priority].append(waiter)
@@ -994,6 +1015,7 @@ class Gate:
         # Queue first, then try again: a release between our failed take and
         # now either left its token for this take or sees us queued.
         waiter.queued_at = _monotonic()
+        waiter.urgent_at = waiter.queued_at + timeout * URGENT_SHARE
         waiter.queued = True
         self.waiters.append(waiter)
         waiter.granted = True  # true once the take below returns
