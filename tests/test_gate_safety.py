@@ -473,6 +473,58 @@ def test_an_exception_right_after_a_permit_moves_loses_no_permit(
     assert gate.in_use == 2
 
 
+def test_an_interrupt_inside_the_wake_of_an_async_waiter_loses_no_wake_up() -> None:
+    # Regression: waking an asyncio waiter from another thread set its
+    # ``woken`` flag, then scheduled the wake-up; an interrupt at the end of
+    # a call in between (here the look at the running loop) left the flag up
+    # and nothing scheduled. The next dispatch woke it "again" (nothing, the
+    # flag was up) and dequeued it: granted, never woken, and out of its
+    # loop's sweep, so not even its own timeout ended the wait. It waited for
+    # good, holding the permit.
+    from sqlalchemy.util import greenlet_spawn
+
+    gate = Gate(1)  # no policy: the next dispatch dequeues a granted head it wakes
+    assert gate.acquire(0, asyncio_mode=False)
+    results: list[object] = []
+
+    async def wait() -> None:
+        task = asyncio.ensure_future(greenlet_spawn(gate.acquire, 0.5, asyncio_mode=True))
+        try:
+            results.append(await asyncio.wait_for(task, SAFETY_TIMEOUT))
+        except BaseException as exc:  # reported in results
+            results.append(exc)
+
+    loop_thread = threading.Thread(target=lambda: asyncio.run(wait()), daemon=True)
+    loop_thread.start()
+    wait_until(lambda: gate.waiting == 1, "the async waiter to queue")
+    waiter = gate.waiters[0]
+    waiter.handoff = True  # owed: the release hands it the permit (from this thread)
+    fired: list[bool] = []
+
+    def profile(frame: FrameType, event: str, arg: object) -> None:
+        if (event == "c_return" and frame.f_code.co_name == "wake"
+                and "/poolguard/" in frame.f_code.co_filename):
+            sys.setprofile(None)
+            fired.append(True)
+            raise Interrupted
+
+    sys.setprofile(profile)
+    try:
+        with contextlib.suppress(Interrupted):
+            gate.release()
+    finally:
+        sys.setprofile(None)
+    assert fired == [True]
+    assert waiter.granted  # the permit moved; its wake-up was cut short
+    gate.wake()  # a later release's dispatch finishes it
+    loop_thread.join(2.0)  # four times its timeout
+    assert results == [True]
+    assert gate.waiting == 0
+    assert gate.in_use == 1
+    gate.release()
+    assert gate.in_use == 0
+
+
 class _TokensWithFaultyPop:
     def __init__(self, tokens: Any, pop: Callable[[], Any]) -> None:
         self._tokens, self.pop = tokens, pop

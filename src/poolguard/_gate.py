@@ -202,7 +202,12 @@ class _Waiter:
 
     def wake(self) -> None:
         # Once only: an interrupted dispatch may wake the same waiter again.
-        if self.woken:
+        # An asyncio waiter's flag can be up with no wake-up scheduled (an
+        # interrupt at the end of a call below, after the store): while its
+        # future is pending, it is woken again (a second _resolve does
+        # nothing). Else the next dispatch dequeued it, granted, unwoken and
+        # out of its loop's sweep: it waited for good, holding the permit.
+        if self.woken and (self.future is None or self.future.done()):
             return
         self.woken = True
         if self.event is not None:
