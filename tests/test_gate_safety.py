@@ -517,7 +517,7 @@ def test_an_interrupt_inside_the_wake_of_an_async_waiter_loses_no_wake_up() -> N
     assert fired == [True]
     assert waiter.granted  # the permit moved; its wake-up was cut short
     gate.wake()  # a later release's dispatch finishes it
-    loop_thread.join(2.0)  # four times its timeout
+    loop_thread.join(SAFETY_TIMEOUT)  # ends at once (before the fix: never)
     assert results == [True]
     assert gate.waiting == 0
     assert gate.in_use == 1
