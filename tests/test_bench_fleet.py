@@ -193,6 +193,24 @@ def test_detection_reads_the_console_and_leaves_postgresql_alone(
         detect_pgbouncer(sa.engine.make_url(url), wrong)
 
 
+@pytest.mark.postgresql
+@pytest.mark.parametrize(
+    "bouncer", [{"default_pool_size": 5, "max_db_connections": 2}], indirect=True
+)
+def test_detection_counts_the_server_connections_max_db_connections_allows(
+    bouncer: tuple[str, PgBouncer],
+) -> None:
+    # max_db_connections caps every pool of the database together: the
+    # command must size against 2 server connections, not the pool's 5 (as
+    # the guard's own admin reader, poolguard._pgbouncer, already did).
+    url, _ = bouncer
+    found = detect_pgbouncer(sa.engine.make_url(url))
+    assert found is not None
+    assert found.settings_known
+    assert found.default_pool_size == 5
+    assert found.pool_size == 2
+
+
 # -- replicas as processes --------------------------------------------------------------------
 
 

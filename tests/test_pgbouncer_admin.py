@@ -159,6 +159,12 @@ def test_max_db_connections_caps_the_pool_size() -> None:
     assert read_numbers(_TARGET, [], [], config, capped)["pool_size"] == 6
     unlimited = [{"name": "app", "pool_size": 10, "pool_mode": None, "max_connections": 0}]
     assert read_numbers(_TARGET, [], [], config, unlimited)["pool_size"] == 10
+    # A database PgBouncer makes on demand (the "*" entry) has no row until a
+    # client asks for it: the global max_db_connections caps it all the same.
+    global_cap = {"default_pool_size": "20", "max_db_connections": "6"}
+    assert read_numbers(_TARGET, [], [], global_cap, [])["pool_size"] == 6
+    assert read_numbers(_TARGET, [], [], {**global_cap, "max_db_connections": "0"},
+                        [])["pool_size"] == 20
 
 
 @pytest.mark.parametrize(

@@ -176,13 +176,14 @@ def _number(value: Any) -> float | None:
         return None
 
 
-def _int(value: Any) -> int | None:
+def to_int(value: Any) -> int | None:
+    """A console value as an int (None: empty or not a number)."""
     number = _number(value)
     return None if number is None else int(number)
 
 
 def _sum(rows: list[dict[str, Any]], column: str) -> int:
-    return sum(_int(row.get(column)) or 0 for row in rows)
+    return sum(to_int(row.get(column)) or 0 for row in rows)
 
 
 def _micros(value: Any) -> float | None:
@@ -213,7 +214,8 @@ def read_numbers(
             servers_idle=_sum(mine, "sv_idle"),
             servers_used=_sum(mine, "sv_used"),
             max_wait=max(
-                (_int(r.get("maxwait")) or 0) + (_int(r.get("maxwait_us")) or 0) / 1e6 for r in mine
+                (to_int(r.get("maxwait")) or 0) + (to_int(r.get("maxwait_us")) or 0) / 1e6
+                for r in mine
             ),
             pool_mode=mine[0].get("pool_mode"),
         )
@@ -233,25 +235,39 @@ def read_numbers(
                 avg_xact_time=_micros(row.get("avg_xact_time")),
                 avg_wait_time=_micros(row.get("avg_wait_time")),
             )
-    default_size = _int(config.get("default_pool_size"))
+    size, mode = pool_settings(config, databases, target.database)
     numbers.update(
-        default_pool_size=default_size,
-        max_client_conn=_int(config.get("max_client_conn")),
+        default_pool_size=to_int(config.get("default_pool_size")),
+        max_client_conn=to_int(config.get("max_client_conn")),
         query_wait_timeout=_number(config.get("query_wait_timeout")),
-        pool_size=default_size,
+        pool_size=size,
     )
-    numbers.setdefault("pool_mode", config.get("pool_mode"))
-    for row in databases:
-        if row.get("name") == target.database:
-            size = _int(row.get("pool_size")) or default_size
-            # max_db_connections (the row shows the database's, else the global one)
-            # caps every pool of the database together.
-            most = _int(row.get("max_connections"))
-            if size is not None and most:
-                size = min(size, most)
-            numbers["pool_size"] = size
-            numbers["pool_mode"] = numbers["pool_mode"] or row.get("pool_mode")
+    # SHOW POOLS' mode first: it is the one in force for the engine's pool.
+    numbers["pool_mode"] = numbers.get("pool_mode") or mode
     return numbers
+
+
+def pool_settings(
+    config: dict[str, Any], databases: list[dict[str, Any]], database: str | None
+) -> tuple[int | None, str | None]:
+    """``(pool_size, pool_mode)`` of ``database`` from ``SHOW CONFIG`` (as a
+    key -> value dict) and ``SHOW DATABASES``: the server connections its
+    pools may open together, and its pool mode."""
+    default_size = to_int(config.get("default_pool_size"))
+    size, mode = default_size, config.get("pool_mode")
+    # max_db_connections caps every pool of the database together (0: no
+    # cap). The database's row shows its own, else the global one; a database
+    # made on demand (PgBouncer's "*" entry) has no row until a client asks
+    # for it, and the global one applies.
+    most = to_int(config.get("max_db_connections"))
+    for row in databases:
+        if row.get("name") == database:
+            size = to_int(row.get("pool_size")) or default_size
+            most = to_int(row.get("max_connections"))
+            mode = row.get("pool_mode") or mode
+    if size is not None and most:
+        size = min(size, most)
+    return size, (str(mode) if mode else None)
 
 
 def _driver() -> Any:
@@ -262,7 +278,8 @@ def _driver() -> Any:
         return importlib.import_module("psycopg2")
 
 
-def _rows(conn: Any, command: str) -> list[dict[str, Any]]:
+def rows(conn: Any, command: str) -> list[dict[str, Any]]:
+    """The rows of an admin console command, as column -> value dicts."""
     cur = conn.cursor()
     try:
         cur.execute(command)
@@ -310,8 +327,8 @@ def read_once(target: AdminTarget) -> tuple[int | None, str | None]:
     ``SHOW DATABASES``) on a connection closed after; raises what connecting raised."""
     conn = connect(target)
     try:
-        config = {str(r["key"]): str(r["value"]) for r in _rows(conn, "SHOW CONFIG")}
-        databases = _rows(conn, "SHOW DATABASES")
+        config = {str(r["key"]): str(r["value"]) for r in rows(conn, "SHOW CONFIG")}
+        databases = rows(conn, "SHOW DATABASES")
     finally:
         with contextlib.suppress(Exception):
             conn.close()
@@ -460,11 +477,11 @@ class AdminReader:
             conn = self._conn = connect(self.target)
         now = time.monotonic()
         if now - self._config_at >= CONFIG_EVERY:
-            self._config = {str(r["key"]): str(r["value"]) for r in _rows(conn, "SHOW CONFIG")}
-            self._databases = _rows(conn, "SHOW DATABASES")
+            self._config = {str(r["key"]): str(r["value"]) for r in rows(conn, "SHOW CONFIG")}
+            self._databases = rows(conn, "SHOW DATABASES")
             self._config_at = now
-        pools = _rows(conn, "SHOW POOLS")
-        stats = _rows(conn, "SHOW STATS")
+        pools = rows(conn, "SHOW POOLS")
+        stats = rows(conn, "SHOW STATS")
         return read_numbers(self.target, pools, stats, self._config, self._databases)
 
     def _failed(self, error: BaseException) -> float:

@@ -5,7 +5,9 @@ URL leads to PgBouncer. It first asks PgBouncer's admin console (the
 ``pgbouncer`` database on the same host and port, or ``--pgbouncer-admin-url``):
 ``SHOW VERSION`` names PgBouncer, ``SHOW CONFIG`` and ``SHOW DATABASES`` give
 ``max_client_conn``, the pool mode and the server connections of the URL's
-database (its ``pool_size``, else ``default_pool_size``). When the console
+database (its ``pool_size``, else ``default_pool_size``, capped by
+``max_db_connections``), read as the guard's own admin reader reads them
+(``poolguard._pgbouncer``). When the console
 cannot be read, it asks the database which port it listens on
 (``inet_server_port()``): another port than the URL's means a pooler or a proxy
 in between, whose settings the command then says it could not read, and what
@@ -24,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from .._pgbouncer import pool_settings, to_int
+from .._pgbouncer import rows as console_rows
 from ._db import CONNECT_TIMEOUT, CliError, create_engine, describe_error, shown
 
 if TYPE_CHECKING:
@@ -96,15 +100,8 @@ class AdminConsole:
         self.conn.autocommit = True
 
     def rows(self, command: str) -> list[dict[str, Any]]:
-        cursor = self.conn.cursor()
-        try:
-            cursor.execute(command)
-            if cursor.description is None:
-                return []
-            names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-        finally:
-            cursor.close()
+        """The rows of ``command`` (``SHOW ...``), as column -> value dicts."""
+        return console_rows(self.conn, command)
 
     def server_connections(self, database: str | None, user: str | None) -> int | None:
         """Server connections of the pool of ``database`` x ``user`` (``SHOW POOLS``)."""
@@ -117,34 +114,24 @@ class AdminConsole:
         self.conn.close()
 
 
-def _int(value: Any) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def _read(console: AdminConsole, database: str | None) -> PgBouncerInfo | None:
     """PgBouncer's settings from its console; None if it is no PgBouncer."""
     version = next(iter(console.rows("SHOW VERSION")[0].values()), "")
     if "pgbouncer" not in str(version).lower():
         return None
     config = {str(r["key"]): r["value"] for r in console.rows("SHOW CONFIG")}
-    default = _int(config.get("default_pool_size"))
-    pool_size, pool_mode = default, config.get("pool_mode")
-    for row in console.rows("SHOW DATABASES"):
-        if row.get("name") == database:
-            pool_size = _int(row.get("pool_size")) or default
-            pool_mode = row.get("pool_mode") or pool_mode
+    # The guard's own reading of the settings: the same server connections
+    # (max_db_connections caps them) and pool mode as the guard finds.
+    pool_size, pool_mode = pool_settings(config, console.rows("SHOW DATABASES"), database)
     wait = config.get("query_wait_timeout")
     return PgBouncerInfo(
         found_by=f"admin console at {shown(console.url)}",
         version=str(version),
-        pool_mode=str(pool_mode) if pool_mode else None,
-        max_client_conn=_int(config.get("max_client_conn")),
+        pool_mode=pool_mode,
+        max_client_conn=to_int(config.get("max_client_conn")),
         pool_size=pool_size,
-        default_pool_size=default,
-        reserve_pool_size=_int(config.get("reserve_pool_size")),
+        default_pool_size=to_int(config.get("default_pool_size")),
+        reserve_pool_size=to_int(config.get("reserve_pool_size")),
         query_wait_timeout=float(wait) if wait not in (None, "") else None,
         admin_url=shown(console.url),
     )
