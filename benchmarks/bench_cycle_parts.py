@@ -113,34 +113,45 @@ def _engines(url: str, threads: int) -> dict[str, sa.Engine]:
 def measure(url: str, pairs: int, ops: int, threads: int = 1) -> list[str]:
     """The report's lines."""
     engines = _engines(url, threads)
-    lines = [f"{'cycle':<24} {'engine':<9} {'us/op':>8} {'ratio to plain':>15} {'(p25-p75)':>13}"
-             f" {'cs/op':>6}"]
     try:
-        for label, select in (("connect+close", False), ("connect+SELECT 1+close", True)):
-            runs = {name: _cycle(engine, select, threads) for name, engine in engines.items()}
-            for run in runs.values():  # warm: connections made, code paths hot
-                run(ops)
-            gc.collect()
-            times: dict[str, list[float]] = {name: [] for name in runs}
-            switches: dict[str, list[float]] = {name: [] for name in runs}
-            names = list(runs)
-            for i in range(pairs * 2):
-                order = names[i % len(names):] + names[:i % len(names)]
-                for name in order if i % 2 == 0 else reversed(order):
-                    seconds, switched = runs[name](ops)
-                    times[name].append(seconds)
-                    switches[name].append(switched)
-            for name in names:
-                ratios = [t / p for t, p in zip(times[name], times["plain"], strict=True)]
-                q = statistics.quantiles(ratios, n=4)
-                lines.append(
-                    f"{label:<24} {name:<9} {statistics.median(times[name]) * 1e6:>8.2f} "
-                    f"{statistics.median(ratios):>15.3f} {f'{q[0]:.3f}-{q[2]:.3f}':>13}"
-                    f" {statistics.median(switches[name]):>6.2f}"
-                )
+        return compare(engines, pairs, ops, threads)
     finally:
         for engine in engines.values():
             engine.dispose()
+
+
+def compare(
+    engines: dict[str, sa.Engine], pairs: int, ops: int, threads: int = 1,
+    cycles: tuple[tuple[str, bool], ...] = (("connect+close", False),
+                                            ("connect+SELECT 1+close", True)),
+) -> list[str]:
+    """Run ``cycles`` on ``engines`` (the first one is the baseline) in rotating
+    order; the report's lines."""
+    base = next(iter(engines))
+    lines = [f"{'cycle':<24} {'engine':<9} {'us/op':>8} {'ratio to plain':>15} {'(p25-p75)':>13}"
+             f" {'cs/op':>6}"]
+    for label, select in cycles:
+        runs = {name: _cycle(engine, select, threads) for name, engine in engines.items()}
+        for run in runs.values():  # warm: connections made, code paths hot
+            run(ops)
+        gc.collect()
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        switches: dict[str, list[float]] = {name: [] for name in runs}
+        names = list(runs)
+        for i in range(pairs * 2):
+            order = names[i % len(names):] + names[:i % len(names)]
+            for name in order if i % 2 == 0 else reversed(order):
+                seconds, switched = runs[name](ops)
+                times[name].append(seconds)
+                switches[name].append(switched)
+        for name in names:
+            ratios = [t / p for t, p in zip(times[name], times[base], strict=True)]
+            q = statistics.quantiles(ratios, n=4)
+            lines.append(
+                f"{label:<24} {name:<9} {statistics.median(times[name]) * 1e6:>8.2f} "
+                f"{statistics.median(ratios):>15.3f} {f'{q[0]:.3f}-{q[2]:.3f}':>13}"
+                f" {statistics.median(switches[name]):>6.2f}"
+            )
     return lines
 
 
