@@ -201,14 +201,25 @@ def test_detection_counts_the_server_connections_max_db_connections_allows(
     bouncer: tuple[str, PgBouncer],
 ) -> None:
     # max_db_connections caps every pool of the database together: the
-    # command must size against 2 server connections, not the pool's 5 (as
-    # the guard's own admin reader, poolguard._pgbouncer, already did).
+    # command must size against 2 server connections, not the pool's 5. Read
+    # twice: before any client asked for the database (PgBouncer makes it on
+    # demand from its "*" entry: no SHOW DATABASES row yet), and after one did,
+    # as in `bench`, which connects before it reads (the row's max_connections).
     url, _ = bouncer
-    found = detect_pgbouncer(sa.engine.make_url(url))
-    assert found is not None
-    assert found.settings_known
-    assert found.default_pool_size == 5
-    assert found.pool_size == 2
+    before = detect_pgbouncer(sa.engine.make_url(url))
+    engine = sa.create_engine(url, poolclass=sa.NullPool,
+                              connect_args={"prepare_threshold": None})
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("select 1").scalar() == 1
+    finally:
+        engine.dispose()
+    after = detect_pgbouncer(sa.engine.make_url(url))
+    for found in (before, after):
+        assert found is not None
+        assert found.settings_known
+        assert found.default_pool_size == 5
+        assert found.pool_size == 2
 
 
 # -- replicas as processes --------------------------------------------------------------------

@@ -167,6 +167,19 @@ def test_max_db_connections_caps_the_pool_size() -> None:
                         [])["pool_size"] == 20
 
 
+def test_a_databases_own_pool_mode_wins_over_the_global_one() -> None:
+    # PgBouncer: a database's pool_mode overrides the global one (the row
+    # shows NULL when it inherits); SHOW POOLS, when it has the engine's
+    # pool, shows the mode in force and wins over both.
+    config = {"default_pool_size": "20", "pool_mode": "transaction"}
+    own = [{"name": "app", "pool_size": 10, "pool_mode": "session", "max_connections": 0}]
+    inherits = [{"name": "app", "pool_size": 10, "pool_mode": None, "max_connections": 0}]
+    assert read_numbers(_TARGET, [], [], config, own)["pool_mode"] == "session"
+    assert read_numbers(_TARGET, [], [], config, inherits)["pool_mode"] == "transaction"
+    pools = [{"database": "app", "user": _TARGET.pool_user, "pool_mode": "statement"}]
+    assert read_numbers(_TARGET, pools, [], config, own)["pool_mode"] == "statement"
+
+
 @pytest.mark.parametrize(
     ("message", "meaning"),
     [

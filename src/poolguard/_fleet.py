@@ -410,7 +410,8 @@ class Fleet:
                 f"could not read the fleet's server connections from PgBouncer's admin console "
                 f"at {target.address} as {user} ({reason}): no fair share of server connections "
                 f"per tag. State server_connections=N (PgBouncer's pool_size for "
-                f"{target.database}, else its default_pool_size), or pgbouncer_admin_url= "
+                f"{target.database}, else its default_pool_size, at most its max_db_connections), "
+                f"or pgbouncer_admin_url= "
                 f"a stats user's URL (postgresql://USER:PASSWORD@{target.address}/pgbouncer), "
                 f"or add {user} to PgBouncer's stats_users"
             ),

@@ -121,7 +121,7 @@ class PgBouncerStats:
     #: How long the oldest waiting client has waited.
     max_wait: float | None = None
     pool_mode: str | None = None
-    #: Server connections of this database's pool (SHOW DATABASES, else default_pool_size).
+    #: Server connections of this database's pools together (see :func:`pool_settings`).
     pool_size: int | None = None
     default_pool_size: int | None = None
     max_client_conn: int | None = None
@@ -256,9 +256,11 @@ def pool_settings(
     default_size = to_int(config.get("default_pool_size"))
     size, mode = default_size, config.get("pool_mode")
     # max_db_connections caps every pool of the database together (0: no
-    # cap). The database's row shows its own, else the global one; a database
-    # made on demand (PgBouncer's "*" entry) has no row until a client asks
-    # for it, and the global one applies.
+    # cap). The database's row shows its own, else the global one. A database
+    # made on demand from PgBouncer's "*" entry has no row until a client asks
+    # for it: until then the global settings stand in, which is wrong only if
+    # the "*" entry sets its own (the row, once there, has them; the admin
+    # reader reads it again, and bench connects before it reads).
     most = to_int(config.get("max_db_connections"))
     for row in databases:
         if row.get("name") == database:

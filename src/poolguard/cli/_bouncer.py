@@ -50,8 +50,9 @@ class PgBouncerInfo:
     version: str | None = None
     pool_mode: str | None = None
     max_client_conn: int | None = None
-    #: Server connections for the URL's database and user: the database's
-    #: ``pool_size`` in PgBouncer's [databases], else ``default_pool_size``.
+    #: Server connections for the URL's database: the database's ``pool_size``
+    #: in PgBouncer's [databases], else ``default_pool_size``, at most its
+    #: ``max_db_connections`` (``poolguard._pgbouncer.pool_settings``).
     pool_size: int | None = None
     default_pool_size: int | None = None
     reserve_pool_size: int | None = None
