@@ -165,6 +165,9 @@ def test_max_db_connections_caps_the_pool_size() -> None:
     assert read_numbers(_TARGET, [], [], global_cap, [])["pool_size"] == 6
     assert read_numbers(_TARGET, [], [], {**global_cap, "max_db_connections": "0"},
                         [])["pool_size"] == 20
+    # A row without the column (an older PgBouncer): the global cap holds.
+    no_column = [{"name": "app", "pool_size": 10, "pool_mode": None}]
+    assert read_numbers(_TARGET, [], [], global_cap, no_column)["pool_size"] == 6
 
 
 def test_a_databases_own_pool_mode_wins_over_the_global_one() -> None:

@@ -265,7 +265,8 @@ def pool_settings(
     for row in databases:
         if row.get("name") == database:
             size = to_int(row.get("pool_size")) or default_size
-            most = to_int(row.get("max_connections"))
+            # A PgBouncer without the column: the global cap still holds.
+            most = to_int(row.get("max_connections", most))
             mode = row.get("pool_mode") or mode
     if size is not None and most:
         size = min(size, most)
