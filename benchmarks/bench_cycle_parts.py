@@ -6,10 +6,9 @@
 No contention: one thread by default, or ``--threads N`` callers that never
 wait (the pool has room for all of them). Three engines on the same database
 (default: a SQLite file; ``pool_size=max(5, N)``): ``plain`` SQLAlchemy;
-``no timer``, a guarded
-engine whose statement timer is taken off (through the guard's private
-``_queries``: a measuring device, not a supported set-up); and ``guarded``,
-``poolguard.wrap()`` with its defaults. Two cycles: connect + close, and
+``no timer``, a guarded engine whose statement timer is taken off (through
+the guard's private ``_queries``: a measuring device, not a supported
+set-up); and ``guarded``, ``poolguard.wrap()`` with its defaults. Two cycles: connect + close, and
 connect + ``SELECT 1`` + close. Each engine runs ``--ops`` cycles in turn;
 the order rotates and reverses from one round to the next so that drift in
 the machine's speed falls on every engine alike. Reported per cycle: the

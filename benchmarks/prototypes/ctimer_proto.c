@@ -79,8 +79,12 @@ record(PyObject *stat, PyObject *cursor, double duration)
     PyObject *hist = NULL, *counts = NULL, *sum = NULL, *max = NULL, *rows = NULL;
     if ((hist = PyObject_GetAttr(stat, s_hist)) == NULL)
         goto done;
-    if ((counts = PyObject_GetAttr(hist, s_counts)) == NULL || !PyList_CheckExact(counts))
+    if ((counts = PyObject_GetAttr(hist, s_counts)) == NULL)
         goto done;
+    if (!PyList_CheckExact(counts)) {
+        PyErr_SetString(PyExc_TypeError, "hist.counts is not a list");
+        goto done;
+    }
     Py_ssize_t lo = 0, hi = nbounds;
     while (lo < hi) { /* bisect_left */
         Py_ssize_t mid = (lo + hi) / 2;
@@ -89,8 +93,10 @@ record(PyObject *stat, PyObject *cursor, double duration)
         else
             hi = mid;
     }
-    if (lo >= PyList_GET_SIZE(counts))
+    if (lo >= PyList_GET_SIZE(counts)) {
+        PyErr_SetString(PyExc_IndexError, "hist.counts is shorter than the bounds");
         goto done;
+    }
     long long count = PyLong_AsLongLong(PyList_GET_ITEM(counts, lo));
     if (count == -1 && PyErr_Occurred())
         goto done;
@@ -165,7 +171,16 @@ timed_call(PyObject *self_, PyObject *const *args, size_t nargsf, PyObject *kwna
     PyObject *result = PyObject_Vectorcall(self->inner, args, n, NULL);
     double duration = now() - start;
     if (result == NULL) {
-        Py_XDECREF(hold);
+        /* Not running any more (the shipped timer also records the error:
+         * the prototype leaves that to it). */
+        if (hold != NULL) {
+            PyObject *error, *value, *tb;
+            PyErr_Fetch(&error, &value, &tb);
+            if (set_item(hold, i_running_since, PyFloat_FromDouble(0.0)) < 0)
+                PyErr_Clear();
+            PyErr_Restore(error, value, tb);
+            Py_DECREF(hold);
+        }
         return NULL;
     }
     PyObject *stat = PyDict_GetItemWithError(self->stats, statement);
@@ -243,6 +258,10 @@ static PyObject *
 make(PyObject *module, PyObject *args)
 {
     PyObject *inner, *out, *stats, *new_stat;
+    if (nbounds == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "call configure() before make()");
+        return NULL;
+    }
     if (!PyArg_ParseTuple(args, "OO!O!O", &inner, &PyDict_Type, &out, &PyDict_Type, &stats,
                           &new_stat))
         return NULL;
