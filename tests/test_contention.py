@@ -12,7 +12,9 @@ import threading
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
+import poolguard
 from poolguard._gate import AdmissionRefused, Gate
 from poolguard._policies import BACKGROUND, CRITICAL, NORMAL
 from poolguard.cli import _hotpath as hotpath
@@ -143,6 +145,51 @@ async def test_a_failing_caller_task_fails_the_run_and_close_still_ends_them_all
         await callers.close()
         await engine.dispose()
     assert all(task.done() for task in callers._tasks)
+
+
+def test_gate_rows_take_the_guarded_sides_statement_timer_off(
+    capsys: pytest.CaptureFixture[str], sqlite_url: str,
+) -> None:
+    # The helper both modes use: the guard stays (its gate and pool), only
+    # the dialect's statement wrappers go.
+    engine = hotpath._guarded(sa.create_engine(sqlite_url), {}, timer_off=True)
+    kept = hotpath._guarded(sa.create_engine(sqlite_url), {}, timer_off=False)
+    try:
+        assert "do_execute" not in engine.dialect.__dict__
+        assert "do_execute" in kept.dialect.__dict__
+        assert isinstance(poolguard.get_guard(engine), poolguard.Guard)
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        assert poolguard.get_guard(engine).stats().acquisitions == 1
+        assert poolguard.get_guard(engine).top_queries() == []  # not timed
+    finally:
+        engine.dispose()
+        kept.dispose()
+    threads_before = threading.active_count()
+    assert hotpath.contention_main(quick=True, callers=(2,), policies=(False,), gate=True) == 0
+    assert threading.active_count() == threads_before
+    out = capsys.readouterr().out
+    rows = [line.split()[:3] for line in out.splitlines()
+            if line.startswith(("threads ", "asyncio "))]
+    assert rows == [["threads", "2", "off"], ["threads", "2", "gate"],
+                    ["asyncio", "2", "off"], ["asyncio", "2", "gate"]]
+    assert "policy gate: the guarded side with its statement timer taken off" in out
+    assert "SQLite, a file in a temporary folder" in out
+
+
+def test_contention_runs_against_a_server_of_ones_own(
+    capsys: pytest.CaptureFixture[str], postgresql_url: str,
+) -> None:
+    results = hotpath.run_contention(quick=True, callers=(2,), policies=(False,),
+                                     url=postgresql_url)
+    assert [(r.mode, r.callers) for r in results] == [("threads", 2), ("asyncio", 2)]
+    assert all(r.plain_ops_s > 0 and r.guarded_ops_s > 0 for r in results)
+    assert hotpath.contention_main(quick=True, callers=(1,), modes=("threads",),
+                                   policies=(False,), url=postgresql_url) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert sa.make_url(postgresql_url).render_as_string(hide_password=True) in head
+    password = sa.make_url(postgresql_url).password
+    assert not password or password not in head
 
 
 def test_bench_hot_path_contention_cli_json() -> None:

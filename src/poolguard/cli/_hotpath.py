@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from .._engine import wrap
+from .._engine import get_guard, wrap
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -312,7 +312,9 @@ class ContentionResult(Comparison):
     spread: 0 when every caller waits alike).
 
     ``aa``: the A/A self-check, the guarded side a second plain engine (the
-    instrument's own bias: the ratio should be 1).
+    instrument's own bias: the ratio should be 1). ``gate``: the guarded side
+    with its statement timer taken off, no policy: the gate and the pool
+    alone, what the guard costs before it times a statement.
     """
 
     mode: str
@@ -329,6 +331,7 @@ class ContentionResult(Comparison):
     #: Pairs of slices.
     rounds: int
     aa: bool = False
+    gate: bool = False
 
 
 @dataclasses.dataclass
@@ -587,7 +590,7 @@ def _spread(values: list[float]) -> float:
 
 
 def _contention_case(
-    runs: _CaseRuns, mode: str, callers: int, policy: bool, aa: bool = False
+    runs: _CaseRuns, mode: str, callers: int, policy: bool, kind: str = "guard"
 ) -> ContentionResult:
     pairs = runs.pairs
     per_op = [(p.wall / max(p.ops, 1), g.wall / max(g.ops, 1)) for p, g in pairs]
@@ -598,7 +601,7 @@ def _contention_case(
 
     plain_fair, guarded_fair = runs.fair
     return ContentionResult(
-        mode=mode, callers=callers, policy=policy, aa=aa,
+        mode=mode, callers=callers, policy=policy, aa=kind == "aa", gate=kind == "gate",
         plain_us=statistics.median(p for p, _ in per_op) * 1e6,
         guarded_us=statistics.median(g for _, g in per_op) * 1e6,
         **_ratio_stats(ratios),
@@ -628,58 +631,68 @@ def run_contention(
     acquire_timeout: float = 30.0,
     quick: bool = False,
     aa: bool = False,
+    gate: bool = False,
+    url: str | None = None,
 ) -> list[ContentionResult]:
     """Plain against guarded with ``callers`` sharing a ``pool_size`` pool.
 
-    One process, one SQLite file. Per case, each side's callers (threads or
-    tasks) are started once and parked between runs; after a warm-up slice
-    per side, ``rounds`` pairs of slices of ``duration`` seconds alternate
-    ABBA (the order flips every pair): the time per operation, CPU and
-    throughput, and the ratio (median and quartiles over the pairs), come
-    from these. Then one continuous run of ``fair_duration`` seconds per side
-    gives the waits (p99, longest, spread): short slices would hide a
-    starving caller, since every waiter is served in the drain at a slice's
-    end. ``aa`` adds the A/A self-check per mode and caller count: the guarded
-    side replaced by a second plain engine. ``quick``: two caller counts, 3
-    pairs of 0.02 s slices, 0.05 s continuous runs (a smoke run, not a
-    measurement).
+    One process, one database: a SQLite file (aiosqlite for the tasks), or
+    ``url``'s (the same URL for both modes: its driver must also work with
+    ``create_async_engine`` for the tasks, as psycopg's does). Per case,
+    each side's callers (threads or tasks) are started once and parked
+    between runs; after a warm-up slice per side, ``rounds`` pairs of slices
+    of ``duration`` seconds alternate ABBA (the order flips every pair): the
+    time per operation, CPU and throughput, and the ratio (median and
+    quartiles over the pairs), come from these. Then one continuous run of
+    ``fair_duration`` seconds per side gives the waits (p99, longest,
+    spread): short slices would hide a starving caller, since every waiter
+    is served in the drain at a slice's end. ``aa`` adds the A/A self-check
+    per mode and caller count: the guarded side replaced by a second plain
+    engine. ``gate`` adds rows whose guarded side has its statement timer
+    taken off (no policy): the gate and the pool alone. ``quick``: two
+    caller counts, 3 pairs of 0.02 s slices, 0.05 s continuous runs (a smoke
+    run, not a measurement).
     """
     if quick:
         callers = callers[:2]
     plan = _QUICK_PLAN if quick else _Plan(rounds, duration, fair_duration)
-    variants: list[tuple[bool, bool]] = [(policy, False) for policy in policies]
+    variants: list[tuple[bool, str]] = [(policy, "guard") for policy in policies]
+    if gate:
+        variants.append((False, "gate"))
     if aa:
-        variants.append((False, True))
+        variants.append((False, "aa"))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        url = f"sqlite:///{os.path.join(tmp, 'contention.db')}"
+        target = url or f"sqlite:///{os.path.join(tmp, 'contention.db')}"
         for mode in modes:
-            for policy, is_aa in variants:
-                options = None if is_aa else dict(CONTENTION_POLICY) if policy else {}
+            for policy, kind in variants:
+                options = None if kind == "aa" else dict(CONTENTION_POLICY) if policy else {}
                 if options is not None:
                     options["acquire_timeout"] = acquire_timeout
                 for n in callers:
-                    runs = _contention_rounds(mode, url, n, pool_size, plan, options)
-                    results.append(_contention_case(runs, mode, n, policy, is_aa))
+                    runs = _contention_rounds(mode, target, n, pool_size, plan, options,
+                                              timer_off=kind == "gate")
+                    results.append(_contention_case(runs, mode, n, policy, kind))
     return results
 
 
 def _contention_rounds(
     mode: str, url: str, callers: int, pool_size: int, plan: _Plan,
-    options: dict[str, Any] | None,
+    options: dict[str, Any] | None, *, timer_off: bool = False,
 ) -> _CaseRuns:
-    """Run one case (``options`` None: the A/A check, two plain engines) and
-    leave nothing behind: callers exited, engines disposed, their threads joined."""
+    """Run one case (``options`` None: the A/A check, two plain engines;
+    ``timer_off``: the guarded side's statement timer taken off) and leave
+    nothing behind: callers exited, engines disposed, their threads joined."""
     import threading
 
     before = set(threading.enumerate())
     try:
         if mode == "threads":
-            return _thread_case(url, callers, pool_size, plan, options)
+            return _thread_case(url, callers, pool_size, plan, options, timer_off)
         if mode == "asyncio":
             import asyncio
 
-            return asyncio.run(_task_case(url, callers, pool_size, plan, options))
+            return asyncio.run(_task_case(url, callers, pool_size, plan, options, timer_off))
         raise ValueError(f"unknown mode {mode!r}: threads or asyncio")
     finally:
         # aiosqlite's connection threads end just after their close returns.
@@ -687,12 +700,26 @@ def _contention_rounds(
             thread.join(10.0)
 
 
+def _guarded(engine: Any, options: dict[str, Any] | None, timer_off: bool) -> Any:
+    """The case's guarded side (``options`` None: left plain, the A/A check)."""
+    if options is None:
+        return engine
+    guarded = wrap(engine, **options)
+    if timer_off:
+        timer = get_guard(guarded)._queries  # the guard's own part: off for this measurement
+        if timer is None:
+            raise RuntimeError("the guard has no statement timer to take off")
+        timer.remove()
+    return guarded
+
+
 def _thread_case(
-    url: str, callers: int, pool_size: int, plan: _Plan, options: dict[str, Any] | None
+    url: str, callers: int, pool_size: int, plan: _Plan, options: dict[str, Any] | None,
+    timer_off: bool = False,
 ) -> _CaseRuns:
     plain = sa.create_engine(url, pool_size=pool_size, max_overflow=0)
     other = sa.create_engine(url, pool_size=pool_size, max_overflow=0)
-    guarded = other if options is None else wrap(other, **options)
+    guarded = _guarded(other, options, timer_off)
     sides: dict[str, _ThreadCallers] = {}
     try:
         for side, engine in zip(_SIDES, (plain, guarded), strict=True):
@@ -713,14 +740,16 @@ def _thread_case(
 
 
 async def _task_case(
-    url: str, callers: int, pool_size: int, plan: _Plan, options: dict[str, Any] | None
+    url: str, callers: int, pool_size: int, plan: _Plan, options: dict[str, Any] | None,
+    timer_off: bool = False,
 ) -> _CaseRuns:
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    aurl = url.replace("sqlite://", "sqlite+aiosqlite://", 1)
+    aurl = url.replace("sqlite://", "sqlite+aiosqlite://", 1) if url.startswith("sqlite://") \
+        else url
     plain = create_async_engine(aurl, pool_size=pool_size, max_overflow=0)
     other = create_async_engine(aurl, pool_size=pool_size, max_overflow=0)
-    guarded = other if options is None else wrap(other, **options)
+    guarded = _guarded(other, options, timer_off)
     sides: dict[str, _TaskCallers] = {}
     try:
         for side, engine in zip(_SIDES, (plain, guarded), strict=True):
@@ -740,15 +769,24 @@ async def _task_case(
     return _CaseRuns(list(zip(got["plain"], got["guarded"], strict=True)), (fair[0], fair[1]))
 
 
+def _variant(result: ContentionResult) -> str:
+    if result.aa:
+        return "aa"
+    if result.gate:
+        return "gate"
+    return "on" if result.policy else "off"
+
+
 def format_contention(results: list[ContentionResult]) -> str:
-    """The contention results as an aligned text table (policy ``aa``: the A/A check)."""
+    """The contention results as an aligned text table (policy ``aa``: the A/A
+    check; ``gate``: the statement timer off)."""
     head = (
         f"{'mode':<8} {'callers':>7} {'policy':>6} {'plain us':>9} {'guarded us':>10} "
         f"{'ratio':>6} {'(p25-p75)':>13} {'cpu p/g us':>13} {'ops/s p/g':>13} "
         f"{'p99 wait ms p/g':>16} {'max wait ms p/g':>16} {'wait cv p/g':>12}"
     )
     rows = [
-        f"{r.mode:<8} {r.callers:>7} {'aa' if r.aa else 'on' if r.policy else 'off':>6} "
+        f"{r.mode:<8} {r.callers:>7} {_variant(r):>6} "
         f"{r.plain_us:>9.1f} {r.guarded_us:>10.1f} {r.ratio:>6.3f} "
         f"{f'{r.ratio_p25:.3f}-{r.ratio_p75:.3f}':>13} "
         f"{f'{r.plain_cpu_us:.0f}/{r.guarded_cpu_us:.0f}':>13} "
@@ -766,7 +804,8 @@ def contention_main(*, as_json: bool = False, quick: bool = False, **options: An
 
     ``options`` go to :func:`run_contention` (``rounds``: pairs of slices,
     ``duration``: seconds per slice, ``fair_duration``: seconds of the
-    continuous run per side, ``aa``: add the A/A check).
+    continuous run per side, ``aa``: add the A/A check, ``gate``: add the
+    rows with the statement timer off, ``url``: a database of its own).
     """
     results = run_contention(quick=quick, **options)
     plan = _QUICK_PLAN if quick else _Plan(
@@ -778,7 +817,8 @@ def contention_main(*, as_json: bool = False, quick: bool = False, **options: An
         "python": sys.version.split()[0],
         "sqlalchemy": sa.__version__,
         "quick": quick,
-        "database": "SQLite, a file in a temporary folder",
+        "database": (sa.make_url(options["url"]).render_as_string(hide_password=True)
+                     if options.get("url") else "SQLite, a file in a temporary folder"),
         "pool_size": options.get("pool_size", 8),
         "pairs": plan.pairs,
         "slice_s": plan.slice_s,
@@ -792,15 +832,19 @@ def contention_main(*, as_json: bool = False, quick: bool = False, **options: An
     aa_note = ("\npolicy aa: the A/A self-check, the guarded side a second plain engine (the "
                "instrument's own bias;\nits ratio should be 1.00)."
                if any(r.aa for r in results) else "")
+    gate_note = ("\npolicy gate: the guarded side with its statement timer taken off, no policy: "
+                 "the gate and the\npool alone (the rows above with policy off add the timer)."
+                 if any(r.gate for r in results) else "")
     sys.stdout.write(
         f"poolguard bench --hot-path --contention: python {meta['python']}, sqlalchemy "
-        f"{meta['sqlalchemy']}, pool of {meta['pool_size']}{' (quick)' if quick else ''}\n\n"
+        f"{meta['sqlalchemy']}, pool of {meta['pool_size']}, {meta['database']}"
+        f"{' (quick)' if quick else ''}\n\n"
         f"{format_contention(results)}\n\n"
         "Each caller: connect + SELECT 1 + close in a loop; each side's callers persist for the "
         "case, parked\nbetween runs. ratio = guarded / plain time per operation, median (and "
         f"p25-p75) over {plan.pairs} ABBA pairs\nof {plan.slice_s:g} s slices; us, cpu and "
         "ops/s: medians over the slices. p99 wait, max wait and cv come\nfrom one continuous "
         f"{plan.fair_s:g} s run per side (short slices hide starvation): wait = the time "
-        f"connect()\ntook; cv = its spread (stdev / mean).{aa_note}\n"
+        f"connect()\ntook; cv = its spread (stdev / mean).{gate_note}{aa_note}\n"
     )
     return 0
