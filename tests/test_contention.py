@@ -178,7 +178,7 @@ def test_gate_rows_take_the_guarded_sides_statement_timer_off(
 
 
 def test_contention_runs_against_a_server_of_ones_own(
-    capsys: pytest.CaptureFixture[str], postgresql_url: str,
+    capsys: pytest.CaptureFixture[str], postgresql_url: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     results = hotpath.run_contention(quick=True, callers=(2,), policies=(False,),
                                      url=postgresql_url)
@@ -190,6 +190,13 @@ def test_contention_runs_against_a_server_of_ones_own(
     assert sa.make_url(postgresql_url).render_as_string(hide_password=True) in head
     password = sa.make_url(postgresql_url).password
     assert not password or password not in head
+    # The cases run on that server, not on the default SQLite file: a
+    # database that does not exist fails the run.
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # expected, not noise
+    missing = sa.make_url(postgresql_url).set(database="poolguard_no_such_database")
+    with pytest.raises(sa.exc.OperationalError, match="poolguard_no_such_database"):
+        hotpath.run_contention(quick=True, callers=(1,), modes=("threads",), policies=(False,),
+                               url=missing.render_as_string(hide_password=False))
 
 
 def test_bench_hot_path_contention_cli_json() -> None:
