@@ -217,6 +217,21 @@ def test_bench_hot_path_contention_cli_json() -> None:
     assert {r["mode"] for r in report["results"]} == {"threads", "asyncio"}
 
 
+
+def test_bench_hot_path_contention_cli_takes_a_url(postgresql_url: str) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(  # noqa: S603 - our own interpreter and module, the test server's URL
+        [sys.executable, "-m", "poolguard.cli", "bench", "--hot-path", "--contention", "--quick",
+         "--json", "--url", postgresql_url],
+        capture_output=True, text=True, timeout=300, check=False, env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    report: dict[str, Any] = json.loads(done.stdout)
+    shown = sa.make_url(postgresql_url).render_as_string(hide_password=True)
+    assert report["meta"]["database"] == shown
+    assert {r["mode"] for r in report["results"]} == {"threads", "asyncio"}
+    assert all(r["plain_ops_s"] > 0 and r["guarded_ops_s"] > 0 for r in report["results"])
+
 # -- the lock-free take of a bounded-queue policy ---------------------------------------
 
 

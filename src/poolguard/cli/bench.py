@@ -149,8 +149,9 @@ SWEEP_DEFAULTS: dict[str, Any] = {
 #: Options only --hot-path takes (the default when not given).
 HOT_PATH_DEFAULTS: dict[str, Any] = {"rounds": 20, "iterations": 2000, "otel": False,
                                      "contention": False, "quick": False}
-#: What ``--hot-path --contention`` does not use (it sizes its own runs, on SQLite).
-CONTENTION_IGNORES = ("url", "rounds", "iterations", "otel")
+#: What ``--hot-path --contention`` does not use (it sizes its own runs; on
+#: SQLite unless ``--url`` is given).
+CONTENTION_IGNORES = ("rounds", "iterations", "otel")
 
 
 #: The most ``--replicas``: each is a process on this machine.
@@ -184,7 +185,7 @@ def resolve_defaults(args: argparse.Namespace) -> None:
         given = [_flag(d) for d in CONTENTION_IGNORES if getattr(args, d) not in (None, False)]
         if given:
             raise UsageError(f"--hot-path --contention does not use {', '.join(given)}; "
-                             "it takes --quick, --json, --quiet")
+                             "it takes --url, --quick, --json, --quiet")
     elif args.hot_path and args.quick:
         raise UsageError("--quick goes with --hot-path --contention")
     for dest, default in defaults.items():
@@ -478,12 +479,12 @@ def format_report(report: dict[str, Any]) -> str:
 def _hot_path(args: argparse.Namespace) -> int:
     from . import _hotpath as hotpath
 
-    if args.contention:
-        return hotpath.contention_main(as_json=args.json, quick=args.quick)
     url = None
     if args.url:
         url = args.url
         ping(url)
+    if args.contention:
+        return hotpath.contention_main(as_json=args.json, quick=args.quick, url=url)
     results = hotpath.run(rounds=args.rounds, iterations=args.iterations, processes=1, url=url,
                           otel=args.otel)
     meta = {
