@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 
 import poolguard
+from poolguard.cli._hotpath import without_statement_timer
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -101,12 +102,8 @@ def _engines(url: str, threads: int) -> dict[str, sa.Engine]:
     def make() -> sa.Engine:
         return sa.create_engine(url, pool_size=max(5, threads), max_overflow=0)
 
-    no_timer = poolguard.wrap(make())
-    timer = poolguard.get_guard(no_timer)._queries  # private: a measuring device
-    if timer is None:
-        raise RuntimeError("the guard has no statement timer to take off")
-    timer.remove()
-    return {"plain": make(), "no timer": no_timer, "guarded": poolguard.wrap(make())}
+    return {"plain": make(), "no timer": without_statement_timer(poolguard.wrap(make())),
+            "guarded": poolguard.wrap(make())}
 
 
 def measure(url: str, pairs: int, ops: int, threads: int = 1) -> list[str]:

@@ -34,6 +34,7 @@ import sqlalchemy as sa
 import poolguard
 from poolguard import _hold
 from poolguard._histogram import BOUNDS
+from poolguard.cli._hotpath import without_statement_timer
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -96,10 +97,7 @@ def main() -> int:
         def make() -> sa.Engine:
             return sa.create_engine(url, pool_size=max(5, args.threads), max_overflow=0)
 
-        no_timer = poolguard.wrap(make())
-        timer = poolguard.get_guard(no_timer)._queries
-        if timer is not None:
-            timer.remove()
+        no_timer = without_statement_timer(poolguard.wrap(make()))
         engines = {"plain": make(), "no timer": no_timer, "guarded": poolguard.wrap(make()),
                    "compiled": compiled_engine(proto, make())}
         try:

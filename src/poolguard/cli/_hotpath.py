@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from .._engine import get_guard, wrap
+from .._engine import E, get_guard, wrap
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -700,17 +700,23 @@ def _contention_rounds(
             thread.join(10.0)
 
 
+def without_statement_timer(guarded: E) -> E:
+    """``guarded`` with its statement timer taken off, its gate and pool kept:
+    what the guard costs before it times a statement (a measuring device for
+    the benchmarks, not a supported setting)."""
+    timer = get_guard(guarded)._queries
+    if timer is None:
+        raise RuntimeError("the guard has no statement timer to take off")
+    timer.remove()
+    return guarded
+
+
 def _guarded(engine: Any, options: dict[str, Any] | None, timer_off: bool) -> Any:
     """The case's guarded side (``options`` None: left plain, the A/A check)."""
     if options is None:
         return engine
     guarded = wrap(engine, **options)
-    if timer_off:
-        timer = get_guard(guarded)._queries  # the guard's own part: off for this measurement
-        if timer is None:
-            raise RuntimeError("the guard has no statement timer to take off")
-        timer.remove()
-    return guarded
+    return without_statement_timer(guarded) if timer_off else guarded
 
 
 def _thread_case(
@@ -745,8 +751,8 @@ async def _task_case(
 ) -> _CaseRuns:
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    aurl = url.replace("sqlite://", "sqlite+aiosqlite://", 1) if url.startswith("sqlite://") \
-        else url
+    aurl = (url.replace("sqlite://", "sqlite+aiosqlite://", 1) if url.startswith("sqlite://")
+            else url)
     plain = create_async_engine(aurl, pool_size=pool_size, max_overflow=0)
     other = create_async_engine(aurl, pool_size=pool_size, max_overflow=0)
     guarded = _guarded(other, options, timer_off)
